@@ -1,0 +1,207 @@
+"""The configuration tree of unigrpo (one YAML file + ``key=value`` overrides).
+
+Every field has a one-line doc. Batch sizes name their unit: *prompts* (distinct prompts),
+*trajectories* (one reasoning chain + one image), always **per optimisation step, over all ranks**
+unless the name says ``per_rank``. Paper values (UniGRPO, arXiv 2603.23500) are noted where ours
+differ because the built-in world is tiny. ``validate(cfg)`` checks the combinations that typing
+alone cannot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from unigrpo.utils.typed_config import ConfigError, load, to_dict
+
+__all__ = ["Config", "ConfigError", "load_config", "validate", "to_dict"]
+
+
+@dataclass
+class ModelConfig:
+    """Which unified model to train and where its weights come from."""
+
+    kind: Literal["tiny"] = "tiny"  # model adapter: the built-in tiny model (HF adapters: later)
+    checkpoint: Optional[str] = "builtin:sft"  # safetensors path, "builtin:sft", or null = random init
+    d_text: int = 128  # tiny model: text expert width
+    text_layers: int = 3  # tiny model: text expert transformer blocks
+    text_heads: int = 4  # tiny model: attention heads of the text expert
+    unet_channels: tuple[int, int, int] = (64, 128, 128)  # tiny model: UNet widths per level
+    image_size: int = 32  # tiny model: RGB canvas side in pixels
+    max_seq_len: int = 64  # tiny model: prompt + reasoning tokens (positional table size)
+
+
+@dataclass
+class TextSamplingConfig:
+    """How reasoning is sampled during rollouts (paper: temperature 1)."""
+
+    temperature: float = 1.0  # logits are divided by this (also when scoring log-probs)
+    top_p: float = 1.0  # nucleus sampling mass; 1 = full distribution (on-policy log-probs)
+    max_reasoning_tokens: int = 32  # hard cap on generated reasoning tokens (incl. </think>, <eos>)
+    thinking: bool = True  # False: skip reasoning and draw from the prompt alone
+
+
+@dataclass
+class SamplerConfig:
+    """The image policy: flow-matching SDE with an SDE window (Flow-GRPO-Fast)."""
+
+    num_steps: int = 10  # denoising steps during rollouts (paper: 25)
+    shift: float = 3.0  # timestep shift s in t' = s t / (1 + (s - 1) t) (paper: 3)
+    kind: Literal["flow_sde", "cps", "ode"] = "flow_sde"  # stochastic sampler of the window steps
+    noise_level: float = 0.8  # SDE noise level a (paper: 0.8)
+    window_size: int = 3  # consecutive stochastic, trained steps per trajectory (paper: 3)
+    window_range: tuple[int, int] = (0, 5)  # window start drawn from {lo, ..., hi - size} (paper: [0, 5])
+    cfg_scale: float = 1.0  # classifier-free guidance during rollout + training; 1 = none (UniGRPO)
+    eval_num_steps: int = 20  # deterministic ODE steps at evaluation (paper: 50)
+    eval_cfg_scale: float = 1.0  # CFG scale at evaluation
+
+
+@dataclass
+class AlgoConfig:
+    """UniGRPO objective: GRPO on tokens + lambda * FlowGRPO on window steps (SPEC.md 4-6)."""
+
+    prompts_per_step: int = 8  # distinct prompts per optimisation step (paper: 32)
+    group_size: int = 8  # trajectories per prompt (paper: 24)
+    trajectories_per_minibatch: int = 16  # trajectories per optimizer update (over all ranks)
+    micro_batch_trajectories: int = 16  # trajectories per forward/backward (accumulated to a minibatch)
+    ppo_epochs: int = 2  # passes over the rollout batch (paper: 2)
+    adv_scale: Literal["group", "batch", "none"] = "group"  # advantage std normalisation
+    adv_eps: float = 1e-4  # added to the std (paper code: 1e-4)
+    adv_clip: Optional[float] = 5.0  # clip advantages to [-c, c]; null = no clip
+    train_text: bool = True  # False: text policy frozen (FlowGRPO baseline)
+    train_image: bool = True  # False: image policy frozen (TextGRPO baseline)
+    text_eps_low: float = 0.2  # text ratio clip below 1 (paper: unstated)
+    text_eps_high: float = 0.2  # text ratio clip above 1
+    text_aggregation: Literal["seq_mean", "token_mean", "dr_grpo"] = "seq_mean"  # paper eq. 2
+    text_beta: float = 0.0  # k3 KL to the reference on tokens (paper: 0)
+    image_eps: float = 1e-4  # image ratio clip (paper: 1e-6, with mean-reduced log-probs)
+    logprob_reduction: Literal["mean", "sum"] = "mean"  # latent reduction of step log-probs
+    ratio_norm: bool = True  # GRPO-Guard RatioNorm on the image log-ratio (used by UniGRPO)
+    lambda_image: float = 1.0  # weight of the image objective (paper: 1)
+    c_mse: float = 1.5e-5  # velocity-MSE weight vs the frozen reference (paper: 1.5e-5)
+    mse_reduction: Literal["mean", "sum"] = "mean"  # MSE over latent elements (paper: unstated)
+    beta_img: float = 0.0  # latent-KL weight (original FlowGRPO ablation; paper UniGRPO: 0)
+    detach_context: bool = True  # image loss does not back-propagate into the text expert
+    share_window_in_group: bool = True  # all trajectories of a group use the same window
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with separate learning rates for the two experts (paper: 1e-6 text, 3e-5 image)."""
+
+    lr_text: float = 1e-5  # text (reasoning) expert learning rate
+    lr_image: float = 1e-4  # image (generation) expert learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    grad_clip: float = 1.0  # max global grad norm; <= 0 disables clipping
+
+
+@dataclass
+class RewardTerm:
+    """One reward and its weight."""
+
+    name: str = "shapes"  # built-in name or dotted path "pkg.module:callable"
+    weight: float = 1.0  # weight in the weighted sum of rewards
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation (deterministic ODE sampling)."""
+
+    split: Literal["train", "val", "test"] = "val"  # which split to evaluate on
+    num_prompts: int = 96  # prompts evaluated (balanced over categories by the task generator)
+    thinking: bool = True  # sample reasoning before drawing
+    seed: int = 1234  # fixes the prompts and the initial noise
+    grid_prompts: int = 8  # prompts shown in the image grid
+
+
+@dataclass
+class PretrainConfig:
+    """Supervised (SFT) training of the tiny model from scratch on generated data."""
+
+    steps: int = 6000  # optimizer steps
+    batch_size: int = 64  # samples per step
+    lr: float = 1e-3  # AdamW learning rate (cosine decay, short warm-up)
+    wrong_reasoning_frac: float = 0.3  # fraction of reasoning-required samples with wrong reasoning
+    no_think_frac: float = 0.15  # fraction of samples drawn without reasoning (prompt only)
+    uncond_frac: float = 0.1  # fraction with an empty context for the image loss (enables CFG)
+    image_loss_weight: float = 1.0  # flow-matching loss weight vs text loss
+
+
+@dataclass
+class Config:
+    """The whole run: `unigrpo train|eval|pretrain CONFIG [key=value ...]`."""
+
+    seed: int = 0  # global seed (rollout noise, prompt order, init)
+    steps: int = 50  # RL optimisation steps
+    output_dir: str = "runs/unigrpo"  # where metrics, grids and checkpoints go
+    device: str = "cpu"  # torch device ("cpu", "cuda", "cuda:0")
+    threads: int = 0  # torch CPU threads; 0 = torch default
+    log_every: int = 1  # steps between metric lines
+    eval_every: int = 10  # steps between evaluations; 0 = only at the end
+    save_every: int = 10  # steps between checkpoints; 0 = only at the end
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextSamplingConfig = field(default_factory=TextSamplingConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    rewards: list[RewardTerm] = field(default_factory=lambda: [RewardTerm()])
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks; raises ConfigError naming the key. Returns ``cfg`` for chaining."""
+    s, a, t = cfg.sampler, cfg.algo, cfg.text
+    _check(a.group_size >= 2, "algo.group_size", f"must be >= 2 for group advantages, got {a.group_size}")
+    _check(a.prompts_per_step >= 1, "algo.prompts_per_step", "must be >= 1")
+    _check(a.ppo_epochs >= 1, "algo.ppo_epochs", "must be >= 1")
+    total = a.prompts_per_step * a.group_size
+    _check(a.trajectories_per_minibatch >= 1 and total % a.trajectories_per_minibatch == 0,
+           "algo.trajectories_per_minibatch",
+           f"must divide prompts_per_step * group_size = {total}, got {a.trajectories_per_minibatch}")
+    _check(a.micro_batch_trajectories >= 1
+           and a.trajectories_per_minibatch % a.micro_batch_trajectories == 0,
+           "algo.micro_batch_trajectories",
+           f"must divide trajectories_per_minibatch = {a.trajectories_per_minibatch}")
+    _check(a.train_text or a.train_image, "algo.train_text", "train_text and train_image are both false")
+    _check(s.num_steps >= 1, "sampler.num_steps", "must be >= 1")
+    _check(s.eval_num_steps >= 1, "sampler.eval_num_steps", "must be >= 1")
+    _check(s.shift > 0, "sampler.shift", "must be > 0")
+    lo, hi = s.window_range
+    _check(0 <= lo < hi <= s.num_steps, "sampler.window_range",
+           f"must satisfy 0 <= lo < hi <= num_steps ({s.num_steps}), got {list(s.window_range)}")
+    _check(1 <= s.window_size <= hi - lo, "sampler.window_size",
+           f"must be in [1, window_range width {hi - lo}] (num_steps={s.num_steps}), got {s.window_size}")
+    _check(s.noise_level >= 0, "sampler.noise_level", "must be >= 0")
+    _check(s.kind != "ode" or not a.train_image, "sampler.kind",
+           "'ode' has no log-probs; the image policy needs flow_sde or cps (or algo.train_image=false)")
+    _check(s.noise_level > 0 or not a.train_image, "sampler.noise_level",
+           "must be > 0 to train the image policy (a deterministic step has no log-prob)")
+    _check(s.cfg_scale >= 1 and s.eval_cfg_scale >= 1, "sampler.cfg_scale", "must be >= 1 (1 = no CFG)")
+    _check(t.temperature > 0, "text.temperature", "must be > 0")
+    _check(0 < t.top_p <= 1, "text.top_p", "must be in (0, 1]")
+    _check(1 <= t.max_reasoning_tokens, "text.max_reasoning_tokens", "must be >= 1")
+    _check(0 <= a.text_eps_low < 1 and a.text_eps_high >= 0, "algo.text_eps_low", "clip range must be in [0, 1)")
+    _check(a.image_eps > 0, "algo.image_eps", "must be > 0")
+    _check(a.adv_clip is None or a.adv_clip > 0, "algo.adv_clip", "must be > 0 or null")
+    _check(bool(cfg.rewards), "rewards", "at least one reward is required")
+    _check(cfg.steps >= 0, "steps", "must be >= 0")
+    _check(cfg.eval.num_prompts >= 1, "eval.num_prompts", "must be >= 1")
+    for k in ("wrong_reasoning_frac", "no_think_frac", "uncond_frac"):
+        v = getattr(cfg.pretrain, k)
+        _check(0.0 <= v <= 1.0, f"pretrain.{k}", f"must be in [0, 1], got {v}")
+    _check(cfg.model.image_size % 4 == 0 and 16 <= cfg.model.image_size <= 64, "model.image_size",
+           "must be a multiple of 4 in [16, 64]")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """YAML + overrides -> validated Config (raises ConfigError with the key on any problem)."""
+    return validate(load(Config, path, overrides))

@@ -1,0 +1,112 @@
+"""The model protocol shared by the recipe and every adapter (tiny model, HF LM + diffusers, Bagel).
+
+A unified model is used in two phases of one MDP:
+
+1. **Think**: ``sample_reasoning`` extends prompt tokens with generated reasoning tokens (KV cache).
+2. **Draw**: ``forward_context`` runs ONE teacher-forced pass over prompt + reasoning and returns
+   the per-token log-probs of the reasoning (the text policy) together with the image context
+   (what the image expert reads: hidden states for the tiny model and HF text encoders, a KV cache
+   for Bagel). ``velocity(x_t, t, ctx)`` is then called at every denoising step with that context.
+
+Rollout and training call the same ``forward_context`` / ``velocity`` code path, so the recorded
+behaviour log-probs and the training log-probs come from identical computations (ratio == 1 on the
+first update; see PITFALLS.md). Token layout: prompts are LEFT-padded, responses RIGHT-padded, so
+all rows generate in lockstep; positions are derived from the mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["TokenBatch", "UnifiedModel"]
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Padded token sequences of a batch: ``[left-padded prompt | right-padded response]``.
+
+    ids:           [B, L] long, pad id where ``mask`` is False
+    mask:          [B, L] bool, True on real tokens
+    response_mask: [B, L] bool, True on generated (action) tokens; all False before sampling
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    response_mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def index(self, idx: torch.Tensor | slice) -> "TokenBatch":
+        """Rows ``idx`` with the SAME padded width (keeps numerics identical to the rollout)."""
+        return TokenBatch(self.ids[idx], self.mask[idx], self.response_mask[idx])
+
+    def repeat_interleave(self, n: int) -> "TokenBatch":
+        """Each row repeated ``n`` times consecutively: [P] -> [P * n] (prompt -> group)."""
+        return TokenBatch(*(x.repeat_interleave(n, dim=0) for x in (self.ids, self.mask, self.response_mask)))
+
+    def to(self, device: torch.device | str) -> "TokenBatch":
+        return replace(self, ids=self.ids.to(device), mask=self.mask.to(device),
+                       response_mask=self.response_mask.to(device))
+
+    @staticmethod
+    def cat(batches: Iterable["TokenBatch"], pad_id: int) -> "TokenBatch":
+        """Concatenate batches whose widths may differ (right-pads the narrower ones)."""
+        batches = list(batches)
+        width = max(b.ids.shape[1] for b in batches)
+
+        def pad(x: torch.Tensor, value: int | bool) -> torch.Tensor:
+            return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+        return TokenBatch(torch.cat([pad(b.ids, pad_id) for b in batches]),
+                          torch.cat([pad(b.mask, False) for b in batches]),
+                          torch.cat([pad(b.response_mask, False) for b in batches]))
+
+
+@runtime_checkable
+class UnifiedModel(Protocol):
+    """What the recipe needs from a reason-then-draw model. Adapters implement exactly this."""
+
+    latent_shape: tuple[int, ...]  # shape of one image latent, e.g. (12, 16, 16)
+    pad_id: int
+
+    def encode_prompts(self, prompts: list[str]) -> TokenBatch:
+        """Tokenise prompts (left-padded, no response yet)."""
+
+    def sample_reasoning(self, prompts: TokenBatch, *, max_new_tokens: int, temperature: float = 1.0,
+                         top_p: float = 1.0, generator: torch.Generator | None = None) -> TokenBatch:
+        """Sample reasoning tokens after each prompt (KV cache); returns prompt + response."""
+
+    def with_response(self, prompts: TokenBatch, responses: list[str]) -> TokenBatch:
+        """Append given response texts to prompts as if sampled (teacher forcing, SFT, evaluation)."""
+
+    def decode_text(self, tokens: TokenBatch) -> list[str]:
+        """The generated response of each row as text."""
+
+    def forward_context(self, tokens: TokenBatch, temperature: float = 1.0) -> tuple[torch.Tensor, Any]:
+        """One teacher-forced pass: (log-probs [B, L] of ``tokens.ids`` under temperature-scaled
+        logits, zero outside ``response_mask``; image context for ``velocity``)."""
+
+    def null_context(self, batch_size: int) -> Any:
+        """The unconditional context (no prompt, no reasoning) for classifier-free guidance."""
+
+    def detach_context(self, ctx: Any) -> Any:
+        """The context with gradients to the text expert cut."""
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, ctx: Any) -> torch.Tensor:
+        """Predicted velocity ``v = eps - x0`` at state ``x_t`` [B, *latent], flow time ``t`` [B]."""
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Latents [B, *latent] -> RGB images [B, 3, H, W] in [0, 1]."""
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """RGB images [B, 3, H, W] in [0, 1] -> latents (for supervised flow matching)."""
+
+    def text_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters of the text (reasoning) expert."""
+
+    def image_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters of the image (generation) expert."""

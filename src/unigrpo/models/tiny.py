@@ -1,0 +1,203 @@
+"""The built-in tiny unified model: a text expert and an image expert in one object (Bagel-like MoT).
+
+- Text expert (``tiny_text.TextExpert``): causal transformer + LM head over the world's words.
+- Image expert (``tiny_image.ImageExpert``): its own weights, flow-time embedding, velocity head;
+  reads the text expert's final hidden states of prompt + reasoning at every denoising step.
+
+Implements ``unigrpo.models.protocol.UnifiedModel``. It is both the CPU demo model and the test
+fixture every adapter's conformance tests are modelled on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unigrpo.models.protocol import TokenBatch
+from unigrpo.models.tiny_image import ImageExpert
+from unigrpo.models.tiny_text import TextExpert
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+BUILTIN = {"builtin:sft": ASSETS / "tiny_sft.safetensors"}
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    vocab_size: int
+    d_text: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    unet_channels: tuple[int, int, int] = (64, 128, 128)
+    image_size: int = 32
+    max_seq_len: int = 64
+
+
+@dataclass
+class TextContext:
+    """What the image expert reads: text hidden states [B, L, D] and their mask [B, L]."""
+
+    hidden: torch.Tensor
+    mask: torch.Tensor
+
+    def index(self, idx) -> "TextContext":
+        return TextContext(self.hidden[idx], self.mask[idx])
+
+
+def sample_top_p(logits: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Sample one token per row from softmax(logits) restricted to the top-p nucleus. [B, V] -> [B]."""
+    probs = logits.softmax(-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+class TinyUnifiedModel(nn.Module):
+    """Tiny reason-then-draw model over the shapes world (see module docstring)."""
+
+    def __init__(self, cfg: TinyConfig, tokenizer):
+        super().__init__()
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.pad_id = tokenizer.pad_id
+        self.text = TextExpert(cfg.vocab_size, cfg.d_text, cfg.text_layers, cfg.text_heads, cfg.max_seq_len)
+        self.image = ImageExpert(cfg.d_text, tuple(cfg.unet_channels))
+        half = cfg.image_size // 2
+        self.latent_shape = (12, half, half)
+
+    # ----------------------------------------------------------------- text phase
+    def encode_prompts(self, prompts: list[str]) -> TokenBatch:
+        rows = [[self.tokenizer.bos_id, *self.tokenizer.encode(p)] for p in prompts]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        for i, r in enumerate(rows):  # left padding: every row's last prompt token is aligned
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = True
+        dev = self.text.tok.weight.device
+        return TokenBatch(ids.to(dev), mask.to(dev), torch.zeros_like(mask).to(dev))
+
+    @torch.no_grad()
+    def sample_reasoning(self, prompts: TokenBatch, *, max_new_tokens: int, temperature: float = 1.0,
+                         top_p: float = 1.0, generator: torch.Generator | None = None,
+                         use_cache: bool = True) -> TokenBatch:
+        """Autoregressive sampling until ``<eos>`` or ``max_new_tokens``; rows stop independently."""
+        ids, mask = prompts.ids, prompts.mask
+        b = ids.shape[0]
+        done = torch.zeros(b, dtype=torch.bool, device=ids.device)
+        new_ids, new_mask = [], []
+        hidden, cache = self.text.prefill(ids, mask)
+        h_last = hidden[:, -1]
+        position = mask.long().sum(1)  # next position per row (prompts are left-padded)
+        for _ in range(max_new_tokens):
+            logits = self.text.head(h_last) / temperature
+            tok = sample_top_p(logits, top_p, generator)
+            tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
+            new_ids.append(tok)
+            new_mask.append(~done)
+            done = done | (tok == self.tokenizer.eos_id)
+            if bool(done.all()):
+                break
+            key_mask = torch.cat([mask, torch.stack(new_mask, 1)], 1)
+            if use_cache:
+                h_last, cache = self.text.step(tok, position, key_mask, cache)
+            else:  # reference path for tests: recompute the whole sequence every token
+                full = torch.cat([ids, torch.stack(new_ids, 1)], 1)
+                h_last = self.text(full, key_mask)[:, -1]
+            position = position + (~done).long()
+        resp_ids, resp_mask = torch.stack(new_ids, 1), torch.stack(new_mask, 1)
+        return TokenBatch(torch.cat([ids, resp_ids], 1), torch.cat([mask, resp_mask], 1),
+                          torch.cat([torch.zeros_like(mask), resp_mask], 1))
+
+    def with_response(self, prompts: TokenBatch, responses: list[str]) -> TokenBatch:
+        """Append given response texts (+ ``<eos>``) to prompts, as if they had been sampled."""
+        rows = [self.tokenizer.encode(r) + [self.tokenizer.eos_id] for r in responses]
+        width = max(len(r) for r in rows)
+        b, dev = prompts.ids.shape[0], prompts.ids.device
+        resp = torch.full((b, width), self.pad_id, dtype=torch.long)
+        rmask = torch.zeros(b, width, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            resp[i, :len(r)] = torch.tensor(r)
+            rmask[i, :len(r)] = True
+        resp, rmask = resp.to(dev), rmask.to(dev)
+        return TokenBatch(torch.cat([prompts.ids, resp], 1), torch.cat([prompts.mask, rmask], 1),
+                          torch.cat([torch.zeros_like(prompts.mask), rmask], 1))
+
+    def decode_text(self, tokens: TokenBatch) -> list[str]:
+        out = []
+        for ids, m in zip(tokens.ids.tolist(), tokens.response_mask.tolist()):
+            out.append(self.tokenizer.decode([i for i, keep in zip(ids, m) if keep], skip_special=False))
+        return out
+
+    def forward_context(self, tokens: TokenBatch, temperature: float = 1.0) -> tuple[torch.Tensor, TextContext]:
+        """One teacher-forced pass -> (logp [B, L] of response tokens, zero elsewhere; context)."""
+        hidden = self.text(tokens.ids, tokens.mask)  # [B, L, D]
+        # Token i is predicted from position i - 1; logits are divided by the sampling temperature
+        # so the log-probs are those of the distribution that was actually sampled.
+        logits = self.text.head(hidden[:, :-1]).float() / temperature
+        logp_next = torch.gather(logits.log_softmax(-1), 2, tokens.ids[:, 1:, None])[..., 0]
+        logp = F.pad(logp_next, (1, 0)) * tokens.response_mask
+        return logp, TextContext(hidden, tokens.mask)
+
+    def null_context(self, batch_size: int) -> TextContext:
+        hidden = self.image.null_ctx.expand(batch_size, 1, -1)
+        return TextContext(hidden, torch.ones(batch_size, 1, dtype=torch.bool, device=hidden.device))
+
+    @staticmethod
+    def detach_context(ctx: TextContext) -> TextContext:
+        return TextContext(ctx.hidden.detach(), ctx.mask)
+
+    # ----------------------------------------------------------------- image phase
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, ctx: TextContext) -> torch.Tensor:
+        t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
+        return self.image(x_t, t, ctx.hidden, ctx.mask)
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        return ((F.pixel_shuffle(x0.float(), 2) + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return F.pixel_unshuffle(images * 2.0 - 1.0, 2)
+
+    # ----------------------------------------------------------------- parameters / IO
+    def text_parameters(self) -> list[nn.Parameter]:
+        return list(self.text.parameters())
+
+    def image_parameters(self) -> list[nn.Parameter]:
+        return list(self.image.parameters())
+
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        """Weights as safetensors; config and tokenizer vocabulary in its metadata (one file)."""
+        from safetensors.torch import save_file
+
+        meta = {"config": json.dumps(asdict(self.cfg)), "tokenizer": json.dumps(self.tokenizer.to_dict()),
+                **{k: json.dumps(v) for k, v in (extra or {}).items()}}
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        save_file(state, str(tmp), metadata=meta)
+        tmp.replace(path)  # atomic: a crash mid-save never leaves a half-written file at `path`
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> "TinyUnifiedModel":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        from unigrpo.world.tokenizer import WordTokenizer
+
+        path = BUILTIN.get(str(path), Path(path))
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"model checkpoint not found: {path}")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        cfg = json.loads(meta["config"])
+        cfg["unet_channels"] = tuple(cfg["unet_channels"])
+        model = cls(TinyConfig(**cfg), WordTokenizer.from_dict(json.loads(meta["tokenizer"])))
+        model.load_state_dict(load_file(str(path), device=device))
+        return model.to(device)
