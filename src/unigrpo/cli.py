@@ -30,6 +30,64 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from unigrpo.recipes.pretrain import pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    out = args.out
+    model = pretrain(cfg, out, log_path=str(out) + ".log.jsonl")
+    print(f"saved {out}")
+    if args.eval:
+        from unigrpo.recipes.evaluate import MODES, eval_tasks, evaluate_model, format_table, write_eval
+
+        tasks = eval_tasks(cfg)
+        results = {}
+        for mode in MODES:
+            results[mode], gen = evaluate_model(model.eval(), tasks, cfg, mode)
+            write_eval(args.eval, f"sft_{mode}", results[mode], gen, tasks, cfg.eval.grid_prompts)
+        print(format_table(results))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from unigrpo.models import load_model
+    from unigrpo.recipes.evaluate import MODES, eval_tasks, evaluate_model, format_table, write_eval
+
+    cfg = load_config(args.config, args.overrides)
+    model = load_model(cfg, args.checkpoint) if args.checkpoint else load_model(cfg)
+    tasks = eval_tasks(cfg)
+    modes = MODES if args.mode == "all" else (args.mode,)
+    results = {}
+    for mode in modes:
+        results[mode], gen = evaluate_model(model, tasks, cfg, mode)
+        if args.out:
+            write_eval(args.out, mode, results[mode], gen, tasks, cfg.eval.grid_prompts)
+    print(f"{cfg.eval.split} split, {len(tasks)} prompts, {cfg.sampler.eval_num_steps} ODE steps, "
+          f"CFG {cfg.sampler.eval_cfg_scale}; strict accuracy:")
+    print(format_table(results))
+    print("mean partial-credit score:")
+    print(format_table(results, metric="score"))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from unigrpo.models import load_model
+    from unigrpo.sampling import generate
+    from unigrpo.utils.images import save_grid
+
+    cfg = load_config(args.config, args.overrides)
+    model = load_model(cfg, args.checkpoint) if args.checkpoint else load_model(cfg)
+    gen = generate(model, [args.prompt] * args.n, thinking=cfg.text.thinking,
+                   num_steps=cfg.sampler.eval_num_steps, shift=cfg.sampler.shift,
+                   cfg_scale=cfg.sampler.eval_cfg_scale, seed=args.seed,
+                   max_new_tokens=cfg.text.max_reasoning_tokens, temperature=cfg.text.temperature)
+    for i, text in enumerate(gen.reasoning):
+        print(f"[{i}] {text}" if cfg.text.thinking else f"[{i}] (thinking off)")
+    path = save_grid(gen.images, args.out, nrow=min(args.n, 8), scale=4)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unigrpo",
@@ -40,12 +98,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--print", action="store_true", help="print the fully resolved config as YAML")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("pretrain", help="supervised (SFT) training of the tiny model from scratch")
+    _add_config_args(p, required=False)
+    p.add_argument("--out", default="runs/pretrain/tiny_sft.safetensors", help="checkpoint path to write")
+    p.add_argument("--eval", metavar="DIR", default=None,
+                   help="afterwards, evaluate (think / no_think / gt reasoning) and write results to DIR")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("eval", help="held-out accuracy (overall + per category) with image grids")
+    _add_config_args(p, required=False)
+    p.add_argument("--checkpoint", default=None, help="model weights (default: model.checkpoint)")
+    p.add_argument("--mode", default="think", choices=["think", "no_think", "gt", "all"],
+                   help="own reasoning, no reasoning, ground-truth reasoning, or all three")
+    p.add_argument("--out", default=None, help="directory for metrics JSON, grids and sampled reasoning")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sample", help="reason about one prompt, print the reasoning, write the image(s)")
+    p.add_argument("prompt", help='e.g. "a square the colour of a lemon"')
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--config", default=None, help="YAML config file")
+    p.add_argument("--checkpoint", default=None, help="model weights (default: model.checkpoint)")
+    p.add_argument("--n", type=int, default=4, help="how many samples")
+    p.add_argument("--seed", type=int, default=0, help="noise + reasoning seed")
+    p.add_argument("--out", default="sample.png", help="PNG to write")
+    p.set_defaults(func=cmd_sample)
     return parser
 
 
 def _overrides_from(args: argparse.Namespace) -> None:
     """Allow `unigrpo cmd key=value` with no config file: a first positional with '=' is an override."""
     cfg = getattr(args, "config", None)
+    if not hasattr(args, "overrides"):
+        return
     if cfg is not None and "=" in cfg and not cfg.endswith((".yaml", ".yml")):
         args.overrides = [cfg, *args.overrides]
         args.config = None
@@ -62,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as e:
         print(f"unigrpo: config error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"unigrpo: {e}", file=sys.stderr)
         return 2
 
 

@@ -27,7 +27,7 @@ class ModelConfig:
     d_text: int = 128  # tiny model: text expert width
     text_layers: int = 3  # tiny model: text expert transformer blocks
     text_heads: int = 4  # tiny model: attention heads of the text expert
-    unet_channels: tuple[int, int, int] = (64, 128, 128)  # tiny model: UNet widths per level
+    unet_channels: tuple[int, int, int] = (48, 96, 96)  # tiny model: UNet widths per level
     image_size: int = 32  # tiny model: RGB canvas side in pixels
     max_seq_len: int = 64  # tiny model: prompt + reasoning tokens (positional table size)
 

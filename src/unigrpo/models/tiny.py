@@ -32,7 +32,7 @@ class TinyConfig:
     d_text: int = 128
     text_layers: int = 3
     text_heads: int = 4
-    unet_channels: tuple[int, int, int] = (64, 128, 128)
+    unet_channels: tuple[int, int, int] = (48, 96, 96)
     image_size: int = 32
     max_seq_len: int = 64
 

@@ -82,7 +82,7 @@ class CrossAttention(nn.Module):
 class ImageExpert(nn.Module):
     """Velocity network v(x_t, t, context) on latents [B, 12, S/2, S/2]."""
 
-    def __init__(self, ctx_dim: int, channels: tuple[int, int, int] = (64, 128, 128), in_ch: int = 12):
+    def __init__(self, ctx_dim: int, channels: tuple[int, int, int] = (48, 96, 96), in_ch: int = 12):
         super().__init__()
         c0, c1, c2 = channels
         emb = 4 * c0

@@ -26,20 +26,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from unigrpo.config import Config
-from unigrpo.models.tiny import TextContext, TinyConfig, TinyUnifiedModel
+from unigrpo.models import build_model
+from unigrpo.models.tiny import TextContext, TinyUnifiedModel
 from unigrpo.world.render import render_batch
 from unigrpo.world.tasks import make_tasks, wrong_reasoning
-from unigrpo.world.tokenizer import build_world_tokenizer
-
-
-def build_model(cfg: Config) -> TinyUnifiedModel:
-    """A randomly initialised tiny model with the config's sizes and the world tokenizer."""
-    tok = build_world_tokenizer()
-    m = cfg.model
-    tiny = TinyConfig(vocab_size=tok.vocab_size, d_text=m.d_text, text_layers=m.text_layers,
-                      text_heads=m.text_heads, unet_channels=tuple(m.unet_channels),
-                      image_size=m.image_size, max_seq_len=m.max_seq_len)
-    return TinyUnifiedModel(tiny, tok)
 
 
 def make_batch(tasks, rng: np.random.Generator, cfg: Config):
@@ -88,7 +78,7 @@ def sft_loss(model: TinyUnifiedModel, prompts, responses, specs, modes, seed: in
     v = model.velocity(x_t, t, TextContext(hidden, ctx_mask))
     image_loss = F.mse_loss(v, eps - x0)  # target v = eps - x0
     loss = text_loss + cfg.pretrain.image_loss_weight * image_loss
-    return loss, {"text_loss": float(text_loss), "image_loss": float(image_loss)}
+    return loss, {"text_loss": text_loss.item(), "image_loss": image_loss.item()}
 
 
 def pretrain(cfg: Config, out_path: str | Path, log_path: str | Path | None = None,
