@@ -39,13 +39,14 @@ def make_batch(tasks, rng: np.random.Generator, cfg: Config):
     prompts, responses, specs, modes = [], [], [], []
     for i in idx:
         task = tasks[i]
-        reasoning, spec = task.reasoning, task.spec
+        # task.target is the spec with free colours filled in as the reasoning chose them
+        reasoning, spec = task.reasoning, task.target
         if task.requires_reasoning and rng.random() < p.wrong_reasoning_frac:
             reasoning, spec = wrong_reasoning(task, rng)
         u = rng.random()
         mode = "uncond" if u < p.uncond_frac else "prompt" if u < p.uncond_frac + p.no_think_frac else "full"
         if mode == "prompt":
-            spec = task.spec  # without reasoning the image must follow the prompt itself
+            spec = task.spec  # without reasoning the image follows the prompt itself (free colours random)
         prompts.append(task.prompt)
         responses.append(reasoning)
         specs.append(spec)

@@ -1,0 +1,23 @@
+"""The built-in "shapes" world: tasks (prompts, reasoning, splits), renderer, reward, tokenizer.
+
+See docs/world.md for the design (categories, held-out scheme, grammar, reward definition).
+"""
+
+from unigrpo.world.render import render, render_batch
+from unigrpo.world.reward import (
+    ScoreResult,
+    evaluate_images,
+    group_diversity,
+    image_stats,
+    score_images,
+    shapes_reward,
+)
+from unigrpo.world.spec import ObjectGroup, Spec, describe, parse_description, split_response
+from unigrpo.world.tasks import Clue, Task, all_categories, make_tasks, sample_task, wrong_reasoning
+from unigrpo.world.tokenizer import WordTokenizer, build_world_tokenizer
+
+__all__ = ["Clue", "ObjectGroup", "ScoreResult", "Spec", "Task", "WordTokenizer",
+           "all_categories", "build_world_tokenizer", "describe", "evaluate_images",
+           "group_diversity", "image_stats", "make_tasks", "parse_description", "render",
+           "render_batch", "sample_task", "score_images", "shapes_reward", "split_response",
+           "wrong_reasoning"]

@@ -1,0 +1,194 @@
+"""GenEval-like rule-based reward of the shapes world, plus image statistics for hacking checks.
+
+Detected objects (``detect.py``) are matched to the prompt's ground-truth ``Spec`` (never to the
+model's reasoning). For group j with required count n_j, ``found_j`` counts detected objects of its
+shape and colour (any palette colour if the group's colour is free). Partial credit::
+
+    q_j     = min(found_j, n_j) / max(found_j, n_j)        (too few and too many both cost)
+    base    = (sum_j q_j + [relation holds]) / (groups + has_relation)
+    extra   = detected objects that match no group (wrong colour/shape, junk blobs >= 4 px)
+    score   = base / (1 + 0.5 * extra)                      in [0, 1]
+
+``correct`` (strict, GenEval-style): every found_j == n_j, no extra object, relation holds.
+The relation compares centroids of the two groups' objects ("left of": x_A < x_B - size/16 px;
+"above": y_A < y_B - size/16), and is false when either group is not found exactly once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from unigrpo.world.detect import (
+    UNKNOWN_COLOR,
+    classify_pixels,
+    detect,
+    to_numpy_images,
+)
+from unigrpo.world.knowledge import COLORS, MAX_OBJECTS, RELATIONS, SHAPES
+from unigrpo.world.spec import Spec
+
+EXTRA_PENALTY = 0.5
+NC, NS = len(COLORS) + 1, len(SHAPES) + 1  # with the unknown colour / shape
+
+
+@dataclass
+class ScoreResult:
+    """Per-image results, all [B] numpy arrays. Checks are 1.0 / 0.0, NaN where not applicable."""
+
+    score: np.ndarray  # float partial credit in [0, 1]
+    correct: np.ndarray  # bool, strict
+    count_ok: np.ndarray  # total number of objects right
+    shape_ok: np.ndarray  # number of objects of every shape right (colours ignored)
+    color_ok: np.ndarray  # number of objects of every colour right (NaN: prompt frees colours)
+    relation_ok: np.ndarray  # NaN without a relation
+    n_objects: np.ndarray  # int, detected objects
+    n_extra: np.ndarray  # int, detected objects matching no group
+
+    def summary(self) -> dict[str, float]:
+        """Means over the batch (checks: over the images where they apply)."""
+        out = {"score": float(self.score.mean()), "accuracy": float(self.correct.mean())}
+        for k in ("count_ok", "shape_ok", "color_ok", "relation_ok"):
+            v = getattr(self, k)
+            out[k] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+        out["n_extra"] = float(self.n_extra.mean())
+        return out
+
+
+def _spec_arrays(specs: list[Spec]):
+    """Specs -> padded arrays shape/colour/count [B, G] and relation [B].
+
+    Colour -1 = free, count 0 = padding group, relation -1 = none.
+    """
+    b = len(specs)
+    g_shape = np.zeros((b, MAX_OBJECTS), dtype=np.int64)
+    g_color = np.full((b, MAX_OBJECTS), -1, dtype=np.int64)
+    g_count = np.zeros((b, MAX_OBJECTS), dtype=np.int64)
+    rel = np.full(b, -1, dtype=np.int64)
+    for i, s in enumerate(specs):
+        for j, g in enumerate(s.groups):
+            g_shape[i, j], g_count[i, j] = SHAPES.index(g.shape), g.count
+            g_color[i, j] = -1 if g.color is None else COLORS.index(g.color)
+        rel[i] = -1 if s.relation is None else RELATIONS.index(s.relation)
+    return g_shape, g_color, g_count, rel
+
+
+def _relation(objs, g_shape, g_color, found, rel, b: int, size: int) -> np.ndarray:
+    """Bool [B]: the relation between groups 0 and 1 holds (False where it cannot be judged)."""
+    cents = []
+    for j in (0, 1):
+        s, c = g_shape[objs.image, j], g_color[objs.image, j]
+        hit = (objs.shape == s) & np.where(c < 0, objs.color < UNKNOWN_COLOR, objs.color == c)
+        cents.append([np.bincount(objs.image[hit], v[hit], b) for v in (objs.cx, objs.cy)])
+    (x0, y0), (x1, y1) = cents  # valid only where each group is found exactly once
+    tol = size / 16  # 2 px at 32: ground-truth layouts separate centroids by >= 8 px
+    holds = np.select([rel == 0, rel == 1, rel == 2, rel == 3],
+                      [x0 < x1 - tol, x0 > x1 + tol, y0 < y1 - tol, y0 > y1 + tol], False)
+    assert RELATIONS == ("left of", "right of", "above", "below")  # order used just above
+    return holds & (found[:, 0] == 1) & (found[:, 1] == 1)
+
+
+def score_images(images, specs) -> ScoreResult:
+    """Score a batch against ground-truth specs.
+
+    images: torch float [B, 3, H, W] in [0, 1] (or numpy uint8 [B, H, W, 3]); specs: [B] Spec or
+    spec dicts (``Spec.to_dict`` / ``Task.to_metadata()["spec"]``).
+    """
+    specs = [s if isinstance(s, Spec) else Spec.from_dict(s) for s in specs]
+    img = to_numpy_images(images)
+    b, size = img.shape[0], min(img.shape[1:3])
+    if len(specs) != b:
+        raise ValueError(f"{b} images but {len(specs)} specs")
+    objs = detect(img)
+    counts = np.bincount((objs.image * NC + objs.color) * NS + objs.shape, minlength=b * NC * NS)
+    counts = counts.reshape(b, NC, NS)  # [B, colour (+unknown), shape (+unknown)]
+    g_shape, g_color, g_count, rel = _spec_arrays(specs)
+    rows = np.arange(b)[:, None]
+    free = counts[:, :UNKNOWN_COLOR, :].sum(1)[rows, g_shape]  # any palette colour
+    found = np.where(g_color >= 0, counts[rows, np.maximum(g_color, 0), g_shape], free)
+    found = np.where(g_count > 0, found, 0)  # [B, G]
+    valid = g_count > 0
+    q = np.where(valid, np.minimum(found, g_count) / np.maximum(np.maximum(found, g_count), 1), 0.0)
+    has_rel = rel >= 0
+    rel_ok = _relation(objs, g_shape, g_color, found, rel, b, size)
+    base = (q.sum(1) + (rel_ok & has_rel)) / (valid.sum(1) + has_rel)
+    n_obj = counts.sum((1, 2))
+    extra = n_obj - found.sum(1)  # groups are disjoint (Spec validation), so no double counting
+    correct = (found == g_count).all(1) & (extra == 0) & (rel_ok | ~has_rel)
+    # Attribute checks, each ignoring the other attributes (diagnostics, not part of the score).
+    need_shape = np.zeros((b, NS), dtype=np.int64)
+    need_color = np.zeros((b, NC), dtype=np.int64)
+    np.add.at(need_shape, (np.repeat(np.arange(b), MAX_OBJECTS), g_shape.ravel()), g_count.ravel())
+    np.add.at(need_color, (np.repeat(np.arange(b), MAX_OBJECTS), np.maximum(g_color, 0).ravel()),
+              g_count.ravel())
+    explicit = np.array([s.concrete for s in specs])
+    return ScoreResult(
+        score=base / (1.0 + EXTRA_PENALTY * extra), correct=correct,
+        count_ok=(n_obj == g_count.sum(1)).astype(float),
+        shape_ok=(counts.sum(1) == need_shape).all(1).astype(float),
+        color_ok=np.where(explicit, (counts.sum(2) == need_color).all(1), np.nan),
+        relation_ok=np.where(has_rel, rel_ok, np.nan), n_objects=n_obj, n_extra=extra)
+
+
+def shapes_reward(images, prompts, metadata) -> torch.Tensor:
+    """Reward protocol: (images [B, 3, H, W], prompts [B], metadata [B] dicts) -> [B] float32.
+
+    ``metadata[i]`` is ``Task.to_metadata()`` (only its ``"spec"`` is read); ``prompts`` is unused
+    because the spec is the prompt's ground truth.
+    """
+    del prompts
+    res = score_images(images, [m["spec"] for m in metadata])
+    return torch.as_tensor(res.score, dtype=torch.float32)
+
+
+def evaluate_images(images, tasks) -> dict:
+    """Strict accuracy and mean score, overall, by direct/reasoning and per category.
+
+    tasks: [B] ``Task`` or ``Task.to_metadata()`` dicts. Returns a plain dict of built-ins.
+    """
+    meta = [t if isinstance(t, dict) else t.to_metadata() for t in tasks]
+    res = score_images(images, [m["spec"] for m in meta])
+    out = {**res.summary(), "n": len(meta), "categories": {}}
+    cats = np.array([m["category"] for m in meta])
+    needs = np.array([bool(m["requires_reasoning"]) for m in meta])
+    for name, sel in [("direct", ~needs), ("reasoning", needs)]:
+        out[f"accuracy_{name}"] = float(res.correct[sel].mean()) if sel.any() else float("nan")
+        out[f"score_{name}"] = float(res.score[sel].mean()) if sel.any() else float("nan")
+    for c in dict.fromkeys(cats.tolist()):
+        sel = cats == c
+        out["categories"][c] = {"accuracy": float(res.correct[sel].mean()),
+                                "score": float(res.score[sel].mean()), "n": int(sel.sum())}
+    return out
+
+
+def image_stats(images) -> dict[str, float]:
+    """Statistics outside the reward, to spot reward hacking (saturation drift, blank images).
+
+    saturation: mean HSV saturation of non-background pixels; background_fraction: pixels the
+    detector calls background; brightness: mean pixel value; unknown_color_fraction: bright pixels
+    off the palette (blur, blends, artefacts).
+    """
+    img = to_numpy_images(images)
+    peak, low = img.max(-1), img.min(-1)
+    cls = classify_pixels(img)
+    fg = cls > 0
+    sat = np.where(fg, (peak - low) / np.maximum(peak, 1e-6), 0.0)
+    return {"saturation": float(sat.sum() / max(fg.sum(), 1)),
+            "background_fraction": float(1 - fg.mean()), "brightness": float(img.mean()),
+            "unknown_color_fraction": float((cls == UNKNOWN_COLOR + 1).mean())}
+
+
+def group_diversity(images) -> float:
+    """Mean pairwise RMS pixel distance between images of the same group.
+
+    images: [P, G, 3, H, W] (torch or numpy, [0, 1]). 0 means every group collapsed to one image.
+    """
+    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    p, g = x.shape[:2]
+    if g < 2:
+        return 0.0
+    flat = x.reshape(p, g, -1).double()
+    d = torch.cdist(flat, flat) / flat.shape[-1] ** 0.5  # [P, G, G] RMS distances
+    return float(d.sum() / (p * g * (g - 1)))  # diagonal is 0: average over the off-diagonal pairs

@@ -1,0 +1,55 @@
+import numpy as np
+import torch
+
+from unigrpo.world import WordTokenizer, build_world_tokenizer, wrong_reasoning
+from unigrpo.world.knowledge import all_words
+from unigrpo.world.tokenizer import SPECIALS
+
+
+def test_special_ids_are_fixed_and_vocab_deterministic():
+    tok = build_world_tokenizer()
+    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.think_id, tok.end_think_id, tok.unk_id) == (
+        0,
+        1,
+        2,
+        3,
+        4,
+        5,
+    )
+    assert tok.vocab[:6] == list(SPECIALS)
+    assert tok.vocab[6:] == sorted(tok.vocab[6:]) == all_words()
+    assert build_world_tokenizer().vocab == tok.vocab
+    assert {".", ",", "<think>", "</think>"} <= set(tok.vocab)
+
+
+def test_every_generated_text_encodes_without_unk(all_tasks):
+    tok = build_world_tokenizer()
+    rng = np.random.default_rng(0)
+    texts = [x for t in all_tasks for x in (t.prompt, t.reasoning, t.description)]
+    texts += [wrong_reasoning(t, rng)[0] for t in all_tasks if t.requires_reasoning]
+    for text in texts:
+        ids = tok.encode(text)
+        assert tok.unk_id not in ids, text
+        assert tok.decode(ids) == text
+    assert (
+        max(len(tok.encode(t.prompt)) + len(tok.encode(t.reasoning)) for t in all_tasks) + 2 <= 64
+    )
+
+
+def test_encode_decode_options_and_unknown_words():
+    tok = build_world_tokenizer()
+    ids = tok.encode(
+        "<think> a lemon is yellow . </think> a yellow square", add_bos=True, add_eos=True
+    )
+    assert ids[0] == tok.bos_id and ids[1] == tok.think_id and ids[-1] == tok.eos_id
+    assert tok.decode(ids, skip_special=True) == "a lemon is yellow . a yellow square"
+    assert tok.decode(torch.tensor(ids)) == tok.decode(ids)
+    assert tok.encode("a zebra") == [tok.index["a"], tok.unk_id]
+
+
+def test_save_load_and_dict_round_trip(tmp_path):
+    tok = build_world_tokenizer()
+    tok.save(tmp_path / "tok.json")
+    loaded = WordTokenizer.load(tmp_path / "tok.json")
+    assert loaded.vocab == tok.vocab and loaded.vocab_size == tok.vocab_size
+    assert WordTokenizer.from_dict(tok.to_dict()).vocab == tok.vocab
