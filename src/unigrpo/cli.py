@@ -88,6 +88,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from unigrpo.recipes.demo import DEMO_CONFIG, run_demo
+
+    cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
+    run_demo(cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unigrpo",
@@ -113,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="own reasoning, no reasoning, ground-truth reasoning, or all three")
     p.add_argument("--out", default=None, help="directory for metrics JSON, grids and sampled reasoning")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="the built-in demo: UniGRPO from the shipped SFT checkpoint + report")
+    _add_config_args(p, required=False)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("sample", help="reason about one prompt, print the reasoning, write the image(s)")
     p.add_argument("prompt", help='e.g. "a square the colour of a lemon"')
