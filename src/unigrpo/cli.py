@@ -96,6 +96,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from unigrpo.recipes.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, resume=args.resume)
+    return 0
+
+
+def _add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="UniGRPO RL training (data parallel: "
+                                     "torchrun --nproc_per_node=N -m unigrpo.cli train ...)")
+    _add_config_args(p, required=False)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUTPUT_DIR/checkpoint.pt (= an uninterrupted run)")
+    p.set_defaults(func=cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unigrpo",
@@ -106,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--print", action="store_true", help="print the fully resolved config as YAML")
     p.set_defaults(func=cmd_validate)
+    _add_train_parser(sub)
 
     p = sub.add_parser("pretrain", help="supervised (SFT) training of the tiny model from scratch")
     _add_config_args(p, required=False)

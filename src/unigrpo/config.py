@@ -84,6 +84,7 @@ class AlgoConfig:
     beta_img: float = 0.0  # latent-KL weight (original FlowGRPO ablation; paper UniGRPO: 0)
     detach_context: bool = True  # image loss does not back-propagate into the text expert
     share_window_in_group: bool = True  # all trajectories of a group use the same window
+    prompt_pool: int = 4096  # training prompts generated per data epoch (new seed each epoch)
 
 
 @dataclass
@@ -114,6 +115,7 @@ class EvalConfig:
     thinking: bool = True  # sample reasoning before drawing
     seed: int = 1234  # fixes the prompts and the initial noise
     grid_prompts: int = 8  # prompts shown in the image grid
+    at_start: bool = False  # also evaluate the starting policy before the first RL step
 
 
 @dataclass
@@ -141,6 +143,7 @@ class Config:
     log_every: int = 1  # steps between metric lines
     eval_every: int = 10  # steps between evaluations; 0 = only at the end
     save_every: int = 10  # steps between checkpoints; 0 = only at the end
+    reward_workers: int = 0  # background threads computing rewards during the next rollout chunk; 0 = inline
     model: ModelConfig = field(default_factory=ModelConfig)
     text: TextSamplingConfig = field(default_factory=TextSamplingConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -192,6 +195,8 @@ def validate(cfg: Config) -> Config:
     _check(a.image_eps > 0, "algo.image_eps", "must be > 0")
     _check(a.adv_clip is None or a.adv_clip > 0, "algo.adv_clip", "must be > 0 or null")
     _check(bool(cfg.rewards), "rewards", "at least one reward is required")
+    _check(a.prompt_pool >= a.prompts_per_step, "algo.prompt_pool", "must be >= algo.prompts_per_step")
+    _check(cfg.reward_workers >= 0, "reward_workers", "must be >= 0")
     _check(cfg.steps >= 0, "steps", "must be >= 0")
     _check(cfg.eval.num_prompts >= 1, "eval.num_prompts", "must be >= 1")
     for k in ("wrong_reasoning_frac", "no_think_frac", "uncond_frac"):

@@ -1,0 +1,173 @@
+"""Rollout of the UniGRPO MDP: prompt -> reasoning tokens -> denoising steps (SPEC.md sections 1, 3).
+
+Batch layout: ``[P, G]`` (prompts x group) flattened prompt-major, ``N = P * G`` trajectories.
+
+1. ``sample_reasoning``: each prompt's group is sampled in one call (KV cache) with a generator
+   seeded by the prompt's *global* index, so the reasoning does not depend on how the batch is
+   chunked or sharded over ranks. The tokens are then right-padded to one common width.
+2. ``sample_images`` (one chunk of rows): ONE no-grad ``forward_context`` pass gives the image
+   context and the behaviour log-probs of the reasoning tokens. The sampling-time log-probs are
+   not used: training calls the same function on the same rows (same chunk, same padded width),
+   so the first PPO ratio is exactly 1 (see PITFALLS.md). Then ``num_steps`` denoising steps: the
+   ``window_size`` consecutive steps starting at the row's window start are stochastic
+   (``sde_step``, recorded), all others are deterministic Euler ODE steps (not stored).
+   CFG when ``cfg_scale > 1`` (the unconditional branch reads ``null_context``).
+
+Randomness is keyed by global indices (``derive_seed``): the initial noise and the window noise of
+trajectory ``i`` come from its own generator, the window start from the group's (shared window) or
+the trajectory's own generator. Results are therefore identical whatever the chunking or the
+number of ranks, and resuming a run needs no RNG state. With ``share_window=False`` each
+trajectory draws its own window; rows of one chunk then sit at different steps, which the loop
+handles row-wise (one model call per step either way).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from unigrpo.algo.schedule import timesteps
+from unigrpo.algo.sde import gaussian_log_prob, sde_step, sde_window
+from unigrpo.models.protocol import TokenBatch
+from unigrpo.sampling import guided_velocity
+
+__all__ = ["Rollout", "derive_seed", "pad_tokens", "sample_images", "sample_reasoning", "window_starts"]
+
+# Streams of independent randomness (the last key of derive_seed).
+REASONING, WINDOW, NOISE, SHUFFLE, TRAJ_WINDOW = 0, 1, 2, 3, 4
+
+
+def derive_seed(*keys: int) -> int:
+    """A well-mixed 63-bit seed from non-negative integer keys (e.g. seed, step, index, stream)."""
+    a, b = np.random.SeedSequence([int(k) for k in keys]).generate_state(2)
+    return (int(a) << 31) ^ int(b)
+
+
+@dataclass
+class Rollout:
+    """Trajectories laid out [N, ...]; only what training needs (W = window size)."""
+
+    tokens: TokenBatch  # [N, L] prompt + reasoning, the padded width used by every scoring pass
+    logp_old: torch.Tensor  # [N, L] behaviour log-probs of the reasoning tokens (0 elsewhere)
+    x_t: torch.Tensor  # [N, W, *latent] states before each window step
+    x_next: torch.Tensor  # [N, W, *latent] sampled states after each window step
+    t: torch.Tensor  # [N, W] flow time of each window step
+    t_next: torch.Tensor  # [N, W]
+    logp_img_old: torch.Tensor  # [N, W] behaviour log-probs of the window steps
+    mean_old: torch.Tensor  # [N, W, *latent] behaviour step means (RatioNorm)
+    images: torch.Tensor  # [N, 3, H, W] in [0, 1], on the CPU (rewards, logging)
+    reasoning: list[str]  # [N] decoded response texts
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def index(self, idx: torch.Tensor) -> Rollout:
+        """Rows ``idx`` (a 1-D long tensor), every field alike."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, TokenBatch):
+                out[f.name] = v.index(idx)
+            elif isinstance(v, list):
+                out[f.name] = [v[i] for i in idx.tolist()]
+            else:
+                out[f.name] = v[idx.to(v.device)]
+        return Rollout(**out)
+
+    @staticmethod
+    def cat(parts: list[Rollout], pad_id: int) -> Rollout:
+        out = {}
+        for f in fields(Rollout):
+            vs = [getattr(p, f.name) for p in parts]
+            if isinstance(vs[0], TokenBatch):
+                out[f.name] = TokenBatch.cat(vs, pad_id)
+            elif isinstance(vs[0], list):
+                out[f.name] = [x for v in vs for x in v]
+            else:
+                out[f.name] = torch.cat(vs)
+        return Rollout(**out)
+
+
+@torch.no_grad()
+def sample_reasoning(model, prompts: list[str], group_size: int, seeds: list[int], *, thinking: bool,
+                     max_new_tokens: int, temperature: float, top_p: float) -> TokenBatch:
+    """Prompts [P] -> prompt + sampled reasoning [P * G, L]; group p uses generator ``seeds[p]``."""
+    parts = []
+    for prompt, seed in zip(prompts, seeds):
+        batch = model.encode_prompts([prompt] * group_size)
+        if thinking:
+            gen = torch.Generator(device=batch.ids.device).manual_seed(seed)
+            batch = model.sample_reasoning(batch, max_new_tokens=max_new_tokens, temperature=temperature,
+                                           top_p=top_p, generator=gen)
+        parts.append(batch)
+    return TokenBatch.cat(parts, model.pad_id)
+
+
+def pad_tokens(tokens: TokenBatch, width: int, pad_id: int) -> TokenBatch:
+    """Right-pad to ``width`` columns (masked; positions come from the mask, so values are unchanged
+    up to numerics -- which is why rollout and training always use the same width)."""
+    extra = width - tokens.ids.shape[1]
+    if extra < 0:
+        raise ValueError(f"cannot pad width {tokens.ids.shape[1]} down to {width}")
+
+    def pad(x: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, extra), value=value)
+
+    return TokenBatch(pad(tokens.ids, pad_id), pad(tokens.mask, False), pad(tokens.response_mask, False))
+
+
+def window_starts(group_seeds: list[int], traj_seeds: list[int], group_size: int, num_steps: int,
+                  window_size: int, window_range, share: bool) -> torch.Tensor:
+    """First window step of every trajectory [P * G]: one draw per group when ``share``, else one
+    draw per trajectory (``sde_window``: uniform over {lo, ..., hi - window_size})."""
+    def draw(seed: int) -> int:
+        return sde_window(num_steps, window_size, window_range, torch.Generator().manual_seed(seed))[0]
+
+    if share:
+        return torch.tensor([draw(s) for s in group_seeds]).repeat_interleave(group_size)
+    return torch.tensor([draw(s) for s in traj_seeds])
+
+
+@torch.no_grad()
+def sample_images(model, tokens: TokenBatch, noise_seeds: list[int], window_start: torch.Tensor, *,
+                  num_steps: int, shift: float, kind: str, noise_level: float, window_size: int,
+                  cfg_scale: float, temperature: float, reduction: str) -> Rollout:
+    """One chunk of B rows: behaviour text log-probs + image with the SDE window (module docstring)."""
+    b, w, dev = len(tokens), window_size, tokens.ids.device
+    logp_old, ctx = model.forward_context(tokens, temperature)  # THE behaviour log-probs [B, L]
+    null = model.null_context(b) if cfg_scale != 1.0 else None
+    gens = [torch.Generator().manual_seed(s) for s in noise_seeds]  # CPU: device-independent draws
+    x = torch.stack([torch.randn(model.latent_shape, generator=g) for g in gens]).to(dev)
+    grid = timesteps(num_steps, shift).to(dev)  # [num_steps + 1], float32
+    start = window_start.to(dev)
+    rec = {k: x.new_zeros(b, w, *model.latent_shape) for k in ("x_t", "x_next", "mean_old")}
+    rec.update({k: grid.new_zeros(b, w) for k in ("t", "t_next")}, logp_img_old=x.new_zeros(b, w))
+    bcast = (b,) + (1,) * len(model.latent_shape)
+    for k in range(num_steps):
+        t, t_next = grid[k].expand(b), grid[k + 1].expand(b)
+        v = guided_velocity(model, x, t, ctx, null, cfg_scale).float()  # float32 latent chain
+        x_ode = x + (grid[k + 1] - grid[k]) * v  # Euler step, exactly as sampling.ode_sample
+        slot = k - start  # [B] position inside the row's window
+        inside = (slot >= 0) & (slot < w)
+        if not bool(inside.any()):
+            x = x_ode
+            continue
+        # Scoring mode (prev_sample given) draws no noise: we only take mean and std from it and
+        # draw each row's noise from its own generator, so rows are independent of the chunking.
+        step = sde_step(x, v, t, t_next, noise_level, kind, prev_sample=x, reduction=reduction)
+        rows = inside.nonzero()[:, 0]
+        eps = torch.zeros_like(x)
+        for i in rows.tolist():
+            eps[i] = torch.randn(model.latent_shape, generator=gens[i]).to(dev)
+        std = step.std.reshape(bcast)
+        x_sde = step.mean + std * eps  # [B, *latent], what sde_step itself would sample
+        logp = gaussian_log_prob(x_sde, step.mean, std, reduction)  # [B]; same call as its scoring
+        s = slot[rows]
+        for name, val in (("x_t", x), ("x_next", x_sde), ("mean_old", step.mean), ("t", t),
+                          ("t_next", t_next), ("logp_img_old", logp)):
+            rec[name][rows, s] = val[rows].to(rec[name].dtype)
+        x = torch.where(inside.reshape(bcast), x_sde, x_ode)
+    return Rollout(tokens=tokens, logp_old=logp_old, images=model.decode(x).cpu(),
+                   reasoning=model.decode_text(tokens), **rec)

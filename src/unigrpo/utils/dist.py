@@ -1,0 +1,170 @@
+"""Plain ``torch.distributed`` for data-parallel RL: optional, explicit, testable on CPU with gloo.
+
+- A run is distributed only when launched by ``torchrun`` with ``WORLD_SIZE > 1`` (gloo on CPU,
+  nccl on CUDA). A single process never initialises a process group; every helper below is then
+  the identity, so the single-process path has no distributed code in it at all.
+- Data parallel: every rank holds the whole model, samples ``prompts_per_step / world`` prompts
+  (``shard``), and gradients are averaged across ranks once per optimizer update
+  (``average_gradients``). This is exactly what DDP computes (with ``no_sync`` on every
+  micro-batch but the last), without DDP's backward/communication overlap. We do it explicitly
+  because a unified model is driven through several protocol methods per backward
+  (``forward_context`` + ``velocity`` x window steps), whereas DDP hooks into ``forward()``.
+- ``wrap_model`` is the single place where a model is prepared for data parallelism; FSDP2
+  (``fully_shard`` + ``register_fsdp_forward_method`` for the protocol methods) goes there later,
+  and ``average_gradients`` then becomes a no-op because FSDP reduces gradients in backward.
+- Collective order: the training loop calls each helper unconditionally, in the same order on
+  every rank, whatever the data (reasoning lengths, rewards, non-finite losses), so ranks never
+  wait on different collectives.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Dist", "all_gather_cat", "all_reduce_max", "all_reduce_sum", "any_flag", "average_gradients",
+           "init", "reduce_metrics", "shard", "shutdown", "wrap_model"]
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process stands: rank in [0, world), local rank on its machine."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init(device: str) -> tuple[Dist, torch.device]:
+    """Join the process group when launched by torchrun with WORLD_SIZE > 1; else a no-op."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(), torch.device(device)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        dev = torch.device("cuda", local)  # one GPU per process, by local rank
+        torch.cuda.set_device(dev)
+        backend = "nccl"
+    else:
+        dev, backend = torch.device("cpu"), "gloo"
+    # torch 2.13: torch._dynamo imported AFTER the group exists (AdamW imports it lazily) keeps a
+    # reference to the group, so its gloo threads outlive destroy_process_group and the process
+    # aborted at exit ("terminate called without an active exception") in ~1 run out of 4.
+    importlib.import_module("torch._dynamo")
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return Dist(rank, world, local), dev
+
+
+def shutdown(d: Dist) -> None:
+    """Leave the process group together (rank 0 may still be evaluating / saving)."""
+    if d.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def shard(n: int, d: Dist) -> slice:
+    """This rank's contiguous block of ``n`` items (``n`` must divide evenly over ranks)."""
+    if n % d.world:
+        raise ValueError(f"{n} items cannot be split evenly over {d.world} ranks")
+    per = n // d.world
+    return slice(d.rank * per, (d.rank + 1) * per)
+
+
+def wrap_model(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
+    """Prepare the model for data parallelism: identical weights on every rank (rank 0's).
+
+    The one place to add FSDP2 sharding later (see module docstring)."""
+    if d.enabled:
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(t.data, src=0)
+    return model
+
+
+def average_gradients(params: list[torch.nn.Parameter], d: Dist) -> None:
+    """Average ``.grad`` over ranks in one flattened all-reduce (DDP's gradient semantics).
+
+    Only parameters whose grad is not None take part. Which ones are None depends on the config
+    (frozen expert, CFG off -> unused null context), never on the data, so every rank sends the
+    same layout. None grads stay None: AdamW then skips them exactly as in a single process.
+    """
+    if not d.enabled:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= d.world  # mean over ranks: each rank's loss is already a mean over its trajectories
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def all_gather_cat(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Concatenate equally shaped ``x`` [n, ...] of all ranks in rank order -> [world * n, ...]."""
+    if not d.enabled:
+        return x
+    out = [torch.empty_like(x) for _ in range(d.world)]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def all_reduce_max(value: int, d: Dist, device: torch.device | str = "cpu") -> int:
+    """The maximum of an int over ranks (e.g. the padded token width, so shapes agree)."""
+    if not d.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def all_reduce_sum(value: float, d: Dist, device: torch.device | str = "cpu") -> float:
+    """The sum of a number over ranks (e.g. active tokens of a minibatch, for token_mean)."""
+    if not d.enabled:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item())
+
+
+def any_flag(flag: bool, d: Dist, device: torch.device | str = "cpu") -> bool:
+    """True on every rank if ``flag`` is True on any rank (ranks must take the same decision)."""
+    if not d.enabled:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def reduce_metrics(metrics: dict[str, float], d: Dist, device: torch.device | str = "cpu") -> dict:
+    """Combine per-rank scalar metrics: keys ending in ``_min`` / ``_max`` by min / max, the others
+    by the mean over ranks. Every rank must hold the same keys (they depend on the config only)."""
+    if not d.enabled:
+        return dict(metrics)
+    keys = sorted(metrics)  # same order on every rank
+    out = {}
+    for suffix, op in (("_min", dist.ReduceOp.MIN), ("_max", dist.ReduceOp.MAX), ("", dist.ReduceOp.SUM)):
+        sel = [k for k in keys if k not in out and k.endswith(suffix)]
+        if not sel:
+            continue
+        t = torch.tensor([float(metrics[k]) for k in sel], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=op)
+        if op == dist.ReduceOp.SUM:
+            t /= d.world
+        out.update(zip(sel, t.tolist()))
+    return {k: out[k] for k in metrics}
