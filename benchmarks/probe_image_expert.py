@@ -1,7 +1,13 @@
-import time, torch, numpy as np, torch.nn.functional as F, sys
-from unigrpo.models.tiny import TinyUnifiedModel, TinyConfig, TextContext
-import unigrpo
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
+
+from unigrpo.models.tiny import TinyConfig, TinyUnifiedModel
+
 torch.set_num_threads(2)
 COL={"red":(220,40,40),"green":(40,200,60),"blue":(50,90,230),"yellow":(230,210,40)}
 SH=["circle","square","triangle"]

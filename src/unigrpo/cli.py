@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from unigrpo.config import ConfigError, load_config, to_dict
-
 import yaml
+
+from unigrpo.config import ConfigError, load_config, to_dict
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -38,7 +38,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     model = pretrain(cfg, out, log_path=str(out) + ".log.jsonl")
     print(f"saved {out}")
     if args.eval:
-        from unigrpo.recipes.evaluate import MODES, eval_tasks, evaluate_model, format_table, write_eval
+        from unigrpo.recipes.evaluate import (
+            MODES,
+            eval_tasks,
+            evaluate_model,
+            format_table,
+            write_eval,
+        )
 
         tasks = eval_tasks(cfg)
         results = {}

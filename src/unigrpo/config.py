@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from unigrpo.utils.typed_config import ConfigError, load, to_dict
 
-__all__ = ["Config", "ConfigError", "load_config", "validate", "to_dict"]
+__all__ = ["Config", "ConfigError", "load_config", "to_dict", "validate"]
 
 
 @dataclass
@@ -23,7 +23,7 @@ class ModelConfig:
     """Which unified model to train and where its weights come from."""
 
     kind: Literal["tiny"] = "tiny"  # model adapter: the built-in tiny model (HF adapters: later)
-    checkpoint: Optional[str] = "builtin:sft"  # safetensors path, "builtin:sft", or null = random init
+    checkpoint: str | None = "builtin:sft"  # safetensors path, "builtin:sft", or null = random init
     d_text: int = 128  # tiny model: text expert width
     text_layers: int = 3  # tiny model: text expert transformer blocks
     text_heads: int = 4  # tiny model: attention heads of the text expert
@@ -68,7 +68,7 @@ class AlgoConfig:
     ppo_epochs: int = 2  # passes over the rollout batch (paper: 2)
     adv_scale: Literal["group", "batch", "none"] = "group"  # advantage std normalisation
     adv_eps: float = 1e-4  # added to the std (paper code: 1e-4)
-    adv_clip: Optional[float] = 5.0  # clip advantages to [-c, c]; null = no clip
+    adv_clip: float | None = 5.0  # clip advantages to [-c, c]; null = no clip
     train_text: bool = True  # False: text policy frozen (FlowGRPO baseline)
     train_image: bool = True  # False: image policy frozen (TextGRPO baseline)
     text_eps_low: float = 0.2  # text ratio clip below 1 (paper: unstated)
@@ -91,8 +91,8 @@ class AlgoConfig:
 class OptimConfig:
     """AdamW with separate learning rates for the two experts (paper: 1e-6 text, 3e-5 image)."""
 
-    lr_text: float = 1e-5  # text (reasoning) expert learning rate
-    lr_image: float = 1e-4  # image (generation) expert learning rate
+    lr_text: float = 5e-5  # text (reasoning) expert learning rate (tuned on the tiny model, docs/demo.md)
+    lr_image: float = 2e-6  # image (generation) expert learning rate (tuned on the tiny model, docs/demo.md)
     weight_decay: float = 0.0  # AdamW weight decay
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
     grad_clip: float = 1.0  # max global grad norm; <= 0 disables clipping

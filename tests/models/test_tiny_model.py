@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from unigrpo.config import load_config
+from unigrpo.models import build_model
 from unigrpo.models.protocol import TokenBatch, UnifiedModel
 from unigrpo.models.tiny import TinyUnifiedModel
-from unigrpo.models import build_model
 
 SMALL = ["model.d_text=32", "model.text_layers=2", "model.unet_channels=[16,32,32]", "model.image_size=16"]
 PROMPTS = ["a red circle", "two blue squares", "a yellow triangle left of a green circle"]

@@ -16,8 +16,9 @@ all rows generate in lockstep; positions are derived from the mask.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -40,20 +41,20 @@ class TokenBatch:
     def __len__(self) -> int:
         return self.ids.shape[0]
 
-    def index(self, idx: torch.Tensor | slice) -> "TokenBatch":
+    def index(self, idx: torch.Tensor | slice) -> TokenBatch:
         """Rows ``idx`` with the SAME padded width (keeps numerics identical to the rollout)."""
         return TokenBatch(self.ids[idx], self.mask[idx], self.response_mask[idx])
 
-    def repeat_interleave(self, n: int) -> "TokenBatch":
+    def repeat_interleave(self, n: int) -> TokenBatch:
         """Each row repeated ``n`` times consecutively: [P] -> [P * n] (prompt -> group)."""
         return TokenBatch(*(x.repeat_interleave(n, dim=0) for x in (self.ids, self.mask, self.response_mask)))
 
-    def to(self, device: torch.device | str) -> "TokenBatch":
+    def to(self, device: torch.device | str) -> TokenBatch:
         return replace(self, ids=self.ids.to(device), mask=self.mask.to(device),
                        response_mask=self.response_mask.to(device))
 
     @staticmethod
-    def cat(batches: Iterable["TokenBatch"], pad_id: int) -> "TokenBatch":
+    def cat(batches: Iterable[TokenBatch], pad_id: int) -> TokenBatch:
         """Concatenate batches whose widths may differ (right-pads the narrower ones)."""
         batches = list(batches)
         width = max(b.ids.shape[1] for b in batches)

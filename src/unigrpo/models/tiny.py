@@ -44,7 +44,7 @@ class TextContext:
     hidden: torch.Tensor
     mask: torch.Tensor
 
-    def index(self, idx) -> "TextContext":
+    def index(self, idx) -> TextContext:
         return TextContext(self.hidden[idx], self.mask[idx])
 
 
@@ -185,7 +185,7 @@ class TinyUnifiedModel(nn.Module):
         tmp.replace(path)  # atomic: a crash mid-save never leaves a half-written file at `path`
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu") -> "TinyUnifiedModel":
+    def load(cls, path: str | Path, device: str = "cpu") -> TinyUnifiedModel:
         from safetensors import safe_open
         from safetensors.torch import load_file
 

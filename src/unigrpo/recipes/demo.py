@@ -19,8 +19,8 @@ from unigrpo.recipes.evaluate import eval_tasks, evaluate_model, format_table, w
 DEMO_CONFIG = "configs/demo.yaml"  # relative to the repository root (scripts/demo.sh runs there)
 
 
-def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
-    """Reward per step (rollout mean) and held-out accuracy per evaluation -> PNG."""
+def plot_curves(metrics_path: Path, out_png: Path, start_accuracy: float | None = None) -> Path | None:
+    """Reward per step (rollout mean + moving average) and held-out accuracy per evaluation -> PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,13 +32,20 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
     if not train:
         return None
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax[0].plot([r["step"] for r in train], [r["reward/mean"] for r in train], label="rollout reward (mean)")
+    steps, reward = [r["step"] for r in train], [r["reward/mean"] for r in train]
+    ax[0].plot(steps, reward, alpha=0.35, label="rollout reward (batch mean)")
+    k = max(1, len(reward) // 15)  # moving average: the batch mean is noisy (8 prompts per step)
+    smooth = [sum(reward[max(0, i - k + 1): i + 1]) / len(reward[max(0, i - k + 1): i + 1]) for i in range(len(reward))]
+    ax[0].plot(steps, smooth, label=f"moving average ({k} steps)")
     ax[0].set_xlabel("step")
     ax[0].set_ylabel("reward")
     ax[0].grid(alpha=0.3)
     ax[0].legend()
-    if evals:
-        ax[1].plot([r["step"] for r in evals], [r["eval/accuracy"] for r in evals], "o-", label="held-out accuracy")
+    points = sorted({r["step"]: r["eval/accuracy"] for r in evals}.items())
+    if start_accuracy is not None and not any(step == 0 for step, _ in points):
+        points.insert(0, (0, start_accuracy))  # the SFT checkpoint, evaluated on the same prompts
+    if points:
+        ax[1].plot([p[0] for p in points], [p[1] for p in points], "o-", label="held-out accuracy")
         ax[1].set_xlabel("step")
         ax[1].set_ylabel("strict accuracy")
         ax[1].grid(alpha=0.3)
@@ -72,7 +79,7 @@ def run_demo(cfg: Config) -> dict:
     table = format_table({"SFT (before)": before, f"UniGRPO, {cfg.steps} steps (after)": after})
     score_table = format_table({"SFT (before)": before, "UniGRPO (after)": after}, metric="score")
     print("\nheld-out strict accuracy, thinking on:\n" + table)
-    curve = plot_curves(out / "metrics.jsonl", out / "reward_curve.png")
+    curve = plot_curves(out / "metrics.jsonl", out / "reward_curve.png", before["accuracy"])
     report = out / "report.md"
     report.write_text(
         f"# unigrpo demo report\n\n{cfg.steps} UniGRPO steps from `{cfg.model.checkpoint}` in "

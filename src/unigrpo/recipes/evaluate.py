@@ -59,5 +59,4 @@ def write_eval(out_dir: str | Path, name: str, metrics: dict, gen: Generation, t
     n = min(grid_prompts, len(tasks))
     save_grid(gen.images[:n], out / f"{name}.png", nrow=8)
     with open(out / f"{name}_samples.md", "w") as f:
-        for i in range(n):
-            f.write(f"{i}. prompt: `{tasks[i].prompt}`  \n   reasoning: `{gen.reasoning[i]}`\n")
+        f.writelines(f"{i}. prompt: `{tasks[i].prompt}`  \n   reasoning: `{gen.reasoning[i]}`\n" for i in range(n))

@@ -101,7 +101,7 @@ def pretrain(cfg: Config, out_path: str | Path, log_path: str | Path | None = No
         frac = (step - warmup) / max(1, p.steps - warmup)
         return p.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
 
-    log = open(log_path, "w") if log_path else None
+    log = open(log_path, "w") if log_path else None  # noqa: SIM115 - closed after the loop
     start = time.time()
     bar = tqdm(range(p.steps), desc="pretrain", disable=not progress)
     for step in bar:

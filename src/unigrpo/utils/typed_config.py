@@ -16,7 +16,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "load", "apply_overrides", "parse_override"]
+__all__ = ["ConfigError", "apply_overrides", "from_dict", "load", "parse_override", "to_dict"]
 
 
 class ConfigError(ValueError):
