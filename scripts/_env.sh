@@ -10,7 +10,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 STAMP="$VENV/.unigrpo-installed"
-WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints-dev.txt" | sha256sum | cut -d' ' -f1)"
+# Hash with Python (sha256sum is not on every OS): re-install only when these files change.
+WANT="$("$PY" -c 'import hashlib,sys; print(hashlib.sha256(b"".join(open(f,"rb").read() for f in sys.argv[1:])).hexdigest())' "$ROOT/pyproject.toml" "$ROOT/constraints-dev.txt")"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[setup] installing unigrpo[dev] (torch pinned by constraints-dev.txt)" >&2
   "$VENV/bin/python" -m pip install -q --no-warn-script-location --upgrade pip >&2
