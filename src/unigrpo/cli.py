@@ -57,7 +57,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from unigrpo.models import load_model
-    from unigrpo.recipes.evaluate import MODES, eval_tasks, evaluate_model, format_table, write_eval
+    from unigrpo.recipes.evaluate import (
+        MODES,
+        eval_tasks,
+        evaluate_model,
+        format_decomposition,
+        format_table,
+        write_eval,
+    )
 
     cfg = load_config(args.config, args.overrides)
     model = load_model(cfg, args.checkpoint) if args.checkpoint else load_model(cfg)
@@ -73,6 +80,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_table(results))
     print("mean partial-credit score:")
     print(format_table(results, metric="score"))
+    if decomposition := format_decomposition(results):
+        print("which expert fails (a sampled description is right when, drawn exactly, it passes the strict check):")
+        print(decomposition)
     return 0
 
 

@@ -40,7 +40,9 @@ def test_cli_steps_change_parameters_and_write_outputs(run, tiny_checkpoint):
         bad = {k: v for k, v in r.items() if not math.isfinite(v)}
         # NaN by definition when no evaluation prompt has that check / of that kind (2 prompts here)
         assert set(bad) <= {"eval/color_ok", "eval/relation_ok", "eval/accuracy_reasoning",
-                            "eval/score_reasoning", "eval/accuracy_direct", "eval/score_direct"}, bad
+                            "eval/score_reasoning", "eval/accuracy_direct", "eval/score_direct",
+                            "eval/reasoning_ok_reasoning", "eval/reasoning_ok_direct",
+                            "eval/accuracy_given_reasoning_ok"}, bad  # the last: no right description
     assert all(r["perf/skipped_updates"] == 0 for r in steps)
     assert all(r["loss/text/grad_norm"] > 0 and r["loss/image/grad_norm"] > 0 for r in steps)
     assert list((run / "tb").glob("events.out.tfevents.*"))

@@ -10,6 +10,7 @@ from unigrpo.world import (
     ObjectGroup,
     Spec,
     all_categories,
+    description_correct,
     evaluate_images,
     group_diversity,
     image_stats,
@@ -184,6 +185,48 @@ def test_evaluate_images_breakdown(split_tasks):
     assert sum(c["n"] for c in res["categories"].values()) == len(tasks)
     assert res["accuracy"] == pytest.approx(np.mean([i % 2 == 1 for i in range(len(tasks))]))
     assert 0 <= res["accuracy_reasoning"] <= 1 and 0 <= res["accuracy_direct"] <= 1
+
+
+def test_description_correct_separates_reasoning_from_drawing(split_tasks):
+    tasks = _per_category(split_tasks["test"], 30)
+    specs = [t.spec for t in tasks]
+    assert description_correct([t.reasoning + " <eos>" for t in tasks], specs).all()
+    rng = np.random.default_rng(0)
+    needs = [t for t in tasks if t.requires_reasoning]
+    wrong = [wrong_reasoning(t, rng)[0] for t in needs]
+    assert not description_correct(wrong, [t.spec for t in needs]).any()
+    t = next(t for t in tasks if t.category == "colors")  # "a blue circle"
+    desc = t.description
+    bad = [
+        "<think> draw exactly what is asked . </think>",  # no description
+        "<think> draw exactly what is asked . </think> a blue blue",  # does not parse
+        "<think> draw exactly what is asked . </think> " + " ".join(w for w in desc.split() if w not in COLORS),  # colour left free
+        desc + " and " + desc,  # duplicated group (invalid spec)
+    ]
+    assert not description_correct(bad, [t.spec] * len(bad)).any()
+    assert description_correct([desc], [t.spec]).all()  # no <think> block: whole text is the description
+    with pytest.raises(ValueError):
+        description_correct([desc], [t.spec] * 2)
+
+
+def test_evaluate_images_reasoning_decomposition(split_tasks):
+    tasks = _per_category(split_tasks["test"], 6)
+    rng = np.random.default_rng(1)
+    responses = [wrong_reasoning(t, rng)[0] if t.requires_reasoning and i % 2 else t.reasoning
+                 for i, t in enumerate(tasks)]
+    desc_ok = np.array([not (t.requires_reasoning and i % 2) for i, t in enumerate(tasks)])
+    imgs = render_batch([t.target for t in tasks], seed=0)
+    imgs[::3] = 0.0  # blank every third image: drawing errors
+    drawn_ok = np.arange(len(tasks)) % 3 != 0
+    res = evaluate_images(imgs, tasks, responses=responses)
+    json.dumps(res)
+    assert res["reasoning_ok"] == pytest.approx(desc_ok.mean())
+    assert res["accuracy_given_reasoning_ok"] == pytest.approx(drawn_ok[desc_ok].mean())
+    assert res["reasoning_ok_direct"] == 1.0
+    for c, r in res["categories"].items():
+        sel = np.array([t.category == c for t in tasks])
+        assert r["reasoning_ok"] == pytest.approx(desc_ok[sel].mean()), c
+    assert "reasoning_ok" not in evaluate_images(imgs, tasks)
 
 
 def test_image_stats_and_group_diversity(split_tasks):

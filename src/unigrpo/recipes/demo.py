@@ -14,7 +14,13 @@ from pathlib import Path
 
 from unigrpo.config import Config
 from unigrpo.models import load_model
-from unigrpo.recipes.evaluate import eval_tasks, evaluate_model, format_table, write_eval
+from unigrpo.recipes.evaluate import (
+    eval_tasks,
+    evaluate_model,
+    format_decomposition,
+    format_table,
+    write_eval,
+)
 
 DEMO_CONFIG = "configs/demo.yaml"  # relative to the repository root (scripts/demo.sh runs there)
 
@@ -78,7 +84,9 @@ def run_demo(cfg: Config) -> dict:
     minutes = (time.time() - start) / 60
     table = format_table({"SFT (before)": before, f"UniGRPO, {cfg.steps} steps (after)": after})
     score_table = format_table({"SFT (before)": before, "UniGRPO (after)": after}, metric="score")
+    experts = format_decomposition({"SFT (before)": before, "UniGRPO (after)": after})
     print("\nheld-out strict accuracy, thinking on:\n" + table)
+    print("text expert vs image expert:\n" + experts)
     curve = plot_curves(out / "metrics.jsonl", out / "reward_curve.png", before["accuracy"])
     report = out / "report.md"
     report.write_text(
@@ -87,6 +95,8 @@ def run_demo(cfg: Config) -> dict:
         f"{cfg.sampler.eval_num_steps} ODE steps, thinking on.\n\n"
         f"## Strict accuracy (GenEval-style: everything right)\n\n{table}\n"
         f"## Mean partial-credit score\n\n{score_table}\n"
+        f"## Text expert vs image expert\n\nA sampled description is right when, drawn exactly by the "
+        f"ground-truth renderer, it passes the strict check.\n\n{experts}\n"
         + (f"## Reward curve\n\n![reward curve]({curve.name})\n\n" if curve else "")
         + "## Samples (same prompts and noise)\n\nBefore (SFT):\n\n![before](eval/before.png)\n\n"
         "After (UniGRPO):\n\n![after](eval/after.png)\n\n"

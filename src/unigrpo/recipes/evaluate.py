@@ -34,7 +34,7 @@ def evaluate_model(model, tasks, cfg: Config, mode: str = "think", cfg_scale: fl
         cfg_scale=cfg.sampler.eval_cfg_scale if cfg_scale is None else cfg_scale,
         seed=cfg.eval.seed, max_new_tokens=cfg.text.max_reasoning_tokens,
         temperature=cfg.text.temperature)
-    metrics = evaluate_images(gen.images, tasks)
+    metrics = evaluate_images(gen.images, tasks, responses=gen.reasoning if mode == "think" else None)
     return metrics, gen
 
 
@@ -49,6 +49,23 @@ def format_table(results: dict[str, dict], metric: str = "accuracy") -> str:
         rows.append(f"| {name} | **{r[metric]:.3f}** | {r[metric + '_direct']:.3f} | "
                     f"{r[metric + '_reasoning']:.3f} | " + " | ".join(cells) + " |")
     return head + "\n".join(rows) + "\n"
+
+
+def format_decomposition(results: dict[str, dict]) -> str:
+    """Markdown table splitting accuracy into the text expert's and the image expert's part.
+
+    Rows with thinking on only: ``reasoning_ok`` (the sampled description is right) and
+    ``accuracy_given_reasoning_ok`` (the image is right when the description is), overall and on
+    reasoning-required prompts. Empty string when no row has them.
+    """
+    rows = [(name, r) for name, r in results.items() if "reasoning_ok" in r]
+    if not rows:
+        return ""
+    head = ("| | accuracy | description right (text expert) | accuracy when the description is right "
+            "(image expert) | description right, reasoning-required |\n|---|---|---|---|---|\n")
+    return head + "".join(
+        f"| {name} | {r['accuracy']:.3f} | {r['reasoning_ok']:.3f} | {r['accuracy_given_reasoning_ok']:.3f} "
+        f"| {r['reasoning_ok_reasoning']:.3f} |\n" for name, r in rows)
 
 
 def write_eval(out_dir: str | Path, name: str, metrics: dict, gen: Generation, tasks, grid_prompts: int = 16):

@@ -248,10 +248,11 @@ def evaluate(model, cfg: Config, step: int, out: Path) -> dict:
     (out / "grids" / f"eval_step{step:06d}.md").write_text("".join(
         f"{i}. `{tasks[i].prompt}` -> `{gen.reasoning[i]}`\n" for i in range(n)))
     keys = ("accuracy", "score", "accuracy_direct", "accuracy_reasoning", "score_direct",
-            "score_reasoning", "count_ok", "shape_ok", "color_ok", "relation_ok", "n_extra")
-    m = {f"eval/{k}": res[k] for k in keys}
+            "score_reasoning", "count_ok", "shape_ok", "color_ok", "relation_ok", "n_extra",
+            "reasoning_ok", "reasoning_ok_direct", "reasoning_ok_reasoning", "accuracy_given_reasoning_ok")
+    m = {f"eval/{k}": res[k] for k in keys if k in res}  # reasoning_ok*: only with thinking on
     for cat, r in res["categories"].items():
-        m.update({f"eval/category/{cat}/accuracy": r["accuracy"], f"eval/category/{cat}/score": r["score"]})
+        m.update({f"eval/category/{cat}/{k}": r[k] for k in ("accuracy", "score", "reasoning_ok") if k in r})
     m.update({f"eval/{k}": v for k, v in image_stats(gen.images).items()})
     m["perf/eval_s"] = time.perf_counter() - start
     return m

@@ -6,6 +6,7 @@ See docs/world.md for the design (categories, held-out scheme, grammar, reward d
 from unigrpo.world.render import render, render_batch
 from unigrpo.world.reward import (
     ScoreResult,
+    description_correct,
     evaluate_images,
     group_diversity,
     image_stats,
@@ -17,7 +18,7 @@ from unigrpo.world.tasks import Clue, Task, all_categories, make_tasks, sample_t
 from unigrpo.world.tokenizer import WordTokenizer, build_world_tokenizer
 
 __all__ = ["Clue", "ObjectGroup", "ScoreResult", "Spec", "Task", "WordTokenizer",
-           "all_categories", "build_world_tokenizer", "describe", "evaluate_images",
+           "all_categories", "build_world_tokenizer", "describe", "description_correct", "evaluate_images",
            "group_diversity", "image_stats", "make_tasks", "parse_description", "render",
            "render_batch", "sample_task", "score_images", "shapes_reward", "split_response",
            "wrong_reasoning"]

@@ -28,7 +28,8 @@ from unigrpo.world.detect import (
     to_numpy_images,
 )
 from unigrpo.world.knowledge import COLORS, MAX_OBJECTS, RELATIONS, SHAPES
-from unigrpo.world.spec import Spec
+from unigrpo.world.render import render_batch
+from unigrpo.world.spec import Spec, parse_description, split_response
 
 EXTRA_PENALTY = 0.5
 NC, NS = len(COLORS) + 1, len(SHAPES) + 1  # with the unknown colour / shape
@@ -143,24 +144,62 @@ def shapes_reward(images, prompts, metadata) -> torch.Tensor:
     return torch.as_tensor(res.score, dtype=torch.float32)
 
 
-def evaluate_images(images, tasks) -> dict:
+def evaluate_images(images, tasks, responses: list[str] | None = None) -> dict:
     """Strict accuracy and mean score, overall, by direct/reasoning and per category.
 
-    tasks: [B] ``Task`` or ``Task.to_metadata()`` dicts. Returns a plain dict of built-ins.
+    tasks: [B] ``Task`` or ``Task.to_metadata()`` dicts. With the sampled ``responses`` (reasoning
+    + description), also ``reasoning_ok`` (``description_correct``: the description is right) and
+    ``accuracy_given_reasoning_ok`` (the image expert's accuracy on those prompts), overall, by
+    direct/reasoning and per category. Returns a plain dict of built-ins.
     """
     meta = [t if isinstance(t, dict) else t.to_metadata() for t in tasks]
-    res = score_images(images, [m["spec"] for m in meta])
+    specs = [m["spec"] for m in meta]
+    images = to_numpy_images(images)  # uint8 [B, H, W, 3]
+    res = score_images(images, specs)
     out = {**res.summary(), "n": len(meta), "categories": {}}
     cats = np.array([m["category"] for m in meta])
     needs = np.array([bool(m["requires_reasoning"]) for m in meta])
-    for name, sel in [("direct", ~needs), ("reasoning", needs)]:
-        out[f"accuracy_{name}"] = float(res.correct[sel].mean()) if sel.any() else float("nan")
-        out[f"score_{name}"] = float(res.score[sel].mean()) if sel.any() else float("nan")
+    desc_ok = None if responses is None else description_correct(responses, specs, size=images.shape[1])
+
+    def mean(x, sel):
+        return float(x[sel].mean()) if sel.any() else float("nan")
+
+    def add(d: dict, suffix: str, sel: np.ndarray) -> None:
+        d[f"accuracy{suffix}"], d[f"score{suffix}"] = mean(res.correct, sel), mean(res.score, sel)
+        if desc_ok is not None:
+            d[f"reasoning_ok{suffix}"] = mean(desc_ok, sel)
+            d[f"accuracy_given_reasoning_ok{suffix}"] = mean(res.correct, sel & desc_ok)
+
+    all_ = np.ones(len(meta), dtype=bool)
+    if desc_ok is not None:
+        add(out, "", all_)
+    add(out, "_direct", ~needs)
+    add(out, "_reasoning", needs)
     for c in dict.fromkeys(cats.tolist()):
-        sel = cats == c
-        out["categories"][c] = {"accuracy": float(res.correct[sel].mean()),
-                                "score": float(res.score[sel].mean()), "n": int(sel.sum())}
+        out["categories"][c] = {"n": int((cats == c).sum())}
+        add(out["categories"][c], "", cats == c)
     return out
+
+
+def description_correct(responses: list[str], specs, size: int = 32) -> np.ndarray:
+    """Whether each sampled response's explicit description is right for the prompt: bool [B].
+
+    The part after ``</think>`` is parsed (``parse_description``), drawn by the ground-truth
+    renderer and scored with the same strict check as the model's images. True means a perfect
+    image expert following the description would be correct; a description that does not parse
+    or leaves a colour free (the world's descriptions always fix every colour) is False. This
+    separates reasoning errors (wrong description) from drawing errors (right description, wrong
+    image). specs: [B] Spec or spec dicts of the prompts' ground truth.
+    """
+    if len(responses) != len(specs):
+        raise ValueError(f"{len(responses)} responses but {len(specs)} specs")
+    parsed = [parse_description(split_response(r)[1]) for r in responses]
+    ok = np.array([p is not None and p.concrete for p in parsed])
+    if ok.any():
+        idx = np.flatnonzero(ok)
+        images = render_batch([parsed[i] for i in idx], seed=0, size=size)
+        ok[idx] = score_images(images, [specs[i] for i in idx]).correct
+    return ok
 
 
 def image_stats(images) -> dict[str, float]:
