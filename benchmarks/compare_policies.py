@@ -1,0 +1,104 @@
+"""UniGRPO vs its single-modality baselines from the same SFT checkpoint, same budget and seed.
+
+Runs `unigrpo train configs/demo.yaml` once per variant (in parallel, one CPU thread each), then
+reads each run's held-out evaluations from metrics.jsonl and writes a table (JSON + Markdown):
+
+    python benchmarks/compare_policies.py                      # 150 steps, all variants
+    python benchmarks/compare_policies.py steps=60 --only textgrpo imageonly
+    python benchmarks/compare_policies.py --collect-only       # re-read finished runs
+    python benchmarks/compare_policies.py --only textgrpo imageonly   # unigrpo row from another run:
+    ln -s ../long runs/compare/unigrpo && python benchmarks/compare_policies.py --collect-only --max-step 150
+
+Variants (all else = configs/demo.yaml: no CFG, velocity MSE, same lr, window, seed):
+  unigrpo    text + image policy (the method)
+  textgrpo   text policy only (image expert frozen; SPEC.md section 7 TextGRPO)
+  imageonly  image policy only (text expert frozen; FlowGRPO objective under UniGRPO's settings)
+The original FlowGRPO recipe (CFG 3 in rollout and training, latent KL) is configs/flowgrpo.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = {
+    "unigrpo": [],
+    "textgrpo": ["algo.train_image=false"],
+    "imageonly": ["algo.train_text=false"],
+}
+KEYS = ("eval/accuracy", "eval/accuracy_direct", "eval/accuracy_reasoning", "eval/reasoning_ok",
+        "eval/accuracy_given_reasoning_ok", "eval/saturation", "eval/background_fraction")
+
+
+def run_all(names: list[str], overrides: list[str], root: Path) -> dict[str, float]:
+    procs, start = {}, time.time()
+    for name in names:
+        out = root / name
+        cmd = [sys.executable, "-m", "unigrpo.cli", "train", "configs/demo.yaml", f"output_dir={out}",
+               "threads=1", "eval.at_start=true", "save_every=0", *VARIANTS[name], *overrides]
+        out.mkdir(parents=True, exist_ok=True)
+        print("$", " ".join(cmd[2:]))
+        with open(out / "stdout.log", "w") as log:  # the child keeps its own copy of the descriptor
+            procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    minutes = {}
+    for name, p in procs.items():
+        if p.wait() != 0:
+            raise SystemExit(f"{name} failed: see {root / name / 'stdout.log'}")
+        minutes[name] = (time.time() - start) / 60
+    return minutes
+
+
+def collect(names: list[str], root: Path, max_step: int | None = None) -> dict:
+    result = {}
+    for name in names:
+        rows = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+        evals = {r["step"]: {k: r.get(k) for k in KEYS} for r in rows
+                 if "eval/accuracy" in r and (max_step is None or r["step"] <= max_step)}
+        result[name] = {"evals": evals, "last_step": max(evals)}
+    return result
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def table(result: dict) -> str:
+    steps = sorted({s for r in result.values() for s in r["evals"]})
+    head = "| variant | " + " | ".join(f"step {s}" for s in steps) + " | description right (last) | image right given description (last) |\n"
+    head += "|---|" + "---|" * (len(steps) + 2) + "\n"
+    lines = []
+    for name, r in result.items():
+        cells = [f"{r['evals'][s]['eval/accuracy']:.3f}" if s in r["evals"] else "-" for s in steps]
+        last = r["evals"][r["last_step"]]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_fmt(last.get('eval/reasoning_ok'))} | "
+                     f"{_fmt(last.get('eval/accuracy_given_reasoning_ok'))} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("overrides", nargs="*", help="key=value overrides for every variant (e.g. steps=60)")
+    ap.add_argument("--only", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    ap.add_argument("--root", default="runs/compare")
+    ap.add_argument("--collect-only", action="store_true", help="only read finished runs under --root")
+    ap.add_argument("--max-step", type=int, help="ignore evaluations after this step (e.g. a longer run)")
+    args = ap.parse_args()
+    root = Path(args.root)
+    minutes = {} if args.collect_only else run_all(args.only, args.overrides, root)
+    result = collect(args.only, root, args.max_step)
+    for name, m in minutes.items():
+        result[name]["minutes_wall_parallel"] = m
+    md = table(result)
+    print(md)
+    out = Path("benchmarks/results/compare_policies.json")
+    out.write_text(json.dumps({"overrides": args.overrides, "runs": result}, indent=2))
+    out.with_suffix(".md").write_text(md)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
