@@ -11,6 +11,10 @@ def brightness(images, prompts, metadata):
     return images.mean(dim=(1, 2, 3))  # [B]
 
 
+def darkness(images, prompts, metadata):
+    return -images.mean(dim=(1, 2, 3))  # [B]
+
+
 def redness(images, prompts, metadata):
     return images[:, 0].mean(dim=(1, 2)) - images[:, 1:].mean(dim=(1, 2, 3))
 
