@@ -25,8 +25,13 @@ from unigrpo.recipes.evaluate import (
 DEMO_CONFIG = "configs/demo.yaml"  # relative to the repository root (scripts/demo.sh runs there)
 
 
-def plot_curves(metrics_path: Path, out_png: Path, start_accuracy: float | None = None) -> Path | None:
-    """Reward per step (rollout mean + moving average) and held-out accuracy per evaluation -> PNG."""
+def plot_curves(metrics_path: Path, out_png: Path, start_accuracy: float | None = None,
+                eval_prompts: int | None = None) -> Path | None:
+    """Reward per step (rollout mean + moving average) and held-out accuracy per evaluation -> PNG.
+
+    With ``eval_prompts`` (prompts per evaluation) the accuracy gets +-1 binomial standard error
+    bars, sqrt(p (1 - p) / n): the size of the differences that one evaluation cannot resolve.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,7 +56,10 @@ def plot_curves(metrics_path: Path, out_png: Path, start_accuracy: float | None 
     if start_accuracy is not None and not any(step == 0 for step, _ in points):
         points.insert(0, (0, start_accuracy))  # the SFT checkpoint, evaluated on the same prompts
     if points:
-        ax[1].plot([p[0] for p in points], [p[1] for p in points], "o-", label="held-out accuracy")
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        err = [(y * (1 - y) / eval_prompts) ** 0.5 for y in ys] if eval_prompts else None
+        label = "held-out accuracy" + (f" (+-1 s.e., {eval_prompts} prompts)" if eval_prompts else "")
+        ax[1].errorbar(xs, ys, yerr=err, fmt="o-", capsize=3, label=label)
         ax[1].set_xlabel("step")
         ax[1].set_ylabel("strict accuracy")
         ax[1].grid(alpha=0.3)
@@ -87,7 +95,7 @@ def run_demo(cfg: Config) -> dict:
     experts = format_decomposition({"SFT (before)": before, "UniGRPO (after)": after})
     print("\nheld-out strict accuracy, thinking on:\n" + table)
     print("text expert vs image expert:\n" + experts)
-    curve = plot_curves(out / "metrics.jsonl", out / "reward_curve.png", before["accuracy"])
+    curve = plot_curves(out / "metrics.jsonl", out / "reward_curve.png", before["accuracy"], len(tasks))
     report = out / "report.md"
     report.write_text(
         f"# unigrpo demo report\n\n{cfg.steps} UniGRPO steps from `{cfg.model.checkpoint}` in "
