@@ -82,12 +82,15 @@ def table(result: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every variant (e.g. steps=60)")
-    ap.add_argument("--only", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    ap.add_argument("--only", nargs="+", default=list(VARIANTS),
+                    help=f"variants to run ({', '.join(VARIANTS)}); with --collect-only, any run folders under --root")
     ap.add_argument("--root", default="runs/compare")
     ap.add_argument("--collect-only", action="store_true", help="only read finished runs under --root")
     ap.add_argument("--max-step", type=int, help="ignore evaluations after this step (e.g. a longer run)")
     args = ap.parse_args()
     root = Path(args.root)
+    if not args.collect_only and (unknown := set(args.only) - set(VARIANTS)):
+        ap.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     minutes = {} if args.collect_only else run_all(args.only, args.overrides, root)
     result = collect(args.only, root, args.max_step)
     for name, m in minutes.items():
