@@ -124,3 +124,13 @@ def test_thinking_off_needs_a_frozen_text_policy(tiny_checkpoint, tmp_path, caps
     # the image-only baseline without reasoning (prompt -> image) is a valid run
     assert main(["train", *tiny_overrides(tiny_checkpoint, tmp_path, "text.thinking=false", "algo.train_text=false",
                                           "steps=1", "eval_every=100")]) == 0
+
+
+def test_evaluation_and_reward_threads_do_not_change_training(run, tiny_checkpoint, tmp_path):
+    """Evaluation draws from its own generator and the reward thread only reorders work: a run with
+    no evaluation at all and inline rewards trains bitwise the same parameters as `run`."""
+    assert main(["train", *tiny_overrides(tiny_checkpoint, tmp_path, "eval_every=0", "eval.at_start=false",
+                                          "reward_workers=0")]) == 0
+    a, b = load_file(run / "final.safetensors"), load_file(tmp_path / "final.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any("eval/accuracy" in r for r in read_metrics(tmp_path) if r["step"] < 2)
