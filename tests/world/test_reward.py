@@ -239,6 +239,12 @@ def test_image_stats_and_group_diversity(split_tasks):
         and st["unknown_color_fraction"] == 0
     )
     assert image_stats(torch.zeros(2, 3, 32, 32))["background_fraction"] == 1.0
+    assert image_stats(torch.zeros(2, 3, 32, 32))["high_freq"] == 0.0
+    checker = ((torch.arange(32)[:, None] + torch.arange(32)[None, :]) % 2).float()  # [H, W]
+    textured = (imgs + 0.06 * checker).clamp(0, 1)  # dim enough to stay "background" for the detector
+    np.testing.assert_array_equal(score_images(textured, [t.spec for t in tasks]).correct,
+                                  score_images(imgs, [t.spec for t in tasks]).correct)
+    assert image_stats(textured)["high_freq"] > st["high_freq"] + 0.02
     same = imgs[:4].unsqueeze(1).expand(4, 6, 3, 32, 32)  # [P, G, 3, H, W], collapsed groups
     assert group_diversity(same) == 0.0
     varied = render_batch([tasks[0].target] * 24, seed=1).reshape(4, 6, 3, 32, 32)
