@@ -30,19 +30,12 @@ from __future__ import annotations
 
 import torch
 
+from unigrpo.algo.sde import compute_dtype
 from unigrpo.algo.text_loss import clipped_surrogate
 
 __all__ = ["REDUCTIONS", "flow_grpo_loss", "latent_kl", "ratio_norm_log_ratio", "velocity_mse"]
 
 REDUCTIONS = ("mean", "sum", "none")
-
-
-def _float(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 if any input is float64, else float32 (upcast bf16/fp16 for the loss math)."""
-    dtype = torch.float32
-    for x in tensors:
-        dtype = torch.promote_types(dtype, x.dtype)
-    return dtype
 
 
 def _reduce(per_elem: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -84,7 +77,7 @@ def flow_grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch
     ratio_mean / min / max (of the ratio used in the surrogate), logratio_mean (raw), and
     logratio_normed_mean with RatioNorm.
     """
-    dtype = _float(logp)  # upcast: log-ratios of ~1e-6 need float32 at least
+    dtype = compute_dtype(logp)  # upcast: log-ratios of ~1e-6 need float32 at least
     log_ratio = logp.to(dtype) - logp_old.detach().to(dtype)  # [B, W]
     used = log_ratio
     if ratio_norm:
@@ -119,7 +112,7 @@ def velocity_mse(v: torch.Tensor, v_ref: torch.Tensor, reduction: str = "mean") 
     over latent elements -> [B]. ``v_ref`` is detached inside: the reference is frozen and the
     gradient must pull the policy towards it, never the reverse.
     """
-    dtype = _float(v, v_ref)  # upcast: tiny squared differences underflow in bf16
+    dtype = compute_dtype(v, v_ref)  # upcast: tiny squared differences underflow in bf16
     return _reduce((v.to(dtype) - v_ref.detach().to(dtype)) ** 2, reduction)
 
 
@@ -132,7 +125,7 @@ def latent_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor,
     average over elements = the per-element KL; ``"sum"``: the true KL of the joint Gaussian,
     averaged over samples; ``"none"``: [B]). ``mean_ref`` and ``std`` are detached inside.
     """
-    dtype = _float(mean, mean_ref, std)  # upcast: as for velocity_mse
+    dtype = compute_dtype(mean, mean_ref, std)  # upcast: as for velocity_mse
     std = std.detach().to(dtype)
     std = std.reshape(*std.shape, *([1] * (mean.ndim - std.ndim)))  # [B, 1, ..., 1]
     per_elem = (mean.to(dtype) - mean_ref.detach().to(dtype)) ** 2 / (2 * std**2)

@@ -74,7 +74,7 @@ class SDEStepResult:
     std: torch.Tensor  # [B] std of the step Gaussian (same for every element of a sample)
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32 (upcast bf16/fp16: log-probs need precision)."""
     dtype = torch.float32
     for x in tensors:
@@ -144,7 +144,7 @@ def sde_step(x_t: torch.Tensor, v: torch.Tensor, t, t_next, noise_level: float,
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if noise_level < 0:
         raise ValueError(f"noise_level must be >= 0, got {noise_level}")
-    dtype = _compute_dtype(x_t, v)
+    dtype = compute_dtype(x_t, v)
     x, vel = x_t.to(dtype), v.to(dtype)  # upcast: SDE math and log-probs in float32+
     t_, t_next_ = _as_time(t, x), _as_time(t_next, x)
     batch = x.shape[0]
