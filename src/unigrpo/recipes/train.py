@@ -44,7 +44,8 @@ from unigrpo.rewards import RewardSet
 from unigrpo.sampling import guided_velocity
 from unigrpo.utils import checkpoint as ckpt
 from unigrpo.utils import dist
-from unigrpo.utils.logging import RunLogger, StatsMean, save_labeled_grid
+from unigrpo.utils.images import save_grid
+from unigrpo.utils.logging import RunLogger, StatsMean
 from unigrpo.world import group_diversity, image_stats, make_tasks
 
 
@@ -243,8 +244,8 @@ def evaluate(model, cfg: Config, step: int, out: Path) -> dict:
     tasks = eval_tasks(cfg)
     res, gen = evaluate_model(model, tasks, cfg, "think" if cfg.eval.thinking else "no_think")
     n = min(cfg.eval.grid_prompts, len(tasks))
-    save_labeled_grid(gen.images[:n], out / "grids" / f"eval_step{step:06d}.png", nrow=min(n, 8),
-                      labels=[str(i) for i in range(n)])
+    save_grid(gen.images[:n], out / "grids" / f"eval_step{step:06d}.png", nrow=min(n, 8), scale=4,
+              labels=[str(i) for i in range(n)])
     (out / "grids" / f"eval_step{step:06d}.md").write_text("".join(
         f"{i}. `{tasks[i].prompt}` -> `{gen.reasoning[i]}`\n" for i in range(n)))
     keys = ("accuracy", "score", "accuracy_direct", "accuracy_reasoning", "score_direct",
@@ -402,8 +403,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
             last_eval = evaluate(model, cfg, step + 1, out)
             log.log(step + 1, last_eval)
             g = min(4, n // G)
-            save_labeled_grid(roll.images[:g * G], out / "grids" / f"rollout_step{step + 1:06d}.png", nrow=G,
-                              labels=[f"p{p0 + i // G} {float(reward_local[i]):.2f}" for i in range(g * G)])
+            save_grid(roll.images[:g * G], out / "grids" / f"rollout_step{step + 1:06d}.png", nrow=G, scale=4,
+                      labels=[f"p{p0 + i // G} {float(reward_local[i]):.2f}" for i in range(g * G)])
         log.progress(metrics["reward/mean"], {"acc": last_eval.get("eval/accuracy", float("nan"))})
         if d.is_main and _due(cfg.save_every, step + 1, cfg.steps):
             # -------------------------------------------------------------- 7. checkpoint

@@ -1,4 +1,4 @@
-"""Run logging (rank 0 only): metrics.jsonl, TensorBoard, a progress bar, image grids.
+"""Run logging (rank 0 only): metrics.jsonl, TensorBoard, a progress bar.
 
 Every key written here must be defined in docs/metrics.md (a test parses the doc).
 TensorBoard is an optional extra: without it the run logs a warning and keeps metrics.jsonl.
@@ -11,12 +11,9 @@ import math
 import warnings
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-__all__ = ["RunLogger", "StatsMean", "save_labeled_grid"]
+__all__ = ["RunLogger", "StatsMean"]
 
 
 class StatsMean:
@@ -94,25 +91,3 @@ class RunLogger:
             if h is not None:
                 h.close()
 
-
-def save_labeled_grid(images: torch.Tensor, path: str | Path, nrow: int, labels: list[str] | None = None,
-                      scale: int = 4, pad: int = 2) -> Path:
-    """Images [N, 3, H, W] in [0, 1] as one PNG, ``nrow`` per row, nearest upscaling by ``scale``;
-    ``labels[i]`` (e.g. the prompt index) is drawn in the corner of image i."""
-    imgs = images.detach().float().clamp(0, 1).cpu()
-    n, _, h, w = imgs.shape
-    h, w = h * scale, w * scale
-    rows = (n + nrow - 1) // nrow
-    canvas = Image.new("RGB", (nrow * (w + pad) + pad, rows * (h + pad) + pad), (96, 96, 96))
-    arr = (imgs.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    draw = ImageDraw.Draw(canvas)
-    for i in range(n):
-        r, c = divmod(i, nrow)
-        x, y = pad + c * (w + pad), pad + r * (h + pad)
-        canvas.paste(Image.fromarray(arr[i]).resize((w, h), Image.NEAREST), (x, y))
-        if labels is not None:
-            draw.text((x + 2, y + 1), labels[i], fill=(255, 0, 255))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
