@@ -124,31 +124,26 @@ def all_gather_cat(x: torch.Tensor, d: Dist) -> torch.Tensor:
     return torch.cat(out)
 
 
+def _all_reduce_scalar(value, op, dtype: torch.dtype, device: torch.device | str):
+    """One number reduced over ranks with ``op`` (every rank gets the result)."""
+    t = torch.tensor([value], dtype=dtype, device=device)
+    dist.all_reduce(t, op=op)
+    return t.item()
+
+
 def all_reduce_max(value: int, d: Dist, device: torch.device | str = "cpu") -> int:
     """The maximum of an int over ranks (e.g. the padded token width, so shapes agree)."""
-    if not d.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.long, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return int(_all_reduce_scalar(value, dist.ReduceOp.MAX, torch.long, device)) if d.enabled else value
 
 
 def all_reduce_sum(value: float, d: Dist, device: torch.device | str = "cpu") -> float:
     """The sum of a number over ranks (e.g. active tokens of a minibatch, for token_mean)."""
-    if not d.enabled:
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t.item())
+    return float(_all_reduce_scalar(float(value), dist.ReduceOp.SUM, torch.float64, device)) if d.enabled else value
 
 
 def any_flag(flag: bool, d: Dist, device: torch.device | str = "cpu") -> bool:
     """True on every rank if ``flag`` is True on any rank (ranks must take the same decision)."""
-    if not d.enabled:
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return _all_reduce_scalar(float(flag), dist.ReduceOp.MAX, torch.float32, device) > 0 if d.enabled else flag
 
 
 def reduce_metrics(metrics: dict[str, float], d: Dist, device: torch.device | str = "cpu") -> dict:
