@@ -154,7 +154,7 @@ def evaluate_images(images, tasks, responses: list[str] | None = None) -> dict:
     """
     meta = [t if isinstance(t, dict) else t.to_metadata() for t in tasks]
     specs = [m["spec"] for m in meta]
-    images = to_numpy_images(images)  # uint8 [B, H, W, 3]
+    images = to_numpy_images(images)  # float32 [B, H, W, 3] in [0, 1]
     res = score_images(images, specs)
     out = {**res.summary(), "n": len(meta), "categories": {}}
     cats = np.array([m["category"] for m in meta])
@@ -170,9 +170,7 @@ def evaluate_images(images, tasks, responses: list[str] | None = None) -> dict:
             d[f"reasoning_ok{suffix}"] = mean(desc_ok, sel)
             d[f"accuracy_given_reasoning_ok{suffix}"] = mean(res.correct, sel & desc_ok)
 
-    all_ = np.ones(len(meta), dtype=bool)
-    if desc_ok is not None:
-        add(out, "", all_)
+    add(out, "", np.ones(len(meta), dtype=bool))  # accuracy / score equal summary()'s
     add(out, "_direct", ~needs)
     add(out, "_reasoning", needs)
     for c in dict.fromkeys(cats.tolist()):
