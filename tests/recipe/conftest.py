@@ -26,16 +26,6 @@ LEARN = ["optim.lr_text=1e-3", "optim.lr_image=1e-3", "algo.image_eps=1e-2", "al
 RUN = SIZES + LEARN
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 shared cores, 2 OpenMP threads contending with another process
-    made a 2-step run ~70x slower (measured 175 s vs 2.5 s). Restored after each test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> str:
     """A random tiny model whose every weight is non-zero (the UNet's zero-init output layer would
