@@ -9,7 +9,7 @@ reads each run's held-out evaluations from metrics.jsonl and writes a table (JSO
     python benchmarks/compare_policies.py --only textgrpo imageonly   # unigrpo row from another run:
     ln -s ../long runs/compare/unigrpo && python benchmarks/compare_policies.py --collect-only --max-step 150
 
-Variants (all else = configs/demo.yaml: no CFG, velocity MSE, same lr, window, seed):
+Variants (150 steps unless overridden; all else = configs/demo.yaml: no CFG, velocity MSE, same lr, window, seed):
   unigrpo    text + image policy (the method)
   textgrpo   text policy only (image expert frozen; SPEC.md section 7 TextGRPO)
   imageonly  image policy only (text expert frozen; FlowGRPO objective under UniGRPO's settings)
@@ -31,7 +31,7 @@ VARIANTS = {
     "imageonly": ["algo.train_text=false"],
 }
 KEYS = ("eval/accuracy", "eval/accuracy_direct", "eval/accuracy_reasoning", "eval/reasoning_ok",
-        "eval/accuracy_given_reasoning_ok", "eval/saturation", "eval/background_fraction")
+        "eval/accuracy_given_reasoning_ok", "eval/saturation", "eval/background_fraction", "eval/high_freq")
 
 
 def run_all(names: list[str], overrides: list[str], root: Path) -> dict[str, float]:
@@ -39,7 +39,7 @@ def run_all(names: list[str], overrides: list[str], root: Path) -> dict[str, flo
     for name in names:
         out = root / name
         cmd = [sys.executable, "-m", "unigrpo.cli", "train", "configs/demo.yaml", f"output_dir={out}",
-               "threads=1", "eval.at_start=true", "save_every=0", *VARIANTS[name], *overrides]
+               "threads=1", "eval.at_start=true", "save_every=0", "steps=150", *VARIANTS[name], *overrides]
         out.mkdir(parents=True, exist_ok=True)
         print("$", " ".join(cmd[2:]))
         with open(out / "stdout.log", "w") as log:  # the child keeps its own copy of the descriptor
@@ -62,20 +62,20 @@ def collect(names: list[str], root: Path, max_step: int | None = None) -> dict:
     return result
 
 
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.3f}"
+def _fmt(v, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
 
 
 def table(result: dict) -> str:
     steps = sorted({s for r in result.values() for s in r["evals"]})
-    head = "| variant | " + " | ".join(f"step {s}" for s in steps) + " | description right (last) | image right given description (last) |\n"
-    head += "|---|" + "---|" * (len(steps) + 2) + "\n"
+    head = "| variant | " + " | ".join(f"step {s}" for s in steps) + " | description right (last) | image right given description (last) | high_freq (last) |\n"
+    head += "|---|" + "---|" * (len(steps) + 3) + "\n"
     lines = []
     for name, r in result.items():
         cells = [f"{r['evals'][s]['eval/accuracy']:.3f}" if s in r["evals"] else "-" for s in steps]
         last = r["evals"][r["last_step"]]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {_fmt(last.get('eval/reasoning_ok'))} | "
-                     f"{_fmt(last.get('eval/accuracy_given_reasoning_ok'))} |")
+                     f"{_fmt(last.get('eval/accuracy_given_reasoning_ok'))} | {_fmt(last.get('eval/high_freq'), 4)} |")
     return head + "\n".join(lines) + "\n"
 
 
