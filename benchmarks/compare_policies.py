@@ -34,20 +34,35 @@ KEYS = ("eval/accuracy", "eval/accuracy_direct", "eval/accuracy_reasoning", "eva
         "eval/accuracy_given_reasoning_ok", "eval/saturation", "eval/background_fraction", "eval/high_freq")
 
 
+def launch(out: Path, overrides: list[str]) -> subprocess.Popen:
+    """Start `unigrpo train configs/demo.yaml` into ``out`` (1 thread, evaluation at step 0, no
+    checkpoints, then ``overrides``); its output goes to ``out/stdout.log``."""
+    cmd = [sys.executable, "-m", "unigrpo.cli", "train", "configs/demo.yaml", f"output_dir={out}",
+           "threads=1", "eval.at_start=true", "save_every=0", *overrides]
+    out.mkdir(parents=True, exist_ok=True)
+    print("$", " ".join(cmd[2:]), flush=True)
+    with open(out / "stdout.log", "w") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
+def finish(p: subprocess.Popen, out: Path) -> None:
+    """Wait for a run started by :func:`launch`; stop the benchmark if it failed."""
+    if p.wait() != 0:
+        raise SystemExit(f"{out} failed: see {out / 'stdout.log'}")
+
+
+def eval_rows(run_dir: Path, max_step: int | None = None) -> dict[int, dict]:
+    """The evaluation rows of a run's metrics.jsonl, by step (up to ``max_step``)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "eval/accuracy" in r and (max_step is None or r["step"] <= max_step)}
+
+
 def run_all(names: list[str], overrides: list[str], root: Path) -> dict[str, float]:
-    procs, start = {}, time.time()
-    for name in names:
-        out = root / name
-        cmd = [sys.executable, "-m", "unigrpo.cli", "train", "configs/demo.yaml", f"output_dir={out}",
-               "threads=1", "eval.at_start=true", "save_every=0", "steps=150", *VARIANTS[name], *overrides]
-        out.mkdir(parents=True, exist_ok=True)
-        print("$", " ".join(cmd[2:]))
-        with open(out / "stdout.log", "w") as log:  # the child keeps its own copy of the descriptor
-            procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    start = time.time()
+    procs = {name: launch(root / name, ["steps=150", *VARIANTS[name], *overrides]) for name in names}
     minutes = {}
     for name, p in procs.items():
-        if p.wait() != 0:
-            raise SystemExit(f"{name} failed: see {root / name / 'stdout.log'}")
+        finish(p, root / name)
         minutes[name] = (time.time() - start) / 60
     return minutes
 
@@ -55,9 +70,7 @@ def run_all(names: list[str], overrides: list[str], root: Path) -> dict[str, flo
 def collect(names: list[str], root: Path, max_step: int | None = None) -> dict:
     result = {}
     for name in names:
-        rows = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
-        evals = {r["step"]: {k: r.get(k) for k in KEYS} for r in rows
-                 if "eval/accuracy" in r and (max_step is None or r["step"] <= max_step)}
+        evals = {s: {k: r.get(k) for k in KEYS} for s, r in eval_rows(root / name, max_step).items()}
         result[name] = {"evals": evals, "last_step": max(evals)}
     return result
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from compare_policies import eval_rows, finish, launch  # same folder: the demo-config run helpers
 
 KEYS = ("eval/accuracy", "eval/reasoning_ok", "eval/accuracy_given_reasoning_ok", "eval/high_freq")
 DEFAULT_OVERRIDES = ["steps=100", "eval_every=25"]
@@ -30,19 +30,14 @@ DEFAULT_OVERRIDES = ["steps=100", "eval_every=25"]
 
 def run(seeds: list[int], overrides: list[str], root: Path, parallel: int) -> float:
     """Launch the runs, at most ``parallel`` at once; returns wall minutes."""
-    start, running = time.time(), []
+    start, started = time.time(), []
     for seed in seeds:
-        while len([p for p in running if p.poll() is None]) >= parallel:
+        while sum(p.poll() is None for p, _ in started) >= parallel:
             time.sleep(5)
         out = root / f"seed{seed}"
-        out.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "unigrpo.cli", "train", "configs/demo.yaml", f"output_dir={out}",
-               f"seed={seed}", "threads=1", "eval.at_start=true", "save_every=0", *overrides]
-        print("$", " ".join(cmd[2:]), flush=True)
-        with open(out / "stdout.log", "w") as log:  # the child keeps its own copy of the descriptor
-            running.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
-    for p in running:
-        p.wait()
+        started.append((launch(out, [f"seed={seed}", *overrides]), out))
+    for p, out in started:
+        finish(p, out)
     return (time.time() - start) / 60
 
 
@@ -50,11 +45,10 @@ def collect(seeds: list[int], root: Path) -> dict:
     """{step: {key: [value per seed]}} over the evaluations every run has."""
     per_seed = {}
     for seed in seeds:
-        path = root / f"seed{seed}" / "metrics.jsonl"
-        if not path.exists():
-            raise SystemExit(f"missing {path}: run without --collect-only first")
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        per_seed[seed] = {r["step"]: r for r in rows if "eval/accuracy" in r}
+        run_dir = root / f"seed{seed}"
+        if not (run_dir / "metrics.jsonl").exists():
+            raise SystemExit(f"missing {run_dir / 'metrics.jsonl'}: run without --collect-only first")
+        per_seed[seed] = eval_rows(run_dir)
     steps = sorted(set.intersection(*(set(e) for e in per_seed.values())))
     return {s: {k: [per_seed[seed][s].get(k) for seed in seeds] for k in KEYS} for s in steps}
 

@@ -2,12 +2,14 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_seeds.py"
-_spec = importlib.util.spec_from_file_location("demo_seeds", _PATH)
+_BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(_BENCH))  # demo_seeds imports its run helpers from compare_policies beside it
+_spec = importlib.util.spec_from_file_location("demo_seeds", _BENCH / "demo_seeds.py")
 demo_seeds = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(demo_seeds)
 
