@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from unigrpo.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +26,20 @@ def test_validate_error_is_one_line_naming_the_key(capsys):
 def test_validate_without_file_uses_defaults(capsys):
     assert main(["validate", "algo.group_size=4", "--print"]) == 0
     assert "group_size: 4" in capsys.readouterr().out
+
+
+def test_overrides_after_options_are_accepted(capsys):
+    # argparse alone rejects `key=value` after an option (`sample "p" --n 8 threads=1` failed).
+    assert main(["validate", str(ROOT / "configs" / "unigrpo.yaml"), "--print", "algo.group_size=4",
+                 "seed=3"]) == 0
+    out = capsys.readouterr().out
+    assert "group_size: 4" in out and "seed: 3" in out
+
+
+def test_unknown_option_is_still_an_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["validate", str(ROOT / "configs" / "unigrpo.yaml"), "--nope"])
+    assert e.value.code == 2 and "--nope" in capsys.readouterr().err
 
 
 def test_console_script_help():
