@@ -29,7 +29,7 @@ def test_collect_keeps_common_steps_and_table_gains(tmp_path):
     assert list(evals) == [0, 10]
     assert evals[10]["eval/accuracy"] == [0.60, 0.80]
     assert evals[10]["eval/high_freq"] == [None, None]  # absent key: shown as "-"
-    row = [line for line in demo_seeds.table([0, 1], evals).splitlines() if line.startswith("| 10 |")][0]
+    row = next(line for line in demo_seeds.table([0, 1], evals).splitlines() if line.startswith("| 10 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[3] == "0.700 +- 0.141"  # mean and sample sd of 0.6, 0.8
     assert cells[4] == "+20.0 (+10.0..+30.0)"  # gains over step 0, in points

@@ -263,6 +263,68 @@ def _due(every: int, step: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
 
+@dataclass
+class StepBatch:
+    """One step's rollout on this rank, scored, with its group-relative advantages."""
+
+    roll: R.Rollout  # [N_local] trajectories, prompt-major
+    adv: torch.Tensor  # [N_local] one advantage per trajectory (all its tokens and window steps)
+    order0: torch.Tensor  # [N_local] PPO epoch 0's order; its micro-batch blocks were the rollout chunks
+    reward: torch.Tensor  # [P, G] rewards of every rank (group statistics need whole groups)
+    gathered: torch.Tensor  # [P * G, 1 + terms] reward and each reward term, every rank
+    reward_local: torch.Tensor  # [N_local]
+    n_prompts: int  # prompts on this rank
+    rollout_s: float  # sampling time (reasoning + images)
+    reward_wait_s: float  # time waiting for rewards after sampling finished
+    reward_s: float  # reward compute time (also when it ran in a thread)
+
+
+def rollout_step(model, cfg: Config, step: int, rewards: RewardSet, d: dist.Dist, z: Sizes) -> StepBatch:
+    """Steps 1-3 of the loop: sample ``step``'s trajectories, score them, compute advantages."""
+    a, s, device = cfg.algo, cfg.sampler, next(model.parameters()).device
+    P, G = a.prompts_per_step, a.group_size
+    p0 = dist.shard(P, d).start  # index (within the step) of this rank's first prompt
+    n, t0_traj = z.trajectories_local, p0 * G
+    # -------------------------------------------------------------- 1. rollout
+    t_start = time.perf_counter()
+    tasks = step_tasks(cfg, step)[dist.shard(P, d)]
+    prompts = [t.prompt for t in tasks for _ in range(G)]  # [N_local], prompt-major
+    meta = [t.to_metadata() for t in tasks for _ in range(G)]
+    tokens = R.sample_reasoning(model, [t.prompt for t in tasks], G, seeds(cfg, step, p0, len(tasks), R.REASONING),
+                                thinking=cfg.text.thinking, max_new_tokens=cfg.text.max_reasoning_tokens,
+                                temperature=cfg.text.temperature, top_p=cfg.text.top_p)
+    width = dist.all_reduce_max(tokens.ids.shape[1], d, device)  # one width on every rank
+    tokens = R.pad_tokens(tokens, width, model.pad_id)
+    starts = R.window_starts(seeds(cfg, step, p0, len(tasks), R.WINDOW),
+                             seeds(cfg, step, t0_traj, n, R.TRAJ_WINDOW), G, s.num_steps, s.window_size,
+                             s.window_range, a.share_window_in_group)  # [N_local]
+    noise = seeds(cfg, step, t0_traj, n, R.NOISE)
+    order0 = ppo_order(cfg, step, 0, p0, len(tasks), z.minibatch_local)  # chunks == epoch 0's micro-batches
+    parts, futures = [], []
+    for idx in order0.split(z.micro_local):
+        i = idx.tolist()
+        parts.append(sample_chunk(model, tokens.index(idx.to(device)), [noise[k] for k in i], starts[idx], cfg))
+        # this chunk's rewards run (in a thread if reward_workers > 0) while the next chunk samples
+        futures.append(rewards.submit(parts[-1].images, [prompts[k] for k in i], [meta[k] for k in i]))
+    unsort = torch.argsort(order0)
+    roll = R.Rollout.cat(parts, model.pad_id).index(unsort)  # back to [P_local * G] prompt-major
+    t_rollout = time.perf_counter()
+
+    # -------------------------------------------------------------- 2. reward
+    results = [f.result() for f in futures]
+    reward_local = torch.cat([r[0] for r in results])[unsort]  # [N_local]
+    terms_local = torch.stack([torch.cat([r[1][name] for r in results])[unsort] for name in rewards.names], 1)
+    t_reward = time.perf_counter()
+
+    # -------------------------------------------------------------- 3. advantages
+    gathered = dist.all_gather_cat(torch.cat([reward_local[:, None], terms_local], 1).to(device), d).cpu()
+    reward = gathered[:, 0].reshape(P, G)  # [P, G] every group complete, on every rank
+    adv = group_advantages(reward, a.adv_scale, a.adv_eps, a.adv_clip)  # [P, G]
+    adv = adv.flatten()[t0_traj:t0_traj + n].to(device)  # same A for all tokens and steps of a trajectory
+    return StepBatch(roll, adv, order0, reward, gathered, reward_local, len(tasks), t_rollout - t_start,
+                     t_reward - t_rollout, sum(r[2] for r in results))
+
+
 def train(cfg: Config, resume: bool = False) -> dict:
     """Run UniGRPO for ``cfg.steps`` steps (continuing OUTPUT_DIR/checkpoint.pt when ``resume``).
 
@@ -271,7 +333,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     d, device = dist.init(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    a, s, out = cfg.algo, cfg.sampler, Path(cfg.output_dir)
+    a, out = cfg.algo, Path(cfg.output_dir)
     z = derived_sizes(cfg, d.world)
     torch.manual_seed(cfg.seed)  # makes a random init (model.checkpoint: null) reproducible
     model = dist.wrap_model(load_model(cfg).to(device), d)  # eval mode: no dropout, ever
@@ -299,56 +361,25 @@ def train(cfg: Config, resume: bool = False) -> dict:
     log = RunLogger(out, d.is_main, cfg.steps, start_step, append=resume)
     if d.is_main:
         print(describe(cfg, z), flush=True)
-    P, G = a.prompts_per_step, a.group_size
-    p0 = dist.shard(P, d).start  # index (within the step) of this rank's first prompt
-    n, t0_traj = z.trajectories_local, p0 * G
+    G = a.group_size
+    p0 = dist.shard(a.prompts_per_step, d).start  # index (within the step) of this rank's first prompt
+    n = z.trajectories_local
     metrics, last_eval = {}, {}
     if cfg.eval.at_start and start_step == 0 and d.is_main:
         last_eval = evaluate(model, cfg, 0, out)
         log.log(0, last_eval)
 
     for step in range(start_step, cfg.steps):
-        # -------------------------------------------------------------- 1. rollout
+        # -------------------------------------------------------------- 1-3. rollout, reward, advantages
         t_start = time.perf_counter()
-        tasks = step_tasks(cfg, step)[dist.shard(P, d)]
-        prompts = [t.prompt for t in tasks for _ in range(G)]  # [N_local], prompt-major
-        meta = [t.to_metadata() for t in tasks for _ in range(G)]
-        tokens = R.sample_reasoning(model, [t.prompt for t in tasks], G, seeds(cfg, step, p0, len(tasks), R.REASONING),
-                                    thinking=cfg.text.thinking, max_new_tokens=cfg.text.max_reasoning_tokens,
-                                    temperature=cfg.text.temperature, top_p=cfg.text.top_p)
-        width = dist.all_reduce_max(tokens.ids.shape[1], d, device)  # one width on every rank
-        tokens = R.pad_tokens(tokens, width, model.pad_id)
-        starts = R.window_starts(seeds(cfg, step, p0, len(tasks), R.WINDOW),
-                                 seeds(cfg, step, t0_traj, n, R.TRAJ_WINDOW), G, s.num_steps, s.window_size,
-                                 s.window_range, a.share_window_in_group)  # [N_local]
-        noise = seeds(cfg, step, t0_traj, n, R.NOISE)
-        order0 = ppo_order(cfg, step, 0, p0, len(tasks), z.minibatch_local)  # chunks == epoch 0's micro-batches
-        parts, futures = [], []
-        for idx in order0.split(z.micro_local):
-            i = idx.tolist()
-            parts.append(sample_chunk(model, tokens.index(idx.to(device)), [noise[k] for k in i], starts[idx], cfg))
-            # this chunk's rewards run (in a thread if reward_workers > 0) while the next chunk samples
-            futures.append(rewards.submit(parts[-1].images, [prompts[k] for k in i], [meta[k] for k in i]))
-        unsort = torch.argsort(order0)
-        roll = R.Rollout.cat(parts, model.pad_id).index(unsort)  # back to [P_local * G] prompt-major
-        t_rollout = time.perf_counter()
-
-        # -------------------------------------------------------------- 2. reward
-        results = [f.result() for f in futures]
-        reward_local = torch.cat([r[0] for r in results])[unsort]  # [N_local]
-        terms_local = torch.stack([torch.cat([r[1][name] for r in results])[unsort] for name in rewards.names], 1)
-        t_reward = time.perf_counter()
-
-        # -------------------------------------------------------------- 3. advantages
-        gathered = dist.all_gather_cat(torch.cat([reward_local[:, None], terms_local], 1).to(device), d).cpu()
-        reward = gathered[:, 0].reshape(P, G)  # [P, G] every group complete, on every rank
-        adv = group_advantages(reward, a.adv_scale, a.adv_eps, a.adv_clip)  # [P, G]
-        adv = adv.flatten()[t0_traj:t0_traj + n].to(device)  # same A for all tokens and steps of a trajectory
+        b = rollout_step(model, cfg, step, rewards, d, z)
+        roll, adv, order0, reward, gathered = b.roll, b.adv, b.order0, b.reward, b.gathered
+        t_rollout, t_reward = t_start + b.rollout_s, t_start + b.rollout_s + b.reward_wait_s
 
         # -------------------------------------------------------------- 4. PPO epochs
         stats, first, updates, skipped = StatsMean(), StatsMean(), 0, 0
         for epoch in range(a.ppo_epochs):
-            order = order0 if epoch == 0 else ppo_order(cfg, step, epoch, p0, len(tasks), z.minibatch_local)
+            order = order0 if epoch == 0 else ppo_order(cfg, step, epoch, p0, b.n_prompts, z.minibatch_local)
             for mb_i, mb_idx in enumerate(order.split(z.minibatch_local)):
                 micro = mb_idx.split(z.micro_local)
                 tok_total = dist.all_reduce_sum(float(roll.tokens.response_mask[mb_idx].sum()), d, device)
@@ -387,7 +418,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             "reward/group_std": float(reward.std(dim=1, correction=0).mean()),
             "reward/zero_variance_frac": zero_variance_fraction(reward),
             **{f"reward/{name}": float(gathered[:, 1 + i].mean()) for i, name in enumerate(rewards.names)},
-            "perf/rollout_s": t_rollout - t_start, "perf/reward_s": sum(r[2] for r in results),
+            "perf/rollout_s": t_rollout - t_start, "perf/reward_s": b.reward_s,
             "perf/reward_wait_s": t_reward - t_rollout, "perf/train_s": t_train - t_reward,
             "perf/step_s": t_train - t_start,
             "perf/rollout_traj_per_s": z.trajectories / (t_rollout - t_start),
@@ -404,11 +435,11 @@ def train(cfg: Config, resume: bool = False) -> dict:
             log.log(step + 1, last_eval)
             g = min(4, n // G)
             save_grid(roll.images[:g * G], out / "grids" / f"rollout_step{step + 1:06d}.png", nrow=G, scale=4,
-                      labels=[f"p{p0 + i // G} {float(reward_local[i]):.2f}" for i in range(g * G)])
+                      labels=[f"p{p0 + i // G} {float(b.reward_local[i]):.2f}" for i in range(g * G)])
         log.progress(metrics["reward/mean"], {"acc": last_eval.get("eval/accuracy", float("nan"))})
         if d.is_main and _due(cfg.save_every, step + 1, cfg.steps):
             # -------------------------------------------------------------- 7. checkpoint
-            ckpt.save_checkpoint(out, model=model, optimizer=opt, step=step + 1, data_position=(step + 1) * P,
+            ckpt.save_checkpoint(out, model=model, optimizer=opt, step=step + 1, data_position=(step + 1) * a.prompts_per_step,
                                  config=to_dict(cfg), extra={"skipped_total": skipped_total})
             if hasattr(model, "save"):  # plain weights for `unigrpo eval/sample --checkpoint`
                 model.save(out / "final.safetensors", extra={"rl_step": step + 1})
