@@ -104,8 +104,9 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     stem = OUT / f"gradient_snr{'_' + args.name if args.name else ''}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = [f"# Gradient signal-to-noise ({z.trajectories} trajectories per batch, {args.batches} batches, "
-             f"overrides: {' '.join(args.overrides) or '-'})", "",
+    title = (f"# Gradient signal-to-noise ({z.trajectories} trajectories per batch, {args.batches} batches, "
+             f"overrides: {' '.join(args.overrides) or '-'})")
+    lines = [title, "",
              "| expert | trajectories per gradient | pairs | mean cosine | rho^2 | B_half = 1/rho^2 |",
              "|---|---|---|---|---|---|"]
     for name in ("text", "image"):
