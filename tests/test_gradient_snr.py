@@ -2,7 +2,6 @@
 and one real (tiny) run through the training loop's rollout."""
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import torch
