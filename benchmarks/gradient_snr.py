@@ -8,13 +8,13 @@ independent steps of ``prompts_per_step x group_size`` trajectories (the trainin
 the policy-gradient of the UniGRPO objective at the behaviour policy (ratio 1, no regulariser),
 separately for the text expert (GRPO on tokens) and the image expert (FlowGRPO on window steps).
 
-If a batch gradient is ``g_B = mu + noise / sqrt(B)`` (B trajectories, per-trajectory signal
-``mu``, noise covariance trace ``sigma^2``), two independent batches have an expected cosine of
-about ``B rho^2 / (1 + B rho^2)`` with ``rho^2 = |mu|^2 / sigma^2``. The script measures the mean
-pairwise cosine of single batches and of disjoint sums of 2 and 4 batches (B, 2B, 4B), checks
-that the three agree with one ``rho^2``, and reports ``B_half = 1 / rho^2``: the trajectories per
-update at which signal and noise have equal energy. Far below it, Adam's update direction is
-mostly noise.
+If a batch gradient is ``g = mu + noise`` (B trajectories; per-trajectory signal ``mu``, noise of
+total variance ``sigma^2 / B``), independent batches give ``E<g_i, g_j> = |mu|^2`` and
+``E|g|^2 = |mu|^2 + sigma^2 / B``. The script reports the signal fraction
+``f = mean_{i != j} <g_i, g_j> / mean |g_i|^2`` (its standard error by jackknife over batches), the
+per-trajectory ``rho^2 = |mu|^2 / sigma^2 = f / ((1 - f) B)`` and ``B_half = 1 / rho^2``: the
+trajectories per update at which signal and noise have equal energy. Far below it, each update's
+direction is mostly noise (Adam's momentum averages over ~10 updates, no more).
 
 Writes benchmarks/results/gradient_snr[_NAME].{json,md}.
 """
@@ -22,7 +22,6 @@ Writes benchmarks/results/gradient_snr[_NAME].{json,md}.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import time
 from pathlib import Path
@@ -53,23 +52,28 @@ def batch_gradients(model, cfg, step: int, rewards, d, z) -> dict[str, torch.Ten
     return grads | {"reward": float(b.reward.mean()), "zero_var": float((b.reward.std(1) == 0).float().mean())}
 
 
-def mean_cosine(gs: list[torch.Tensor]) -> float:
-    cos = [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in itertools.combinations(gs, 2)]
-    return sum(cos) / len(cos)
+def signal_fraction(grads: list[torch.Tensor]) -> float:
+    """Unbiased ``|mu|^2 / E|g|^2``: mean dot product of distinct batches over their mean squared norm."""
+    g = torch.stack(grads)  # [K, D]
+    gram = g @ g.t()  # [K, K]
+    k = len(grads)
+    cross = (gram.sum() - gram.diagonal().sum()) / (k * (k - 1))  # E<g_i, g_j> = |mu|^2 (independent)
+    return float(cross / gram.diagonal().mean())
 
 
-def snr_table(grads: list[torch.Tensor], traj_per_batch: int) -> list[dict]:
-    """Mean pairwise cosine of disjoint sums of m batches, and the rho^2 each implies."""
-    rows = []
-    for m in (1, 2, 4):
-        if len(grads) // m < 2:
-            continue
-        sums = [sum(grads[i * m:(i + 1) * m]) for i in range(len(grads) // m)]
-        c, bsz = mean_cosine(sums), m * traj_per_batch
-        rho2 = c / ((1 - c) * bsz) if 0 < c < 1 else float("nan")
-        rows.append({"trajectories": bsz, "pairs": len(sums) * (len(sums) - 1) // 2, "cosine": c, "rho2": rho2,
-                     "b_half": 1 / rho2 if rho2 > 0 else float("nan")})
-    return rows
+def snr(grads: list[torch.Tensor], traj_per_batch: int) -> dict:
+    """Signal fraction f of one batch gradient (jackknife standard error over batches) and the
+    per-trajectory ``rho^2 = f / ((1 - f) B)``; ``B_half = 1 / rho^2`` (nan where f <= 0)."""
+    k, f = len(grads), signal_fraction(grads)
+    loo = torch.tensor([signal_fraction(grads[:i] + grads[i + 1:]) for i in range(k)], dtype=torch.float64)
+    se = float(((k - 1) / k * ((loo - loo.mean()) ** 2).sum()).sqrt())
+
+    def b_half(x: float) -> float:
+        return traj_per_batch * (1 - x) / x if 0 < x < 1 else float("nan")
+
+    return {"trajectories": traj_per_batch, "batches": k, "signal_frac": f, "signal_frac_se": se,
+            "rho2": f / ((1 - f) * traj_per_batch) if 0 < f < 1 else float("nan"),
+            "b_half": b_half(f), "b_half_range_2se": [b_half(f + 2 * se), b_half(f - 2 * se)]}
 
 
 def main() -> None:
@@ -99,20 +103,20 @@ def main() -> None:
     }
     for name in ("text", "image"):
         gs = [p[name] for p in per]
-        result[name] = {"rows": snr_table(gs, z.trajectories),
-                        "grad_norm_per_batch": sum(float(g.norm()) for g in gs) / len(gs)}
+        result[name] = snr(gs, z.trajectories) | {"grad_norm_per_batch": sum(float(g.norm()) for g in gs) / len(gs)}
     OUT.mkdir(exist_ok=True)
     stem = OUT / f"gradient_snr{'_' + args.name if args.name else ''}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     title = (f"# Gradient signal-to-noise ({z.trajectories} trajectories per batch, {args.batches} batches, "
              f"overrides: {' '.join(args.overrides) or '-'})")
     lines = [title, "",
-             "| expert | trajectories per gradient | pairs | mean cosine | rho^2 | B_half = 1/rho^2 |",
-             "|---|---|---|---|---|---|"]
+             "| expert | signal fraction of one batch gradient (+- se) | B_half = 1/rho^2 | B_half, f +- 2 se |",
+             "|---|---|---|---|"]
     for name in ("text", "image"):
-        for r in result[name]["rows"]:
-            lines.append(f"| {name} | {r['trajectories']} | {r['pairs']} | {r['cosine']:.3f} | {r['rho2']:.2e} | "
-                         f"{r['b_half']:.0f} |")
+        r = result[name]
+        lo, hi = r["b_half_range_2se"]
+        lines.append(f"| {name} | {r['signal_frac']:.3f} +- {r['signal_frac_se']:.3f} | {r['b_half']:.0f} | "
+                     f"{lo:.0f} .. {hi:.0f} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"reward {result['reward_mean']:.3f}, zero-variance groups {result['zero_variance_frac']:.2f}, "

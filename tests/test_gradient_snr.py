@@ -12,25 +12,25 @@ gradient_snr = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gradient_snr)
 
 
-def test_snr_table_recovers_a_known_rho2():
+def test_snr_recovers_a_known_rho2():
     # batch gradient of B trajectories = mu + noise / sqrt(B); per-trajectory rho^2 = |mu|^2 / sigma^2
     torch.manual_seed(0)
     dim, b, rho2 = 200_000, 64, 4e-3
     mu = torch.randn(dim, dtype=torch.float64)
     mu *= (rho2 * dim) ** 0.5 / mu.norm()  # |mu|^2 = rho2 * sigma^2 with sigma^2 = dim (unit noise)
-    grads = [mu + torch.randn(dim, dtype=torch.float64) / b**0.5 for _ in range(16)]
-    rows = gradient_snr.snr_table(grads, b)
-    assert [r["trajectories"] for r in rows] == [64, 128, 256]
-    assert [r["pairs"] for r in rows] == [120, 28, 6]
-    for r in rows:  # expected cosine B rho^2 / (1 + B rho^2): 0.20, 0.34, 0.51
-        assert abs(r["cosine"] - r["trajectories"] * rho2 / (1 + r["trajectories"] * rho2)) < 0.02
-        assert abs(r["b_half"] - 1 / rho2) < 0.15 / rho2
+    r = gradient_snr.snr([mu + torch.randn(dim, dtype=torch.float64) / b**0.5 for _ in range(16)], b)
+    f = b * rho2 / (1 + b * rho2)  # 0.204
+    assert abs(r["signal_frac"] - f) < 3 * r["signal_frac_se"] + 1e-3
+    assert 0 < r["signal_frac_se"] < 0.05
+    assert abs(r["b_half"] - 1 / rho2) < 0.1 / rho2
+    lo, hi = r["b_half_range_2se"]
+    assert lo < 1 / rho2 < hi
 
 
-def test_pure_noise_has_no_b_half():
+def test_pure_noise_has_no_signal():
     torch.manual_seed(1)
-    rows = gradient_snr.snr_table([torch.randn(50_000, dtype=torch.float64) for _ in range(8)], 16)
-    assert all(abs(r["cosine"]) < 0.02 for r in rows)
+    r = gradient_snr.snr([torch.randn(50_000, dtype=torch.float64) for _ in range(8)], 16)
+    assert abs(r["signal_frac"]) < 3 * r["signal_frac_se"] + 1e-3
 
 
 def test_batch_gradients_split_text_and_image():

@@ -9,6 +9,8 @@ alone cannot.
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -96,6 +98,7 @@ class OptimConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
     grad_clip: float = 1.0  # max global grad norm; <= 0 disables clipping
+    image_params: str | None = None  # regex (re.search) on parameter names: train only these image-expert parameters; null = all
 
 
 @dataclass
@@ -194,6 +197,11 @@ def validate(cfg: Config) -> Config:
     _check(0 <= a.text_eps_low < 1 and a.text_eps_high >= 0, "algo.text_eps_low", "clip range must be in [0, 1)")
     _check(a.image_eps > 0, "algo.image_eps", "must be > 0")
     _check(a.adv_clip is None or a.adv_clip > 0, "algo.adv_clip", "must be > 0 or null")
+    if cfg.optim.image_params is not None:
+        try:
+            re.compile(cfg.optim.image_params)
+        except re.error as e:
+            _check(False, "optim.image_params", f"not a valid regular expression: {e}")
     _check(bool(cfg.rewards), "rewards", "at least one reward is required")
     _check(a.prompt_pool >= a.prompts_per_step, "algo.prompt_pool", "must be >= algo.prompts_per_step")
     _check(cfg.reward_workers >= 0, "reward_workers", "must be >= 0")

@@ -100,6 +100,21 @@ def test_frozen_expert_is_unchanged(tiny_checkpoint, tmp_path, frozen):
     assert not any(k.startswith(f"loss/{frozen}/") for k in row)  # its loss is not even computed
 
 
+def test_image_params_trains_only_the_selected_image_parameters(tiny_checkpoint, tmp_path):
+    # attention only (Flow-GRPO trains LoRA on attention projections): convolutions stay frozen
+    assert main(["train", *tiny_overrides(tiny_checkpoint, tmp_path, "algo.train_text=false", "steps=1",
+                                          "eval_every=100", r"optim.image_params=\.(a0|ma)\.")]) == 0
+    before, after = load_file(tiny_checkpoint), load_file(tmp_path / "final.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("image.a0.", "image.ma.")) for k in changed)
+    assert any(k.startswith("image.ma.") for k in changed)
+
+
+def test_image_params_matching_nothing_is_a_clear_error(tiny_checkpoint, tmp_path, capsys):
+    assert main(["train", *tiny_overrides(tiny_checkpoint, tmp_path, "steps=1", "optim.image_params=nope")]) == 2
+    assert "optim.image_params" in capsys.readouterr().err
+
+
 def test_non_finite_loss_skips_the_update(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     real = T.micro_batch_loss
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,9 +141,16 @@ def needs_reference(cfg: Config) -> bool:
 def build_optimizer(model, cfg: Config) -> torch.optim.AdamW:
     """Freeze everything, unfreeze the trained experts; one AdamW group (own lr) per expert."""
     model.requires_grad_(False)
+    image = model.image_parameters()
+    if cfg.optim.image_params is not None:  # e.g. attention only, as Flow-GRPO's LoRA on attention
+        names = {id(p): n for n, p in model.named_parameters()}
+        image = [p for p in image if re.search(cfg.optim.image_params, names[id(p)])]
+        if cfg.algo.train_image and not image:
+            raise ConfigError(f"optim.image_params: {cfg.optim.image_params!r} matches no image-expert parameter "
+                              f"(names look like {next(iter(n for n, _ in model.named_parameters() if 'image' in n), '?')})")
     groups = []
     for train, params, lr in ((cfg.algo.train_text, model.text_parameters(), cfg.optim.lr_text),
-                              (cfg.algo.train_image, model.image_parameters(), cfg.optim.lr_image)):
+                              (cfg.algo.train_image, image, cfg.optim.lr_image)):
         if train:
             for p in params:
                 p.requires_grad_(True)
