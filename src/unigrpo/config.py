@@ -10,7 +10,6 @@ alone cannot.
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -86,6 +85,7 @@ class AlgoConfig:
     beta_img: float = 0.0  # latent-KL weight (original FlowGRPO ablation; paper UniGRPO: 0)
     detach_context: bool = True  # image loss does not back-propagate into the text expert
     share_window_in_group: bool = True  # all trajectories of a group use the same window
+    share_initial_noise_in_group: bool = False  # group members start from the same noise and differ only from the SDE window on
     prompt_pool: int = 4096  # training prompts generated per data epoch (new seed each epoch)
 
 

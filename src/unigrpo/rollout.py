@@ -14,7 +14,8 @@ Batch layout: ``[P, G]`` (prompts x group) flattened prompt-major, ``N = P * G``
    CFG when ``cfg_scale > 1`` (the unconditional branch reads ``null_context``).
 
 Randomness is keyed by global indices (``derive_seed``): the initial noise and the window noise of
-trajectory ``i`` come from its own generator, the window start from the group's (shared window) or
+trajectory ``i`` come from its own generator (or the initial noise from its group's, with
+``share_initial_noise``: group members then differ only from the window on), the window start from the group's (shared window) or
 the trajectory's own generator. Results are therefore identical whatever the chunking or the
 number of ranks, and resuming a run needs no RNG state. With ``share_window=False`` each
 trajectory draws its own window; rows of one chunk then sit at different steps, which the loop
@@ -36,7 +37,7 @@ from unigrpo.sampling import guided_velocity
 __all__ = ["Rollout", "derive_seed", "pad_tokens", "sample_images", "sample_reasoning", "window_starts"]
 
 # Streams of independent randomness (the last key of derive_seed).
-REASONING, WINDOW, NOISE, SHUFFLE, TRAJ_WINDOW = 0, 1, 2, 3, 4
+REASONING, WINDOW, NOISE, SHUFFLE, TRAJ_WINDOW, GROUP_INIT = 0, 1, 2, 3, 4, 5
 
 
 def derive_seed(*keys: int) -> int:
@@ -133,13 +134,18 @@ def window_starts(group_seeds: list[int], traj_seeds: list[int], group_size: int
 @torch.no_grad()
 def sample_images(model, tokens: TokenBatch, noise_seeds: list[int], window_start: torch.Tensor, *,
                   num_steps: int, shift: float, kind: str, noise_level: float, window_size: int,
-                  cfg_scale: float, temperature: float, reduction: str) -> Rollout:
-    """One chunk of B rows: behaviour text log-probs + image with the SDE window (module docstring)."""
+                  cfg_scale: float, temperature: float, reduction: str,
+                  init_seeds: list[int] | None = None) -> Rollout:
+    """One chunk of B rows: behaviour text log-probs + image with the SDE window (module docstring).
+
+    ``init_seeds`` [B]: when given, the initial noise comes from these (e.g. one seed per group:
+    the group shares its starting noise) and only the window noise from ``noise_seeds``."""
     b, w, dev = len(tokens), window_size, tokens.ids.device
     logp_old, ctx = model.forward_context(tokens, temperature)  # THE behaviour log-probs [B, L]
     null = model.null_context(b) if cfg_scale != 1.0 else None
     gens = [torch.Generator().manual_seed(s) for s in noise_seeds]  # CPU: device-independent draws
-    x = torch.stack([torch.randn(model.latent_shape, generator=g) for g in gens]).to(dev)
+    init = gens if init_seeds is None else [torch.Generator().manual_seed(s) for s in init_seeds]
+    x = torch.stack([torch.randn(model.latent_shape, generator=g) for g in init]).to(dev)
     grid = timesteps(num_steps, shift).to(dev)  # [num_steps + 1], float32
     start = window_start.to(dev)
     rec = {k: x.new_zeros(b, w, *model.latent_shape) for k in ("x_t", "x_next", "mean_old")}

@@ -90,3 +90,21 @@ def test_reasoning_depends_only_on_the_group_seed(tiny_checkpoint, tmp_path):
     width = second.ids.shape[1]
     assert torch.equal(both.ids[4:, :width], second.ids) and not both.response_mask[4:, width:].any()
     assert not torch.equal(both.ids[:4], R.sample_reasoning(model, PROMPTS[:1], 4, [9], **kw).ids)
+
+
+def test_shared_initial_noise_branches_only_at_the_window(tiny_checkpoint, tmp_path):
+    cfg, model, tokens = setup(tiny_checkpoint, tmp_path)
+    one = tokens.index(torch.zeros(4, dtype=torch.long))  # the same reasoning in 4 rows
+    starts = torch.full((4,), 1)
+    noise = [11, 12, 13, 14]
+    shared = images(cfg, model, one, noise, starts, init_seeds=[7] * 4)
+    # same start noise and context: the state entering the window is identical, the window noise is not
+    assert all(torch.equal(shared.x_t[0, 0], shared.x_t[i, 0]) for i in range(4))
+    assert not torch.equal(shared.x_next[0, 0], shared.x_next[1, 0])
+    # the start noise is seed 7's draw (a 1-row chunk whose own seed is 7 starts from the same draw;
+    # close, not bitwise: CPU kernels differ with the batch size), and without init_seeds every row
+    # starts from its own noise, as before the option existed
+    by_itself = images(cfg, model, one.index(torch.zeros(1, dtype=torch.long)), [7], starts[:1])
+    torch.testing.assert_close(by_itself.x_t[0, 0], shared.x_t[0, 0], rtol=1e-4, atol=1e-5)
+    own = images(cfg, model, one, noise, starts)
+    assert not torch.equal(own.x_t[0, 0], own.x_t[1, 0])

@@ -107,11 +107,13 @@ def seeds(cfg: Config, step: int, first: int, count: int, stream: int) -> list[i
     return [R.derive_seed(cfg.seed, step, first + i, stream) for i in range(count)]
 
 
-def sample_chunk(model, tokens, noise_seeds: list[int], starts: torch.Tensor, cfg: Config) -> R.Rollout:
+def sample_chunk(model, tokens, noise_seeds: list[int], starts: torch.Tensor, cfg: Config,
+                 init_seeds: list[int] | None = None) -> R.Rollout:
     s = cfg.sampler
     return R.sample_images(model, tokens, noise_seeds, starts, num_steps=s.num_steps, shift=s.shift, kind=s.kind,
                            noise_level=s.noise_level, window_size=s.window_size, cfg_scale=s.cfg_scale,
-                           temperature=cfg.text.temperature, reduction=cfg.algo.logprob_reduction)
+                           temperature=cfg.text.temperature, reduction=cfg.algo.logprob_reduction,
+                           init_seeds=init_seeds)
 
 
 def ppo_order(cfg: Config, step: int, epoch: int, p0: int, n_prompts: int, minibatch: int) -> torch.Tensor:
@@ -307,11 +309,15 @@ def rollout_step(model, cfg: Config, step: int, rewards: RewardSet, d: dist.Dist
                              seeds(cfg, step, t0_traj, n, R.TRAJ_WINDOW), G, s.num_steps, s.window_size,
                              s.window_range, a.share_window_in_group)  # [N_local]
     noise = seeds(cfg, step, t0_traj, n, R.NOISE)
+    init = None  # initial noise from `noise` (one per trajectory) unless the group shares it
+    if a.share_initial_noise_in_group:
+        init = [x for x in seeds(cfg, step, p0, len(tasks), R.GROUP_INIT) for _ in range(G)]
     order0 = ppo_order(cfg, step, 0, p0, len(tasks), z.minibatch_local)  # chunks == epoch 0's micro-batches
     parts, futures = [], []
     for idx in order0.split(z.micro_local):
         i = idx.tolist()
-        parts.append(sample_chunk(model, tokens.index(idx.to(device)), [noise[k] for k in i], starts[idx], cfg))
+        parts.append(sample_chunk(model, tokens.index(idx.to(device)), [noise[k] for k in i], starts[idx], cfg,
+                                  None if init is None else [init[k] for k in i]))
         # this chunk's rewards run (in a thread if reward_workers > 0) while the next chunk samples
         futures.append(rewards.submit(parts[-1].images, [prompts[k] for k in i], [meta[k] for k in i]))
     unsort = torch.argsort(order0)
