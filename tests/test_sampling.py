@@ -84,3 +84,14 @@ def test_cli_eval_and_sample(checkpoint, tmp_path, capsys):
 def test_cli_missing_checkpoint_is_a_clean_error(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "none.safetensors")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prompt,n,message", [
+    ("a square the colour of a lemon", 1, "does not know: colour"),  # British spelling: not in the world
+    ("  ", 1, "prompt is empty"),
+    ("a red circle", 0, "--n must be >= 1"),
+])
+def test_cli_sample_bad_input_is_a_clean_error(checkpoint, tmp_path, capsys, prompt, n, message):
+    png = tmp_path / "s.png"
+    assert main(["sample", prompt, "--checkpoint", str(checkpoint), "--n", str(n), "--out", str(png)]) == 2
+    assert message in capsys.readouterr().err and not png.exists()

@@ -86,13 +86,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fail(msg: str) -> int:
+    print(f"unigrpo: {msg}", file=sys.stderr)
+    return 2
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from unigrpo.models import load_model
     from unigrpo.sampling import generate
     from unigrpo.utils.images import save_grid
 
+    if not args.prompt.strip():
+        return _fail("the prompt is empty")
+    if args.n < 1:
+        return _fail(f"--n must be >= 1, got {args.n}")
     cfg = load_config(args.config, args.overrides)
     model = load_model(cfg, args.checkpoint) if args.checkpoint else load_model(cfg)
+    known = getattr(getattr(model, "tokenizer", None), "index", None)  # closed vocabulary (tiny model)
+    unknown = [w for w in args.prompt.split() if known is not None and w not in known]
+    if unknown:
+        words = " ".join(w for w in known if not w.startswith("<"))
+        return _fail(f"words the model does not know: {' '.join(unknown)} (the built-in world's vocabulary, "
+                     f"split on spaces, is: {words})")
     gen = generate(model, [args.prompt] * args.n, thinking=cfg.text.thinking,
                    num_steps=cfg.sampler.eval_num_steps, shift=cfg.sampler.shift,
                    cfg_scale=cfg.sampler.eval_cfg_scale, seed=args.seed,
@@ -161,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("sample", help="reason about one prompt, print the reasoning, write the image(s)")
-    p.add_argument("prompt", help='e.g. "a square the colour of a lemon"')
+    p.add_argument("prompt", help='e.g. "a square the color of a lemon"')
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument("--config", default=None, help="YAML config file")
     p.add_argument("--checkpoint", default=None, help="model weights (default: model.checkpoint)")
