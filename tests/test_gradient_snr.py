@@ -47,11 +47,18 @@ def test_batch_gradients_split_text_and_image():
     model = load_model(cfg).requires_grad_(True)
     d = dist.init("cpu")[0]
     rewards = RewardSet([("shapes", 1.0)], 0)
-    g = gradient_snr.batch_gradients(model, cfg, 0, rewards, d, derived_sizes(cfg, 1))
+    z = derived_sizes(cfg, 1)
+    g = gradient_snr.batch_gradients(model, cfg, 0, rewards, d, z, "batch")
+    per_group = gradient_snr.batch_gradients(model, cfg, 0, rewards, d, z, "group")
     rewards.close()
-    assert g["text"].numel() == sum(p.numel() for p in model.text_parameters())
-    assert g["image"].numel() == sum(p.numel() for p in model.image_parameters())
-    assert torch.isfinite(g["text"]).all() and torch.isfinite(g["image"]).all()
-    assert all(p.grad is None for p in model.parameters())  # left clean for the next batch
+    assert len(g["text"]) == len(g["image"]) == 1 and len(per_group["image"]) == 2  # 2 prompts = 2 groups
+    assert g["text"][0].numel() == sum(p.numel() for p in model.text_parameters())
+    assert g["image"][0].numel() == sum(p.numel() for p in model.image_parameters())
+    assert all(torch.isfinite(v[0]).all() for v in (g["text"], g["image"]))
+    assert all(p.grad is None for p in model.parameters())  # left clean for the next unit
     assert g["zero_var"] < 1  # (seeded) some group has reward variance, so both experts get a gradient
-    assert g["text"].norm() > 0 and g["image"].norm() > 0
+    assert g["text"][0].norm() > 0 and g["image"][0].norm() > 0
+    # the batch gradient is the mean of its groups' gradients (each a mean over its trajectories)
+    for name in ("text", "image"):
+        mean = sum(per_group[name]) / 2
+        torch.testing.assert_close(g[name][0], mean, rtol=1e-3, atol=1e-6 * float(mean.abs().max()))
