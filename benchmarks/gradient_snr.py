@@ -39,7 +39,8 @@ from unigrpo.utils import dist
 OUT = Path(__file__).resolve().parent / "results"
 
 
-def _flat_grads(model) -> dict[str, torch.Tensor]:
+def _take_grads(model) -> dict[str, torch.Tensor]:
+    """The accumulated gradients as flat float64 vectors {text, image}; clears them for the next unit."""
     out = {}
     for name, params in (("text", model.text_parameters()), ("image", model.image_parameters())):
         out[name] = torch.cat([p.grad.flatten().double() if p.grad is not None
@@ -61,21 +62,17 @@ def batch_gradients(model, cfg, step: int, rewards, d, z, unit: str = "batch") -
             w = len(idx) / len(rows)
             loss, _ = micro_batch_loss(model, None, b.roll.index(idx), b.adv[idx], cfg, w, w)
             loss.backward()
-        for name, grad in _flat_grads(model).items():
+        for name, grad in _take_grads(model).items():
             out[name].append(grad)
     return out | {"reward": float(b.reward.mean()), "zero_var": float((b.reward.std(1) == 0).float().mean())}
 
 
 def _fraction(gram: torch.Tensor) -> float:
+    """Unbiased ``|mu|^2 / E|g|^2`` from the Gram matrix [K, K] of K independent units' gradients:
+    mean dot product of distinct units over their mean squared norm."""
     k = gram.shape[0]
     cross = (gram.sum() - gram.diagonal().sum()) / (k * (k - 1))  # E<g_i, g_j> = |mu|^2 (independent)
     return float(cross / gram.diagonal().mean())
-
-
-def signal_fraction(grads: list[torch.Tensor]) -> float:
-    """Unbiased ``|mu|^2 / E|g|^2``: mean dot product of distinct units over their mean squared norm."""
-    g = torch.stack(grads)  # [K, D]
-    return _fraction(g @ g.t())
 
 
 def snr(grads: list[torch.Tensor], traj_per_unit: int) -> dict:
@@ -98,7 +95,7 @@ def snr(grads: list[torch.Tensor], traj_per_unit: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batches", type=int, default=8, help="independent rollout steps (a multiple of 4)")
+    ap.add_argument("--batches", type=int, default=8, help="independent rollout steps")
     ap.add_argument("--name", default="", help="suffix of the result files")
     ap.add_argument("--unit", choices=["group", "batch"], default="group",
                     help="independent unit of the estimate: one prompt's group (default) or a whole step's batch")

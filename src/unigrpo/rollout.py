@@ -15,8 +15,8 @@ Batch layout: ``[P, G]`` (prompts x group) flattened prompt-major, ``N = P * G``
 
 Randomness is keyed by global indices (``derive_seed``): the initial noise and the window noise of
 trajectory ``i`` come from its own generator (or the initial noise from its group's, with
-``share_initial_noise``: group members then differ only from the window on), the window start from the group's (shared window) or
-the trajectory's own generator. Results are therefore identical whatever the chunking or the
+``share_initial_noise_in_group``: group members then differ only from the window on), the window
+start from the group's (shared window) or the trajectory's own generator. Results are therefore identical whatever the chunking or the
 number of ranks, and resuming a run needs no RNG state. With ``share_window=False`` each
 trajectory draws its own window; rows of one chunk then sit at different steps, which the loop
 handles row-wise (one model call per step either way).

@@ -388,7 +388,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         t_start = time.perf_counter()
         b = rollout_step(model, cfg, step, rewards, d, z)
         roll, adv, order0, reward, gathered = b.roll, b.adv, b.order0, b.reward, b.gathered
-        t_rollout, t_reward = t_start + b.rollout_s, t_start + b.rollout_s + b.reward_wait_s
+        t_reward = time.perf_counter()
 
         # -------------------------------------------------------------- 4. PPO epochs
         stats, first, updates, skipped = StatsMean(), StatsMean(), 0, 0
@@ -432,10 +432,10 @@ def train(cfg: Config, resume: bool = False) -> dict:
             "reward/group_std": float(reward.std(dim=1, correction=0).mean()),
             "reward/zero_variance_frac": zero_variance_fraction(reward),
             **{f"reward/{name}": float(gathered[:, 1 + i].mean()) for i, name in enumerate(rewards.names)},
-            "perf/rollout_s": t_rollout - t_start, "perf/reward_s": b.reward_s,
-            "perf/reward_wait_s": t_reward - t_rollout, "perf/train_s": t_train - t_reward,
+            "perf/rollout_s": b.rollout_s, "perf/reward_s": b.reward_s,
+            "perf/reward_wait_s": b.reward_wait_s, "perf/train_s": t_train - t_reward,
             "perf/step_s": t_train - t_start,
-            "perf/rollout_traj_per_s": z.trajectories / (t_rollout - t_start),
+            "perf/rollout_traj_per_s": z.trajectories / b.rollout_s,
             "perf/train_traj_per_s": z.trajectories * a.ppo_epochs / (t_train - t_reward),
             "perf/updates": float(updates), "perf/skipped_updates": float(skipped),
         }
