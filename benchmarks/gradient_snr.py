@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 
 from unigrpo.config import load_config
-from unigrpo.models import load_model
+from unigrpo.models import build_model
 from unigrpo.recipes.train import derived_sizes, micro_batch_loss, rollout_step
 from unigrpo.rewards import RewardSet
+from unigrpo.tasks import build_task
 from unigrpo.utils import dist
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -42,9 +43,9 @@ OUT = Path(__file__).resolve().parent / "results"
 def _take_grads(model) -> dict[str, torch.Tensor]:
     """The accumulated gradients as flat float64 vectors {text, image}; clears them for the next unit."""
     out = {}
-    for name, params in (("text", model.text_parameters()), ("image", model.image_parameters())):
+    for name, named in model.parameter_groups().items():
         out[name] = torch.cat([p.grad.flatten().double() if p.grad is not None
-                               else torch.zeros(p.numel(), dtype=torch.float64) for p in params])
+                               else torch.zeros(p.numel(), dtype=torch.float64) for _, p in named])
     model.zero_grad(set_to_none=True)
     return out
 
@@ -53,7 +54,7 @@ def batch_gradients(model, cfg, step: int, rewards, d, z, unit: str = "batch") -
     """Policy gradients at the behaviour policy of one rollout step: {"text": [...], "image": [...]}
     flat vectors, one for the whole batch (``unit="batch"``) or one per group (``"group"``: the
     groups of a step are independent units too, which gives many more pairs per trajectory)."""
-    b = rollout_step(model, cfg, step, rewards, d, z)
+    b = rollout_step(model, build_task(cfg), cfg, step, rewards, d, z)
     n, g = len(b.roll), cfg.algo.group_size
     units = [torch.arange(n)] if unit == "batch" else list(torch.arange(n).split(g))
     out = {"text": [], "image": []}
@@ -106,7 +107,7 @@ def main() -> None:
         torch.set_num_threads(cfg.threads)
     d = dist.init(cfg.device)[0]
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg)
+    model = build_model(cfg)
     model.requires_grad_(True)
     z = derived_sizes(cfg, d.world)
     rewards = RewardSet([(r.name, r.weight) for r in cfg.rewards], 0)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from unigrpo.config import load_config
-from unigrpo.models import load_model
+from unigrpo.models import build_model
 from unigrpo.recipes.evaluate import eval_tasks, evaluate_model
 from unigrpo.world import image_stats
 
@@ -24,7 +24,7 @@ def main(checkpoints: list[str]) -> None:
     tasks = eval_tasks(cfg)
     out = {}
     for path in checkpoints:
-        model = load_model(cfg) if path == "builtin:sft" else load_model(cfg, path)
+        model = build_model(cfg, checkpoint=path)
         metrics, gen = evaluate_model(model, tasks, cfg, "think")
         out[path] = {**image_stats(gen.images), "accuracy": metrics["accuracy"]}
         print(f"{path}: high_freq {out[path]['high_freq']:.4f}  accuracy {metrics['accuracy']:.3f}")

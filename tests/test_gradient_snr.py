@@ -35,7 +35,7 @@ def test_pure_noise_has_no_signal():
 
 def test_batch_gradients_split_text_and_image():
     from unigrpo.config import load_config
-    from unigrpo.models import load_model
+    from unigrpo.models import build_model
     from unigrpo.recipes.train import derived_sizes
     from unigrpo.rewards import RewardSet
     from unigrpo.utils import dist
@@ -44,7 +44,7 @@ def test_batch_gradients_split_text_and_image():
                       ["algo.c_mse=0", "algo.prompts_per_step=2", "algo.group_size=4",
                        "algo.trajectories_per_minibatch=8", "algo.micro_batch_trajectories=4",
                        "sampler.num_steps=4", "sampler.window_size=2", "sampler.window_range=[0,3]"])
-    model = load_model(cfg).requires_grad_(True)
+    model = build_model(cfg).requires_grad_(True)
     d = dist.init("cpu")[0]
     rewards = RewardSet([("shapes", 1.0)], 0)
     z = derived_sizes(cfg, 1)

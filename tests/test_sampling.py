@@ -9,7 +9,8 @@ from unigrpo.algo.schedule import timesteps
 from unigrpo.cli import main
 from unigrpo.config import load_config
 from unigrpo.models import build_model
-from unigrpo.sampling import generate, guided_velocity, ode_sample
+from unigrpo.algo.guidance import guided_velocity
+from unigrpo.sampling import generate, ode_sample
 
 SMALL = ["model.d_text=32", "model.text_layers=1", "model.unet_channels=[16,32,32]", "model.image_size=16"]
 
@@ -17,7 +18,7 @@ SMALL = ["model.d_text=32", "model.text_layers=1", "model.unet_channels=[16,32,3
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    m = build_model(load_config(None, SMALL)).eval()
+    m = build_model(load_config(None, SMALL), checkpoint=None).eval()
     torch.nn.init.normal_(m.image.out[-1].weight, std=0.05)  # non-zero velocities for the tests
     return m
 

@@ -56,7 +56,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from unigrpo.models import load_model
+    from unigrpo.models import build_model
     from unigrpo.recipes.evaluate import (
         MODES,
         eval_tasks,
@@ -67,7 +67,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
 
     cfg = load_config(args.config, args.overrides)
-    model = load_model(cfg, args.checkpoint) if args.checkpoint else load_model(cfg)
+    model = build_model(cfg, checkpoint=args.checkpoint) if args.checkpoint else build_model(cfg)
     tasks = eval_tasks(cfg)
     modes = MODES if args.mode == "all" else (args.mode,)
     results = {}
@@ -92,7 +92,7 @@ def _fail(msg: str) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from unigrpo.models import load_model
+    from unigrpo.models import build_model
     from unigrpo.sampling import generate
     from unigrpo.utils.images import save_grid
 
@@ -101,7 +101,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.n < 1:
         return _fail(f"--n must be >= 1, got {args.n}")
     cfg = load_config(args.config, args.overrides)
-    model = load_model(cfg, args.checkpoint) if args.checkpoint else load_model(cfg)
+    model = build_model(cfg, checkpoint=args.checkpoint) if args.checkpoint else build_model(cfg)
     known = getattr(getattr(model, "tokenizer", None), "index", None)  # closed vocabulary (tiny model)
     unknown = [w for w in args.prompt.split() if known is not None and w not in known]
     if unknown:

@@ -20,17 +20,42 @@ __all__ = ["Config", "ConfigError", "load_config", "to_dict", "validate"]
 
 
 @dataclass
-class ModelConfig:
-    """Which unified model to train and where its weights come from."""
+class TinyModelConfig:
+    """``model.kind: tiny``: the built-in tiny unified model (text transformer + UNet image expert)."""
 
-    kind: Literal["tiny"] = "tiny"  # model adapter: the built-in tiny model (HF adapters: later)
+    kind: Literal["tiny"] = "tiny"  # model adapter (unigrpo.models.KINDS); each kind has its own keys
     checkpoint: str | None = "builtin:sft"  # safetensors path, "builtin:sft", or null = random init
-    d_text: int = 128  # tiny model: text expert width
-    text_layers: int = 3  # tiny model: text expert transformer blocks
-    text_heads: int = 4  # tiny model: attention heads of the text expert
-    unet_channels: tuple[int, int, int] = (48, 96, 96)  # tiny model: UNet widths per level
-    image_size: int = 32  # tiny model: RGB canvas side in pixels
-    max_seq_len: int = 64  # tiny model: prompt + reasoning tokens (positional table size)
+    d_text: int = 128  # text expert width
+    text_layers: int = 3  # text expert transformer blocks
+    text_heads: int = 4  # attention heads of the text expert
+    unet_channels: tuple[int, int, int] = (48, 96, 96)  # UNet widths per level
+    image_size: int = 32  # RGB canvas side in pixels
+    max_seq_len: int = 64  # prompt + reasoning tokens (positional table size)
+
+
+# The ``model`` section, told apart by ``model.kind`` (one dataclass per kind; adapters add theirs).
+ModelConfig = TinyModelConfig
+
+
+@dataclass
+class ShapesTaskConfig:
+    """``task.kind: shapes``: the built-in shapes world (generated prompts, held-out splits)."""
+
+    kind: Literal["shapes"] = "shapes"  # prompt source + evaluator (unigrpo.tasks.TASKS)
+    prompt_pool: int = 4096  # training prompts generated per data epoch (new seed each epoch)
+
+
+@dataclass
+class PromptsTaskConfig:
+    """``task.kind: prompts``: prompts from JSONL files, one object per line with at least
+    ``"prompt"``; every other field reaches the rewards' metadata (GenEval's metadata loads as is)."""
+
+    kind: Literal["prompts"] = "prompts"  # prompt source + evaluator (unigrpo.tasks.TASKS)
+    prompts: str = ""  # JSONL file of training prompts
+    eval_prompts: str | None = None  # JSONL file of evaluation prompts; null = the training file
+
+
+TaskConfig = ShapesTaskConfig | PromptsTaskConfig
 
 
 @dataclass
@@ -86,7 +111,6 @@ class AlgoConfig:
     detach_context: bool = True  # image loss does not back-propagate into the text expert
     share_window_in_group: bool = True  # all trajectories of a group use the same window
     share_initial_noise_in_group: bool = False  # group members start from the same noise and differ only from the SDE window on
-    prompt_pool: int = 4096  # training prompts generated per data epoch (new seed each epoch)
 
 
 @dataclass
@@ -113,8 +137,8 @@ class RewardTerm:
 class EvalConfig:
     """Held-out evaluation (deterministic ODE sampling)."""
 
-    split: Literal["train", "val", "test"] = "val"  # which split to evaluate on
-    num_prompts: int = 96  # prompts evaluated (balanced over categories by the task generator)
+    split: Literal["train", "val", "test"] = "val"  # shapes task: which split to evaluate on
+    num_prompts: int = 96  # prompts evaluated (shapes: balanced over categories; prompts: the file's first)
     thinking: bool = True  # sample reasoning before drawing
     seed: int = 1234  # fixes the prompts and the initial noise
     grid_prompts: int = 8  # prompts shown in the image grid
@@ -147,7 +171,8 @@ class Config:
     eval_every: int = 10  # steps between evaluations; 0 = only at the end
     save_every: int = 10  # steps between checkpoints; 0 = only at the end
     reward_workers: int = 0  # background threads computing rewards during the next rollout chunk; 0 = inline
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=TinyModelConfig)
+    task: TaskConfig = field(default_factory=ShapesTaskConfig)
     text: TextSamplingConfig = field(default_factory=TextSamplingConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
@@ -203,15 +228,19 @@ def validate(cfg: Config) -> Config:
         except re.error as e:
             _check(False, "optim.image_params", f"not a valid regular expression: {e}")
     _check(bool(cfg.rewards), "rewards", "at least one reward is required")
-    _check(a.prompt_pool >= a.prompts_per_step, "algo.prompt_pool", "must be >= algo.prompts_per_step")
+    if cfg.task.kind == "shapes":
+        _check(cfg.task.prompt_pool >= a.prompts_per_step, "task.prompt_pool", "must be >= algo.prompts_per_step")
+    else:
+        _check(bool(cfg.task.prompts), "task.prompts", "a JSONL file of prompts is required for task.kind=prompts")
     _check(cfg.reward_workers >= 0, "reward_workers", "must be >= 0")
     _check(cfg.steps >= 0, "steps", "must be >= 0")
     _check(cfg.eval.num_prompts >= 1, "eval.num_prompts", "must be >= 1")
     for k in ("wrong_reasoning_frac", "no_think_frac", "uncond_frac"):
         v = getattr(cfg.pretrain, k)
         _check(0.0 <= v <= 1.0, f"pretrain.{k}", f"must be in [0, 1], got {v}")
-    _check(cfg.model.image_size % 4 == 0 and 16 <= cfg.model.image_size <= 64, "model.image_size",
-           "must be a multiple of 4 in [16, 64]")
+    if cfg.model.kind == "tiny":
+        _check(cfg.model.image_size % 4 == 0 and 16 <= cfg.model.image_size <= 64, "model.image_size",
+               "must be a multiple of 4 in [16, 64]")
     return cfg
 
 

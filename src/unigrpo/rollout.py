@@ -1,25 +1,33 @@
-"""Rollout of the UniGRPO MDP: prompt -> reasoning tokens -> denoising steps (SPEC.md sections 1, 3).
+"""Rollout of the UniGRPO MDP: prompt -> reasoning tokens -> denoising steps, and its scoring twin.
 
 Batch layout: ``[P, G]`` (prompts x group) flattened prompt-major, ``N = P * G`` trajectories.
+An **episode** is a list of **rounds**; a round is one reasoning segment followed by one image
+(with its SDE window). UniGRPO today has one round per episode; multi-round generation (think ->
+draw -> look -> reflect -> redraw) appends rounds in ``sample_episode`` and the losses already sum
+over rounds (docs/design.md).
 
 1. ``sample_reasoning``: each prompt's group is sampled in one call (KV cache) with a generator
    seeded by the prompt's *global* index, so the reasoning does not depend on how the batch is
    chunked or sharded over ranks. The tokens are then right-padded to one common width.
-2. ``sample_images`` (one chunk of rows): ONE no-grad ``forward_context`` pass gives the image
-   context and the behaviour log-probs of the reasoning tokens. The sampling-time log-probs are
-   not used: training calls the same function on the same rows (same chunk, same padded width),
-   so the first PPO ratio is exactly 1 (see PITFALLS.md). Then ``num_steps`` denoising steps: the
-   ``window_size`` consecutive steps starting at the row's window start are stochastic
-   (``sde_step``, recorded), all others are deterministic Euler ODE steps (not stored).
+2. ``sample_images`` (one round of one chunk of rows): ONE no-grad ``forward_context`` pass gives
+   the image context and the behaviour log-probs of the reasoning tokens. The sampling-time
+   log-probs of the decode loop are not used: training calls the same function on the same rows
+   (same chunk, same padded width), so the first PPO ratio is exactly 1. Then ``num_steps``
+   denoising steps: the ``window_size`` consecutive steps starting at the row's window start are
+   stochastic (``sde_step``, recorded), all others are deterministic Euler ODE steps (not stored).
    CFG when ``cfg_scale > 1`` (the unconditional branch reads ``null_context``).
+3. ``score_window``: the training-time twin of step 2's window. It re-scores the recorded window
+   steps with ``sde_step`` in scoring mode (the same call the rollout's log-probs came from), and
+   the frozen reference's velocity at the same states. Sampling and scoring live side by side in
+   this file so that the "ratio == 1 on the first update" guarantee has one home.
 
 Randomness is keyed by global indices (``derive_seed``): the initial noise and the window noise of
 trajectory ``i`` come from its own generator (or the initial noise from its group's, with
 ``share_initial_noise_in_group``: group members then differ only from the window on), the window
-start from the group's (shared window) or the trajectory's own generator. Results are therefore identical whatever the chunking or the
-number of ranks, and resuming a run needs no RNG state. With ``share_window=False`` each
-trajectory draws its own window; rows of one chunk then sit at different steps, which the loop
-handles row-wise (one model call per step either way).
+start from the group's (shared window) or the trajectory's own generator. Results are therefore
+identical whatever the chunking or the number of ranks, and resuming a run needs no RNG state.
+With ``share_window=False`` each trajectory draws its own window; rows of one chunk then sit at
+different steps, which the loop handles row-wise (one model call per step either way).
 """
 
 from __future__ import annotations
@@ -29,12 +37,13 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from unigrpo.algo.guidance import guided_velocity
 from unigrpo.algo.schedule import timesteps
 from unigrpo.algo.sde import gaussian_log_prob, sde_step, sde_window
 from unigrpo.models.protocol import TokenBatch
-from unigrpo.sampling import guided_velocity
 
-__all__ = ["Rollout", "derive_seed", "pad_tokens", "sample_images", "sample_reasoning", "window_starts"]
+__all__ = ["Episode", "Round", "WindowScores", "derive_seed", "pad_tokens", "sample_episode", "sample_images",
+           "sample_reasoning", "score_window", "window_starts"]
 
 # Streams of independent randomness (the last key of derive_seed).
 REASONING, WINDOW, NOISE, SHUFFLE, TRAJ_WINDOW, GROUP_INIT = 0, 1, 2, 3, 4, 5
@@ -46,11 +55,26 @@ def derive_seed(*keys: int) -> int:
     return (int(a) << 31) ^ int(b)
 
 
-@dataclass
-class Rollout:
-    """Trajectories laid out [N, ...]; only what training needs (W = window size)."""
+def _index_rows(obj, idx: torch.Tensor):
+    """Rows ``idx`` (a 1-D long tensor) of every field of dataclass ``obj`` alike."""
+    out = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, TokenBatch):
+            out[f.name] = v.index(idx)
+        elif isinstance(v, list):
+            out[f.name] = [v[i] for i in idx.tolist()]
+        else:
+            out[f.name] = v[idx.to(v.device)]
+    return type(obj)(**out)
 
-    tokens: TokenBatch  # [N, L] prompt + reasoning, the padded width used by every scoring pass
+
+@dataclass
+class Round:
+    """One round of trajectories laid out [N, ...]: a reasoning segment and the image it led to
+    (only what training needs; W = window size)."""
+
+    tokens: TokenBatch  # [N, L] context + this round's reasoning, the padded width of every scoring pass
     logp_old: torch.Tensor  # [N, L] behaviour log-probs of the reasoning tokens (0 elsewhere)
     x_t: torch.Tensor  # [N, W, *latent] states before each window step
     x_next: torch.Tensor  # [N, W, *latent] sampled states after each window step
@@ -64,23 +88,13 @@ class Rollout:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def index(self, idx: torch.Tensor) -> Rollout:
-        """Rows ``idx`` (a 1-D long tensor), every field alike."""
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, TokenBatch):
-                out[f.name] = v.index(idx)
-            elif isinstance(v, list):
-                out[f.name] = [v[i] for i in idx.tolist()]
-            else:
-                out[f.name] = v[idx.to(v.device)]
-        return Rollout(**out)
+    def index(self, idx: torch.Tensor) -> Round:
+        return _index_rows(self, idx)
 
     @staticmethod
-    def cat(parts: list[Rollout], pad_id: int) -> Rollout:
+    def cat(parts: list[Round], pad_id: int) -> Round:
         out = {}
-        for f in fields(Rollout):
+        for f in fields(Round):
             vs = [getattr(p, f.name) for p in parts]
             if isinstance(vs[0], TokenBatch):
                 out[f.name] = TokenBatch.cat(vs, pad_id)
@@ -88,7 +102,39 @@ class Rollout:
                 out[f.name] = [x for v in vs for x in v]
             else:
                 out[f.name] = torch.cat(vs)
-        return Rollout(**out)
+        return Round(**out)
+
+
+@dataclass
+class Episode:
+    """Trajectories [N] as a list of rounds (every row has the same number of rounds); the reward
+    scores the last round's image. One round today (module docstring)."""
+
+    rounds: list[Round]
+
+    def __len__(self) -> int:
+        return len(self.rounds[0])
+
+    @property
+    def images(self) -> torch.Tensor:
+        """[N, 3, H, W] the final images (what the reward sees)."""
+        return self.rounds[-1].images
+
+    @property
+    def reasoning(self) -> list[str]:
+        """[N] the reasoning of every round, joined (what ``metadata["reasoning"]`` holds)."""
+        return [" ".join(texts) for texts in zip(*(r.reasoning for r in self.rounds))]
+
+    def reasoning_tokens(self) -> torch.Tensor:
+        """[N] generated reasoning tokens per trajectory, all rounds."""
+        return sum(r.tokens.response_mask.sum(1) for r in self.rounds)
+
+    def index(self, idx: torch.Tensor) -> Episode:
+        return Episode([r.index(idx) for r in self.rounds])
+
+    @staticmethod
+    def cat(parts: list[Episode], pad_id: int) -> Episode:
+        return Episode([Round.cat(list(rs), pad_id) for rs in zip(*(p.rounds for p in parts))])
 
 
 @torch.no_grad()
@@ -135,8 +181,8 @@ def window_starts(group_seeds: list[int], traj_seeds: list[int], group_size: int
 def sample_images(model, tokens: TokenBatch, noise_seeds: list[int], window_start: torch.Tensor, *,
                   num_steps: int, shift: float, kind: str, noise_level: float, window_size: int,
                   cfg_scale: float, temperature: float, reduction: str,
-                  init_seeds: list[int] | None = None) -> Rollout:
-    """One chunk of B rows: behaviour text log-probs + image with the SDE window (module docstring).
+                  init_seeds: list[int] | None = None) -> Round:
+    """One round of one chunk of B rows: behaviour text log-probs + image with the SDE window (module docstring).
 
     ``init_seeds`` [B]: when given, the initial noise comes from these (e.g. one seed per group:
     the group shares its starting noise) and only the window noise from ``noise_seeds``."""
@@ -175,5 +221,57 @@ def sample_images(model, tokens: TokenBatch, noise_seeds: list[int], window_star
                           ("t_next", t_next), ("logp_img_old", logp)):
             rec[name][rows, s] = val[rows].to(rec[name].dtype)
         x = torch.where(inside.reshape(bcast), x_sde, x_ode)
-    return Rollout(tokens=tokens, logp_old=logp_old, images=model.decode(x).cpu(),
-                   reasoning=model.decode_text(tokens), **rec)
+    return Round(tokens=tokens, logp_old=logp_old, images=model.decode(x).cpu(),
+                 reasoning=model.decode_text(tokens), **rec)
+
+
+def sample_episode(model, tokens: TokenBatch, noise_seeds: list[int], window_start: torch.Tensor,
+                   **sampler) -> Episode:
+    """One chunk's episodes: today one round (``sample_images`` on the sampled reasoning).
+
+    Multi-round generation goes here: round r + 1 extends round r's tokens with the model's look at
+    round r's image and its new reasoning, then draws again (its own seeds, keyed by the round)."""
+    return Episode([sample_images(model, tokens, noise_seeds, window_start, **sampler)])
+
+
+@dataclass
+class WindowScores:
+    """The window steps of a round re-scored under the current policy; lists hold one tensor per
+    window step (stacked or concatenated by the losses exactly as they need)."""
+
+    logp: list[torch.Tensor]  # W x [B] log p(x_next | x_t), same reduction as the rollout's
+    mean: list[torch.Tensor]  # W x [B, *latent] step means
+    std: list[torch.Tensor]  # W x [B] step standard deviations
+    v: list[torch.Tensor]  # W x [B, *latent] (guided) velocities, float32
+    v_ref: list[torch.Tensor]  # W x [B, *latent] the reference's velocities (empty: no reference)
+    mean_ref: list[torch.Tensor]  # W x [B, *latent] the reference's step means (empty: no reference)
+
+
+def score_window(model, rnd: Round, ctx, *, kind: str, noise_level: float, cfg_scale: float,
+                 reduction: str, ref=None, ctx_ref=None) -> WindowScores:
+    """Score the recorded window steps of ``rnd`` under ``model`` (with gradient) and, when
+    ``ref`` is given, the frozen reference at the same states (no gradient).
+
+    The policy's log-probs are ``sde_step(..., prev_sample=x_next)``: the very call whose values
+    ``sample_images`` recorded (there via ``gaussian_log_prob`` on the same mean and std), on the
+    same rows, so on the first update the ratio is exactly 1."""
+    b, w = rnd.x_t.shape[:2]
+    null = model.null_context(b) if cfg_scale != 1.0 else None  # CFG: rollout AND training guided
+    null_ref = ref.null_context(b) if ref is not None and cfg_scale != 1.0 else None
+    out = WindowScores([], [], [], [], [], [])
+    for j in range(w):
+        # contiguous: the same memory layout as in the rollout, hence the same kernels and numerics
+        x_t, x_next = rnd.x_t[:, j].contiguous(), rnd.x_next[:, j].contiguous()
+        t, t_next = rnd.t[:, j].contiguous(), rnd.t_next[:, j].contiguous()
+        v = guided_velocity(model, x_t, t, ctx, null, cfg_scale).float()  # float32 SDE math
+        step = sde_step(x_t, v, t, t_next, noise_level, kind, prev_sample=x_next, reduction=reduction)
+        out.logp.append(step.log_prob)
+        out.mean.append(step.mean)
+        out.std.append(step.std)
+        out.v.append(v)
+        if ref is not None:
+            with torch.no_grad():  # the frozen reference is a target, never differentiated
+                v_ref = guided_velocity(ref, x_t, t, ctx_ref, null_ref, cfg_scale).float()
+                out.mean_ref.append(sde_step(x_t, v_ref, t, t_next, noise_level, kind, prev_sample=x_next).mean)
+                out.v_ref.append(v_ref)
+    return out

@@ -11,17 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from unigrpo.algo.guidance import guided_velocity
 from unigrpo.algo.schedule import timesteps
 from unigrpo.models.protocol import TokenBatch
-
-
-def guided_velocity(model, x_t: torch.Tensor, t: torch.Tensor, ctx, null_ctx, cfg_scale: float):
-    """v = v_uncond + s (v_cond - v_uncond); a single call when s == 1 (no CFG)."""
-    if cfg_scale == 1.0 or null_ctx is None:
-        return model.velocity(x_t, t, ctx)
-    v_cond = model.velocity(x_t, t, ctx)
-    v_uncond = model.velocity(x_t, t, null_ctx)
-    return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ def test_pretrain_cli_trains_and_saves(tmp_path):
     assert log and all(np.isfinite([r["text_loss"], r["image_loss"], r["grad_norm"]]).all() for r in log)
     trained = TinyUnifiedModel.load(out)
     torch.manual_seed(0)  # pretrain seeds torch with cfg.seed (0) before building the model
-    init = build_model(load_config(None, SMALL))
+    init = build_model(load_config(None, SMALL), checkpoint=None)
     changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, init.state_dict()[k])]
     assert any(k.startswith("text.") for k in changed) and any(k.startswith("image.") for k in changed)
 

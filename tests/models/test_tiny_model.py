@@ -17,7 +17,7 @@ PROMPTS = ["a red circle", "two blue squares", "a yellow triangle left of a gree
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return build_model(load_config(None, SMALL)).eval()
+    return build_model(load_config(None, SMALL), checkpoint=None).eval()
 
 
 def test_conforms_to_protocol(model):

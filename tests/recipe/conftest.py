@@ -19,7 +19,7 @@ MODEL = ["model.d_text=32", "model.text_layers=1", "model.text_heads=2", "model.
 SIZES = ["steps=2", "algo.prompts_per_step=2", "algo.group_size=4", "algo.trajectories_per_minibatch=4",
          "algo.micro_batch_trajectories=2", "sampler.num_steps=4", "sampler.window_range=[0,3]",
          "sampler.window_size=2", "sampler.eval_num_steps=2", "eval.num_prompts=2", "eval.grid_prompts=2",
-         "text.max_reasoning_tokens=6", "algo.prompt_pool=64", "threads=1",
+         "text.max_reasoning_tokens=6", "task.prompt_pool=64", "threads=1",
          "rewards=[{name: 'smooth_reward:brightness', weight: 1.0}]"]
 # Large steps so that two steps visibly move the parameters (and the MSE has a gradient).
 LEARN = ["optim.lr_text=1e-3", "optim.lr_image=1e-3", "algo.image_eps=1e-2", "algo.c_mse=0.1"]
@@ -32,7 +32,7 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     make v == 0 and the image tests vacuous), saved like a real checkpoint."""
     cfg = load_config(None, MODEL + ["model.checkpoint=null"])
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model(cfg, checkpoint=None)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))

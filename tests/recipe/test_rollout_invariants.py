@@ -7,7 +7,7 @@ from conftest import tiny_overrides
 from unigrpo import rollout as R
 from unigrpo.algo.schedule import timesteps
 from unigrpo.config import load_config
-from unigrpo.models import load_model
+from unigrpo.models import build_model
 from unigrpo.sampling import ode_sample
 
 PROMPTS = ["a red circle", "two blue squares above a green triangle"]
@@ -15,7 +15,7 @@ PROMPTS = ["a red circle", "two blue squares above a green triangle"]
 
 def setup(ckpt, tmp_path, *extra):
     cfg = load_config(None, tiny_overrides(ckpt, tmp_path, *extra))
-    model = load_model(cfg)
+    model = build_model(cfg)
     tokens = R.sample_reasoning(model, PROMPTS, cfg.algo.group_size, [5, 6], thinking=True,
                                 max_new_tokens=cfg.text.max_reasoning_tokens, temperature=1.0, top_p=1.0)
     return cfg, model, tokens
@@ -74,7 +74,7 @@ def test_trajectories_do_not_depend_on_chunking(tiny_checkpoint, tmp_path):
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     parts = [images(cfg, model, tokens.index(idx), [seeds[i] for i in idx.tolist()], starts[idx])
              for idx in perm.split(3)]
-    chunked = R.Rollout.cat(parts, model.pad_id).index(torch.argsort(perm))
+    chunked = R.Round.cat(parts, model.pad_id).index(torch.argsort(perm))
     assert torch.equal(chunked.tokens.ids, whole.tokens.ids)
     torch.testing.assert_close(chunked.images, whole.images, rtol=0, atol=1e-4)
     torch.testing.assert_close(chunked.x_next, whole.x_next, rtol=1e-4, atol=1e-4)

@@ -11,15 +11,18 @@ from safetensors.torch import load_file
 from unigrpo import rollout as R
 from unigrpo.cli import main
 from unigrpo.config import load_config
-from unigrpo.models import load_model
+from unigrpo.models import build_model
 from unigrpo.recipes import train as T
+from unigrpo.recipes.batches import ppo_order
+from unigrpo.recipes.optim import build_optimizer
+from unigrpo.tasks import build_task
 
 
 def make_rollout(cfg, model, n_prompts: int = 2, step: int = 0):
     """The recipe's rollout for one step, chunked like the first epoch's micro-batches."""
     a, s = cfg.algo, cfg.sampler
-    tasks = T.step_tasks(cfg, step)[:n_prompts]
-    tokens = R.sample_reasoning(model, [t.prompt for t in tasks], a.group_size, [11 + i for i in range(n_prompts)],
+    tasks = build_task(cfg).train_prompts(step, cfg.algo.prompts_per_step)[:n_prompts]
+    tokens = R.sample_reasoning(model, [t.text for t in tasks], a.group_size, [11 + i for i in range(n_prompts)],
                                 thinking=True, max_new_tokens=cfg.text.max_reasoning_tokens,
                                 temperature=cfg.text.temperature, top_p=cfg.text.top_p)
     n = len(tokens)
@@ -30,7 +33,7 @@ def make_rollout(cfg, model, n_prompts: int = 2, step: int = 0):
                              window_size=s.window_size, cfg_scale=s.cfg_scale, temperature=cfg.text.temperature,
                              reduction=a.logprob_reduction)
              for idx in torch.arange(n).split(a.micro_batch_trajectories)]
-    return R.Rollout.cat(parts, model.pad_id)
+    return R.Episode([R.Round.cat(parts, model.pad_id)])
 
 
 @pytest.mark.parametrize("extra", [[], ["sampler.cfg_scale=2.0", "algo.ratio_norm=false", "sampler.kind=cps", "algo.share_window_in_group=false"]])
@@ -39,9 +42,9 @@ def test_ratio_is_exactly_one_on_the_first_micro_batches(tiny_checkpoint, tmp_pa
     tiny model's CPU numerics DO depend on the batch composition (2 threads: text ~5e-7; 1 thread:
     image expert at batch 8 vs 16), so only an identical computation gives ratio == 1 exactly."""
     cfg = load_config(None, tiny_overrides(tiny_checkpoint, tmp_path, *extra))
-    model = load_model(cfg)
-    ref = T.copy.deepcopy(model).requires_grad_(False)
-    T.build_optimizer(model, cfg)
+    model = build_model(cfg)
+    ref = model.reference()
+    build_optimizer(model, cfg)
     roll = make_rollout(cfg, model)
     adv = torch.linspace(-1, 1, len(roll))
     for idx in torch.arange(len(roll)).split(cfg.algo.micro_batch_trajectories):
@@ -59,12 +62,12 @@ def test_ratio_is_exactly_one_on_the_first_micro_batches(tiny_checkpoint, tmp_pa
 def test_micro_batch_accumulation_equals_full_batch(tiny_checkpoint, tmp_path, aggregation):
     cfg = load_config(None, tiny_overrides(tiny_checkpoint, tmp_path, f"algo.text_aggregation={aggregation}",
                                            "algo.detach_context=false", "algo.beta_img=0.5", "algo.text_beta=0.1"))
-    model = load_model(cfg)
-    ref = T.copy.deepcopy(model).requires_grad_(False)
+    model = build_model(cfg)
+    ref = model.reference()
     with torch.no_grad():  # move the policy away from the reference so every term has a gradient
         for p in model.parameters():
             p.add_(1e-2 * torch.randn_like(p))
-    T.build_optimizer(model, cfg)
+    build_optimizer(model, cfg)
     roll = make_rollout(cfg, model)
     adv = torch.linspace(-1, 1, len(roll))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -72,11 +75,11 @@ def test_micro_batch_accumulation_equals_full_batch(tiny_checkpoint, tmp_path, a
     def grads(micro: int) -> list[torch.Tensor]:
         model.zero_grad(set_to_none=True)
         chunks = torch.arange(len(roll)).split(micro)
-        total_tokens = float(roll.tokens.response_mask.sum())
+        total_tokens = float(roll.reasoning_tokens().sum())
         for idx in chunks:
             mb = roll.index(idx)
             w_img = len(idx) / len(roll)
-            w_text = float(mb.tokens.response_mask.sum()) / total_tokens if aggregation == "token_mean" else w_img
+            w_text = float(mb.reasoning_tokens().sum()) / total_tokens if aggregation == "token_mean" else w_img
             loss, _ = T.micro_batch_loss(model, ref, mb, adv[idx], cfg, w_text, w_img)
             loss.backward()
         return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -138,14 +141,14 @@ def test_minibatches_are_the_same_sets_for_any_number_of_ranks():
     trajectories for 1 or 2 ranks (rank r owning prompts [r P/2, (r+1) P/2))."""
     cfg = load_config(None, ["algo.prompts_per_step=4", "algo.group_size=4", "algo.trajectories_per_minibatch=8",
                              "algo.micro_batch_trajectories=8"])
-    one = T.ppo_order(cfg, step=3, epoch=1, p0=0, n_prompts=4, minibatch=8).view(2, 8)
-    ranks = [T.ppo_order(cfg, step=3, epoch=1, p0=2 * r, n_prompts=2, minibatch=4).view(2, 4) + 8 * r
+    one = ppo_order(cfg, step=3, epoch=1, p0=0, n_prompts=4, minibatch=8).view(2, 8)
+    ranks = [ppo_order(cfg, step=3, epoch=1, p0=2 * r, n_prompts=2, minibatch=4).view(2, 4) + 8 * r
              for r in range(2)]
     for m in range(2):
         assert torch.equal(one[m], torch.cat([ranks[0][m], ranks[1][m]]))  # same rows, same order
         assert torch.bincount(one[m] // 4, minlength=4).tolist() == [2, 2, 2, 2]  # 2 of every group
     assert sorted(one.flatten().tolist()) == list(range(16))
-    assert not torch.equal(one, T.ppo_order(cfg, step=3, epoch=2, p0=0, n_prompts=4, minibatch=8).view(2, 8))
+    assert not torch.equal(one, ppo_order(cfg, step=3, epoch=2, p0=0, n_prompts=4, minibatch=8).view(2, 8))
     # fewer trajectories per minibatch than prompts: still a permutation, groups in turn
-    small = T.ppo_order(cfg, step=0, epoch=0, p0=0, n_prompts=4, minibatch=2)
+    small = ppo_order(cfg, step=0, epoch=0, p0=0, n_prompts=4, minibatch=2)
     assert sorted(small.tolist()) == list(range(16)) and (small[:4] // 4).tolist() == [0, 1, 2, 3]

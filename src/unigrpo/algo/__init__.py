@@ -1,10 +1,11 @@
 """The math of UniGRPO as small, pure tensor functions (see docs/algorithm.md and SPEC.md).
 
 schedule: time grid; sde: stochastic denoising step + log-prob, SDE window; advantages: group
-normalisation; text_loss: GRPO on tokens; image_loss: FlowGRPO surrogate, velocity MSE, latent KL.
+normalisation; guidance: classifier-free guidance; text_loss: GRPO on tokens; image_loss: FlowGRPO surrogate, velocity MSE, latent KL.
 """
 
 from unigrpo.algo.advantages import group_advantages, zero_variance_fraction
+from unigrpo.algo.guidance import guided_velocity
 from unigrpo.algo.image_loss import flow_grpo_loss, latent_kl, ratio_norm_log_ratio, velocity_mse
 from unigrpo.algo.schedule import shift_time, timesteps
 from unigrpo.algo.sde import SDEStepResult, gaussian_log_prob, sde_step, sde_window
@@ -12,6 +13,6 @@ from unigrpo.algo.text_loss import aggregate_tokens, clipped_surrogate, text_grp
 
 __all__ = [
     "SDEStepResult", "aggregate_tokens", "clipped_surrogate", "flow_grpo_loss", "gaussian_log_prob",
-    "group_advantages", "latent_kl", "ratio_norm_log_ratio", "sde_step", "sde_window", "shift_time",
+    "group_advantages", "guided_velocity", "latent_kl", "ratio_norm_log_ratio", "sde_step", "sde_window", "shift_time",
     "text_grpo_loss", "timesteps", "velocity_mse", "zero_variance_fraction",
 ]

@@ -1,30 +1,32 @@
-"""Model adapters. ``load_model(cfg)`` is how recipes get the model named by ``cfg.model``."""
+"""Model adapters. ``build_model(cfg, device)`` is how every recipe gets the model of ``cfg.model``.
+
+``KINDS`` maps ``model.kind`` to the adapter's builder, ``"module:function"``, imported only when
+that kind is used (an HF or Bagel adapter pulls in heavy packages). A builder takes
+``(cfg, checkpoint)`` and returns a ``UnifiedModel``; its config section is the dataclass of that
+kind in ``unigrpo.config`` (``model.kind`` selects it).
+"""
 
 from __future__ import annotations
 
-from unigrpo.models.protocol import TokenBatch, UnifiedModel
+import importlib
 
-__all__ = ["TokenBatch", "UnifiedModel", "build_model", "load_model"]
+from unigrpo.models.protocol import ReferencePolicy, TokenBatch, UnifiedModel
 
+__all__ = ["KINDS", "ReferencePolicy", "TokenBatch", "UnifiedModel", "build_model"]
 
-def build_model(cfg):
-    """A randomly initialised tiny model with the config's sizes and the world tokenizer."""
-    from unigrpo.models.tiny import TinyConfig, TinyUnifiedModel
-    from unigrpo.world.tokenizer import build_world_tokenizer
+KINDS: dict[str, str] = {"tiny": "unigrpo.models.tiny:build"}
 
-    tok = build_world_tokenizer()
-    m = cfg.model
-    tiny = TinyConfig(vocab_size=tok.vocab_size, d_text=m.d_text, text_layers=m.text_layers,
-                      text_heads=m.text_heads, unet_channels=tuple(m.unet_channels),
-                      image_size=m.image_size, max_seq_len=m.max_seq_len)
-    return TinyUnifiedModel(tiny, tok)
+FROM_CONFIG = "__from_config__"
 
 
-def load_model(cfg, checkpoint: str | None = "__from_cfg__"):
-    """The model of ``cfg.model`` (weights from ``checkpoint`` or ``cfg.model.checkpoint``;
-    ``None`` = random init), on ``cfg.device``, in eval mode (no dropout; rollout == training)."""
-    from unigrpo.models.tiny import TinyUnifiedModel
-
-    ckpt = cfg.model.checkpoint if checkpoint == "__from_cfg__" else checkpoint
-    model = build_model(cfg) if ckpt is None else TinyUnifiedModel.load(ckpt)
-    return model.to(cfg.device).eval()
+def build_model(cfg, device: str | None = None, checkpoint: str | None = FROM_CONFIG) -> UnifiedModel:
+    """The model of ``cfg.model`` on ``device`` (default ``cfg.device``), in eval mode (no dropout:
+    rollout and training compute the same thing). Weights come from ``checkpoint`` (default
+    ``cfg.model.checkpoint``); ``None`` = a random init."""
+    kind = cfg.model.kind
+    if kind not in KINDS:
+        raise ValueError(f"model.kind: no adapter {kind!r} (available: {', '.join(KINDS)})")
+    module, _, name = KINDS[kind].partition(":")
+    builder = getattr(importlib.import_module(module), name)
+    model = builder(cfg, cfg.model.checkpoint if checkpoint == FROM_CONFIG else checkpoint)
+    return model.to(device or cfg.device).eval()

@@ -8,21 +8,35 @@ A unified model is used in two phases of one MDP:
    (what the image expert reads: hidden states for the tiny model and HF text encoders, a KV cache
    for Bagel). ``velocity(x_t, t, ctx)`` is then called at every denoising step with that context.
 
-Rollout and training call the same ``forward_context`` / ``velocity`` code path, so the recorded
-behaviour log-probs and the training log-probs come from identical computations (ratio == 1 on the
-first update; see PITFALLS.md). Token layout: prompts are LEFT-padded, responses RIGHT-padded, so
-all rows generate in lockstep; positions are derived from the mask.
+Rollout and training call the same ``forward_context`` / ``velocity`` code path (both live in
+``unigrpo.rollout``), so the recorded behaviour log-probs and the training log-probs come from
+identical computations: the ratio is exactly 1 on the first update (docs/training.md). Token
+layout: prompts are LEFT-padded, responses RIGHT-padded, so all rows generate in lockstep;
+positions are derived from the mask.
+
+Besides the two phases, a model owns its **lifecycle**, so that the training loop never has to know
+what kind of model it trains (docs/design.md):
+
+- ``reference()``: the frozen starting policy (a frozen copy, LoRA adapters disabled, or a weight
+  snapshot: the adapter chooses; the loop never deep-copies a model);
+- ``parameter_groups()``: the trainable parameters of the text and the image expert, by name;
+- ``trainable_state()`` / ``load_trainable_state()``: what a checkpoint must hold to resume (written
+  as safetensors); ``save()``: a standalone file ``build_model`` loads (``model.checkpoint``);
+- ``wrap()`` / ``reduce_gradients()``: data parallelism (DDP semantics today; a sharded adapter
+  shards in ``wrap`` and makes ``reduce_gradients`` a no-op). Every rank calls every lifecycle
+  method, in the same order, so a sharded adapter can gather inside them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["TokenBatch", "UnifiedModel"]
+__all__ = ["ReferencePolicy", "TokenBatch", "UnifiedModel"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,27 @@ class TokenBatch:
 
 
 @runtime_checkable
+class ReferencePolicy(Protocol):
+    """The frozen starting policy, as the regularisers read it (``UnifiedModel.reference()``)."""
+
+    def forward_context(self, tokens: TokenBatch, temperature: float = 1.0) -> tuple[torch.Tensor, Any]:
+        """As ``UnifiedModel.forward_context``, under the reference weights (no gradient needed)."""
+
+    def null_context(self, batch_size: int) -> Any:
+        """As ``UnifiedModel.null_context``, under the reference weights."""
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, ctx: Any) -> torch.Tensor:
+        """As ``UnifiedModel.velocity``, under the reference weights."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What must be saved so that a resumed run regularises against the SAME reference (the whole
+        frozen copy for the tiny model; nothing for LoRA, whose reference is the frozen base)."""
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> Any:
+        """Restore ``state_dict()``."""
+
+
+@runtime_checkable
 class UnifiedModel(Protocol):
     """What the recipe needs from a reason-then-draw model. Adapters implement exactly this."""
 
@@ -106,8 +141,29 @@ class UnifiedModel(Protocol):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """RGB images [B, 3, H, W] in [0, 1] -> latents (for supervised flow matching)."""
 
-    def text_parameters(self) -> list[torch.nn.Parameter]:
-        """Parameters of the text (reasoning) expert."""
+    # ----------------------------------------------------------------- lifecycle
+    def reference(self) -> ReferencePolicy:
+        """The frozen starting policy; call before the first update (the adapter decides how)."""
 
-    def image_parameters(self) -> list[torch.nn.Parameter]:
-        """Parameters of the image (generation) expert."""
+    def parameter_groups(self) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
+        """``{"text": [(name, parameter), ...], "image": [...]}``: what each expert may train.
+        Names are those of ``trainable_state`` (``optim.image_params`` matches them)."""
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Every parameter training can change, by name, as full CPU tensors (a sharded adapter
+        gathers here: every rank calls it)."""
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore ``trainable_state()`` (missing or unexpected names are an error)."""
+
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        """A standalone checkpoint that ``build_model`` loads via ``model.checkpoint`` (rank 0)."""
+
+    def wrap(self, d: Any) -> None:
+        """Prepare for data parallelism over ``d`` (``unigrpo.utils.dist.Dist``); no-op on 1 rank."""
+
+    def reduce_gradients(self, params: list[torch.nn.Parameter], d: Any) -> None:
+        """Average the gradients of ``params`` over ranks (after the last micro-batch of an update)."""
+
+    def named_parameters(self) -> Iterable[tuple[str, torch.nn.Parameter]]:
+        """All parameters by name (``torch.nn.Module``)."""

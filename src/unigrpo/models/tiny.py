@@ -10,6 +10,7 @@ fixture every adapter's conformance tests are modelled on.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch import nn
 from unigrpo.models.protocol import TokenBatch
 from unigrpo.models.tiny_image import ImageExpert
 from unigrpo.models.tiny_text import TextExpert
+from unigrpo.utils import dist
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUILTIN = {"builtin:sft": ASSETS / "tiny_sft.safetensors"}
@@ -164,12 +166,34 @@ class TinyUnifiedModel(nn.Module):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return F.pixel_unshuffle(images * 2.0 - 1.0, 2)
 
-    # ----------------------------------------------------------------- parameters / IO
+    # ----------------------------------------------------------------- lifecycle
     def text_parameters(self) -> list[nn.Parameter]:
         return list(self.text.parameters())
 
     def image_parameters(self) -> list[nn.Parameter]:
         return list(self.image.parameters())
+
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        return {"text": [(f"text.{n}", p) for n, p in self.text.named_parameters()],
+                "image": [(f"image.{n}", p) for n, p in self.image.named_parameters()]}
+
+    def reference(self) -> TinyUnifiedModel:
+        """A frozen copy (9 MB: the cheapest reference here; a large adapter disables LoRA or
+        snapshots only its trainable weights instead)."""
+        return copy.deepcopy(self).requires_grad_(False).eval()
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The whole state: both experts are trainable (one process holds it all, no gathering)."""
+        return {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(state)  # strict: missing / unexpected names raise, naming them
+
+    def wrap(self, d) -> None:
+        dist.broadcast_parameters(self, d)  # every rank starts from rank 0's weights
+
+    def reduce_gradients(self, params: list[nn.Parameter], d) -> None:
+        dist.average_gradients(params, d)
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         """Weights as safetensors; config and tokenizer vocabulary in its metadata (one file)."""
@@ -201,3 +225,17 @@ class TinyUnifiedModel(nn.Module):
         model = cls(TinyConfig(**cfg), WordTokenizer.from_dict(json.loads(meta["tokenizer"])))
         model.load_state_dict(load_file(str(path), device=device))
         return model.to(device)
+
+
+def build(cfg, checkpoint: str | None) -> TinyUnifiedModel:
+    """``model.kind: tiny``: the weights of ``checkpoint`` (their own sizes), or a random init of
+    the config's sizes when ``checkpoint`` is None."""
+    if checkpoint is not None:
+        return TinyUnifiedModel.load(checkpoint)
+    from unigrpo.world.tokenizer import build_world_tokenizer
+
+    tok, m = build_world_tokenizer(), cfg.model
+    tiny = TinyConfig(vocab_size=tok.vocab_size, d_text=m.d_text, text_layers=m.text_layers,
+                      text_heads=m.text_heads, unet_channels=tuple(m.unet_channels),
+                      image_size=m.image_size, max_seq_len=m.max_seq_len)
+    return TinyUnifiedModel(tiny, tok)

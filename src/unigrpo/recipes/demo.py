@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from unigrpo.config import Config
-from unigrpo.models import load_model
+from unigrpo.models import build_model
 from unigrpo.recipes.evaluate import (
     eval_tasks,
     evaluate_model,
@@ -79,14 +79,14 @@ def run_demo(cfg: Config) -> dict:
     tasks = eval_tasks(cfg)
     start = time.time()
     print(f"[demo] evaluating the SFT checkpoint ({cfg.model.checkpoint}) on {len(tasks)} held-out prompts")
-    before, gen = evaluate_model(load_model(cfg), tasks, cfg, "think")
+    before, gen = evaluate_model(build_model(cfg), tasks, cfg, "think")
     write_eval(out / "eval", "before", before, gen, tasks, cfg.eval.grid_prompts)
     print(f"[demo] UniGRPO: {cfg.steps} steps x {cfg.algo.prompts_per_step} prompts x "
           f"{cfg.algo.group_size} trajectories")
     result = train(cfg)
     policy = result["model"] if isinstance(result, dict) and "model" in result else None
     if policy is None:
-        policy = load_model(cfg, str(out / "final.safetensors"))
+        policy = build_model(cfg, checkpoint=str(out / "final.safetensors"))
     after, gen = evaluate_model(policy, tasks, cfg, "think")
     write_eval(out / "eval", "after", after, gen, tasks, cfg.eval.grid_prompts)
     minutes = (time.time() - start) / 60

@@ -89,7 +89,7 @@ def pretrain(cfg: Config, out_path: str | Path, log_path: str | Path | None = No
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model = build_model(cfg)
+    model = build_model(cfg, "cpu", checkpoint=None).train()  # a random init of the config's sizes
     tasks = make_tasks("train", 20000, seed=cfg.seed)
     p = cfg.pretrain
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=0.01)

@@ -9,9 +9,10 @@
   micro-batch but the last), without DDP's backward/communication overlap. We do it explicitly
   because a unified model is driven through several protocol methods per backward
   (``forward_context`` + ``velocity`` x window steps), whereas DDP hooks into ``forward()``.
-- ``wrap_model`` is the single place where a model is prepared for data parallelism; FSDP2
-  (``fully_shard`` + ``register_fsdp_forward_method`` for the protocol methods) goes there later,
-  and ``average_gradients`` then becomes a no-op because FSDP reduces gradients in backward.
+- The model prepares itself for data parallelism (``UnifiedModel.wrap`` / ``reduce_gradients``):
+  the tiny model broadcasts rank 0's weights (``broadcast_parameters``) and averages gradients
+  here (``average_gradients``); an FSDP2 adapter shards in ``wrap`` (``fully_shard`` +
+  ``register_fsdp_forward_method`` for the protocol methods) and reduces gradients in backward.
 - Collective order: the training loop calls each helper unconditionally, in the same order on
   every rank, whatever the data (reasoning lengths, rewards, non-finite losses), so ranks never
   wait on different collectives.
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["Dist", "all_gather_cat", "all_reduce_max", "all_reduce_sum", "any_flag", "average_gradients",
-           "init", "reduce_metrics", "shard", "shutdown", "wrap_model"]
+           "broadcast_parameters", "init", "reduce_metrics", "shard", "shutdown"]
 
 
 @dataclass(frozen=True)
@@ -83,15 +84,12 @@ def shard(n: int, d: Dist) -> slice:
     return slice(d.rank * per, (d.rank + 1) * per)
 
 
-def wrap_model(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
-    """Prepare the model for data parallelism: identical weights on every rank (rank 0's).
-
-    The one place to add FSDP2 sharding later (see module docstring)."""
+def broadcast_parameters(model: torch.nn.Module, d: Dist) -> None:
+    """Identical weights on every rank: rank 0's parameters and buffers (the tiny model's ``wrap``)."""
     if d.enabled:
         with torch.no_grad():
             for t in [*model.parameters(), *model.buffers()]:
                 dist.broadcast(t.data, src=0)
-    return model
 
 
 def average_gradients(params: list[torch.nn.Parameter], d: Dist) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-__all__ = ["ConfigError", "apply_overrides", "from_dict", "load", "parse_override", "to_dict"]
+__all__ = ["ConfigError", "apply_overrides", "from_dict", "kind_of", "load", "parse_override", "to_dict"]
 
 
 class ConfigError(ValueError):
@@ -37,6 +37,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        if all(dataclasses.is_dataclass(a) for a in args):  # sections told apart by their `kind`
+            return _convert_kind_union(value, args, key)
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
@@ -93,7 +95,25 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported annotation {tp!r}")  # a schema bug, not a user error
 
 
-def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+def kind_of(section: type) -> str:
+    """The ``kind`` a section class stands for: its ``kind: Literal["name"]`` field."""
+    (name,) = get_args(typing.get_type_hints(section)["kind"])
+    return name
+
+
+def _convert_kind_union(value: Any, sections: tuple, key: str) -> Any:
+    """A section whose fields depend on its ``kind`` (e.g. ``model.kind: tiny | hf``): the kind
+    picks the dataclass, which then checks the other keys (the first section is the default)."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping for section, got {value!r}")
+    by_kind = {kind_of(s): s for s in sections}
+    kind = value.get("kind", kind_of(sections[0]))
+    if kind not in by_kind:
+        raise ConfigError(f"{key}.kind: must be one of {', '.join(repr(k) for k in by_kind)}, got {kind!r}")
+    return from_dict(by_kind[kind], value, prefix=key + ".", context=f" for {key}.kind={kind!r}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "", context: str = "") -> Any:
     """Build dataclass ``cls`` from a nested dict; unknown keys and bad types raise ConfigError."""
     if data is None:
         data = {}
@@ -105,7 +125,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         if k not in names:
             close = difflib.get_close_matches(str(k), sorted(names), n=2)
             hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-            raise ConfigError(f"{prefix}{k}: unknown key{hint}")
+            raise ConfigError(f"{prefix}{k}: unknown key{context}{hint}")
     kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
     return cls(**kwargs)
 
