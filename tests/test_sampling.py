@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
+from unigrpo.algo.guidance import guided_velocity
 from unigrpo.algo.schedule import timesteps
 from unigrpo.cli import main
 from unigrpo.config import load_config
 from unigrpo.models import build_model
-from unigrpo.algo.guidance import guided_velocity
 from unigrpo.sampling import generate, ode_sample
 
 SMALL = ["model.d_text=32", "model.text_layers=1", "model.unet_channels=[16,32,32]", "model.image_size=16"]
