@@ -11,7 +11,7 @@ reads each run's held-out evaluations from metrics.jsonl and writes a table (JSO
 
 Variants (150 steps unless overridden; all else = builtin:demo: no CFG, velocity MSE, same lr, window, seed):
   unigrpo    text + image policy (the method)
-  textgrpo   text policy only (image expert frozen; SPEC.md section 7 TextGRPO)
+  textgrpo   text policy only (image expert frozen; builtin:textgrpo, docs/training.md "Baselines and ablations")
   imageonly  image policy only (text expert frozen; FlowGRPO objective under UniGRPO's settings)
 The original FlowGRPO recipe (CFG 3 in rollout and training, latent KL) is builtin:flowgrpo.
 """
