@@ -1,6 +1,6 @@
 """UniGRPO vs its single-modality baselines from the same SFT checkpoint, same budget and seed.
 
-Runs `unigrpo train configs/demo.yaml` once per variant (in parallel, one CPU thread each), then
+Runs `unigrpo train builtin:demo` once per variant (in parallel, one CPU thread each), then
 reads each run's held-out evaluations from metrics.jsonl and writes a table (JSON + Markdown):
 
     python benchmarks/compare_policies.py                      # 150 steps, all variants
@@ -9,11 +9,11 @@ reads each run's held-out evaluations from metrics.jsonl and writes a table (JSO
     python benchmarks/compare_policies.py --only textgrpo imageonly   # unigrpo row from another run:
     ln -s ../long runs/compare/unigrpo && python benchmarks/compare_policies.py --collect-only --max-step 150
 
-Variants (150 steps unless overridden; all else = configs/demo.yaml: no CFG, velocity MSE, same lr, window, seed):
+Variants (150 steps unless overridden; all else = builtin:demo: no CFG, velocity MSE, same lr, window, seed):
   unigrpo    text + image policy (the method)
-  textgrpo   text policy only (image expert frozen; SPEC.md section 7 TextGRPO)
+  textgrpo   text policy only (image expert frozen; builtin:textgrpo, docs/training.md "Baselines and ablations")
   imageonly  image policy only (text expert frozen; FlowGRPO objective under UniGRPO's settings)
-The original FlowGRPO recipe (CFG 3 in rollout and training, latent KL) is configs/flowgrpo.yaml.
+The original FlowGRPO recipe (CFG 3 in rollout and training, latent KL) is builtin:flowgrpo.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ KEYS = ("eval/accuracy", "eval/accuracy_direct", "eval/accuracy_reasoning", "eva
 
 
 def launch(out: Path, overrides: list[str]) -> subprocess.Popen:
-    """Start `unigrpo train configs/demo.yaml` into ``out`` (1 thread, evaluation at step 0, no
+    """Start `unigrpo train builtin:demo` into ``out`` (1 thread, evaluation at step 0, no
     checkpoints, then ``overrides``); its output goes to ``out/stdout.log``."""
-    cmd = [sys.executable, "-m", "unigrpo.cli", "train", "configs/demo.yaml", f"output_dir={out}",
+    cmd = [sys.executable, "-m", "unigrpo.cli", "train", "builtin:demo", f"output_dir={out}",
            "threads=1", "eval.at_start=true", "save_every=0", *overrides]
     out.mkdir(parents=True, exist_ok=True)
     print("$", " ".join(cmd[2:]), flush=True)

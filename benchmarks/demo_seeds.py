@@ -1,6 +1,6 @@
 """How much the demo's gain varies with the training seed (the evaluation set is the same for all).
 
-Runs `unigrpo train configs/demo.yaml` once per seed (one CPU thread each, `--parallel` at a time),
+Runs `unigrpo train builtin:demo` once per seed (one CPU thread each, `--parallel` at a time),
 evaluating every `eval_every` steps from step 0, then writes the held-out accuracy per step and
 seed, its mean and standard deviation over seeds, and the gain over the SFT checkpoint
 (JSON + Markdown in benchmarks/results/):

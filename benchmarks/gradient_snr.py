@@ -2,7 +2,7 @@
 
     python benchmarks/gradient_snr.py [--batches 8] [--name NAME] [key=value ...]
 
-From the starting policy (configs/demo.yaml: the shipped SFT checkpoint) it rolls out ``--batches``
+From the starting policy (builtin:demo: the shipped SFT checkpoint) it rolls out ``--batches``
 independent steps of ``prompts_per_step x group_size`` trajectories (the training loop's own
 ``rollout_step``: reasoning, SDE-window images, reward, group advantages) and computes the policy
 gradient of the UniGRPO objective at the behaviour policy (ratio 1, no regulariser), separately
@@ -102,7 +102,7 @@ def main() -> None:
                     help="independent unit of the estimate: one prompt's group (default) or a whole step's batch")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_args()
-    cfg = load_config("configs/demo.yaml", ["algo.c_mse=0", "algo.beta_img=0", "algo.text_beta=0", *args.overrides])
+    cfg = load_config("builtin:demo", ["algo.c_mse=0", "algo.beta_img=0", "algo.text_beta=0", *args.overrides])
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     d = dist.init(cfg.device)[0]

@@ -2,7 +2,7 @@
 
     python benchmarks/image_texture.py builtin:sft runs/long/weights_step150.safetensors ...
 
-Same 64 test prompts and noise for every checkpoint (configs/demo.yaml: 20 ODE steps, thinking on).
+Same 64 test prompts and noise for every checkpoint (builtin:demo: 20 ODE steps, thinking on).
 Prints one line per checkpoint and writes benchmarks/results/image_texture.json.
 """
 
@@ -20,7 +20,7 @@ from unigrpo.world import image_stats
 
 def main(checkpoints: list[str]) -> None:
     torch.set_num_threads(2)
-    cfg = load_config("configs/demo.yaml", ["eval.num_prompts=64"])
+    cfg = load_config("builtin:demo", ["eval.num_prompts=64"])
     tasks = eval_tasks(cfg)
     out = {}
     for path in checkpoints:

@@ -2,7 +2,7 @@
 
     python benchmarks/profile_step.py [STEPS] [key=value ...]
 
-Runs `train` from the shipped SFT checkpoint (configs/demo.yaml) under torch.profiler and reports:
+Runs `train` from the shipped SFT checkpoint (builtin:demo) under torch.profiler and reports:
 trajectories/s for rollout and training (from the loop's own perf/ metrics), and the share of wall
 time spent inside PyTorch operators (model compute: conv, matmul, attention, norms, optimizer
 kernels) versus everything else (Python glue, reward, tokenisation, logging). Writes
@@ -28,7 +28,7 @@ def main(argv: list[str]) -> None:
     steps = int(argv[0]) if argv and "=" not in argv[0] else 3
     overrides = [a for a in argv if "=" in a]
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config("configs/demo.yaml", [f"steps={steps}", "eval_every=0", "save_every=0",
+        cfg = load_config("builtin:demo", [f"steps={steps}", "eval_every=0", "save_every=0",
                                                 f"output_dir={tmp}", "eval.num_prompts=8", *overrides])
         start = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU]) as prof:

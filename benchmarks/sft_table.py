@@ -1,6 +1,6 @@
 """Write docs/sft_checkpoint.md from `unigrpo eval ... --mode all --out DIR` results.
 
-    unigrpo eval configs/pretrain.yaml --checkpoint runs/pretrain/tiny_sft.safetensors --mode all --out runs/pretrain/eval
+    unigrpo eval builtin:pretrain --checkpoint runs/pretrain/tiny_sft.safetensors --mode all --out runs/pretrain/eval
     python benchmarks/sft_table.py runs/pretrain/eval
 """
 

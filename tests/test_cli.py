@@ -7,18 +7,40 @@ from pathlib import Path
 import pytest
 
 from unigrpo.cli import main
+from unigrpo.config import builtin_configs
 
 ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(p.stem for p in (ROOT / "src" / "unigrpo" / "configs").glob("*.yaml"))
 
 
 def test_validate_shipped_configs(capsys):
-    for path in sorted((ROOT / "configs").glob("*.yaml")):
-        assert main(["validate", str(path)]) == 0, path
+    assert len(SHIPPED) >= 8 and sorted(builtin_configs()) == SHIPPED
+    for name in SHIPPED:
+        assert main(["validate", f"builtin:{name}"]) == 0, name
         assert "ok:" in capsys.readouterr().out
 
 
+def test_configs_lists_every_shipped_config(capsys):
+    assert main(["configs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == [f"builtin:{name}" for name in SHIPPED]
+    assert all(len(line.split(maxsplit=1)) == 2 for line in lines)  # each with its description
+
+
+def test_configs_takes_no_arguments(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["configs", "demo"])
+    assert e.value.code == 2 and "demo" in capsys.readouterr().err
+
+
+def test_unknown_builtin_is_one_line_error(capsys):
+    assert main(["validate", "builtin:nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "builtin:nope" in err and "builtin:unigrpo" in err
+
+
 def test_validate_error_is_one_line_naming_the_key(capsys):
-    assert main(["validate", str(ROOT / "configs" / "unigrpo.yaml"), "algo.group_size=1"]) == 2
+    assert main(["validate", "builtin:unigrpo", "algo.group_size=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "algo.group_size" in err
 
@@ -30,7 +52,7 @@ def test_validate_without_file_uses_defaults(capsys):
 
 def test_overrides_after_options_are_accepted(capsys):
     # argparse alone rejects `key=value` after an option (`sample "p" --n 8 threads=1` failed).
-    assert main(["validate", str(ROOT / "configs" / "unigrpo.yaml"), "--print", "algo.group_size=4",
+    assert main(["validate", "builtin:unigrpo", "--print", "algo.group_size=4",
                  "seed=3"]) == 0
     out = capsys.readouterr().out
     assert "group_size: 4" in out and "seed: 3" in out
@@ -38,7 +60,7 @@ def test_overrides_after_options_are_accepted(capsys):
 
 def test_unknown_option_is_still_an_error(capsys):
     with pytest.raises(SystemExit) as e:
-        main(["validate", str(ROOT / "configs" / "unigrpo.yaml"), "--nope"])
+        main(["validate", "builtin:unigrpo", "--nope"])
     assert e.value.code == 2 and "--nope" in capsys.readouterr().err
 
 

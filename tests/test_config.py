@@ -1,9 +1,19 @@
 """Typed config: defaults valid, YAML + overrides, and one-line errors that name the key."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
-from unigrpo.config import Config, ConfigError, load_config, to_dict, validate
+from unigrpo.config import (
+    Config,
+    ConfigError,
+    builtin_configs,
+    load_config,
+    resolve_config_path,
+    to_dict,
+    validate,
+)
 from unigrpo.utils.typed_config import from_dict
 
 
@@ -78,3 +88,31 @@ def test_reward_list_section():
     assert [r.name for r in cfg.rewards] == ["shapes", "pkg.mod:fn"]
     with pytest.raises(ConfigError, match=r"rewards\[0\].wieght"):
         load_config(None, ["rewards=[{name: shapes, wieght: 1}]"])
+
+
+def test_builtin_config_loads_the_packaged_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # independent of the working directory
+    path = resolve_config_path("builtin:unigrpo")
+    assert path.is_file() and path.name == "unigrpo.yaml" and path.parent.name == "configs"
+    cfg = load_config("builtin:unigrpo", ["seed=7"])
+    assert cfg == load_config(path, ["seed=7"]) and cfg.seed == 7
+    assert cfg.output_dir == "runs/unigrpo"
+
+
+def test_plain_paths_are_unchanged(tmp_path):
+    assert resolve_config_path(tmp_path / "c.yaml") == tmp_path / "c.yaml"
+    assert resolve_config_path("configs/x.yaml") == Path("configs/x.yaml")
+
+
+def test_unknown_builtin_is_one_line_error_naming_the_available():
+    with pytest.raises(ConfigError) as e:
+        load_config("builtin:unigpro")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("builtin:unigpro")
+    assert all(f"builtin:{name}" in msg for name in builtin_configs())
+
+
+def test_builtin_descriptions_are_one_line():
+    shipped = builtin_configs()
+    assert {"demo", "unigrpo", "pretrain", "flowgrpo", "textgrpo"} <= set(shipped)
+    assert all(d and "\n" not in d and not d.startswith("#") for d in shipped.values())

@@ -40,7 +40,7 @@ def test_batch_gradients_split_text_and_image():
     from unigrpo.rewards import RewardSet
     from unigrpo.utils import dist
 
-    cfg = load_config(str(_BENCH.parent / "configs" / "demo.yaml"),
+    cfg = load_config("builtin:demo",
                       ["algo.c_mse=0", "algo.prompts_per_step=2", "algo.group_size=4",
                        "algo.trajectories_per_minibatch=8", "algo.micro_batch_trajectories=4",
                        "sampler.num_steps=4", "sampler.window_size=2", "sampler.window_range=[0,3]"])

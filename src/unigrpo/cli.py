@@ -1,5 +1,6 @@
 """The `unigrpo` command line: one sub-command per job, each taking CONFIG [key=value ...].
 
+CONFIG is a YAML file or ``builtin:NAME``, a config shipped in the package (`unigrpo configs`).
 Config errors print one line naming the offending key and exit with status 2.
 """
 
@@ -10,14 +11,22 @@ import sys
 
 import yaml
 
-from unigrpo.config import ConfigError, load_config, to_dict
+from unigrpo.config import ConfigError, builtin_configs, load_config, to_dict
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("config", nargs="?" if not required else None,
-                   help="YAML config file (see configs/); omit to use the defaults")
+                   help="YAML config file or builtin:NAME (list: unigrpo configs); omit to use the defaults")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override config keys, e.g. algo.group_size=8 sampler.num_steps=10")
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    shipped = builtin_configs()
+    width = max(len(name) for name in shipped) + len("builtin:")
+    for name, description in shipped.items():
+        print(f"{'builtin:' + name:<{width}}  {description}")
+    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -154,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--print", action="store_true", help="print the fully resolved config as YAML")
     p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("configs", help="list the shipped configs (use them as builtin:NAME)")
+    p.set_defaults(func=cmd_configs)
     _add_train_parser(sub)
 
     p = sub.add_parser("pretrain", help="supervised (SFT) training of the tiny model from scratch")
@@ -178,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="reason about one prompt, print the reasoning, write the image(s)")
     p.add_argument("prompt", help='e.g. "a square the color of a lemon"')
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    p.add_argument("--config", default=None, help="YAML config file")
+    p.add_argument("--config", default=None, help="YAML config file or builtin:NAME")
     p.add_argument("--checkpoint", default=None, help="model weights (default: model.checkpoint)")
     p.add_argument("--n", type=int, default=4, help="how many samples")
     p.add_argument("--seed", type=int, default=0, help="noise + reasoning seed")

@@ -16,7 +16,8 @@ from typing import Literal
 
 from unigrpo.utils.typed_config import ConfigError, load, to_dict
 
-__all__ = ["Config", "ConfigError", "load_config", "to_dict", "validate"]
+__all__ = ["Config", "ConfigError", "builtin_configs", "load_config", "resolve_config_path", "to_dict",
+           "validate"]
 
 
 @dataclass
@@ -245,5 +246,47 @@ def validate(cfg: Config) -> Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """YAML + overrides -> validated Config (raises ConfigError with the key on any problem)."""
-    return validate(load(Config, path, overrides))
+    """YAML + overrides -> validated Config (raises ConfigError with the key on any problem).
+
+    ``path`` is a YAML file or ``builtin:NAME``, a config shipped in the package (`unigrpo configs`).
+    """
+    return validate(load(Config, None if path is None else resolve_config_path(path), overrides))
+
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def _builtin_files() -> dict:
+    """NAME -> the packaged NAME.yaml (an importlib.resources Traversable), sorted by name."""
+    import importlib.resources
+
+    root = importlib.resources.files("unigrpo") / "configs"
+    return {f.name[: -len(".yaml")]: f for f in sorted(root.iterdir(), key=lambda f: f.name)
+            if f.name.endswith(".yaml")}
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """``builtin:NAME`` -> the packaged ``unigrpo/configs/NAME.yaml``; any other path unchanged.
+
+    An unknown builtin name is a ConfigError listing the available ones.
+    """
+    if not str(name).startswith(BUILTIN_PREFIX):
+        return Path(name)
+    key = str(name)[len(BUILTIN_PREFIX):]
+    files = _builtin_files()
+    if key not in files:
+        known = ", ".join(BUILTIN_PREFIX + k for k in files)
+        raise ConfigError(f"{name}: no such built-in config (available: {known})")
+    return Path(str(files[key]))  # a regular file: the package is installed unzipped
+
+
+def builtin_configs() -> dict[str, str]:
+    """Shipped configs: NAME -> the first comment line of NAME.yaml (its one-line description)."""
+    out = {}
+    for key, f in _builtin_files().items():
+        lines = f.read_text().splitlines()
+        first = next((i for i, ln in enumerate(lines) if ln.startswith("#")), None)
+        text = "" if first is None else lines[first].lstrip("#").strip()
+        continues = first is not None and first + 1 < len(lines) and lines[first + 1].startswith("#")
+        out[key] = text + " ..." if continues and not text.endswith((".", ":", ";")) else text
+    return out

@@ -138,7 +138,7 @@ def test_latent_kl_is_the_gaussian_kl():
 
 
 def kl_weight(t, tn, a):
-    """KL / MSE for flow_sde, computed from SPEC.md: mean is linear in v with slope c."""
+    """KL / MSE for flow_sde, computed from docs/algorithm.md: mean is linear in v with slope c."""
     t_tilde = tn if t == 1 else t
     sigma2 = a**2 * t / (1 - t_tilde)
     c = (1 + sigma2 * (1 - t) / (2 * t)) * (tn - t)

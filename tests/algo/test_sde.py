@@ -1,7 +1,7 @@
 """SDE step: closed-form mean/std, Gaussian log-prob, determinism, marginal preservation, window.
 
-Float64 on CPU. Closed forms are transcribed from SPEC.md section 3 with python floats, one sample
-at a time, independently of the vectorised implementation.
+Float64 on CPU. Closed forms are transcribed from docs/algorithm.md ("Conventions and formulas")
+with python floats, one sample at a time, independently of the vectorised implementation.
 """
 
 import itertools
@@ -18,7 +18,7 @@ F64 = torch.float64
 
 
 def ref_mean_std(x, v, t: float, t_next: float, a: float, kind: str, t_first_next=None):
-    """SPEC.md section 3 for ONE sample, python-float times."""
+    """docs/algorithm.md ("One denoising step") for ONE sample, python-float times."""
     if kind == "flow_sde":
         t_tilde = (t_next if t_first_next is None else t_first_next) if t == 1 else t
         sigma = a * math.sqrt(t / (1 - t_tilde))

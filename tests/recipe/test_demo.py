@@ -1,16 +1,12 @@
 """`unigrpo demo` end to end on a tiny random checkpoint: before/after table, report, curve, grids."""
 
-from pathlib import Path
-
 from conftest import MODEL, SIZES
 
 from unigrpo.cli import main
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def test_demo_writes_report(tiny_checkpoint, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(ROOT)  # the demo config path is relative to the repository root
+    monkeypatch.chdir(tmp_path)  # builtin:demo is found from any directory
     out = tmp_path / "demo"
     sizes = [s for s in SIZES if not s.startswith("rewards=")]  # the demo's own (shapes) reward
     assert main(["demo", *MODEL, *sizes, f"model.checkpoint={tiny_checkpoint}", f"output_dir={out}",

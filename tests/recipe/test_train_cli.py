@@ -105,8 +105,9 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_checkpoint, tmp_path, c
     ("unigrpo", True, True, True), ("flowgrpo", False, True, True), ("textgrpo", True, False, False),
     ("unigrpo_cfg", True, True, True), ("unigrpo_kl", True, True, True), ("unigrpo_noreg", True, True, False)])
 def test_baseline_configs_run(name, text, image, reference, tiny_checkpoint, tmp_path):
-    """Each baseline of SPEC.md section 7 validates and runs one tiny step with its own objective."""
-    config = str(ROOT / "configs" / f"{name}.yaml")
+    """Each shipped baseline / ablation (docs/training.md, "Baselines and ablations") validates and
+    runs one tiny step with its own objective."""
+    config = f"builtin:{name}"
     assert main(["validate", config]) == 0
     args = [*MODEL, *SIZES, "steps=1", "eval_every=100", f"model.checkpoint={tiny_checkpoint}", f"output_dir={tmp_path}"]
     assert main(["train", config, *args]) == 0

@@ -1,4 +1,4 @@
-"""The math of UniGRPO as small, pure tensor functions (see docs/algorithm.md and SPEC.md).
+"""The math of UniGRPO as small, pure tensor functions (see docs/algorithm.md).
 
 schedule: time grid; sde: stochastic denoising step + log-prob, SDE window; advantages: group
 normalisation; guidance: classifier-free guidance; text_loss: GRPO on tokens; image_loss: FlowGRPO surrogate, velocity MSE, latent KL.

@@ -1,4 +1,4 @@
-"""Group-relative advantages (GRPO; SPEC.md section 4).
+"""Group-relative advantages (GRPO; docs/algorithm.md, "Advantages").
 
     A_{p,g} = (R_{p,g} - mean_g R_{p,:}) / (std + eps)
 

@@ -1,4 +1,4 @@
-"""FlowGRPO loss on the trained denoising steps, and the two regularisers (SPEC.md section 6).
+"""FlowGRPO loss on the trained denoising steps, and the two regularisers (docs/algorithm.md).
 
 With ``l = logp - logp_old`` per (trajectory, window step), both from :func:`sde_step` with the
 same reduction:

@@ -1,4 +1,4 @@
-"""Time grid of the flow-matching sampler (SPEC.md section 2).
+"""Time grid of the flow-matching sampler (docs/algorithm.md, "Conventions and formulas").
 
 Convention: flow time ``t`` runs from 1 (pure noise) to 0 (data), ``x_t = (1 - t) x0 + t eps``.
 A schedule of ``num_steps`` steps has ``num_steps + 1`` grid points

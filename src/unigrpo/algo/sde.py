@@ -1,4 +1,4 @@
-"""One stochastic denoising step with its Gaussian log-probability (SPEC.md section 3).
+"""One stochastic denoising step with its Gaussian log-probability (docs/algorithm.md).
 
 The image policy of Flow-GRPO / UniGRPO: a step ``t -> t_next`` (``dt = t_next - t < 0``) draws
 ``x_next ~ N(mean(x_t, v), std^2 I)``; its log-density is the per-step action log-probability.
@@ -44,7 +44,7 @@ Choices (deliberate, documented):
   ``prev_sample`` is returned unchanged (it is upcast only inside the log-prob).
 - **log_prob reduction** over all non-batch elements: ``"mean"`` (default, reference code) or
   ``"sum"`` (the true joint log-density). Clip ranges only mean something with their reduction.
-- **cps log-prob** is the exact Gaussian density (SPEC); the flow_grpo reference code uses
+- **cps log-prob** is the exact Gaussian density (as for flow_sde); the flow_grpo reference code uses
   ``-(x_next - mean)^2`` (no ``1 / (2 std^2)``, no constants), so its cps clip ranges do not
   transfer to ours.
 - ``prev_sample`` is detached inside the log-prob: the policy gradient differentiates the density

@@ -1,4 +1,4 @@
-"""GRPO loss on the reasoning tokens (SPEC.md section 5).
+"""GRPO loss on the reasoning tokens (docs/algorithm.md, "Text loss"; GRPO, arXiv 2402.03300).
 
 Per active (generated) token, with ``r = exp(logp - logp_old)`` and the trajectory's advantage A:
 

@@ -1,6 +1,6 @@
 """Image expert of the tiny unified model: a small conditional UNet predicting the flow velocity.
 
-Why a UNet on pixel-unshuffled images (measured in FEASIBILITY.md and docs/tiny_model.md): on 2
+Why a UNet on pixel-unshuffled images (measured on this project's machine, docs/tiny_model.md): on 2
 CPU cores convolution learns shape far faster than patch attention, and the cost is set by the
 spatial grid. The "latent" is the RGB image in [-1, 1] rearranged by ``pixel_unshuffle(2)``
 (32x32x3 -> 16x16x12): a fixed, lossless, invertible map, so flow matching in it is exactly

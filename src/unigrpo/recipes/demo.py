@@ -1,7 +1,7 @@
 """`unigrpo demo`: UniGRPO from the shipped SFT checkpoint on CPU, with a before/after report.
 
 1. evaluate the SFT checkpoint on the held-out split (thinking on, deterministic ODE);
-2. run `train(cfg)` (configs/demo.yaml);
+2. run `train(cfg)` (``builtin:demo``, the packaged ``unigrpo/configs/demo.yaml``);
 3. evaluate the trained policy on the same prompts and noise;
 4. print the before/after table and write ``report.md`` with the reward curve and image grids.
 """
@@ -22,7 +22,7 @@ from unigrpo.recipes.evaluate import (
     write_eval,
 )
 
-DEMO_CONFIG = "configs/demo.yaml"  # relative to the repository root (scripts/demo.sh runs there)
+DEMO_CONFIG = "builtin:demo"  # shipped in the package: works from any directory, after any install
 
 
 def plot_curves(metrics_path: Path, out_png: Path, start_accuracy: float | None = None,

@@ -1,6 +1,6 @@
 """Typed configuration: nested dataclasses <- YAML + ``key=value`` overrides.
 
-Rules (STYLE.md #4): an unknown or misspelled key is an error, a value of the wrong type is an
+Rules (docs/design.md; tested in tests/test_config.py): an unknown or misspelled key is an error, a value of the wrong type is an
 error, and every error is one line that names the dotted key. No silent defaults, no coercion
 beyond the obvious (an int where a float is expected; a YAML list where a tuple is expected).
 """
