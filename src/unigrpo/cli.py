@@ -30,12 +30,18 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from unigrpo.tasks import PromptsTask, build_task
+
     cfg = load_config(args.config, args.overrides)
+    task = build_task(cfg)  # reads and checks the prompt files
     if args.print:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-    a = cfg.algo
-    print(f"ok: {args.config} ({a.prompts_per_step} prompts x {a.group_size} trajectories = "
-          f"{a.prompts_per_step * a.group_size} trajectories per step)")
+    algo = cfg.algo
+    prompts = (f", {len(task.train)} training / {len(task.eval)} evaluation prompts"
+               if isinstance(task, PromptsTask) else "")
+    print(f"ok: {args.config or 'defaults'} (model {cfg.model.kind}, task {cfg.task.kind}{prompts}; "
+          f"{algo.prompts_per_step} prompts x {algo.group_size} trajectories = "
+          f"{algo.prompts_per_step * algo.group_size} trajectories per step)")
     return 0
 
 
@@ -77,6 +83,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     model = build_model(cfg, checkpoint=args.checkpoint) if args.checkpoint else build_model(cfg)
+    if cfg.task.kind != "shapes":
+        return _eval_task(model, cfg, args)
     tasks = eval_tasks(cfg)
     modes = MODES if args.mode == "all" else (args.mode,)
     results = {}
@@ -92,6 +100,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if decomposition := format_decomposition(results):
         print("which expert fails (a sampled description is right when, drawn exactly, it passes the strict check):")
         print(decomposition)
+    return 0
+
+
+def _eval_task(model, cfg, args: argparse.Namespace) -> int:
+    """`unigrpo eval` of a task other than the shapes world: its evaluator, scored by the rewards."""
+    from pathlib import Path
+
+    from unigrpo.rewards import RewardSet
+    from unigrpo.tasks import build_task
+
+    if args.mode not in ("think", "no_think"):
+        return _fail(f"--mode {args.mode} needs ground-truth reasoning, which only task.kind=shapes has")
+    cfg.eval.thinking = args.mode == "think"
+    rewards = RewardSet([(r.name, r.weight) for r in cfg.rewards])
+    metrics = build_task(cfg).evaluate(model, cfg, rewards, 0, Path(args.out) if args.out else None)
+    print(f"task {cfg.task.kind}, {cfg.eval.num_prompts} prompts at most, {cfg.sampler.eval_num_steps} ODE steps, "
+          f"CFG {cfg.sampler.eval_cfg_scale}, thinking {'on' if cfg.eval.thinking else 'off'}:")
+    print("\n".join(f"{k:<40} {v:.4f}" for k, v in metrics.items()))
     return 0
 
 

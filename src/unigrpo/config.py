@@ -86,7 +86,7 @@ class SamplerConfig:
 
 @dataclass
 class AlgoConfig:
-    """UniGRPO objective: GRPO on tokens + lambda * FlowGRPO on window steps (SPEC.md 4-6)."""
+    """UniGRPO objective: GRPO on tokens + lambda * FlowGRPO on window steps (docs/algorithm.md)."""
 
     prompts_per_step: int = 8  # distinct prompts per optimisation step (paper: 32)
     group_size: int = 8  # trajectories per prompt (paper: 24)

@@ -1,10 +1,14 @@
 """Rewards: callables ``(images, prompts, metadata) -> scores``, combined by a weighted sum.
 
-- ``images`` [B, 3, H, W] float in [0, 1] on the CPU; ``prompts`` [B] str; ``metadata`` [B] dicts
-  (``Task.to_metadata()`` for the built-in world). Scores: anything ``torch.as_tensor`` turns into
-  [B] finite numbers (tensor, numpy array, list).
+- ``images`` [B, 3, H, W] float in [0, 1] on the CPU; ``prompts`` [B] str; ``metadata`` [B] dicts:
+  the prompt's metadata from the task (a JSONL line's other fields; ``Task.to_metadata()`` for the
+  built-in world) plus ``"reasoning"`` (the sampled reasoning text), ``"prompt_index"`` (the
+  prompt's index in the step, shared by its group) and ``"group_index"`` (0 .. G-1). Scores:
+  anything ``torch.as_tensor`` turns into [B] finite numbers (tensor, numpy array, list).
 - Built-ins live in the plain dict ``BUILTIN``; any other callable is named by a dotted path
-  ``"pkg.module:obj"`` (``obj`` may be ``Class.attr``). No registration, no import-time magic.
+  ``"pkg.module:obj"`` (``obj`` may be ``Class.attr``), imported with the current directory on
+  ``sys.path`` (as ``uvicorn main:app`` does), so ``my_rewards.py`` beside the config just works.
+  No registration, no import-time magic.
 - ``RewardSet`` sums ``weight * score`` over the config's terms and also returns each term's scores
   (logged as ``reward/<name>``). A wrong shape or a non-finite score is an error naming the reward.
 - ``RewardSet.submit`` computes a chunk's rewards in a background thread (``workers > 0``) while the
@@ -15,6 +19,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,6 +44,8 @@ def resolve_reward(name: str) -> RewardFn:
         raise ValueError(f"reward {name!r}: not a built-in ({', '.join(sorted(BUILTIN))}) and not a "
                          f"dotted path 'pkg.module:callable'")
     module_name, _, attr = name.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # a console script's path lacks the cwd
+        sys.path.insert(0, os.getcwd())
     try:
         obj = importlib.import_module(module_name)
     except ImportError as e:

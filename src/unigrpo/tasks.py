@@ -54,7 +54,7 @@ class Task(Protocol):
     def eval_prompts(self) -> list[Prompt]:
         """The evaluation prompts (fixed for the run)."""
 
-    def evaluate(self, model, cfg: Config, rewards, step: int, out: Path) -> dict[str, float]:
+    def evaluate(self, model, cfg: Config, rewards, step: int, out: Path | None) -> dict[str, float]:
         """``eval/*`` metrics of ``model`` on ``eval_prompts`` (+ a grid under ``out/grids``)."""
 
 
@@ -66,8 +66,11 @@ def generate_eval(model, prompts: list[Prompt], cfg: Config) -> Generation:
                     max_new_tokens=cfg.text.max_reasoning_tokens, temperature=cfg.text.temperature)
 
 
-def write_eval_grid(gen: Generation, prompts: list[Prompt], cfg: Config, step: int, out: Path) -> None:
-    """``grids/eval_stepN.png`` (numbered images) and ``.md`` (prompt -> sampled reasoning)."""
+def write_eval_grid(gen: Generation, prompts: list[Prompt], cfg: Config, step: int, out: Path | None) -> None:
+    """``grids/eval_stepN.png`` (numbered images) and ``.md`` (prompt -> sampled reasoning); none
+    when ``out`` is None."""
+    if out is None:
+        return
     n = min(cfg.eval.grid_prompts, len(prompts))
     save_grid(gen.images[:n], out / "grids" / f"eval_step{step:06d}.png", nrow=min(n, 8), scale=4,
               labels=[str(i) for i in range(n)])
@@ -114,7 +117,7 @@ class ShapesTask:
     def eval_prompts(self) -> list[Prompt]:
         return [shapes_prompt(t) for t in self.eval_world_tasks()]
 
-    def evaluate(self, model, cfg: Config, rewards, step: int, out: Path) -> dict[str, float]:
+    def evaluate(self, model, cfg: Config, rewards, step: int, out: Path | None) -> dict[str, float]:
         from unigrpo.recipes.evaluate import evaluate_model
 
         start = time.perf_counter()
@@ -180,7 +183,7 @@ class PromptsTask:
     def eval_prompts(self) -> list[Prompt]:
         return self.eval[:self.cfg.eval.num_prompts]
 
-    def evaluate(self, model, cfg: Config, rewards, step: int, out: Path) -> dict[str, float]:
+    def evaluate(self, model, cfg: Config, rewards, step: int, out: Path | None) -> dict[str, float]:
         start = time.perf_counter()
         prompts = self.eval_prompts()
         gen = generate_eval(model, prompts, cfg)

@@ -28,3 +28,15 @@ def not_finite(images, prompts, metadata):
 
 
 NOT_CALLABLE = 3
+
+
+SEEN: list[dict] = []  # every metadata dict `uses_metadata` was called with (tests read it)
+
+
+def uses_metadata(images, prompts, metadata):
+    """Reads a custom JSONL field and the sampled reasoning: brightness pulled towards the line's
+    ``"target"`` field, plus a small bonus per reasoning word."""
+    SEEN.extend(metadata)
+    target = torch.tensor([float(m["target"]) for m in metadata])
+    words = torch.tensor([len(m["reasoning"].split()) for m in metadata], dtype=torch.float32)
+    return -(images.mean(dim=(1, 2, 3)) - target).abs() + 0.01 * words

@@ -113,8 +113,12 @@ class UnifiedModel(Protocol):
         """Tokenise prompts (left-padded, no response yet)."""
 
     def sample_reasoning(self, prompts: TokenBatch, *, max_new_tokens: int, temperature: float = 1.0,
-                         top_p: float = 1.0, generator: torch.Generator | None = None) -> TokenBatch:
-        """Sample reasoning tokens after each prompt (KV cache); returns prompt + response."""
+                         top_p: float = 1.0, generator: torch.Generator | None = None,
+                         return_logprobs: bool = False) -> TokenBatch | tuple[TokenBatch, torch.Tensor]:
+        """Sample reasoning tokens after each prompt (KV cache); returns prompt + response. With
+        ``return_logprobs`` also the decode-time log-probs [B, L] of the sampled tokens (0 outside
+        the response): the conformance suite checks they equal ``forward_context``'s (training
+        never uses them: its behaviour log-probs come from ``forward_context``)."""
 
     def with_response(self, prompts: TokenBatch, responses: list[str]) -> TokenBatch:
         """Append given response texts to prompts as if sampled (teacher forcing, SFT, evaluation)."""

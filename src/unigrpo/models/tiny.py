@@ -88,12 +88,13 @@ class TinyUnifiedModel(nn.Module):
     @torch.no_grad()
     def sample_reasoning(self, prompts: TokenBatch, *, max_new_tokens: int, temperature: float = 1.0,
                          top_p: float = 1.0, generator: torch.Generator | None = None,
-                         use_cache: bool = True) -> TokenBatch:
-        """Autoregressive sampling until ``<eos>`` or ``max_new_tokens``; rows stop independently."""
+                         use_cache: bool = True, return_logprobs: bool = False):
+        """Autoregressive sampling until ``<eos>`` or ``max_new_tokens``; rows stop independently.
+        With ``return_logprobs``: (tokens, decode-time log-probs [B, L] of the sampled tokens)."""
         ids, mask = prompts.ids, prompts.mask
         b = ids.shape[0]
         done = torch.zeros(b, dtype=torch.bool, device=ids.device)
-        new_ids, new_mask = [], []
+        new_ids, new_mask, new_logp = [], [], []
         hidden, cache = self.text.prefill(ids, mask)
         h_last = hidden[:, -1]
         position = mask.long().sum(1)  # next position per row (prompts are left-padded)
@@ -101,6 +102,8 @@ class TinyUnifiedModel(nn.Module):
             logits = self.text.head(h_last) / temperature
             tok = sample_top_p(logits, top_p, generator)
             tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
+            if return_logprobs:  # of the distribution actually sampled (top_p = 1: the full one)
+                new_logp.append(logits.float().log_softmax(-1).gather(1, tok[:, None])[:, 0] * ~done)
             new_ids.append(tok)
             new_mask.append(~done)
             done = done | (tok == self.tokenizer.eos_id)
@@ -114,8 +117,11 @@ class TinyUnifiedModel(nn.Module):
                 h_last = self.text(full, key_mask)[:, -1]
             position = position + (~done).long()
         resp_ids, resp_mask = torch.stack(new_ids, 1), torch.stack(new_mask, 1)
-        return TokenBatch(torch.cat([ids, resp_ids], 1), torch.cat([mask, resp_mask], 1),
-                          torch.cat([torch.zeros_like(mask), resp_mask], 1))
+        out = TokenBatch(torch.cat([ids, resp_ids], 1), torch.cat([mask, resp_mask], 1),
+                         torch.cat([torch.zeros_like(mask), resp_mask], 1))
+        if not return_logprobs:
+            return out
+        return out, torch.cat([torch.zeros(mask.shape, device=ids.device), torch.stack(new_logp, 1)], 1)
 
     def with_response(self, prompts: TokenBatch, responses: list[str]) -> TokenBatch:
         """Append given response texts (+ ``<eos>``) to prompts, as if they had been sampled."""

@@ -1,0 +1,116 @@
+"""Tasks: JSONL prompt files (GenEval lines load as they are, bad files are one-line errors naming
+file and line), the deterministic training stream, and a real run whose reward reads a custom
+metadata field and the sampled reasoning."""
+
+import json
+import math
+
+import pytest
+import smooth_reward
+from conftest import tiny_overrides
+
+from unigrpo.cli import main
+from unigrpo.config import ConfigError, load_config
+from unigrpo.tasks import PromptsTask, ShapesTask, build_task, load_prompt_file
+
+GENEVAL = {"tag": "counting", "include": [{"class": "bench", "count": 2}], "exclude": [{"class": "bench", "count": 3}],
+           "prompt": "a photo of two benches"}
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def test_geneval_metadata_lines_load_as_they_are(tmp_path):
+    path = write_jsonl(tmp_path / "geneval.jsonl", [GENEVAL, "", {"prompt": "a red circle", "target": 0.5}])
+    prompts = load_prompt_file(path)
+    assert [p.text for p in prompts] == ["a photo of two benches", "a red circle"]
+    assert prompts[0].metadata == {**{k: v for k, v in GENEVAL.items() if k != "prompt"}, "line": 1}
+    assert prompts[1].metadata == {"target": 0.5, "line": 3}  # blank line 2 skipped, numbering kept
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"prompt": "a red circle"}, "{not json"], "bad.jsonl:2: not JSON"),
+    ([{"text": "a red circle"}], "bad.jsonl:1: expected a JSON object with a non-empty \"prompt\""),
+    ([["a red circle"]], "bad.jsonl:1: expected a JSON object"),
+    ([{"prompt": "  "}], "bad.jsonl:1: expected a JSON object"),
+    ([{"prompt": "a red circle", "reasoning": "x"}], "bad.jsonl:1: field 'reasoning' is set by the training loop"),
+    (["", "  "], "holds no prompts"),
+])
+def test_bad_prompt_files_are_one_line_errors_naming_file_and_line(tmp_path, rows, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(ConfigError, match="^task.prompts: ") as e:
+        load_prompt_file(path)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_prompt_file_through_the_cli(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a red circle"}, "{not json"])
+    assert main(["validate", "task.kind=prompts", f"task.prompts={path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("unigrpo: config error: task.prompts: ") and "bad.jsonl:2: not JSON" in err
+    assert len(err.splitlines()) == 1
+    assert main(["validate", "task.kind=prompts", f"task.prompts={tmp_path / 'missing.jsonl'}"]) == 2
+    assert "prompt file not found" in capsys.readouterr().err
+    assert main(["validate", "task.kind=prompts"]) == 2  # no file given
+    assert "task.prompts" in capsys.readouterr().err
+    assert main(["validate", "task.kind=prompts", "task.prompt_pool=8"]) == 2  # a shapes-only key
+    assert "unknown key for task.kind='prompts'" in capsys.readouterr().err
+
+
+def test_prompt_stream_is_deterministic_and_covers_each_epoch(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"prompt {i}"} for i in range(10)])
+    cfg = load_config(None, ["task.kind=prompts", f"task.prompts={path}", "algo.prompts_per_step=2"])
+    task = build_task(cfg)
+    assert isinstance(task, PromptsTask) and task.eval_prompts()[0].text == "prompt 0"  # eval: the same file
+    epoch0 = [p.text for step in range(5) for p in task.train_prompts(step, 2)]
+    epoch1 = [p.text for step in range(5, 10) for p in task.train_prompts(step, 2)]
+    assert sorted(epoch0) == sorted(epoch1) == sorted(f"prompt {i}" for i in range(10))
+    assert epoch0 != epoch1  # a new order every data epoch
+    assert [p.text for p in build_task(cfg).train_prompts(7, 2)] == epoch1[4:6]  # same stream, any instance
+    three = [p.text for p in task.train_prompts(1, 3)]  # a step straddling two epochs
+    assert three == [p.text for p in task.train_prompts(3, 1)] + [p.text for p in task.train_prompts(4, 1)] \
+        + [p.text for p in task.train_prompts(5, 1)]
+
+
+def test_shapes_task_keeps_the_ground_truth_out_of_the_reasoning_key():
+    cfg = load_config(None, ["algo.prompts_per_step=4", "task.prompt_pool=16"])
+    task = build_task(cfg)
+    assert isinstance(task, ShapesTask)
+    prompts = task.train_prompts(0, 4)
+    assert all("reasoning" not in p.metadata and p.metadata["target_reasoning"].startswith("<think>")
+               for p in prompts)
+    assert [p.text for p in prompts] == [t.prompt for t in task.world_tasks(0, 4)]
+
+
+def test_run_on_a_prompt_file_with_a_reward_reading_metadata_and_reasoning(tiny_checkpoint, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a red circle", "target": 0.8, "tag": "bright"},
+                                                   {"prompt": "two blue squares", "target": 0.2, "tag": "dark"},
+                                                   {"prompt": "a green triangle", "target": 0.5, "tag": "dark"}])
+    evals = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "a yellow circle", "target": 0.9, "tag": "bright"},
+                                                  {"prompt": "a red square", "target": 0.1, "tag": "dark"}])
+    smooth_reward.SEEN.clear()
+    out = tmp_path / "run"
+    args = [a for a in tiny_overrides(tiny_checkpoint, out, "task.kind=prompts", f"task.prompts={train}",
+                                      f"task.eval_prompts={evals}", "eval.at_start=true",
+                                      "rewards=[{name: 'smooth_reward:uses_metadata'}]")
+            if not a.startswith("task.prompt_pool")]  # a shapes-only key
+    assert main(["train", *args]) == 0
+    train_meta = [m for m in smooth_reward.SEEN if m["line"] in (1, 2, 3) and "reasoning" in m]
+    rollout = [m for m in train_meta if m["target"] in (0.8, 0.2, 0.5)]
+    assert len(rollout) == 2 * 2 * 4  # 2 steps x 2 prompts x group 4 reached the reward
+    assert all(m["reasoning"].strip() for m in rollout)  # the SAMPLED reasoning, as text
+    for m in rollout:  # the custom field of the line the prompt came from, and its indices
+        assert m["target"] == {1: 0.8, 2: 0.2, 3: 0.5}[m["line"]] and m["tag"] in ("bright", "dark")
+        assert m["prompt_index"] in (0, 1) and m["group_index"] in range(4)
+    assert sorted((m["prompt_index"], m["group_index"]) for m in rollout[:8]) == \
+        [(p, g) for p in range(2) for g in range(4)]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals_logged = [r for r in rows if "eval/reward" in r]
+    assert [r["step"] for r in evals_logged] == [0, 2]
+    for r in evals_logged:
+        assert {"eval/reward/smooth_reward:uses_metadata", "eval/category/bright/reward",
+                "eval/category/dark/reward"} <= set(r) and all(math.isfinite(v) for v in r.values())
+    assert all(r["reward/mean"] == r["reward/smooth_reward:uses_metadata"] for r in rows if "reward/mean" in r)
+    assert (out / "grids" / "eval_step000002.md").read_text().startswith("0. `a yellow circle` -> ")
