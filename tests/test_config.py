@@ -116,3 +116,30 @@ def test_builtin_descriptions_are_one_line():
     shipped = builtin_configs()
     assert {"demo", "unigrpo", "pretrain", "flowgrpo", "textgrpo"} <= set(shipped)
     assert all(d and "\n" not in d and not d.startswith("#") for d in shipped.values())
+
+
+def test_sections_with_a_kind_pick_their_dataclass():
+    """`task.kind` (and `model.kind`) select the section's dataclass, which checks the other keys."""
+    from unigrpo.config import PromptsTaskConfig, ShapesTaskConfig
+
+    assert isinstance(load_config(None, []).task, ShapesTaskConfig)
+    cfg = load_config(None, ["task.kind=prompts", "task.prompts=p.jsonl"])
+    assert isinstance(cfg.task, PromptsTaskConfig) and cfg.task.prompts == "p.jsonl"
+    assert to_dict(cfg)["task"] == {"kind": "prompts", "prompts": "p.jsonl", "eval_prompts": None}
+    with pytest.raises(ConfigError, match=r"^task.kind: must be one of 'shapes', 'prompts', got 'nope'$"):
+        load_config(None, ["task.kind=nope"])
+    with pytest.raises(ConfigError, match=r"^task.prompts: unknown key for task.kind='shapes'"):
+        load_config(None, ["task.prompts=p.jsonl"])
+    with pytest.raises(ConfigError, match=r"^model.kind: must be one of 'tiny', got 'hf'$"):
+        load_config(None, ["model.kind=hf"])
+
+
+def test_every_model_kind_has_a_builder_and_a_config_section():
+    import typing
+
+    from unigrpo import config
+    from unigrpo.models import KINDS
+    from unigrpo.utils.typed_config import kind_of
+
+    sections = typing.get_args(config.ModelConfig) or (config.ModelConfig,)
+    assert set(KINDS) == {kind_of(s) for s in sections}

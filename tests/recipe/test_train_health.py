@@ -152,3 +152,28 @@ def test_minibatches_are_the_same_sets_for_any_number_of_ranks():
     # fewer trajectories per minibatch than prompts: still a permutation, groups in turn
     small = ppo_order(cfg, step=0, epoch=0, p0=0, n_prompts=4, minibatch=2)
     assert sorted(small.tolist()) == list(range(16)) and (small[:4] // 4).tolist() == [0, 1, 2, 3]
+
+
+def test_losses_sum_over_the_rounds_of_an_episode(tiny_checkpoint, tmp_path):
+    """An episode is a list of rounds: two copies of one round give twice its loss and gradient
+    (the statistics are the rounds' mean, min and max: here those of the one round)."""
+    cfg = load_config(None, tiny_overrides(tiny_checkpoint, tmp_path))
+    model = build_model(cfg)
+    ref = model.reference()
+    build_optimizer(model, cfg)
+    one = make_rollout(cfg, model).index(torch.arange(4))
+    adv = torch.linspace(-1, 1, 4)
+
+    def loss_and_grads(episode):
+        model.zero_grad(set_to_none=True)
+        loss, stats = T.micro_batch_loss(model, ref, episode, adv, cfg, 1.0, 1.0)
+        loss.backward()
+        return loss, stats, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    loss1, stats1, grads1 = loss_and_grads(one)
+    loss2, stats2, grads2 = loss_and_grads(R.Episode(one.rounds * 2))
+    assert loss1 != 0 and torch.allclose(loss2, 2 * loss1)
+    assert all(torch.allclose(g2, 2 * g1, rtol=1e-5, atol=1e-8) for g1, g2 in zip(grads1, grads2))
+    assert stats2.keys() == stats1.keys()
+    assert all(abs(float(stats2[k]) - float(stats1[k])) < 1e-6 for k in stats1)
+    assert torch.equal(R.Episode(one.rounds * 2).reasoning_tokens(), 2 * one.reasoning_tokens())
