@@ -116,9 +116,10 @@ class UnifiedModel(Protocol):
                          top_p: float = 1.0, generator: torch.Generator | None = None,
                          return_logprobs: bool = False) -> TokenBatch | tuple[TokenBatch, torch.Tensor]:
         """Sample reasoning tokens after each prompt (KV cache); returns prompt + response. With
-        ``return_logprobs`` also the decode-time log-probs [B, L] of the sampled tokens (0 outside
-        the response): the conformance suite checks they equal ``forward_context``'s (training
-        never uses them: its behaviour log-probs come from ``forward_context``)."""
+        ``return_logprobs`` also the decode-time log-probs [B, L] of the sampled tokens under the
+        temperature-scaled distribution (not renormalised to the top-p nucleus; 0 outside the
+        response): the conformance suite checks they equal ``forward_context``'s (training never
+        uses them: its behaviour log-probs come from ``forward_context``)."""
 
     def with_response(self, prompts: TokenBatch, responses: list[str]) -> TokenBatch:
         """Append given response texts to prompts as if sampled (teacher forcing, SFT, evaluation)."""
@@ -137,7 +138,8 @@ class UnifiedModel(Protocol):
         """The context with gradients to the text expert cut."""
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, ctx: Any) -> torch.Tensor:
-        """Predicted velocity ``v = eps - x0`` at state ``x_t`` [B, *latent], flow time ``t`` [B]."""
+        """Predicted velocity ``v = eps - x0`` at state ``x_t`` [B, *latent], flow time ``t`` [B]
+        (one time per row; a 0-dim ``t`` is broadcast to all rows)."""
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Latents [B, *latent] -> RGB images [B, 3, H, W] in [0, 1]."""
@@ -158,7 +160,8 @@ class UnifiedModel(Protocol):
         gathers here: every rank calls it)."""
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore ``trainable_state()`` (missing or unexpected names are an error)."""
+        """Restore ``trainable_state()`` (missing or unexpected names are an error, raised before
+        anything is copied)."""
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         """A standalone checkpoint that ``build_model`` loads via ``model.checkpoint`` (rank 0)."""

@@ -102,7 +102,7 @@ class TinyUnifiedModel(nn.Module):
             logits = self.text.head(h_last) / temperature
             tok = sample_top_p(logits, top_p, generator)
             tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
-            if return_logprobs:  # of the distribution actually sampled (top_p = 1: the full one)
+            if return_logprobs:  # of the temperature-scaled distribution, as forward_context scores (top_p: not renormalised)
                 new_logp.append(logits.float().log_softmax(-1).gather(1, tok[:, None])[:, 0] * ~done)
             new_ids.append(tok)
             new_mask.append(~done)
@@ -193,7 +193,11 @@ class TinyUnifiedModel(nn.Module):
         return {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.load_state_dict(state)  # strict: missing / unexpected names raise, naming them
+        own = self.state_dict()
+        missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+        if missing or unexpected:  # checked first: a rejected state leaves the model untouched
+            raise ValueError(f"trainable state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.load_state_dict(state)
 
     def wrap(self, d) -> None:
         dist.broadcast_parameters(self, d)  # every rank starts from rank 0's weights

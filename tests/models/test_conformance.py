@@ -1,0 +1,378 @@
+"""Protocol conformance: every adapter of ``unigrpo.models.KINDS`` honours ``UnifiedModel``.
+
+The recipe relies on these invariants without knowing which model it trains; each test names the
+guarantee it protects. Adapters register in ``tests/models/conftest.py`` (``ADAPTERS``); the
+tiny-model specifics (KV cache == no cache, manual softmax, ...) live in ``test_tiny_model.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unigrpo.models import KINDS, build_model
+from unigrpo.models.protocol import ReferencePolicy, TokenBatch, UnifiedModel
+from unigrpo.rollout import pad_tokens
+from unigrpo.utils.dist import Dist
+
+MAX_NEW = 8  # reasoning tokens sampled per row
+TOL = {"atol": 1e-5, "rtol": 1e-5}  # float32 numerics of a different batch layout
+
+
+# ----------------------------------------------------------------------------- helpers
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def sample(model, prompts: list[str], seed: int = 0, max_new_tokens: int = MAX_NEW, **kw):
+    return model.sample_reasoning(model.encode_prompts(prompts), max_new_tokens=max_new_tokens,
+                                  generator=gen(seed), **kw)
+
+
+def latents(model, b: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn((b, *model.latent_shape), generator=gen(seed))
+
+
+def times(b: int) -> torch.Tensor:
+    """[B] distinct flow times in (0, 1)."""
+    return torch.linspace(0.2, 0.9, b)
+
+
+def setup(adapter, seed: int = 0):
+    """Sampled tokens of the adapter's prompts, latents x_t and per-row times t."""
+    tokens = sample(adapter.model, adapter.prompts, seed)
+    b = len(tokens)
+    return tokens, latents(adapter.model, b, seed), times(b)
+
+
+def outputs(m, tokens: TokenBatch, x: torch.Tensor, t: torch.Tensor, temperature: float = 1.0):
+    """(logp, velocity) of a model or a reference policy, without gradient."""
+    with torch.no_grad():
+        logp, ctx = m.forward_context(tokens, temperature)
+        return logp, m.velocity(x, t, ctx)
+
+
+def assert_equal(a: tuple, b: tuple) -> None:
+    for u, v in zip(a, b, strict=True):
+        assert torch.equal(u, v), (u - v).abs().max()
+
+
+def assert_differ(a: tuple, b: tuple) -> None:
+    for u, v in zip(a, b, strict=True):
+        assert not torch.equal(u, v)
+
+
+def trainable(model) -> list[torch.nn.Parameter]:
+    return [p for group in model.parameter_groups().values() for _, p in group]
+
+
+def train_step(model, tokens: TokenBatch, x: torch.Tensor, t: torch.Tensor, lr: float = 1e-2) -> None:
+    """One AdamW step on every trainable parameter, with a loss reading both experts."""
+    opt = torch.optim.AdamW(trainable(model), lr=lr)
+    logp, ctx = model.forward_context(tokens)
+    loss = -logp.sum() / tokens.response_mask.sum() + model.velocity(x, t, ctx).pow(2).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def truncate_responses(tokens: TokenBatch, keep: list[int], pad_id: int) -> TokenBatch:
+    """Keep the first ``keep[i]`` response tokens of row i (right padding after them), as if row i
+    had stopped there."""
+    resp = tokens.response_mask
+    drop = resp & (resp.long().cumsum(1) > torch.tensor(keep)[:, None])
+    return TokenBatch(tokens.ids.masked_fill(drop, pad_id), tokens.mask & ~drop, resp & ~drop)
+
+
+def row_alone(tokens: TokenBatch, i: int) -> TokenBatch:
+    """Row ``i`` with its left and right padding sliced off (what a batch of one would hold)."""
+    real = tokens.mask[i].nonzero()[:, 0]
+    a, b = int(real[0]), int(real[-1]) + 1
+    assert tokens.mask[i, a:b].all()  # layout: [left pad | prompt | response | right pad]
+    return TokenBatch(tokens.ids[i:i + 1, a:b], tokens.mask[i:i + 1, a:b], tokens.response_mask[i:i + 1, a:b])
+
+
+def grads(params) -> list[torch.Tensor | None]:
+    return [None if p.grad is None else p.grad.clone() for p in params]
+
+
+def nonzero(g: torch.Tensor | None) -> bool:
+    return g is not None and bool(g.any())
+
+
+# ----------------------------------------------------------------------------- registry
+def test_every_kind_is_tested(registered_kinds):
+    """A new ``model.kind`` cannot ship without running this suite (register it in conftest.py)."""
+    assert registered_kinds == set(KINDS)
+
+
+# ----------------------------------------------------------------------------- 1. shapes, dtypes
+def test_text_phase_layout(adapter):
+    """Prompts LEFT-padded, responses RIGHT-padded: all rows generate in lockstep and every
+    position is derived from the mask (protocol docstring)."""
+    model, prompts = adapter.model, adapter.prompts
+    assert isinstance(model, UnifiedModel) and isinstance(model.pad_id, int)
+    enc = model.encode_prompts(prompts)
+    b, lp = enc.ids.shape
+    assert len(enc) == len(prompts) and enc.mask.shape == enc.response_mask.shape == (b, lp)
+    assert enc.ids.dtype == torch.long and enc.mask.dtype == enc.response_mask.dtype == torch.bool
+    assert enc.mask[:, -1].all() and not enc.response_mask.any()
+    assert (enc.mask[:, 1:] >= enc.mask[:, :-1]).all()  # left padding: pads, then real tokens
+    assert (enc.ids[~enc.mask] == model.pad_id).all()
+    assert len(set(enc.mask.sum(1).tolist())) > 1, "adapter prompts must differ in token length"
+
+    out = model.sample_reasoning(enc, max_new_tokens=MAX_NEW, generator=gen(0))
+    assert isinstance(out, TokenBatch)  # return_logprobs=False: the tokens alone
+    assert out.ids.dtype == torch.long and out.mask.dtype == out.response_mask.dtype == torch.bool
+    assert lp < out.ids.shape[1] <= lp + MAX_NEW
+    assert torch.equal(out.ids[:, :lp], enc.ids) and torch.equal(out.mask[:, :lp], enc.mask)
+    assert not out.response_mask[:, :lp].any()
+    resp = out.response_mask[:, lp:]
+    assert torch.equal(out.mask[:, lp:], resp)  # after the prompt, real == generated
+    assert (resp[:, 1:] <= resp[:, :-1]).all()  # right padding: generated, then pads
+    assert (resp.sum(1) >= 1).all() and (out.ids[~out.mask] == model.pad_id).all()
+    texts = model.decode_text(out)
+    assert isinstance(texts, list) and len(texts) == b and all(isinstance(s, str) for s in texts)
+
+    responses = ["a red circle", "two blue squares above a green triangle", "a green circle"][:b]
+    responses += ["a red circle"] * (b - len(responses))
+    given = model.with_response(enc, responses)
+    assert torch.equal(given.ids[:, :lp], enc.ids) and not given.response_mask[:, :lp].any()
+    assert torch.equal(given.mask[:, lp:], given.response_mask[:, lp:])
+    assert len(set(given.response_mask.sum(1).tolist())) > 1  # each row its own length
+    for r, text in zip(responses, model.decode_text(given), strict=True):
+        assert r in text
+
+
+def test_forward_context_and_image_phase_shapes(adapter):
+    """Log-probs [B, L] that are zero off the response (the losses sum them unmasked) and valid
+    log-probabilities on it; velocities, images and latents of the declared shapes."""
+    model = adapter.model
+    tokens, x, t = setup(adapter)
+    b, length = tokens.ids.shape
+    logp, ctx = model.forward_context(tokens)
+    assert logp.shape == (b, length) and logp.is_floating_point() and logp.isfinite().all()
+    assert (logp[~tokens.response_mask] == 0).all()
+    assert (logp[tokens.response_mask] <= 0).all() and (logp[tokens.response_mask] < 0).any()
+
+    v = model.velocity(x, t, ctx)
+    assert v.shape == (b, *model.latent_shape) and v.is_floating_point() and v.isfinite().all()
+    assert v.abs().max() > 0  # a zero velocity would make every image test vacuous
+    v_null = model.velocity(x, t, model.null_context(b))
+    assert v_null.shape == v.shape and v_null.isfinite().all()
+    assert not torch.equal(v_null, v)  # the velocity reads its context
+
+    images = model.decode(x)
+    assert images.dim() == 4 and images.shape[:2] == (b, 3) and images.is_floating_point()
+    assert images.min() >= 0 and images.max() <= 1
+    z = model.encode_images(torch.rand(b, *images.shape[1:], generator=gen(1)))
+    assert z.shape == (b, *model.latent_shape) and z.is_floating_point() and z.isfinite().all()
+
+
+def test_parameter_groups(adapter):
+    """The optimizer's two groups (and ``optim.image_params``) address real, distinct parameters
+    by the names checkpoints use."""
+    model = adapter.model
+    groups = model.parameter_groups()
+    assert set(groups) == {"text", "image"} and groups["text"] and groups["image"]
+    named = dict(model.named_parameters())
+    state = set(model.trainable_state())
+    by_id = {id(p) for p in named.values()}
+    entries = [e for g in groups.values() for e in g]
+    names = [n for n, _ in entries]
+    assert len(names) == len(set(names))  # names unique
+    assert len({id(p) for _, p in entries}) == len(entries)  # text and image disjoint
+    for name, p in entries:
+        assert isinstance(p, torch.nn.Parameter) and id(p) in by_id, name
+        assert name in named or name in state, name
+        if name in named:
+            assert named[name] is p, name
+    assert isinstance(model.reference(), ReferencePolicy)
+
+
+# ----------------------------------------------------------------------------- 2. determinism
+def test_determinism_under_a_seed(adapter):
+    """Reasoning is keyed by generator seeds (resume and any chunking / sharding reproduce a
+    rollout), and scoring is a pure function of its inputs (recorded == re-scored)."""
+    model, prompts = adapter.model, adapter.prompts
+    a, b = sample(model, prompts, seed=7), sample(model, prompts, seed=7)
+    assert_equal((a.ids, a.mask, a.response_mask), (b.ids, b.mask, b.response_mask))
+    others = [sample(model, prompts, seed=s) for s in (8, 9, 10)]
+    assert any(o.ids.shape != a.ids.shape or not torch.equal(o.ids, a.ids) for o in others)
+
+    x, t = latents(model, len(a)), times(len(a))
+    assert_equal(outputs(model, a, x, t), outputs(model, a, x, t))
+
+
+# ----------------------------------------------------------------------------- 3. decode == score
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_logprobs_equal_scored_logprobs(adapter, temperature):
+    """Ratio == 1 on the first update needs the distribution that sampled a token and the one
+    ``forward_context`` scores it under to agree (temperature-scaled logits, same positions)."""
+    model = adapter.model
+    tokens, logp_decode = sample(model, adapter.prompts, seed=3, max_new_tokens=12,
+                                 temperature=temperature, return_logprobs=True)
+    assert isinstance(tokens, TokenBatch) and logp_decode.shape == tokens.ids.shape
+    assert (logp_decode[~tokens.response_mask] == 0).all()
+    logp, _ = model.forward_context(tokens, temperature)
+    m = tokens.response_mask
+    torch.testing.assert_close(logp[m], logp_decode[m].to(logp.dtype), **TOL)
+    if temperature != 1.0:  # the temperature is applied, not ignored
+        assert not torch.allclose(model.forward_context(tokens, 1.0)[0][m], logp[m], **TOL)
+
+
+# ----------------------------------------------------------------------------- 4. padding
+def test_padded_batch_equals_rows_alone(adapter):
+    """A trajectory's log-probs and velocity do not depend on the rows it is batched with: left
+    padding (prompt lengths), right padding (reasoning lengths) and the chunk's padded width
+    (``pad_tokens``) change nothing beyond float tolerance."""
+    model, prompts = adapter.model, adapter.prompts
+    sampled = sample(model, prompts, seed=1)
+    b = len(sampled)
+    tokens = truncate_responses(sampled, [max(1, MAX_NEW - 3 * i) for i in range(b)], model.pad_id)
+    assert len(set(tokens.response_mask.sum(1).tolist())) > 1
+    x, t = latents(model, b, seed=1), times(b)
+    logp, v = outputs(model, tokens, x, t)
+
+    for i in range(b):
+        row = row_alone(tokens, i)
+        enc = model.encode_prompts([prompts[i]])  # the prompt re-encoded alone: no padding
+        n = enc.ids.shape[1]
+        assert torch.equal(row.ids[0, :n], enc.ids[0]) and row.response_mask[0, n:].all()
+        logp_i, v_i = outputs(model, row, x[i:i + 1], t[i:i + 1])
+        torch.testing.assert_close(logp_i[0][row.response_mask[0]], logp[i][tokens.response_mask[i]], **TOL)
+        torch.testing.assert_close(v_i[0], v[i], **TOL)
+
+    width = tokens.ids.shape[1]
+    wide = pad_tokens(tokens, width + 5, model.pad_id)
+    logp_w, v_w = outputs(model, wide, x, t)
+    assert (logp_w[:, width:] == 0).all()
+    torch.testing.assert_close(logp_w[:, :width], logp, **TOL)
+    torch.testing.assert_close(v_w, v, **TOL)
+
+
+# ----------------------------------------------------------------------------- 5. per-row t
+def test_velocity_at_per_row_times(adapter):
+    """Rows of one call may sit at different flow times (``share_window=False``): row i's
+    velocity must use t[i], and a scalar t means that time for every row."""
+    model = adapter.model
+    tokens, x, t = setup(adapter, seed=2)
+    b = len(tokens)
+    with torch.no_grad():
+        _, ctx = model.forward_context(tokens)
+        v = model.velocity(x, t, ctx)
+        for i in range(b):
+            _, ctx_i = model.forward_context(tokens.index(torch.tensor([i])))  # same padded width
+            torch.testing.assert_close(model.velocity(x[i:i + 1], t[i:i + 1], ctx_i)[0], v[i], **TOL)
+        assert not torch.allclose(model.velocity(x, t.flip(0), ctx), v, **TOL)  # t matters per row
+        torch.testing.assert_close(model.velocity(x, torch.tensor(0.3), ctx),
+                                   model.velocity(x, torch.full((b,), 0.3), ctx), atol=1e-6, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- 6. reference
+def test_reference_is_frozen_and_restorable(adapter):
+    """KL / reference terms regularise against the STARTING policy: an update must not move it
+    (no shared or trainable weights), and a resumed run restores it from ``state_dict``."""
+    model = adapter.model
+    tokens, x, t = setup(adapter, seed=4)
+    ref = model.reference()
+    before_ref, before = outputs(ref, tokens, x, t), outputs(model, tokens, x, t)
+    for u, v in zip(before_ref, before):  # the reference starts as the policy (float tolerance:
+        torch.testing.assert_close(u, v, **TOL)  # frozen weights may take other CPU kernels)
+
+    train_step(model, tokens, x, t)
+    assert_differ(outputs(model, tokens, x, t), before)
+    assert_equal(outputs(ref, tokens, x, t), before_ref)
+    logp, ctx = ref.forward_context(tokens)  # with autograd on: nothing to differentiate
+    assert not logp.requires_grad and not ref.velocity(x, t, ctx).requires_grad
+    if hasattr(ref, "named_parameters"):
+        assert not any(p.requires_grad for _, p in ref.named_parameters())
+    state = ref.state_dict()
+    assert all(not v.requires_grad for v in state.values())
+
+    # Resume: a freshly built model's reference, loaded with the saved state, is the original one.
+    fresh = adapter.fresh(seed=1)
+    fresh_ref = fresh.reference()
+    fresh_out = outputs(fresh, tokens, x, t)
+    if state:
+        assert_differ(outputs(fresh_ref, tokens, x, t), before_ref)
+    fresh_ref.load_state_dict(state)
+    assert_equal(outputs(fresh_ref, tokens, x, t), before_ref)
+    assert_equal(outputs(fresh, tokens, x, t), fresh_out)  # loading the reference leaves the policy
+
+
+# ----------------------------------------------------------------------------- 7. save / load
+def test_trainable_state_round_trip(adapter):
+    """Resuming a run restores the policy exactly (bitwise), and a checkpoint that does not fit
+    the model is an error rather than a silently partial load."""
+    model = adapter.model
+    tokens, x, t = setup(adapter, seed=5)
+    train_step(model, tokens, x, t)
+    expected = outputs(model, tokens, x, t)
+    state = model.trainable_state()
+    assert state and all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in state.values())
+
+    fresh = adapter.fresh(seed=1)
+    assert_differ(outputs(fresh, tokens, x, t), expected)
+    fresh.load_trainable_state(state)
+    assert_equal(outputs(fresh, tokens, x, t), expected)
+
+    missing = dict(state)
+    missing.pop(next(iter(missing)))
+    with pytest.raises((KeyError, RuntimeError, ValueError)):
+        adapter.fresh(seed=2).load_trainable_state(missing)
+    with pytest.raises((KeyError, RuntimeError, ValueError)):
+        adapter.fresh(seed=2).load_trainable_state({**state, "not.a.parameter": torch.zeros(1)})
+
+
+def test_save_then_build_model(adapter, tmp_path):
+    """``model.save`` writes what ``build_model(cfg, checkpoint=path)`` (``model.checkpoint``)
+    loads: the final policy evaluates and continues exactly as trained, in eval mode."""
+    model = adapter.model
+    tokens, x, t = setup(adapter, seed=6)
+    train_step(model, tokens, x, t)
+    path = tmp_path / "policy.safetensors"
+    model.save(path, extra={"step": 1})
+    loaded = build_model(adapter.cfg, checkpoint=str(path))
+    assert not getattr(loaded, "training", False)
+    assert_equal(outputs(loaded, tokens, x, t), outputs(model, tokens, x, t))
+
+
+# ----------------------------------------------------------------------------- 8. detach_context
+def test_detach_context_cuts_text_gradient(adapter):
+    """``algo.detach_context``-style training: the image loss must not reach the text expert
+    through the context, while without detach it does (else detaching would be a no-op)."""
+    model = adapter.model
+    tokens, x, t = setup(adapter, seed=8)
+    groups = model.parameter_groups()
+    text, image = [p for _, p in groups["text"]], [p for _, p in groups["image"]]
+
+    _, ctx = model.forward_context(tokens)
+    model.velocity(x, t, model.detach_context(ctx)).pow(2).mean().backward()
+    assert not any(nonzero(g) for g in grads(text))
+    assert any(nonzero(g) for g in grads(image))
+    model.zero_grad(set_to_none=True)
+
+    _, ctx = model.forward_context(tokens)
+    model.velocity(x, t, ctx).pow(2).mean().backward()
+    assert any(nonzero(g) for g in grads(text))
+
+
+# ----------------------------------------------------------------------------- 9. one process
+def test_wrap_and_reduce_gradients_are_noops_on_one_process(adapter):
+    """A single-process run has no distributed code in it: ``wrap`` changes no output and
+    ``reduce_gradients`` no gradient (None stays None: AdamW skips those parameters)."""
+    model, d = adapter.model, Dist()
+    tokens, x, t = setup(adapter, seed=9)
+    before = outputs(model, tokens, x, t)
+    model.wrap(d)
+    assert_equal(outputs(model, tokens, x, t), before)
+
+    params = trainable(model)
+    _, ctx = model.forward_context(tokens)
+    model.velocity(x, t, model.detach_context(ctx)).pow(2).mean().backward()  # text grads stay None
+    g0 = grads(params)
+    model.reduce_gradients(params, d)
+    for a, b in zip(g0, grads(params), strict=True):
+        assert (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+    assert any(g is not None for g in g0)
