@@ -9,6 +9,7 @@ alone cannot.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Literal
 
 from unigrpo.utils.typed_config import ConfigError, load, to_dict
 
-__all__ = ["Config", "ConfigError", "builtin_configs", "load_config", "resolve_config_path", "to_dict",
+__all__ = ["Config", "ConfigError", "builtin_configs", "load_config", "resolve_config_path", "resolve_rewards", "to_dict",
            "validate"]
 
 
@@ -172,6 +173,7 @@ class Config:
     eval_every: int = 10  # steps between evaluations; 0 = only at the end
     save_every: int = 10  # steps between checkpoints; 0 = only at the end
     reward_workers: int = 0  # background threads computing rewards during the next rollout chunk; 0 = inline
+    dist_timeout_s: float = 1800.0  # torchrun: a collective waiting longer ends the job naming the silent rank
     model: ModelConfig = field(default_factory=TinyModelConfig)
     task: TaskConfig = field(default_factory=ShapesTaskConfig)
     text: TextSamplingConfig = field(default_factory=TextSamplingConfig)
@@ -183,14 +185,33 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
+# The longest prompt of the built-in shapes world, in tokens (with <bos>): prompt + reasoning must fit
+# the tiny model's positional table (model.max_seq_len), or sampling crashes mid-rollout.
+SHAPES_MAX_PROMPT_TOKENS = 19
+
+
 def _check(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {msg}")
 
 
+def _nonfinite(obj, prefix: str = ""):
+    """The first dotted key holding a NaN / inf float (a NaN weight skips every update silently)."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else prefix.rstrip(".")
+    if isinstance(obj, dict):
+        return next((k for key, v in obj.items() if (k := _nonfinite(v, f"{prefix}{key}.")) is not None), None)
+    if isinstance(obj, (list, tuple)):
+        return next((k for i, v in enumerate(obj) if (k := _nonfinite(v, f"{prefix.rstrip('.')}[{i}].")) is not None),
+                    None)
+    return None
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks; raises ConfigError naming the key. Returns ``cfg`` for chaining."""
-    s, a, t = cfg.sampler, cfg.algo, cfg.text
+    s, a, t, o = cfg.sampler, cfg.algo, cfg.text, cfg.optim
+    bad = _nonfinite(to_dict(cfg))
+    _check(bad is None, bad or "", "must be a finite number (NaN / inf are not allowed)")
     _check(a.group_size >= 2, "algo.group_size", f"must be >= 2 for group advantages, got {a.group_size}")
     _check(a.prompts_per_step >= 1, "algo.prompts_per_step", "must be >= 1")
     _check(a.ppo_epochs >= 1, "algo.ppo_epochs", "must be >= 1")
@@ -229,12 +250,27 @@ def validate(cfg: Config) -> Config:
         except re.error as e:
             _check(False, "optim.image_params", f"not a valid regular expression: {e}")
     _check(bool(cfg.rewards), "rewards", "at least one reward is required")
+    for i, r in enumerate(cfg.rewards):
+        _check(bool(r.name.strip()), f"rewards[{i}].name", "must not be empty")
     if cfg.task.kind == "shapes":
         _check(cfg.task.prompt_pool >= a.prompts_per_step, "task.prompt_pool", "must be >= algo.prompts_per_step")
     else:
         _check(bool(cfg.task.prompts), "task.prompts", "a JSONL file of prompts is required for task.kind=prompts")
     _check(cfg.reward_workers >= 0, "reward_workers", "must be >= 0")
     _check(cfg.steps >= 0, "steps", "must be >= 0")
+    _check(cfg.threads >= 0, "threads", f"must be >= 0 (0 = torch default), got {cfg.threads}")
+    _check(cfg.log_every >= 1, "log_every", f"must be >= 1, got {cfg.log_every}")
+    for k in ("eval_every", "save_every"):
+        _check(getattr(cfg, k) >= 0, k, f"must be >= 0 (0 = only at the end), got {getattr(cfg, k)}")
+    _check(cfg.dist_timeout_s > 0, "dist_timeout_s", f"must be > 0 seconds, got {cfg.dist_timeout_s}")
+    _check(o.lr_text >= 0, "optim.lr_text", f"must be >= 0, got {o.lr_text}")
+    _check(o.lr_image >= 0, "optim.lr_image", f"must be >= 0, got {o.lr_image}")
+    _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _check(all(0 <= b < 1 for b in o.betas), "optim.betas", f"each must be in [0, 1), got {list(o.betas)}")
+    _check(a.adv_eps >= 0, "algo.adv_eps", f"must be >= 0, got {a.adv_eps}")
+    _check(a.lambda_image >= 0 and a.c_mse >= 0 and a.beta_img >= 0 and a.text_beta >= 0, "algo.lambda_image",
+           "the loss weights lambda_image, c_mse, beta_img, text_beta must be >= 0")
+    _check(cfg.eval.grid_prompts >= 0, "eval.grid_prompts", "must be >= 0")
     _check(cfg.eval.num_prompts >= 1, "eval.num_prompts", "must be >= 1")
     for k in ("wrong_reasoning_frac", "no_think_frac", "uncond_frac"):
         v = getattr(cfg.pretrain, k)
@@ -242,6 +278,11 @@ def validate(cfg: Config) -> Config:
     if cfg.model.kind == "tiny":
         _check(cfg.model.image_size % 4 == 0 and 16 <= cfg.model.image_size <= 64, "model.image_size",
                "must be a multiple of 4 in [16, 64]")
+        if cfg.task.kind == "shapes":
+            room = cfg.model.max_seq_len - SHAPES_MAX_PROMPT_TOKENS
+            _check(t.max_reasoning_tokens <= room, "text.max_reasoning_tokens",
+                   f"{t.max_reasoning_tokens} does not fit model.max_seq_len={cfg.model.max_seq_len} after the "
+                   f"longest prompt ({SHAPES_MAX_PROMPT_TOKENS} tokens): at most {room}")
     return cfg
 
 
@@ -251,6 +292,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     ``path`` is a YAML file or ``builtin:NAME``, a config shipped in the package (`unigrpo configs`).
     """
     return validate(load(Config, None if path is None else resolve_config_path(path), overrides))
+
+
+def resolve_rewards(cfg: Config) -> Config:
+    """Every reward name imports now, before any model loads (one line naming the reward)."""
+    from unigrpo.rewards import resolve_reward
+
+    for i, r in enumerate(cfg.rewards):
+        try:
+            resolve_reward(r.name)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"rewards[{i}].name: {e}") from None
+    return cfg
 
 
 BUILTIN_PREFIX = "builtin:"

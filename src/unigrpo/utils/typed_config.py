@@ -165,6 +165,24 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+
+def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise ConfigError(f"{key}: duplicate key (line {key_node.start_mark.line + 1}); it is given twice "
+                              f"in the same section")
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
+
+
 def load(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
     """Read YAML at ``path`` (optional), apply overrides, and build ``cls``."""
     data: dict = {}
@@ -173,7 +191,11 @@ def load(cls: type, path: str | Path | None = None, overrides: list[str] | None 
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.load(p.read_text(), Loader=_StrictLoader) or {}  # a SafeLoader
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML ({e.__class__.__name__})") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}: invalid YAML{where} ({getattr(e, 'problem', None) or e.__class__.__name__})") from None
     return from_dict(cls, apply_overrides(data, list(overrides or [])))
