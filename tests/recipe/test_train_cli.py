@@ -17,7 +17,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    """Rows of metrics.jsonl (strict JSON: a non-finite value is null + listed under "nonfinite";
+    read back as NaN here)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.update({k: math.nan for k in r.pop("nonfinite", [])})
+    return rows
 
 
 @pytest.fixture(scope="module")

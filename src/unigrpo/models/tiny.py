@@ -207,33 +207,44 @@ class TinyUnifiedModel(nn.Module):
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         """Weights as safetensors; config and tokenizer vocabulary in its metadata (one file)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from unigrpo.utils.checkpoint import atomic_save
 
         meta = {"config": json.dumps(asdict(self.cfg)), "tokenizer": json.dumps(self.tokenizer.to_dict()),
                 **{k: json.dumps(v) for k, v in (extra or {}).items()}}
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file(state, str(tmp), metadata=meta)
-        tmp.replace(path)  # atomic: a crash mid-save never leaves a half-written file at `path`
+        # atomic (tmp + fsync + rename): a crash mid-save never leaves a half-written file at `path`
+        atomic_save(lambda f: f.write(save(state, metadata=meta)), path)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> TinyUnifiedModel:
         from safetensors import safe_open
         from safetensors.torch import load_file
 
+        from unigrpo.utils.checkpoint import check_fits, nonfinite_tensor
+        from unigrpo.utils.errors import CheckpointError
         from unigrpo.world.tokenizer import WordTokenizer
 
         path = BUILTIN.get(str(path), Path(path))
         if not Path(path).is_file():
             raise FileNotFoundError(f"model checkpoint not found: {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
+        try:  # truncated, empty, garbage, another format: one line naming the file
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            state = load_file(str(path), device=device)
+        except Exception as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__})") from e
+        if "config" not in meta or "tokenizer" not in meta:
+            raise CheckpointError(f"{path}: not a tiny-model checkpoint (no config/tokenizer metadata; "
+                                  f"policy_step*.safetensors files are resumed with --resume)")
         cfg = json.loads(meta["config"])
         cfg["unet_channels"] = tuple(cfg["unet_channels"])
         model = cls(TinyConfig(**cfg), WordTokenizer.from_dict(json.loads(meta["tokenizer"])))
-        model.load_state_dict(load_file(str(path), device=device))
+        if (bad := nonfinite_tensor(state)) is not None:
+            raise CheckpointError(f"{path}: tensor {bad} holds NaN/inf; refusing to load broken weights")
+        check_fits(state, model.state_dict(), path)
+        model.load_state_dict(state)
         return model.to(device)
 
 
@@ -241,7 +252,10 @@ def build(cfg, checkpoint: str | None) -> TinyUnifiedModel:
     """``model.kind: tiny``: the weights of ``checkpoint`` (their own sizes), or a random init of
     the config's sizes when ``checkpoint`` is None."""
     if checkpoint is not None:
-        return TinyUnifiedModel.load(checkpoint)
+        model = TinyUnifiedModel.load(checkpoint)
+        if checkpoint == cfg.model.checkpoint:  # the config's own: its size keys must be true
+            _check_sizes(cfg.model, model.cfg, checkpoint)  # (an explicit --checkpoint brings its sizes)
+        return model
     from unigrpo.world.tokenizer import build_world_tokenizer
 
     tok, m = build_world_tokenizer(), cfg.model
@@ -249,3 +263,20 @@ def build(cfg, checkpoint: str | None) -> TinyUnifiedModel:
                       text_heads=m.text_heads, unet_channels=tuple(m.unet_channels),
                       image_size=m.image_size, max_seq_len=m.max_seq_len)
     return TinyUnifiedModel(tiny, tok)
+
+
+SIZE_KEYS = ("d_text", "text_layers", "text_heads", "unet_channels", "image_size", "max_seq_len")
+
+
+def _check_sizes(m, own: TinyConfig, checkpoint) -> None:
+    """The config's size keys must be the checkpoint's own: a silently ignored key is config drift
+    (the saved config would claim sizes the model does not have)."""
+    from unigrpo.config import ConfigError
+
+    for k in SIZE_KEYS:
+        want, have = getattr(m, k), getattr(own, k)
+        if isinstance(want, (list, tuple)):
+            want, have = list(want), list(have)
+        if want != have:
+            raise ConfigError(f"model.{k}: {want} but the checkpoint {checkpoint} has {have} (set model.{k} "
+                              f"to match, or model.checkpoint=null for a random init)")

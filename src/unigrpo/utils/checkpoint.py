@@ -13,10 +13,18 @@ The reference policy never changes, so it is written once, at the start of the r
 Every rank calls ``save_checkpoint`` (a sharded model gathers its state there); rank 0 writes.
 Every write goes to a temporary file in the same directory, is flushed and fsync'ed, then
 ``os.replace``'d over the target (atomic on POSIX), and the directory entry is fsync'ed.
+
+Integrity (docs/reliability.md): the policy file's metadata holds a format version and the sha256
+of its tensors (names, dtypes, shapes, bytes); ``checkpoint.pt`` repeats the hash. Loading checks
+both, refuses non-finite weights and names the first tensor whose shape does not fit the model, so
+a torn, swapped or corrupted checkpoint is one line, never a silently wrong run. ``final.safetensors``
+(plain weights for eval/sample) is written with the same atomic rule, at the same step, before the
+pointer: it is never behind the checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -24,10 +32,41 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["CHECKPOINT", "REFERENCE", "atomic_save", "atomic_torch_save", "capture_rng", "load_checkpoint",
-           "load_reference", "restore_rng", "resume", "save_checkpoint", "save_reference"]
+from unigrpo.utils.errors import CheckpointError
+
+__all__ = ["CHECKPOINT", "FORMAT", "REFERENCE", "atomic_save", "atomic_torch_save", "capture_rng", "check_fits",
+           "load_checkpoint", "load_reference", "nonfinite_tensor", "pointed_policy", "restore_rng", "resume",
+           "save_checkpoint", "save_reference", "state_hash"]
 
 CHECKPOINT, REFERENCE = "checkpoint.pt", "reference.pt"
+FORMAT = "1"  # checkpoint format version, in the policy metadata; loading refuses any other
+
+
+def state_hash(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors in name order: name, dtype, shape and raw bytes of each."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def nonfinite_tensor(state: dict[str, torch.Tensor]) -> str | None:
+    """The first tensor (name order) holding NaN / inf, or None."""
+    return next((k for k in sorted(state) if state[k].is_floating_point() and not torch.isfinite(state[k]).all()),
+                None)
+
+
+def check_fits(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], source) -> None:
+    """Names, then shapes of ``state`` against the model's ``own``: one line naming the first misfit."""
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for k in sorted(own):
+        if tuple(state[k].shape) != tuple(own[k].shape):
+            raise CheckpointError(f"{source}: tensor {k} has shape {list(state[k].shape)}, the model's is "
+                                  f"{list(own[k].shape)} (check the model.* size keys)")
 
 
 def atomic_save(write, path: str | Path) -> Path:
@@ -83,16 +122,20 @@ def _cpu_state(module) -> dict:
 
 
 def save_checkpoint(out_dir: str | Path, *, model, optimizer: torch.optim.Optimizer, step: int,
-                    data_position: int, config: dict, is_main: bool, extra: dict | None = None) -> None:
-    """Write the checkpoint of ``step`` (optimisation steps completed). Called on every rank."""
+                    data_position: int, config: dict, is_main: bool, extra: dict | None = None,
+                    write_final=None) -> None:
+    """Write the checkpoint of ``step`` (optimisation steps completed). Called on every rank.
+    ``write_final(path)``: also write the plain weights (``final.safetensors``), before the pointer."""
     out = Path(out_dir)
     policy = model.trainable_state()  # every rank: a sharded model gathers here
     if not is_main:
         return
-    name = f"policy_step{step:06d}.safetensors"
-    _save_safetensors(policy, out / name, {"step": str(step)})
-    state = {"policy": name, "optimizer": optimizer.state_dict(), "step": step, "data_position": data_position,
-             "config": config, "rng": capture_rng(), "extra": extra or {}}
+    name, digest = f"policy_step{step:06d}.safetensors", state_hash(policy)
+    _save_safetensors(policy, out / name, {"step": str(step), "format": FORMAT, "sha256": digest})
+    if write_final is not None:
+        write_final(out / "final.safetensors")
+    state = {"policy": name, "sha256": digest, "format": FORMAT, "optimizer": optimizer.state_dict(), "step": step,
+             "data_position": data_position, "config": config, "rng": capture_rng(), "extra": extra or {}}
     atomic_torch_save(state, out / CHECKPOINT)  # the pointer: from now on `name` is the checkpoint
     for old in out.glob("policy_step*.safetensors"):
         if old.name != name:
@@ -103,37 +146,77 @@ def save_reference(out_dir: str | Path, reference) -> Path:
     return atomic_torch_save({"model": _cpu_state(reference)}, Path(out_dir) / REFERENCE)
 
 
+def _read_pointer(path: Path, device) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume from: {path}")
+    try:  # weights_only=False: the state holds RNG states (numpy arrays, tuples) written by this code
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # truncated, garbage, empty: torch raises many types
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}); it is not a file "
+                              f"written by unigrpo train, or it is truncated") from e
+    if not isinstance(state, dict) or "policy" not in state:
+        raise CheckpointError(f"{path}: not a unigrpo checkpoint (no policy pointer)")
+    return state
+
+
+def pointed_policy(out_dir: str | Path) -> str | None:
+    """The policy file ``checkpoint.pt`` names (None if it cannot be read)."""
+    try:
+        return _read_pointer(Path(out_dir) / CHECKPOINT, "cpu")["policy"]
+    except (OSError, CheckpointError):
+        return None
+
+
 def load_checkpoint(out_dir: str | Path, device: torch.device | str = "cpu") -> dict:
-    """The state written by ``save_checkpoint``, with the policy weights under ``"model"``
-    (raises FileNotFoundError naming the path)."""
+    """The state written by ``save_checkpoint``, with the policy weights under ``"model"``, verified:
+    format version, sha256 of the tensors (file metadata and pointer agree), finite weights."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(out_dir) / CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint to resume from: {path}")
-    # weights_only=False: the state holds RNG states (numpy arrays, tuples) written by this code
-    state = torch.load(path, map_location=device, weights_only=False)
+    state = _read_pointer(path, device)
     policy = Path(out_dir) / state["policy"]
     if not policy.is_file():
         raise FileNotFoundError(f"{path} names policy weights that are missing: {policy}")
-    state["model"] = load_file(str(policy), device=str(device))
+    try:
+        with safe_open(str(policy), framework="pt") as f:
+            meta = f.metadata() or {}
+        weights = load_file(str(policy), device="cpu")
+    except Exception as e:
+        raise CheckpointError(f"{policy}: unreadable policy weights ({type(e).__name__})") from e
+    if meta.get("format") != FORMAT or state.get("format") != FORMAT:
+        raise CheckpointError(f"{policy}: checkpoint format {meta.get('format')!r}, this version reads {FORMAT!r}")
+    digest = state_hash(weights)
+    if digest != meta.get("sha256") or digest != state.get("sha256"):
+        raise CheckpointError(f"{policy}: content hash does not match (corrupted, or not the file {path} was "
+                              f"written with)")
+    if (bad := nonfinite_tensor(weights)) is not None:
+        raise CheckpointError(f"{policy}: tensor {bad} holds NaN/inf; refusing to resume from broken weights")
+    state["model"] = {k: v.to(device) for k, v in weights.items()}
     return state
 
 
 def load_reference(out_dir: str | Path, device: torch.device | str = "cpu") -> dict | None:
     path = Path(out_dir) / REFERENCE
-    return torch.load(path, map_location=device, weights_only=True)["model"] if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location=device, weights_only=True)["model"]
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable reference policy ({type(e).__name__})") from e
 
 
 def resume(out_dir: str | Path, model, ref, optimizer: torch.optim.Optimizer, device) -> dict:
     """Restore a run from ``out_dir``: policy weights, the ORIGINAL reference (when the run has
     one), optimizer and RNG states. Returns the checkpoint's state (step, config, extra)."""
     state = load_checkpoint(out_dir, device)
+    check_fits(state["model"], model.trainable_state(), Path(out_dir) / state["policy"])
     model.load_trainable_state(state["model"])
     if ref is not None:
         ref_state = load_reference(out_dir, device)
         if ref_state is None:
             raise FileNotFoundError(f"resume needs the reference policy {Path(out_dir) / REFERENCE}")
+        check_fits(ref_state, ref.state_dict(), Path(out_dir) / REFERENCE)
         ref.load_state_dict(ref_state)
     optimizer.load_state_dict(state["optimizer"])
     restore_rng(state["rng"])

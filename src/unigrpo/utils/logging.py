@@ -2,6 +2,11 @@
 
 Every key written here must be defined in docs/metrics.md (a test parses the doc).
 TensorBoard is an optional extra: without it the run logs a warning and keeps metrics.jsonl.
+
+metrics.jsonl is strict JSON, one object per line: a non-finite value is written as ``null`` and
+its key listed under ``"nonfinite"``. On resume, lines of steps after the checkpoint are dropped
+(they are redone), a torn last line (the crash hit mid-write) is dropped with a note, and
+TensorBoard is opened with ``purge_step`` so the redone steps are not shown twice.
 """
 
 from __future__ import annotations
@@ -13,7 +18,36 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-__all__ = ["RunLogger", "StatsMean"]
+__all__ = ["RunLogger", "StatsMean", "jsonl_line", "kept_lines"]
+
+
+def jsonl_line(step: int, metrics: dict[str, float]) -> str:
+    """One strict-JSON line: non-finite values -> null, their keys under "nonfinite"."""
+    clean = {k: float(v) for k, v in metrics.items()}
+    bad = [k for k, v in clean.items() if not math.isfinite(v)]
+    row = {"step": step, **{k: (None if k in bad else v) for k, v in clean.items()}}
+    if bad:
+        row["nonfinite"] = bad
+    return json.dumps(row, allow_nan=False)
+
+
+def kept_lines(text: str, start_step: int, path) -> list[str]:
+    """The lines of an existing metrics.jsonl a resume at ``start_step`` keeps: steps <= start_step.
+    A torn LAST line is dropped with a note; a bad line elsewhere is an error naming it."""
+    lines, keep = text.splitlines(), []
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            continue
+        try:
+            row = json.loads(ln)
+        except ValueError:
+            if i == len(lines) - 1:
+                print(f"[unigrpo] {path}: dropped a torn last line (a crash during a write)", flush=True)
+                continue
+            raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+        if row.get("step", 0) <= start_step:
+            keep.append(ln)
+    return keep
 
 
 class StatsMean:
@@ -54,24 +88,25 @@ class RunLogger:
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / "metrics.jsonl"
         if append and path.is_file():  # resume: drop lines of steps after the checkpoint (redone now)
-            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
+            keep = kept_lines(path.read_text(), start_step, path)
             path.write_text("".join(ln + "\n" for ln in keep))
         # the curve continues in the same file on resume; open for the run, closed in close()
         self.jsonl = open(path, "a" if append else "w")  # noqa: SIM115
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.out / "tb"))
+            # purge_step: events of steps after the checkpoint (redone now) are hidden, not doubled
+            self.tb = SummaryWriter(str(self.out / "tb"), purge_step=start_step + 1 if append else None)
         except ImportError as e:  # tensorboard is an optional extra (pip install unigrpo[viz])
             warnings.warn(f"TensorBoard logging disabled ({e}); metrics.jsonl is still written")
         self.bar = tqdm(total=total_steps, initial=start_step, desc="unigrpo", dynamic_ncols=True)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        """One line of ``{"step": step, key: value, ...}``; non-finite values are kept as NaN/inf."""
+        """One line of ``{"step": step, key: value, ...}`` (``jsonl_line``: strict JSON)."""
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in metrics.items()}
-        self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self.jsonl.write(jsonl_line(step, clean) + "\n")
         self.jsonl.flush()
         if self.tb is not None:
             for k, v in clean.items():
