@@ -1,17 +1,36 @@
 """The `unigrpo` command line: one sub-command per job, each taking CONFIG [key=value ...].
 
 CONFIG is a YAML file or ``builtin:NAME``, a config shipped in the package (`unigrpo configs`).
-Config errors print one line naming the offending key and exit with status 2.
+Every failure a user can meet is ONE line on stderr, ``unigrpo: MESSAGE`` naming the file / key /
+reward / rank, and an exit status: 2 bad input, 1 a run that failed, 130 Ctrl-C (``_exit_code``;
+docs/reliability.md). ``--debug`` (anywhere on the line) or ``UNIGRPO_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import yaml
 
-from unigrpo.config import ConfigError, builtin_configs, load_config, to_dict
+from unigrpo.config import ConfigError, builtin_configs, load_config, resolve_rewards, to_dict
+from unigrpo.utils.errors import InputError, RunError
+
+
+def _load(args: argparse.Namespace, runs: bool = True):
+    """The validated config, reward names resolved; ``runs``: also checks this machine can run it."""
+    cfg = resolve_rewards(load_config(args.config, args.overrides))
+    if runs:
+        import torch
+
+        try:
+            device = torch.device(cfg.device)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"device: {cfg.device!r} is not a torch device (cpu, cuda, cuda:0)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device: {cfg.device!r} but this torch build / machine has no CUDA (use device=cpu)")
+    return cfg
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -32,7 +51,7 @@ def cmd_configs(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from unigrpo.tasks import PromptsTask, build_task
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load(args, runs=False)
     task = build_task(cfg)  # reads and checks the prompt files
     if args.print:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
@@ -48,7 +67,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from unigrpo.recipes.pretrain import pretrain
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load(args)
     out = args.out
     model = pretrain(cfg, out, log_path=str(out) + ".log.jsonl")
     print(f"saved {out}")
@@ -81,7 +100,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         write_eval,
     )
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load(args)
+    _check_out_dir(args.out)
     model = build_model(cfg, checkpoint=args.checkpoint) if args.checkpoint else build_model(cfg)
     if cfg.task.kind != "shapes":
         return _eval_task(model, cfg, args)
@@ -126,6 +146,20 @@ def _fail(msg: str) -> int:
     return 2
 
 
+def _check_out_dir(out) -> None:
+    """``--out DIR`` must be a directory we can write (checked before the model loads)."""
+    from pathlib import Path
+
+    if out is None:
+        return
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a directory")
+    parent = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: {parent} is not writable")
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from unigrpo.models import build_model
     from unigrpo.sampling import generate
@@ -135,7 +169,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         return _fail("the prompt is empty")
     if args.n < 1:
         return _fail(f"--n must be >= 1, got {args.n}")
-    cfg = load_config(args.config, args.overrides)
+    if not str(args.out).lower().endswith(".png"):
+        return _fail(f"--out {args.out}: must be a .png file")
+    from pathlib import Path
+
+    _check_out_dir(Path(args.out).parent)
+    cfg = _load(args)
     model = build_model(cfg, checkpoint=args.checkpoint) if args.checkpoint else build_model(cfg)
     known = getattr(getattr(model, "tokenizer", None), "index", None)  # closed vocabulary (tiny model)
     unknown = [w for w in args.prompt.split() if known is not None and w not in known]
@@ -157,16 +196,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from unigrpo.recipes.demo import DEMO_CONFIG, run_demo
 
-    cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
-    run_demo(cfg)
+    args.config = args.config or DEMO_CONFIG
+    run_demo(_load(args))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from unigrpo.recipes.train import train
 
-    cfg = load_config(args.config, args.overrides)
-    train(cfg, resume=args.resume)
+    train(_load(args), resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -175,7 +213,10 @@ def _add_train_parser(sub) -> None:
                                      "torchrun --nproc_per_node=N -m unigrpo.cli train ...)")
     _add_config_args(p, required=False)
     p.add_argument("--resume", action="store_true",
-                   help="continue from OUTPUT_DIR/checkpoint.pt (= an uninterrupted run)")
+                   help="continue from OUTPUT_DIR/checkpoint.pt (= an uninterrupted run; what may change: "
+                        "docs/reliability.md)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in OUTPUT_DIR (without it a new run refuses such a directory)")
     p.set_defaults(func=cmd_train)
 
 
@@ -234,7 +275,34 @@ def _overrides_from(args: argparse.Namespace) -> None:
         args.config = None
 
 
+def _one_line(text: str, limit: int = 400) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _exit_code(e: BaseException) -> tuple[int, str]:
+    """The error -> (exit status, one-line message) mapping of every sub-command."""
+    from unigrpo.utils import dist
+
+    if isinstance(e, ConfigError):
+        return 2, f"config error: {e}"
+    if isinstance(e, (InputError, RunError)):
+        return e.exit_code, str(e)
+    if isinstance(e, KeyboardInterrupt):
+        return 130, "interrupted"
+    if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return 2, str(e)
+    if (timeout := dist.as_rank_timeout(e)) is not None:
+        return timeout.exit_code, str(timeout)
+    if isinstance(e, OSError):
+        return 1, f"{type(e).__name__}: {e}"
+    return 1, f"failed: {type(e).__name__}: {e} (run with --debug for the traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("UNIGRPO_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     # argparse stops collecting positionals at the first option, so `sample "p" --n 8 threads=1`
     # leaves `threads=1` over: accept such trailing key=value tokens as overrides.
@@ -250,12 +318,21 @@ def main(argv: list[str] | None = None) -> int:
     _overrides_from(args)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as e:
-        print(f"unigrpo: config error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"unigrpo: {e}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as e:
+        if debug:
+            raise
+        code, msg = _exit_code(e)
+        _close_bars()
+        print(f"unigrpo: {_one_line(msg)}", file=sys.stderr)
+        return code
+
+
+def _close_bars() -> None:
+    """A progress bar left open by the failure ends its line first: the message gets its own line."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

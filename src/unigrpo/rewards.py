@@ -59,6 +59,16 @@ def resolve_reward(name: str) -> RewardFn:
     return obj
 
 
+def _call(name: str, fn: RewardFn, images, prompts, metadata):
+    """``fn(...)``; whatever it raises becomes one error naming the reward (docs/reliability.md)."""
+    from unigrpo.utils.errors import RewardError
+
+    try:
+        return fn(images, prompts, metadata)
+    except Exception as e:
+        raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from e
+
+
 def _check_scores(name: str, scores, batch: int) -> torch.Tensor:
     try:
         s = torch.as_tensor(scores).detach().to("cpu", torch.float32)  # rewards are data, never differentiated
@@ -84,7 +94,7 @@ class RewardSet:
         """-> (total [B] float32, {name: scores [B]}, seconds spent)."""
         start = time.perf_counter()
         images = images.detach().float().cpu()
-        per_term = {name: _check_scores(name, fn(images, prompts, metadata), len(prompts))
+        per_term = {name: _check_scores(name, _call(name, fn, images, prompts, metadata), len(prompts))
                     for name, _, fn in self.terms}
         total = sum(w * per_term[name] for name, w, _ in self.terms)
         return total, per_term, time.perf_counter() - start

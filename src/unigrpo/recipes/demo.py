@@ -83,7 +83,11 @@ def run_demo(cfg: Config) -> dict:
     write_eval(out / "eval", "before", before, gen, tasks, cfg.eval.grid_prompts)
     print(f"[demo] UniGRPO: {cfg.steps} steps x {cfg.algo.prompts_per_step} prompts x "
           f"{cfg.algo.group_size} trajectories")
-    result = train(cfg)
+    from unigrpo.utils.rundir import holds_run
+
+    if holds_run(out):  # `bash scripts/demo.sh` twice in a row: the demo always starts fresh
+        print(f"[demo] {out} holds a previous demo run: replacing it (train --overwrite)")
+    result = train(cfg, overwrite=True)
     policy = result["model"] if isinstance(result, dict) and "model" in result else None
     if policy is None:
         policy = build_model(cfg, checkpoint=str(out / "final.safetensors"))

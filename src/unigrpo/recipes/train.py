@@ -44,7 +44,8 @@ from unigrpo.recipes.optim import build_optimizer, optimizer_step
 from unigrpo.rewards import RewardSet
 from unigrpo.tasks import build_task
 from unigrpo.utils import checkpoint as ckpt
-from unigrpo.utils import dist
+from unigrpo.utils import dist, rundir
+from unigrpo.utils import resume as resume_policy
 from unigrpo.utils.images import save_grid
 from unigrpo.utils.logging import RunLogger, StatsMean
 from unigrpo.world import group_diversity, image_stats
@@ -239,15 +240,17 @@ def _due(every: int, step: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
 
-def train(cfg: Config, resume: bool = False) -> dict:
-    """Run UniGRPO for ``cfg.steps`` steps (continuing OUTPUT_DIR/checkpoint.pt when ``resume``).
+def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run UniGRPO for ``cfg.steps`` steps (continuing OUTPUT_DIR/checkpoint.pt when ``resume``;
+    replacing a run already in OUTPUT_DIR when ``overwrite``; docs/reliability.md).
 
     Returns {"model": the policy, "metrics": last step's metrics, "eval": last evaluation, "step"}."""
-    # ------------------------------------------------------------------ 0. set-up
-    ranks, device = dist.init(cfg.device)
+    # ------------------------------------------------------------------ 0. set-up (nothing written yet)
+    algo, out = cfg.algo, Path(cfg.output_dir)
+    rundir.check_output_dir(out, resume, overwrite)  # read-only: refuse early, before loading anything
+    ranks, device = dist.init(cfg.device, cfg.dist_timeout_s)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    algo, out = cfg.algo, Path(cfg.output_dir)
     sizes = derived_sizes(cfg, ranks.world)
     task, rewards = build_task(cfg), RewardSet([(r.name, r.weight) for r in cfg.rewards], cfg.reward_workers)
     torch.manual_seed(cfg.seed)  # makes a random init (model.checkpoint: null) reproducible
@@ -255,58 +258,64 @@ def train(cfg: Config, resume: bool = False) -> dict:
     model.wrap(ranks)
     ref = model.reference() if needs_reference(cfg) else None  # the starting policy, frozen
     opt = build_optimizer(model, cfg)
-    start_step, skipped_total = 0, 0
-    if resume:
+    start_step, extra = 0, {"skipped_total": 0, "resumes": []}
+    if resume:  # reads only; refuses keys a resume may not change, applies the optimizer's
         state = ckpt.resume(out, model, ref, opt, device)
-        start_step, skipped_total = state["step"], state["extra"].get("skipped_total", 0)
-        changed = sorted(k for k, v in to_dict(cfg).items() if k != "steps" and state["config"].get(k) != v)
-        if changed and ranks.is_main:
-            print(f"[unigrpo] resuming with changed config sections: {changed}", flush=True)
-    elif ref is not None and ranks.is_main:
-        ckpt.save_reference(out, ref)
-    log = RunLogger(out, ranks.is_main, cfg.steps, start_step, append=resume)
-    if ranks.is_main:
-        print(describe(cfg, sizes), flush=True)
-    metrics, last_eval = {}, {}
-    if cfg.eval.at_start and start_step == 0 and ranks.is_main:
-        last_eval = task.evaluate(model, cfg, rewards, 0, out)
-        log.log(0, last_eval)
+        start_step, extra = state["step"], {**extra, **state["extra"]}
+        changes = resume_policy.plan(state["config"], to_dict(cfg), start_step)
+        resume_policy.apply_optimizer(opt, cfg)  # load_state_dict restored the saved lr / betas / decay
+        extra["resumes"] = [*extra["resumes"], {"step": start_step, "changes": {k: list(v) for k, v in changes.items()}}]
+        if changes and ranks.is_main:
+            print(f"[unigrpo] resuming at step {start_step} with changes: "
+                  + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), flush=True)
+    # ------------------------------------------------------------------ the first write: lock the directory
+    # (Ctrl-C inside: one line naming the step and the intact checkpoint; the lock is always released)
+    with rundir.open_run(out, ranks, resume, overwrite, start_step) as run:
+        if not resume and ref is not None and ranks.is_main:
+            ckpt.save_reference(out, ref)
+        log = RunLogger(out, ranks.is_main, cfg.steps, start_step, append=resume)
+        if ranks.is_main:
+            print(describe(cfg, sizes), flush=True)
+        metrics, last_eval = {}, {}
+        if cfg.eval.at_start and start_step == 0 and ranks.is_main:
+            last_eval = task.evaluate(model, cfg, rewards, 0, out)
+            log.log(0, last_eval)
 
-    for step in range(start_step, cfg.steps):
-        # -------------------------------------------------------------- 1-3. rollout, reward, advantages
-        t_start = time.perf_counter()
-        batch = rollout_step(model, task, cfg, step, rewards, ranks, sizes)
-        t_reward = time.perf_counter()
-        # -------------------------------------------------------------- 4. PPO epochs
-        train_stats = ppo_epochs(model, ref, opt, batch, cfg, step, ranks, sizes)
-        skipped_total += int(train_stats["perf/skipped_updates"])
-        t_train = time.perf_counter()
-        # -------------------------------------------------------------- 5. log
-        metrics = {**train_stats, **step_metrics(batch, cfg, rewards, sizes), "perf/train_s": t_train - t_reward,
-                   "perf/step_s": t_train - t_start,
-                   "perf/train_traj_per_s": sizes.trajectories * algo.ppo_epochs / (t_train - t_reward)}
-        metrics = dist.reduce_metrics(metrics, ranks, device)
-        metrics["perf/skipped_total"] = float(skipped_total)
-        if _due(cfg.log_every, step + 1, cfg.steps):
-            log.log(step + 1, metrics)
-        if ranks.is_main and _due(cfg.eval_every, step + 1, cfg.steps):
-            # -------------------------------------------------------------- 6. evaluate
-            last_eval = task.evaluate(model, cfg, rewards, step + 1, out)
-            log.log(step + 1, last_eval)
-            shown = min(4, batch.n_prompts) * algo.group_size
-            save_grid(batch.roll.images[:shown], out / "grids" / f"rollout_step{step + 1:06d}.png",
-                      nrow=algo.group_size, scale=4, labels=[f"p{batch.p0 + i // algo.group_size} "
-                                                             f"{float(batch.reward_local[i]):.2f}" for i in range(shown)])
-        log.progress(metrics["reward/mean"], {"acc": last_eval.get("eval/accuracy", float("nan"))})
-        if _due(cfg.save_every, step + 1, cfg.steps):
-            # -------------------------------------------------------------- 7. checkpoint (every rank)
-            ckpt.save_checkpoint(out, model=model, optimizer=opt, step=step + 1, is_main=ranks.is_main,
-                                 data_position=(step + 1) * algo.prompts_per_step, config=to_dict(cfg),
-                                 extra={"skipped_total": skipped_total})
-            if ranks.is_main:  # plain weights for `unigrpo eval/sample --checkpoint`
-                model.save(out / "final.safetensors", extra={"rl_step": step + 1})
-
+        for step in range(start_step, cfg.steps):
+            # ---------------------------------------------------------- 1-3. rollout, reward, advantages
+            t_start = time.perf_counter()
+            batch = rollout_step(model, task, cfg, step, rewards, ranks, sizes)
+            t_reward = time.perf_counter()
+            # ---------------------------------------------------------- 4. PPO epochs
+            train_stats = ppo_epochs(model, ref, opt, batch, cfg, step, ranks, sizes)
+            extra["skipped_total"] += int(train_stats["perf/skipped_updates"])
+            t_train = time.perf_counter()
+            # ---------------------------------------------------------- 5. log
+            metrics = {**train_stats, **step_metrics(batch, cfg, rewards, sizes), "perf/train_s": t_train - t_reward,
+                       "perf/step_s": t_train - t_start,
+                       "perf/train_traj_per_s": sizes.trajectories * algo.ppo_epochs / (t_train - t_reward)}
+            metrics = dist.reduce_metrics(metrics, ranks, device)
+            metrics["perf/skipped_total"] = float(extra["skipped_total"])
+            if _due(cfg.log_every, step + 1, cfg.steps):
+                log.log(step + 1, metrics)
+            if ranks.is_main and _due(cfg.eval_every, step + 1, cfg.steps):
+                # ------------------------------------------------------ 6. evaluate
+                last_eval = task.evaluate(model, cfg, rewards, step + 1, out)
+                log.log(step + 1, last_eval)
+                shown = min(4, batch.n_prompts) * algo.group_size
+                save_grid(batch.roll.images[:shown], out / "grids" / f"rollout_step{step + 1:06d}.png",
+                          nrow=algo.group_size, scale=4, labels=[f"p{batch.p0 + i // algo.group_size} "
+                                                                 f"{float(batch.reward_local[i]):.2f}"
+                                                                 for i in range(shown)])
+            log.progress(metrics["reward/mean"], {"acc": last_eval.get("eval/accuracy", float("nan"))})
+            run.step = step + 1
+            if _due(cfg.save_every, step + 1, cfg.steps):
+                # ------------------------------------------------------ 7. checkpoint (every rank) + final weights
+                ckpt.save_checkpoint(out, model=model, optimizer=opt, step=step + 1, is_main=ranks.is_main,
+                                     data_position=(step + 1) * algo.prompts_per_step, config=to_dict(cfg),
+                                     extra=extra, write_final=lambda p, s=step + 1: model.save(p, extra={"rl_step": s}))
+                run.saved_step = step + 1
+        log.close()
     rewards.close()
-    log.close()
     dist.shutdown(ranks)
     return {"model": model, "metrics": metrics, "eval": last_eval, "step": cfg.steps}

@@ -13,6 +13,10 @@
   the tiny model broadcasts rank 0's weights (``broadcast_parameters``) and averages gradients
   here (``average_gradients``); an FSDP2 adapter shards in ``wrap`` (``fully_shard`` +
   ``register_fsdp_forward_method`` for the protocol methods) and reduces gradients in backward.
+- Liveness: the process group is created with ``timeout=dist_timeout_s``, so a collective that
+  waits on a rank that stopped responding raises instead of hanging forever; each rank also
+  beats a heartbeat into the launcher's store (a thread, every second), so the rank that raises
+  can name the rank that went silent (``as_rank_timeout``; docs/reliability.md).
 - Collective order: the training loop calls each helper unconditionally, in the same order on
   every rank, whatever the data (reasoning lengths, rewards, non-finite losses), so ranks never
   wait on different collectives.
@@ -22,13 +26,28 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Dist", "all_gather_cat", "all_reduce_max", "all_reduce_sum", "any_flag", "average_gradients",
-           "broadcast_parameters", "init", "reduce_metrics", "shard", "shutdown"]
+__all__ = [
+    "Dist",
+    "all_gather_cat",
+    "all_reduce_max",
+    "all_reduce_sum",
+    "any_flag",
+    "as_rank_timeout",
+    "average_gradients",
+    "broadcast_parameters",
+    "init",
+    "reduce_metrics",
+    "shard",
+    "shutdown",
+]
 
 
 @dataclass(frozen=True)
@@ -48,7 +67,60 @@ class Dist:
         return self.rank == 0
 
 
-def init(device: str) -> tuple[Dist, torch.device]:
+HEARTBEAT_S = 1.0
+_heartbeat: dict = {}  # the running heartbeat: store, rank, world, timeout, stop event
+
+
+def _store():
+    """A client of the launcher's (torchrun's) store, separate from the process group's."""
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=5))
+
+
+def _beat(rank: int, stop: threading.Event) -> None:
+    try:
+        store = _store()
+        while not stop.is_set():
+            store.set(f"unigrpo/alive/{rank}", repr(time.time()))
+            stop.wait(HEARTBEAT_S)
+    except Exception:  # noqa: BLE001 -- liveness reporting is best effort, never a failure itself
+        return
+
+
+def _start_heartbeat(rank: int, world: int, timeout_s: float) -> None:
+    stop = threading.Event()
+    threading.Thread(target=_beat, args=(rank, stop), daemon=True, name="unigrpo-heartbeat").start()
+    _heartbeat.update(rank=rank, world=world, timeout_s=timeout_s, stop=stop)
+
+
+def silent_ranks(now: float | None = None) -> list[tuple[int, float]]:
+    """(rank, seconds since its last heartbeat) of the ranks silent for > 3 heartbeats, oldest first."""
+    store, now, out = _store(), now or time.time(), []
+    for r in range(_heartbeat["world"]):
+        key = f"unigrpo/alive/{r}"
+        age = now - float(store.get(key).decode()) if store.check([key]) else float("inf")
+        if age > 3 * HEARTBEAT_S:
+            out.append((r, age))
+    return sorted(out, key=lambda x: -x[1])
+
+
+def as_rank_timeout(err: BaseException):
+    """A collective's timeout as a RankTimeout naming the silent rank(s); None for other errors."""
+    from unigrpo.utils.errors import RankTimeout
+
+    if not _heartbeat or "timed out" not in str(err).lower() and "timeout" not in str(err).lower():
+        return None
+    me, limit = _heartbeat["rank"], _heartbeat["timeout_s"]
+    try:
+        silent = [(r, a) for r, a in silent_ranks() if r != me]
+    except Exception:  # noqa: BLE001 -- the store itself may be gone
+        silent = []
+    who = (", ".join(f"rank {r} (no heartbeat for {a:.0f} s)" for r, a in silent) if silent
+           else "another rank (could not tell which)")
+    return RankTimeout(f"rank {me}: {who} stopped responding; a collective waited dist_timeout_s={limit:g} s")
+
+
+def init(device: str, timeout_s: float = 1800.0) -> tuple[Dist, torch.device]:
     """Join the process group when launched by torchrun with WORLD_SIZE > 1; else a no-op."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -65,7 +137,8 @@ def init(device: str) -> tuple[Dist, torch.device]:
     # aborted at exit ("terminate called without an active exception") in ~1 run out of 4.
     importlib.import_module("torch._dynamo")
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        _start_heartbeat(rank, world, timeout_s)
     return Dist(rank, world, local), dev
 
 
@@ -74,6 +147,9 @@ def shutdown(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        if _heartbeat:
+            _heartbeat.pop("stop").set()
+            _heartbeat.clear()
 
 
 def shard(n: int, d: Dist) -> slice:

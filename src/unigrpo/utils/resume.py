@@ -1,0 +1,66 @@
+"""What a ``--resume`` may change (docs/reliability.md, "Resume keys").
+
+A resumed run must be the run it continues: keys that shape the trajectories, the objective or the
+model (model, task, text, sampler, algo, rewards, seed, optim.image_params) are refused, one line
+naming them. Keys that only say how long, how often or where it runs are free. The optimizer's
+hyper-parameters (learning rates, weight decay, betas, grad_clip) may change and are APPLIED:
+AdamW's ``load_state_dict`` restores the saved ones, so they are written into the param groups
+afterwards, printed, and the checkpoint's saved config is always the effective one.
+"""
+
+from __future__ import annotations
+
+from unigrpo.config import ConfigError
+
+__all__ = ["FREE", "OPTIMIZER", "apply_optimizer", "config_changes", "plan"]
+
+# Changeable on resume with no effect on what is computed (prefix match on dotted keys).
+FREE = ("steps", "output_dir", "device", "threads", "log_every", "eval_every", "save_every", "reward_workers",
+        "dist_timeout_s", "eval.", "pretrain.", "model.checkpoint")
+# Changeable, applied to the optimizer after load_state_dict.
+OPTIMIZER = ("optim.lr_text", "optim.lr_image", "optim.weight_decay", "optim.betas", "optim.grad_clip")
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def config_changes(saved: dict, new: dict) -> dict[str, tuple]:
+    """Dotted key -> (saved value, new value) for every key that differs (sections like ``rewards``,
+    lists of mappings, compare as a whole)."""
+    a, b = _flat(saved), _flat(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+def _matches(key: str, names) -> bool:
+    return any(key == n or (n.endswith(".") and key.startswith(n)) for n in names)
+
+
+def plan(saved: dict, new: dict, done: int) -> dict[str, tuple]:
+    """The changes a resume at step ``done`` makes; ConfigError for refused keys or nothing to do."""
+    changes = config_changes(saved, new)
+    refused = [k for k in changes if not _matches(k, FREE) and not _matches(k, OPTIMIZER)]
+    if refused:
+        shown = ", ".join(f"{k} ({changes[k][0]!r} -> {changes[k][1]!r})" for k in refused[:4])
+        more = f" and {len(refused) - 4} more" if len(refused) > 4 else ""
+        raise ConfigError(f"{refused[0]}: cannot change on --resume (the run would not be the run it continues): "
+                          f"{shown}{more}; start a new run in another output_dir")
+    if new["steps"] <= done:
+        raise ConfigError(f"steps: {new['steps']} but the checkpoint has {done} steps done; nothing to resume "
+                          f"(raise steps above {done})")
+    return changes
+
+
+def apply_optimizer(opt, cfg) -> None:
+    """The config's optimizer hyper-parameters into the param groups (after load_state_dict, which
+    restored the saved ones). grad_clip is read from the config at every step."""
+    lr = {"text": cfg.optim.lr_text, "image": cfg.optim.lr_image}
+    for g in opt.param_groups:
+        g["lr"] = lr[g["name"]]
+        g["weight_decay"] = cfg.optim.weight_decay
+        g["betas"] = tuple(cfg.optim.betas)
