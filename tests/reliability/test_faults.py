@@ -22,7 +22,7 @@ from unigrpo.cli import main
 ROOT = HERE.parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1",
        "PYTHONPATH": os.pathsep.join([str(HERE), str(RECIPE), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-TRIALS = int(os.environ.get("UNIGRPO_FAULT_TRIALS", "2"))  # per kind; the documented sweep used more
+TRIALS = int(os.environ.get("UNIGRPO_FAULT_TRIALS", "1"))  # per kind; the documented sweep used 6
 
 
 def start(args, script=None, **env):
@@ -67,11 +67,11 @@ def test_kill_minus_9_anywhere_then_resume_equals_uninterrupted(tiny_ckpt, tmp_p
             proc = start(["train", *overrides(tiny_ckpt, out, *args)])
             lock = out / ".unigrpo.lock"
             assert wait_for(lock.exists)  # the run has started writing
-            time.sleep(rng.uniform(0.0, 3.0))
+            time.sleep(rng.uniform(0.0, 8.0))  # the whole run takes ~5-10 s here
             proc.send_signal(signal.SIGKILL)
-        else:  # inside a save: at the k-th rename (policy file, final.safetensors, pointer, of any step)
+        else:  # inside a save: at the k-th rename (reference, then policy, final, pointer per step)
             proc = start(["train", *overrides(tiny_ckpt, out, *args)], script=True,
-                         UNIGRPO_TEST_KILL_AT_REPLACE=str(rng.randint(1, 9)))
+                         UNIGRPO_TEST_KILL_AT_REPLACE=str(rng.randint(1, 10)))
         proc.communicate(timeout=300)
         flag = recover(tiny_ckpt, out, args)
         got = load_file(out / "final.safetensors")

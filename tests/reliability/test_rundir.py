@@ -136,3 +136,23 @@ def test_demo_twice_in_a_row(tiny_ckpt, tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert main(args) == 0
     assert "holds a previous demo run: replacing it" in capsys.readouterr().out
+
+
+def test_tensorboard_does_not_get_a_step_twice_after_a_resume(tmp_path):
+    """Steps 2-3 logged after the checkpoint (step 1), then a crash: the resumed run logs them again."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from unigrpo.utils.logging import RunLogger
+
+    first = RunLogger(tmp_path, True, 3)
+    for step in (1, 2, 3):
+        first.log(step, {"reward/mean": float(step)})
+    first.close()
+    resumed = RunLogger(tmp_path, True, 3, start_step=1, append=True)
+    for step in (2, 3):
+        resumed.log(step, {"reward/mean": 10.0 * step})
+    resumed.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("reward/mean")] == [(1, 1.0), (2, 20.0), (3, 30.0)]

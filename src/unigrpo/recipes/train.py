@@ -23,6 +23,8 @@ Choices and deviations (docs/training.md has the reasons and measurements):
 - Groups with equal rewards are kept (advantage 0, no gradient), not dropped; their fraction is
   logged (``reward/zero_variance_frac``).
 - An episode is a list of rounds (one today); the losses sum over its rounds.
+- Nothing is written before everything has loaded; the run directory is locked; a resume may change
+  only some keys (docs/reliability.md: ``utils.rundir``, ``utils.resume``, verified checkpoints).
 """
 
 from __future__ import annotations
@@ -259,15 +261,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     ref = model.reference() if needs_reference(cfg) else None  # the starting policy, frozen
     opt = build_optimizer(model, cfg)
     start_step, extra = 0, {"skipped_total": 0, "resumes": []}
-    if resume:  # reads only; refuses keys a resume may not change, applies the optimizer's
-        state = ckpt.resume(out, model, ref, opt, device)
-        start_step, extra = state["step"], {**extra, **state["extra"]}
-        changes = resume_policy.plan(state["config"], to_dict(cfg), start_step)
-        resume_policy.apply_optimizer(opt, cfg)  # load_state_dict restored the saved lr / betas / decay
-        extra["resumes"] = [*extra["resumes"], {"step": start_step, "changes": {k: list(v) for k, v in changes.items()}}]
-        if changes and ranks.is_main:
-            print(f"[unigrpo] resuming at step {start_step} with changes: "
-                  + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), flush=True)
+    if resume:  # reads only; refuses keys a resume may not change, applies the optimizer's new ones
+        start_step, extra = resume_policy.resume_run(out, model, ref, opt, cfg, device, ranks.is_main)
     # ------------------------------------------------------------------ the first write: lock the directory
     # (Ctrl-C inside: one line naming the step and the intact checkpoint; the lock is always released)
     with rundir.open_run(out, ranks, resume, overwrite, start_step) as run:
@@ -303,10 +298,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
                 last_eval = task.evaluate(model, cfg, rewards, step + 1, out)
                 log.log(step + 1, last_eval)
                 shown = min(4, batch.n_prompts) * algo.group_size
+                labels = [f"p{batch.p0 + i // algo.group_size} {float(batch.reward_local[i]):.2f}" for i in range(shown)]
                 save_grid(batch.roll.images[:shown], out / "grids" / f"rollout_step{step + 1:06d}.png",
-                          nrow=algo.group_size, scale=4, labels=[f"p{batch.p0 + i // algo.group_size} "
-                                                                 f"{float(batch.reward_local[i]):.2f}"
-                                                                 for i in range(shown)])
+                          nrow=algo.group_size, scale=4, labels=labels)
             log.progress(metrics["reward/mean"], {"acc": last_eval.get("eval/accuracy", float("nan"))})
             run.step = step + 1
             if _due(cfg.save_every, step + 1, cfg.steps):

@@ -89,8 +89,9 @@ def _beat(rank: int, stop: threading.Event) -> None:
 
 def _start_heartbeat(rank: int, world: int, timeout_s: float) -> None:
     stop = threading.Event()
-    threading.Thread(target=_beat, args=(rank, stop), daemon=True, name="unigrpo-heartbeat").start()
-    _heartbeat.update(rank=rank, world=world, timeout_s=timeout_s, stop=stop)
+    thread = threading.Thread(target=_beat, args=(rank, stop), daemon=True, name="unigrpo-heartbeat")
+    thread.start()
+    _heartbeat.update(rank=rank, world=world, timeout_s=timeout_s, stop=stop, thread=thread)
 
 
 def silent_ranks(now: float | None = None) -> list[tuple[int, float]]:
@@ -147,8 +148,9 @@ def shutdown(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-        if _heartbeat:
-            _heartbeat.pop("stop").set()
+        if _heartbeat:  # stopped and joined: no store client left alive at interpreter exit
+            _heartbeat["stop"].set()
+            _heartbeat["thread"].join(timeout=5)
             _heartbeat.clear()
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from unigrpo.config import ConfigError
 
-__all__ = ["FREE", "OPTIMIZER", "apply_optimizer", "config_changes", "plan"]
+__all__ = ["FREE", "OPTIMIZER", "apply_optimizer", "config_changes", "plan", "resume_run"]
 
 # Changeable on resume with no effect on what is computed (prefix match on dotted keys).
 FREE = ("steps", "output_dir", "device", "threads", "log_every", "eval_every", "save_every", "reward_workers",
@@ -64,3 +64,21 @@ def apply_optimizer(opt, cfg) -> None:
         g["lr"] = lr[g["name"]]
         g["weight_decay"] = cfg.optim.weight_decay
         g["betas"] = tuple(cfg.optim.betas)
+
+
+def resume_run(out, model, ref, opt, cfg, device, verbose: bool) -> tuple[int, dict]:
+    """Restore the checkpoint in ``out`` (verified), check what the new config changes, apply the
+    optimizer's new hyper-parameters; returns (steps done, the checkpoint's ``extra`` with this
+    resume recorded under ``"resumes"``). Reads only: nothing in ``out`` is written here."""
+    from unigrpo.config import to_dict
+    from unigrpo.utils import checkpoint as ckpt
+
+    state = ckpt.resume(out, model, ref, opt, device)
+    done, extra = state["step"], {"skipped_total": 0, "resumes": [], **state["extra"]}
+    changes = plan(state["config"], to_dict(cfg), done)
+    apply_optimizer(opt, cfg)  # load_state_dict restored the saved lr / betas / weight decay
+    extra["resumes"] = [*extra["resumes"], {"step": done, "changes": {k: list(v) for k, v in changes.items()}}]
+    if changes and verbose:
+        print(f"[unigrpo] resuming at step {done} with changes: "
+              + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), flush=True)
+    return done, extra
