@@ -78,14 +78,19 @@ def test_resume_applies_a_changed_learning_rate(tiny_ckpt, tmp_path, capsys):
     assert state["extra"]["resumes"][-1]["changes"] == {"optim.lr_text": [1e-3, 1e-4], "steps": [2, 3]}
 
 
-def test_resume_refuses_keys_it_may_not_change_and_nothing_to_do(done, tiny_ckpt, capsys):
+def test_resume_refuses_keys_it_may_not_change_and_fewer_steps(done, tiny_ckpt, capsys):
     before = snapshot(done)
     code, lines = run_cli(["train", *overrides(tiny_ckpt, done, "steps=3", "algo.group_size=2",
                                               "algo.trajectories_per_minibatch=2", "algo.micro_batch_trajectories=2"),
                            "--resume"], capsys)
     assert code == 2 and len(lines) == 1 and "algo.group_size" in lines[0] and "cannot change on --resume" in lines[0]
-    code, lines = run_cli(["train", *overrides(tiny_ckpt, done, "steps=2"), "--resume"], capsys)
-    assert code == 2 and len(lines) == 1 and "2 steps done" in lines[0]
+    code, lines = run_cli(["train", *overrides(tiny_ckpt, done, "steps=1"), "--resume"], capsys)
+    assert code == 2 and len(lines) == 1 and "2 steps done" in lines[0] and "cannot undo" in lines[0]
+    assert snapshot(done) == before
+    # steps == done: a finished run; resuming it is a no-op that says so (exit 0), so "--resume after
+    # a crash" works even when the crash came after the last save (found by the kill -9 trials)
+    assert main(["train", *overrides(tiny_ckpt, done, "steps=2"), "--resume"]) == 0
+    assert "is complete (2 of 2 steps); nothing to do" in capsys.readouterr().out
     assert snapshot(done) == before
 
 

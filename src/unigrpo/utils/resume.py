@@ -42,7 +42,7 @@ def _matches(key: str, names) -> bool:
 
 
 def plan(saved: dict, new: dict, done: int) -> dict[str, tuple]:
-    """The changes a resume at step ``done`` makes; ConfigError for refused keys or nothing to do."""
+    """The changes a resume at step ``done`` makes; ConfigError for refused keys or fewer steps."""
     changes = config_changes(saved, new)
     refused = [k for k in changes if not _matches(k, FREE) and not _matches(k, OPTIMIZER)]
     if refused:
@@ -50,9 +50,10 @@ def plan(saved: dict, new: dict, done: int) -> dict[str, tuple]:
         more = f" and {len(refused) - 4} more" if len(refused) > 4 else ""
         raise ConfigError(f"{refused[0]}: cannot change on --resume (the run would not be the run it continues): "
                           f"{shown}{more}; start a new run in another output_dir")
-    if new["steps"] <= done:
-        raise ConfigError(f"steps: {new['steps']} but the checkpoint has {done} steps done; nothing to resume "
-                          f"(raise steps above {done})")
+    if new["steps"] < done:  # == done is a finished run: resuming it is a no-op (exit 0), so that
+        # "after a crash, --resume" always works, even when the crash came after the last save
+        raise ConfigError(f"steps: {new['steps']} but the checkpoint has {done} steps done; a resume cannot undo "
+                          f"steps (raise steps to {done} or more)")
     return changes
 
 
@@ -78,6 +79,9 @@ def resume_run(out, model, ref, opt, cfg, device, verbose: bool) -> tuple[int, d
     changes = plan(state["config"], to_dict(cfg), done)
     apply_optimizer(opt, cfg)  # load_state_dict restored the saved lr / betas / weight decay
     extra["resumes"] = [*extra["resumes"], {"step": done, "changes": {k: list(v) for k, v in changes.items()}}]
+    if cfg.steps == done and verbose:
+        print(f"[unigrpo] the run in {out} is complete ({done} of {cfg.steps} steps); nothing to do "
+              f"(raise steps to continue)", flush=True)
     if changes and verbose:
         print(f"[unigrpo] resuming at step {done} with changes: "
               + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), flush=True)
