@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MODEL, overrides, run_cli
+from conftest import overrides, run_cli
 from safetensors.torch import load_file, save_file
 
 
@@ -161,4 +161,3 @@ def test_metrics_are_strict_json(tiny_ckpt, tmp_path, capsys):
     rows = [json.loads(ln, parse_constant=refuse) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     flagged = [r for r in rows if "nonfinite" in r]
     assert flagged and all(r[k] is None for r in flagged for k in r["nonfinite"])  # eval NaNs: 2 prompts
-    assert MODEL  # (sizes shared with the recipe tests)

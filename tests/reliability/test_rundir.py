@@ -10,7 +10,7 @@ import socket
 
 import pytest
 import torch
-from conftest import overrides, run_cli
+from conftest import MODEL, SIZES, overrides, run_cli
 from safetensors import safe_open
 
 from unigrpo.cli import main
@@ -131,8 +131,6 @@ def test_a_tampered_policy_file_is_refused_on_resume(tiny_ckpt, tmp_path, capsys
 
 def test_demo_twice_in_a_row(tiny_ckpt, tmp_path, capsys, monkeypatch):
     """`bash scripts/demo.sh` twice: the demo replaces its previous run itself, and says so."""
-    from conftest import MODEL, SIZES
-
     monkeypatch.chdir(tmp_path)
     sizes = [s for s in SIZES if not s.startswith(("rewards=", "steps="))]
     args = ["demo", *MODEL, *sizes, "steps=1", f"model.checkpoint={tiny_ckpt}", f"output_dir={tmp_path / 'demo'}",
