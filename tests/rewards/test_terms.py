@@ -30,8 +30,8 @@ def test_factory_kwargs_built_in_and_dotted():
 
 
 def test_config_terms_carry_kwargs_and_names_are_unique():
-    cfg = load_config(None, ["rewards=[{name: remote, weight: 0.5, kwargs: {url: 'http://127.0.0.1:9'}}, "
-                             "{name: remote, kwargs: {url: 'http://127.0.0.1:10'}}, {name: reasoning_format}]"])
+    cfg = load_config(None, [("rewards=[{name: remote, weight: 0.5, kwargs: {url: 'http://127.0.0.1:9'}}, "
+                             "{name: remote, kwargs: {url: 'http://127.0.0.1:10'}}, {name: reasoning_format}]")])
     assert cfg.rewards[0].kwargs == {"url": "http://127.0.0.1:9"} and cfg.rewards[2].kwargs == {}
     rs = RewardSet(cfg.rewards)
     assert rs.names == ["remote", "remote_2", "reasoning_format"]
@@ -58,7 +58,7 @@ def test_reasoning_format():
 def test_groupwise_terms_see_one_prompt_at_a_time():
     images, prompts, meta = batch(n=6, group=3)
     rs = RewardSet([("slow_rewards:count_calls", 1.0), ("group_diversity", 1.0)])
-    total, terms, _ = rs(images, prompts, meta)
+    _total, terms, _ = rs(images, prompts, meta)
     assert terms["slow_rewards:count_calls"].tolist() == [3.0] * 6  # each call: one group's 3 rows
     x = images.flatten(1)
     d01, d02 = (x[0] - x[1]).abs().mean(), (x[0] - x[2]).abs().mean()
@@ -83,5 +83,5 @@ def test_unavailable_term_makes_the_result_missing():
     assert torch.isfinite(res.per_term["smooth_reward:brightness"]).all()
     ok = RewardSet([("smooth_reward:brightness", 1.0)])(images, prompts, meta)
     assert ok.missing == [] and ok.metrics == {}
-    total, per_term, seconds = ok  # still unpacks as before
+    total, _per_term, _seconds = ok  # still unpacks as before
     assert ok[0] is total

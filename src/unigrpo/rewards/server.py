@@ -13,8 +13,8 @@ Scoring runs in ``workers`` threads (1 by default: a judge model is usually not 
 event loop only parses and queues requests.
 """
 
-from __future__ import annotations
 
+# no `from __future__ import annotations`: FastAPI must see the real `Request` class in the signature
 import asyncio
 import threading
 import time
