@@ -13,5 +13,6 @@ for p in (RECIPE, HERE):
 
 _spec = importlib.util.spec_from_file_location("_recipe_conftest", RECIPE / "conftest.py")
 _recipe = importlib.util.module_from_spec(_spec)
+sys.modules["_recipe_conftest"] = _recipe  # the tests read its tiny_overrides
 _spec.loader.exec_module(_recipe)
 tiny_checkpoint = _recipe.tiny_checkpoint  # the same fixture (its own session instance)

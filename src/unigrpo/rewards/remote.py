@@ -66,7 +66,7 @@ class ServiceClient:
         self.max_concurrency = int(max_concurrency)
         self._slots = threading.BoundedSemaphore(self.max_concurrency)
         self._lock = threading.Lock()
-        self._consecutive, self._open_until = 0, 0.0
+        self._consecutive, self._open_until, self._last_warning = 0, 0.0, ""
         self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="reward-http")
 
     # ------------------------------------------------------------------ one request
@@ -100,16 +100,15 @@ class ServiceClient:
         start, retries = time.perf_counter(), 0
         with self._lock:
             if self._consecutive >= self.breaker_failures and time.monotonic() < self._open_until:
-                wait = self._open_until - time.monotonic()
-                raise _Failure(f"circuit open after {self._consecutive} consecutive failed requests "
-                               f"(next try in {wait:.1f} s)", False)
+                raise _Failure(f"circuit open after {self.breaker_failures}+ consecutive failed requests "
+                               f"(tries again {self.breaker_reset_s:g} s after the last one)", False)
         while True:
             try:
                 out = self._attempt(path, body)
                 if validate is not None:
                     out = validate(out)
                 with self._lock:
-                    self._consecutive = 0
+                    self._consecutive, self._last_warning = 0, ""
                 return out, retries, time.perf_counter() - start
             except _Failure as f:
                 if f.retryable and retries < self.retries:
@@ -131,8 +130,11 @@ class ServiceClient:
         msg = (f"{self.kind} {self.url}: {failure.reason}"
                + (f" (after {tries} retr{'y' if tries == 1 else 'ies'})" if tries else ""))
         if self.on_failure == "skip" and not failure.fatal:
-            print(f"[unigrpo] {msg}; on_failure=skip: this step's rewards are missing, its update is skipped",
-                  file=sys.stderr, flush=True)
+            with self._lock:
+                repeated, self._last_warning = msg == self._last_warning, msg
+            if not repeated:  # one line per new failure, not one per chunk
+                print(f"[unigrpo] {msg}; on_failure=skip: the step's rewards are missing, its update is skipped",
+                      file=sys.stderr, flush=True)
             raise RewardUnavailable(msg)
         hint = "" if failure.fatal else "; on_failure=skip would skip the step instead"
         raise RewardServiceError(msg + hint)
