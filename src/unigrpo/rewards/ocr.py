@@ -44,15 +44,17 @@ def target_text(prompt: str, meta: dict, key: str = "text") -> str:
 
 
 class OcrReward:
-    """``{name: ocr, kwargs: {target_key: text, case_sensitive: false, ignore_spaces: true, min_side: 64}}``."""
+    """``{name: ocr, kwargs: {target_key: text, case_sensitive: false, ignore_spaces: true, min_side: 64,
+    engine_kwargs: {...}}}``; ``engine_kwargs`` go to ``rapidocr_onnxruntime.RapidOCR`` (its config keys,
+    e.g. ``intra_op_num_threads: 1``, ``det_limit_side_len: 256`` for small images)."""
 
     def __init__(self, target_key: str = "text", case_sensitive: bool = False, ignore_spaces: bool = True,
-                 min_side: int = 64):
+                 min_side: int = 64, engine_kwargs: dict | None = None):
         try:
             from rapidocr_onnxruntime import RapidOCR
         except ImportError as e:
             raise RuntimeError("the ocr reward needs the 'ocr' extra: pip install 'unigrpo[ocr]'") from e
-        self.engine = RapidOCR()
+        self.engine = RapidOCR(**dict(engine_kwargs or {}))  # e.g. {intra_op_num_threads: 1, det_limit_side_len: 256}
         self.target_key, self.case_sensitive, self.ignore_spaces = target_key, case_sensitive, ignore_spaces
         self.min_side = int(min_side)
 
