@@ -9,7 +9,7 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipe"
 HERE = Path(__file__).resolve().parent
 for p in (RECIPE, HERE):
     if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+        sys.path.append(str(p))  # appended: a prepended test dir changes how pytest names other test modules
 
 _spec = importlib.util.spec_from_file_location("_recipe_conftest", RECIPE / "conftest.py")
 _recipe = importlib.util.module_from_spec(_spec)
