@@ -85,6 +85,13 @@ def test_not_json_mixed_sizes_and_too_large_batches(brightness):
     assert status == 400 and "one size" in out["error"]
 
 
+def test_a_body_over_the_limit_is_a_413():
+    images, prompts, meta = batch(n=2, size=64)
+    with AppThread(build_app("smooth_reward:brightness", max_body_mb=0.05)) as srv:
+        status, out = post(srv.url + "/score", encode_request(images, prompts, meta))
+        assert status == 413 and "larger than max_body_mb 0.05" in out["error"]
+
+
 def test_reward_failure_is_a_500_and_a_full_queue_a_503():
     images, prompts, meta = batch(n=1)
     with AppThread(build_app("slow_rewards:boom")) as srv:

@@ -4,7 +4,8 @@ Needs the ``serve`` extra (FastAPI + uvicorn). The API (docs/rewards.md, "The HT
 
 - ``POST /score`` JSON ``{"format": "npy" | "png", "images": [base64...], "prompts": [...],
   "metadata": [...]}`` -> ``{"scores": [...], "seconds": float}``. 400 for a bad payload (bad base64,
-  not an .npy / PNG, lengths that differ, a missing field, a batch over ``max_batch``), 503 with
+  not an .npy / PNG, lengths that differ, a missing field, a batch over ``max_batch``), 413 for a
+  body over ``max_body_mb``, 503 with
   ``Retry-After`` when ``max_queue`` requests are already waiting or running, 500 when the reward
   itself fails. Errors are ``{"error": "one line"}``.
 - ``GET /health`` -> ``{"status": "ok"}``; ``GET /info`` -> what is served and the server's limits.
@@ -26,7 +27,7 @@ __all__ = ["build_app", "serve"]
 
 
 def build_app(reward: str, kwargs: dict | None = None, *, max_batch: int = 256, max_queue: int = 8,
-              workers: int = 1):
+              workers: int = 1, max_body_mb: float = 1024.0):
     """The FastAPI app serving ``reward`` (resolved once, at start: a bad name fails here)."""
     try:
         from fastapi import FastAPI, Request
@@ -56,7 +57,8 @@ def build_app(reward: str, kwargs: dict | None = None, *, max_batch: int = 256, 
     def info():
         return {"api": 1, "unigrpo": __version__, "reward": reward, "kwargs": dict(kwargs or {}),
                 "groupwise": bool(getattr(fn, "groupwise", False)), "formats": list(FORMATS),
-                "max_batch": max_batch, "max_queue": max_queue, "workers": workers, **state}
+                "max_batch": max_batch, "max_queue": max_queue, "workers": workers, "max_body_mb": max_body_mb,
+                **state}
 
     def score(images, prompts, metadata):
         res = rewards(images, prompts, metadata)
@@ -73,6 +75,9 @@ def build_app(reward: str, kwargs: dict | None = None, *, max_batch: int = 256, 
                              **{"Retry-After": "1"})
             state["pending"] += 1
         try:
+            size = request.headers.get("content-length", "")
+            if size.isdigit() and int(size) > max_body_mb * 2**20:
+                return error(413, f"body of {int(size) / 2**20:.0f} MB is larger than max_body_mb {max_body_mb:g}")
             body = await request.body()
             try:
                 images, prompts, metadata = decode_request(body, max_batch)
