@@ -195,7 +195,7 @@ class PromptsTask:
         m = {} if res.missing else {"eval/reward": float(total.mean()),  # missing (on_failure: skip): none
                                     **{f"eval/reward/{k}": float(v.mean()) for k, v in per_term.items()}}
         cats = [str(p.metadata.get("tag", p.metadata.get("category", ""))) for p in prompts]
-        for cat in sorted(set(cats) - {""} if not res.missing else ()):
+        for cat in [] if res.missing else sorted(set(cats) - {""}):
             sel = torch.tensor([c == cat for c in cats])
             m[f"eval/category/{cat}/reward"] = float(total[sel].mean())
         m.update({f"eval/{k}": v for k, v in image_stats(gen.images).items()})

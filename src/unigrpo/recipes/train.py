@@ -45,7 +45,7 @@ from unigrpo.config import Config, to_dict
 from unigrpo.models import build_model
 from unigrpo.recipes.batches import Sizes, derived_sizes, describe, ppo_order, seeds
 from unigrpo.recipes.optim import build_optimizer, optimizer_step
-from unigrpo.rewards import RewardSet
+from unigrpo.rewards import RewardResult, RewardSet
 from unigrpo.tasks import build_task
 from unigrpo.utils import checkpoint as ckpt
 from unigrpo.utils import dist
@@ -189,7 +189,7 @@ def rollout_step(model, task, cfg: Config, step: int, rewards: RewardSet, ranks:
     adv = adv.flatten()[first_traj:first_traj + n_local].to(device)  # same A for all tokens and steps
     return StepBatch(roll, adv, order0, reward, gathered, reward_local, p0, len(prompts), t_rollout - t_start,
                      t_reward - t_rollout, sum(r.seconds for r in results), missing,
-                     type(results[0]).merge_metrics(results))
+                     RewardResult.merge_metrics(results))
 
 
 def ppo_epochs(model, ref, opt, batch: StepBatch, cfg: Config, step: int, ranks: dist.Dist, sizes: Sizes) -> dict:

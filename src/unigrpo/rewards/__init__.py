@@ -216,7 +216,7 @@ class RewardSet:
         """-> RewardResult (unpacks as total [B] float32, {name: scores [B]}, seconds spent)."""
         start = time.perf_counter()
         images = images.detach().float().cpu()
-        per_term, missing, metrics = {}, [], {}
+        per_term, missing, calls = {}, [], []
         for name, _, fn in self.terms:
             try:
                 per_term[name] = self._score(name, fn, images, prompts, metadata)
@@ -225,10 +225,9 @@ class RewardSet:
                 missing.append(name)
             finally:
                 if hasattr(fn, "call_metrics"):  # counters of this thread's last call (remote terms)
-                    for k, v in fn.call_metrics().items():
-                        metrics[k] = max(metrics.get(k, 0.0), v) if k.endswith("_latency_s") else metrics.get(k, 0.0) + v
+                    calls.append(RewardResult(None, {}, 0.0, metrics=fn.call_metrics()))
         total = sum(w * per_term[name] for name, w, _ in self.terms)
-        return RewardResult(total, per_term, time.perf_counter() - start, missing, metrics)
+        return RewardResult(total, per_term, time.perf_counter() - start, missing, RewardResult.merge_metrics(calls))
 
     def submit(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> Future:
         """A future of ``self(images, prompts, metadata)``. With ``workers == 0`` it is computed now
