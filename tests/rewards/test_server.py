@@ -98,13 +98,18 @@ def test_reward_failure_is_a_500_and_a_full_queue_a_503():
         status, out = post(srv.url + "/score", encode_request(images, prompts, meta))
         assert status == 500 and "ran out of memory" in out["error"] and "slow_rewards:boom" in out["error"]
     with AppThread(build_app("slow_rewards:sleepy", max_queue=1)) as srv:
-        body = encode_request(images, prompts, [{"sleep": 0.6}])
+        body = encode_request(images, prompts, [{"sleep": 1.0}])
         first = {}
         t = threading.Thread(target=lambda: first.update(r=post(srv.url + "/score", body)))
         t.start()
         import time
+        import urllib.request
 
-        time.sleep(0.3)  # the first request is running: the queue (1) is full
+        for _ in range(100):  # until the first request is in: the queue (1) is full
+            with urllib.request.urlopen(srv.url + "/info") as r:
+                if json.loads(r.read())["pending"] == 1:
+                    break
+            time.sleep(0.02)
         status, out = post(srv.url + "/score", body)
         t.join()
         assert status == 503 and "queue full" in out["error"]
