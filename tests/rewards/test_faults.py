@@ -149,3 +149,20 @@ def test_service_down_at_start_fails_the_run_with_one_line(tiny_checkpoint, tmp_
         train(cfg)
     assert one_line(e).startswith(f"reward service {url}: cannot connect")
     assert not (tmp_path / "checkpoint.pt").exists()  # nothing trained, nothing saved
+
+
+def test_skipped_steps_count_survives_a_resume(tiny_checkpoint, tmp_path):
+    from unigrpo.recipes.train import train
+
+    def cfg(url, steps):
+        kwargs = json.dumps({"url": url, **FAST, "on_failure": "skip"})
+        return load_config(None, _tiny(tiny_checkpoint, tmp_path, f"steps={steps}",
+                                       f"rewards=[{{name: remote, kwargs: {kwargs}}}]"))
+
+    with FakeService(die_after=4) as svc:  # step 1 scored, step 2 skipped
+        train(cfg(svc.url, 2))
+    with FakeService() as svc:  # a healthy service again for step 3
+        train(cfg(svc.url, 3), resume=True)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["reward/skipped_steps"] for r in rows if "reward/skipped_steps" in r] == [0.0, 1.0, 1.0]
+    assert "reward/mean" in next(r for r in rows if r["step"] == 3 and "reward/skipped_steps" in r)
