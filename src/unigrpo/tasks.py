@@ -180,11 +180,13 @@ class PromptsTask:
         gen = generate_eval(model, [p.text for p in prompts], cfg, thinking=cfg.eval.thinking)
         meta = [{**p.metadata, "reasoning": gen.reasoning[i], "prompt_index": i, "group_index": 0}
                 for i, p in enumerate(prompts)]
-        total, per_term, _ = rewards(gen.images, [p.text for p in prompts], meta)
+        res = rewards(gen.images, [p.text for p in prompts], meta)
+        total, per_term = res.total, res.per_term
         write_eval_grid(gen, prompts, cfg, step, out)
-        m = {"eval/reward": float(total.mean()), **{f"eval/reward/{k}": float(v.mean()) for k, v in per_term.items()}}
+        m = {} if res.missing else {"eval/reward": float(total.mean()),  # missing (on_failure: skip): none
+                                    **{f"eval/reward/{k}": float(v.mean()) for k, v in per_term.items()}}
         cats = [str(p.metadata.get("tag", p.metadata.get("category", ""))) for p in prompts]
-        for cat in sorted(set(cats) - {""}):
+        for cat in [] if res.missing else sorted(set(cats) - {""}):
             sel = torch.tensor([c == cat for c in cats])
             m[f"eval/category/{cat}/reward"] = float(total[sel].mean())
         m.update({f"eval/{k}": v for k, v in image_stats(gen.images).items()})
