@@ -110,7 +110,7 @@ def main() -> None:
     model = build_model(cfg)
     model.requires_grad_(True)
     z = derived_sizes(cfg, d.world)
-    rewards = RewardSet([(r.name, r.weight) for r in cfg.rewards], 0)
+    rewards = RewardSet(cfg.rewards, 0)
     start = time.perf_counter()
     per = [batch_gradients(model, cfg, k, rewards, d, z, args.unit) for k in range(args.batches)]
     per_unit = z.trajectories if args.unit == "batch" else cfg.algo.group_size

@@ -133,7 +133,7 @@ def _eval_task(model, cfg, args: argparse.Namespace) -> int:
     if args.mode not in ("think", "no_think"):
         return _fail(f"--mode {args.mode} needs ground-truth reasoning, which only task.kind=shapes has")
     cfg.eval.thinking = args.mode == "think"
-    rewards = RewardSet([(r.name, r.weight) for r in cfg.rewards])
+    rewards = RewardSet(cfg.rewards)
     metrics = build_task(cfg).evaluate(model, cfg, rewards, 0, Path(args.out) if args.out else None)
     print(f"task {cfg.task.kind}, {cfg.eval.num_prompts} prompts at most, {cfg.sampler.eval_num_steps} ODE steps, "
           f"CFG {cfg.sampler.eval_cfg_scale}, thinking {'on' if cfg.eval.thinking else 'off'}:")
@@ -208,6 +208,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_reward(args: argparse.Namespace) -> int:
+    from unigrpo.rewards.server import serve
+
+    try:
+        kwargs = yaml.safe_load(args.kwargs) if args.kwargs else {}
+        if not isinstance(kwargs, dict):
+            return _fail(f"--kwargs: expected a mapping such as '{{threshold: 0.5}}', got {args.kwargs!r}")
+        serve(args.reward, kwargs, host=args.host, port=args.port, max_batch=args.max_batch,
+              max_queue=args.max_queue, workers=args.workers, max_body_mb=args.max_body_mb)
+    except (ValueError, TypeError, RuntimeError, yaml.YAMLError) as e:
+        return _fail(str(e).splitlines()[0])
+    return 0
+
+
+def _add_serve_reward_parser(sub) -> None:
+    p = sub.add_parser("serve-reward", help="serve a reward over HTTP (POST /score, GET /health, /info; "
+                                            "docs/rewards.md; needs the 'serve' extra)")
+    p.add_argument("reward", help="a built-in reward name or a dotted path pkg.module:callable")
+    p.add_argument("--kwargs", default=None, help="factory kwargs as YAML/JSON, e.g. '{threshold: 0.5}'")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=256, help="most images in one request (larger: 400)")
+    p.add_argument("--max-queue", type=int, default=8, help="requests waiting or running (more: 503)")
+    p.add_argument("--workers", type=int, default=1, help="threads running the reward")
+    p.add_argument("--max-body-mb", type=float, default=1024.0, help="largest request body (larger: 413)")
+    p.set_defaults(func=cmd_serve_reward)
+
+
 def _add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="UniGRPO RL training (data parallel: "
                                      "torchrun --nproc_per_node=N -m unigrpo.cli train ...)")
@@ -233,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("configs", help="list the shipped configs (use them as builtin:NAME)")
     p.set_defaults(func=cmd_configs)
     _add_train_parser(sub)
+    _add_serve_reward_parser(sub)
 
     p = sub.add_parser("pretrain", help="supervised (SFT) training of the tiny model from scratch")
     _add_config_args(p, required=False)

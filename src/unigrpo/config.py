@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from unigrpo.utils.typed_config import ConfigError, load, to_dict
 
@@ -129,10 +129,11 @@ class OptimConfig:
 
 @dataclass
 class RewardTerm:
-    """One reward and its weight."""
+    """One reward term: its name, weight and (for a factory) kwargs; docs/rewards.md."""
 
-    name: str = "shapes"  # built-in name or dotted path "pkg.module:callable"
+    name: str = "shapes"  # built-in name (remote, judge, ocr, reasoning_format, ...) or dotted path "pkg.module:callable"
     weight: float = 1.0  # weight in the weighted sum of rewards
+    kwargs: dict[str, Any] = field(default_factory=dict)  # given: `name` is a factory, name(**kwargs) is the reward
 
 
 @dataclass
@@ -300,7 +301,7 @@ def resolve_rewards(cfg: Config) -> Config:
 
     for i, r in enumerate(cfg.rewards):
         try:
-            resolve_reward(r.name)
+            resolve_reward(r.name, r.kwargs)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"rewards[{i}].name: {e}") from None
     return cfg

@@ -55,20 +55,6 @@ def derive_seed(*keys: int) -> int:
     return (int(a) << 31) ^ int(b)
 
 
-def _index_rows(obj, idx: torch.Tensor):
-    """Rows ``idx`` (a 1-D long tensor) of every field of dataclass ``obj`` alike."""
-    out = {}
-    for f in fields(obj):
-        v = getattr(obj, f.name)
-        if isinstance(v, TokenBatch):
-            out[f.name] = v.index(idx)
-        elif isinstance(v, list):
-            out[f.name] = [v[i] for i in idx.tolist()]
-        else:
-            out[f.name] = v[idx.to(v.device)]
-    return type(obj)(**out)
-
-
 @dataclass
 class Round:
     """One round of trajectories laid out [N, ...]: a reasoning segment and the image it led to
@@ -89,7 +75,17 @@ class Round:
         return len(self.tokens)
 
     def index(self, idx: torch.Tensor) -> Round:
-        return _index_rows(self, idx)
+        """Rows ``idx`` (a 1-D long tensor), every field alike."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, TokenBatch):
+                out[f.name] = v.index(idx)
+            elif isinstance(v, list):
+                out[f.name] = [v[i] for i in idx.tolist()]
+            else:
+                out[f.name] = v[idx.to(v.device)]
+        return Round(**out)
 
     @staticmethod
     def cat(parts: list[Round], pad_id: int) -> Round:

@@ -31,8 +31,9 @@ from typing import Any, Protocol
 import torch
 
 from unigrpo.config import Config, ConfigError
+from unigrpo.recipes.evaluate import evaluate_model, generate_eval
 from unigrpo.rollout import derive_seed
-from unigrpo.sampling import Generation, generate
+from unigrpo.sampling import Generation
 from unigrpo.utils.images import save_grid
 from unigrpo.world import image_stats, make_tasks
 
@@ -56,14 +57,6 @@ class Task(Protocol):
 
     def evaluate(self, model, cfg: Config, rewards, step: int, out: Path | None) -> dict[str, float]:
         """``eval/*`` metrics of ``model`` on ``eval_prompts`` (+ a grid under ``out/grids``)."""
-
-
-def generate_eval(model, prompts: list[Prompt], cfg: Config) -> Generation:
-    """Deterministic evaluation images (ODE, the eval step count and CFG scale, eval seed)."""
-    s = cfg.sampler
-    return generate(model, [p.text for p in prompts], thinking=cfg.eval.thinking, num_steps=s.eval_num_steps,
-                    shift=s.shift, cfg_scale=s.eval_cfg_scale, seed=cfg.eval.seed,
-                    max_new_tokens=cfg.text.max_reasoning_tokens, temperature=cfg.text.temperature)
 
 
 def write_eval_grid(gen: Generation, prompts: list[Prompt], cfg: Config, step: int, out: Path | None) -> None:
@@ -118,8 +111,6 @@ class ShapesTask:
         return [shapes_prompt(t) for t in self.eval_world_tasks()]
 
     def evaluate(self, model, cfg: Config, rewards, step: int, out: Path | None) -> dict[str, float]:
-        from unigrpo.recipes.evaluate import evaluate_model
-
         start = time.perf_counter()
         tasks = self.eval_world_tasks()
         res, gen = evaluate_model(model, tasks, cfg, "think" if cfg.eval.thinking else "no_think")
@@ -186,14 +177,16 @@ class PromptsTask:
     def evaluate(self, model, cfg: Config, rewards, step: int, out: Path | None) -> dict[str, float]:
         start = time.perf_counter()
         prompts = self.eval_prompts()
-        gen = generate_eval(model, prompts, cfg)
+        gen = generate_eval(model, [p.text for p in prompts], cfg, thinking=cfg.eval.thinking)
         meta = [{**p.metadata, "reasoning": gen.reasoning[i], "prompt_index": i, "group_index": 0}
                 for i, p in enumerate(prompts)]
-        total, per_term, _ = rewards(gen.images, [p.text for p in prompts], meta)
+        res = rewards(gen.images, [p.text for p in prompts], meta)
+        total, per_term = res.total, res.per_term
         write_eval_grid(gen, prompts, cfg, step, out)
-        m = {"eval/reward": float(total.mean()), **{f"eval/reward/{k}": float(v.mean()) for k, v in per_term.items()}}
+        m = {} if res.missing else {"eval/reward": float(total.mean()),  # missing (on_failure: skip): none
+                                    **{f"eval/reward/{k}": float(v.mean()) for k, v in per_term.items()}}
         cats = [str(p.metadata.get("tag", p.metadata.get("category", ""))) for p in prompts]
-        for cat in sorted(set(cats) - {""}):
+        for cat in [] if res.missing else sorted(set(cats) - {""}):
             sel = torch.tensor([c == cat for c in cats])
             m[f"eval/category/{cat}/reward"] = float(total[sel].mean())
         m.update({f"eval/{k}": v for k, v in image_stats(gen.images).items()})

@@ -1,9 +1,7 @@
-"""Fixtures of the reliability tests: the recipe tests' tiny random model and tiny sizes (imported
-from tests/recipe/conftest.py by path, so the two conftest modules never shadow each other), a
-reward that raises, and a helper that runs the CLI in-process and returns (code, stderr lines)."""
+"""Fixtures of the reliability tests: the recipe tests' tiny random model (helpers and sizes:
+reliability_helpers.py; its import also puts this directory and tests/recipe on sys.path, so
+``smooth_reward:...`` and ``faulty_reward:...`` import as dotted-path rewards)."""
 
-import importlib.util
-import re
 import sys
 from pathlib import Path
 
@@ -11,16 +9,10 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
-RECIPE = HERE.parent / "recipe"
-for p in (HERE, RECIPE):  # `smooth_reward:...` and `faulty_reward:...` import as dotted-path rewards
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
 
-_spec = importlib.util.spec_from_file_location("recipe_conftest_for_reliability", RECIPE / "conftest.py")
-recipe = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(recipe)
-MODEL, SIZES, RUN = recipe.MODEL, recipe.SIZES, recipe.RUN
-BAR = re.compile(r"^unigrpo:\s+\d+%\|")  # a tqdm progress bar (its description is "unigrpo")
+from reliability_helpers import MODEL
 
 
 @pytest.fixture(scope="session")
@@ -37,20 +29,3 @@ def tiny_ckpt(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("relmodel") / "tiny.safetensors"
     model.save(path)
     return str(path)
-
-
-def overrides(checkpoint: str, out_dir, *extra: str) -> list[str]:
-    return [*MODEL, *RUN, "eval_every=100", f"model.checkpoint={checkpoint}", f"output_dir={out_dir}", *extra]
-
-
-def error_lines(err: str) -> list[str]:
-    """stderr without progress-bar frames (tqdm redraws with \\r on stderr)."""
-    parts = [p.strip() for chunk in err.split("\n") for p in chunk.split("\r")]
-    return [p for p in parts if p and not BAR.match(p)]
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, list[str]]:
-    from unigrpo.cli import main
-
-    code = main(argv)
-    return code, error_lines(capsys.readouterr().err)

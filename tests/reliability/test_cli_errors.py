@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import overrides, run_cli
+from reliability_helpers import overrides, run_cli
 from safetensors.torch import load_file, save_file
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HERE, RECIPE, error_lines, overrides
+from reliability_helpers import HERE, RECIPE, error_lines, overrides
 from safetensors.torch import load_file
 
 from unigrpo.cli import main

@@ -10,7 +10,7 @@ import socket
 
 import pytest
 import torch
-from conftest import MODEL, SIZES, overrides, run_cli
+from reliability_helpers import MODEL, SIZES, overrides, run_cli
 from safetensors import safe_open
 
 from unigrpo.cli import main

@@ -166,10 +166,10 @@ class UnifiedModel(Protocol):
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         """A standalone checkpoint that ``build_model`` loads via ``model.checkpoint`` (rank 0)."""
 
-    def wrap(self, d: Any) -> None:
-        """Prepare for data parallelism over ``d`` (``unigrpo.utils.dist.Dist``); no-op on 1 rank."""
+    def wrap(self, ranks: Any) -> None:
+        """Prepare for data parallelism over ``ranks`` (``unigrpo.utils.dist.Dist``); no-op on 1 rank."""
 
-    def reduce_gradients(self, params: list[torch.nn.Parameter], d: Any) -> None:
+    def reduce_gradients(self, params: list[torch.nn.Parameter], ranks: Any) -> None:
         """Average the gradients of ``params`` over ranks (after the last micro-batch of an update)."""
 
     def named_parameters(self) -> Iterable[tuple[str, torch.nn.Parameter]]:

@@ -199,11 +199,11 @@ class TinyUnifiedModel(nn.Module):
             raise ValueError(f"trainable state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         self.load_state_dict(state)
 
-    def wrap(self, d) -> None:
-        dist.broadcast_parameters(self, d)  # every rank starts from rank 0's weights
+    def wrap(self, ranks) -> None:
+        dist.broadcast_parameters(self, ranks)  # every rank starts from rank 0's weights
 
-    def reduce_gradients(self, params: list[nn.Parameter], d) -> None:
-        dist.average_gradients(params, d)
+    def reduce_gradients(self, params: list[nn.Parameter], ranks) -> None:
+        dist.average_gradients(params, ranks)
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         """Weights as safetensors; config and tokenizer vocabulary in its metadata (one file)."""

@@ -74,11 +74,11 @@ def ppo_order(cfg: Config, step: int, epoch: int, p0: int, n_prompts: int, minib
     ``trajectories_per_minibatch`` is a multiple of ``prompts_per_step`` this makes each global
     minibatch the same set of trajectories whatever the number of ranks (rank r holds a contiguous
     block of it); otherwise minibatches take slots of successive groups in turn."""
-    g = cfg.algo.group_size
-    perms = torch.stack([torch.randperm(g, generator=torch.Generator().manual_seed(
+    group = cfg.algo.group_size
+    perms = torch.stack([torch.randperm(group, generator=torch.Generator().manual_seed(
         derive_seed(cfg.seed, step, epoch, p0 + i, SHUFFLE))) for i in range(n_prompts)])
-    idx = perms + g * torch.arange(n_prompts)[:, None]  # [P_local, G] row = prompt
-    m = n_prompts * g // minibatch  # minibatches per epoch
-    if g % m == 0:  # [M, P_local, G / M]: minibatch-major, then prompt-major
-        return idx.reshape(n_prompts, m, g // m).transpose(0, 1).flatten()
+    idx = perms + group * torch.arange(n_prompts)[:, None]  # [P_local, G] row = prompt
+    n_minibatches = n_prompts * group // minibatch  # M, per epoch
+    if group % n_minibatches == 0:  # [M, P_local, G / M]: minibatch-major, then prompt-major
+        return idx.reshape(n_prompts, n_minibatches, group // n_minibatches).transpose(0, 1).flatten()
     return idx.t().flatten()  # slot-major

@@ -99,7 +99,11 @@ def run_demo(cfg: Config) -> dict:
     experts = format_decomposition({"SFT (before)": before, "UniGRPO (after)": after})
     print("\nheld-out strict accuracy, thinking on:\n" + table)
     print("text expert vs image expert:\n" + experts)
-    curve = plot_curves(out / "metrics.jsonl", out / "reward_curve.png", before["accuracy"], len(tasks))
+    try:
+        curve = plot_curves(out / "metrics.jsonl", out / "reward_curve.png", before["accuracy"], len(tasks))
+    except ImportError as e:  # matplotlib is the optional `viz` extra: the report works without the plot
+        curve = None
+        print(f"[demo] no reward curve ({e}); pip install 'unigrpo[viz]' to get one")
     report = out / "report.md"
     report.write_text(
         f"# unigrpo demo report\n\n{cfg.steps} UniGRPO steps from `{cfg.model.checkpoint}` in "

@@ -23,17 +23,23 @@ def eval_tasks(cfg: Config, num_prompts: int | None = None):
     return make_tasks(cfg.eval.split, num_prompts or cfg.eval.num_prompts, seed=cfg.eval.seed)
 
 
+def generate_eval(model, prompts: list[str], cfg: Config, thinking: bool, reasoning: list[str] | None = None,
+                  cfg_scale: float | None = None) -> Generation:
+    """Deterministic evaluation images of ``prompts``: the ODE with ``sampler.eval_num_steps`` and
+    ``sampler.eval_cfg_scale`` (unless ``cfg_scale``), noise and reasoning from ``eval.seed``."""
+    s = cfg.sampler
+    return generate(model, prompts, thinking=thinking, reasoning=reasoning, num_steps=s.eval_num_steps,
+                    shift=s.shift, cfg_scale=s.eval_cfg_scale if cfg_scale is None else cfg_scale,
+                    seed=cfg.eval.seed, max_new_tokens=cfg.text.max_reasoning_tokens,
+                    temperature=cfg.text.temperature)
+
+
 def evaluate_model(model, tasks, cfg: Config, mode: str = "think", cfg_scale: float | None = None):
     """Generate one image per task and score it. Returns (metrics dict, Generation)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    gen: Generation = generate(
-        model, [t.prompt for t in tasks], thinking=mode != "no_think",
-        reasoning=[t.reasoning for t in tasks] if mode == "gt" else None,
-        num_steps=cfg.sampler.eval_num_steps, shift=cfg.sampler.shift,
-        cfg_scale=cfg.sampler.eval_cfg_scale if cfg_scale is None else cfg_scale,
-        seed=cfg.eval.seed, max_new_tokens=cfg.text.max_reasoning_tokens,
-        temperature=cfg.text.temperature)
+    gen = generate_eval(model, [t.prompt for t in tasks], cfg, thinking=mode != "no_think",
+                        reasoning=[t.reasoning for t in tasks] if mode == "gt" else None, cfg_scale=cfg_scale)
     metrics = evaluate_images(gen.images, tasks, responses=gen.reasoning if mode == "think" else None)
     return metrics, gen
 

@@ -23,6 +23,10 @@ Choices and deviations (docs/training.md has the reasons and measurements):
 - Groups with equal rewards are kept (advantage 0, no gradient), not dropped; their fraction is
   logged (``reward/zero_variance_frac``).
 - An episode is a list of rounds (one today); the losses sum over its rounds.
+- A reward term that stays unavailable with ``on_failure: skip`` (a remote service that is down)
+  makes the step's rewards missing: that step's PPO update is skipped on every rank (the decision
+  is shared with ``dist.any_flag``) and counted in ``reward/skipped_steps``; no step ever trains on
+  a missing score (docs/rewards.md).
 - Nothing is written before everything has loaded; the run directory is locked; a resume may change
   only some keys (docs/reliability.md: ``utils.rundir``, ``utils.resume``, verified checkpoints).
 """
@@ -43,7 +47,7 @@ from unigrpo.config import Config, to_dict
 from unigrpo.models import build_model
 from unigrpo.recipes.batches import Sizes, derived_sizes, describe, ppo_order, seeds
 from unigrpo.recipes.optim import build_optimizer, optimizer_step
-from unigrpo.rewards import RewardSet
+from unigrpo.rewards import RewardResult, RewardSet
 from unigrpo.tasks import build_task
 from unigrpo.utils import checkpoint as ckpt
 from unigrpo.utils import dist, rundir
@@ -131,6 +135,8 @@ class StepBatch:
     rollout_s: float  # sampling time (reasoning + images)
     reward_wait_s: float  # time waiting for rewards after sampling finished
     reward_s: float  # reward compute time (also when it ran in a thread)
+    missing: bool  # some rank's rewards are missing (on_failure: skip): no update (same on every rank)
+    reward_metrics: dict  # the reward terms' own counters (reward/remote_*), summed over chunks
 
 
 def rollout_step(model, task, cfg: Config, step: int, rewards: RewardSet, ranks: dist.Dist, sizes: Sizes) -> StepBatch:
@@ -174,6 +180,7 @@ def rollout_step(model, task, cfg: Config, step: int, rewards: RewardSet, ranks:
 
     # -------------------------------------------------------------- 2. reward
     results = [f.result() for f in futures]
+    missing = dist.any_flag(any(r.missing for r in results), ranks, device)  # one decision on every rank
     reward_local = torch.cat([r[0] for r in results])[unsort]  # [N_local]
     terms_local = torch.stack([torch.cat([r[1][name] for r in results])[unsort] for name in rewards.names], 1)
     t_reward = time.perf_counter()
@@ -184,7 +191,8 @@ def rollout_step(model, task, cfg: Config, step: int, rewards: RewardSet, ranks:
     adv = group_advantages(reward, algo.adv_scale, algo.adv_eps, algo.adv_clip)  # [P, G]
     adv = adv.flatten()[first_traj:first_traj + n_local].to(device)  # same A for all tokens and steps
     return StepBatch(roll, adv, order0, reward, gathered, reward_local, p0, len(prompts), t_rollout - t_start,
-                     t_reward - t_rollout, sum(r[2] for r in results))
+                     t_reward - t_rollout, sum(r.seconds for r in results), missing,
+                     RewardResult.merge_metrics(results))
 
 
 def ppo_epochs(model, ref, opt, batch: StepBatch, cfg: Config, step: int, ranks: dist.Dist, sizes: Sizes) -> dict:
@@ -254,13 +262,13 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     sizes = derived_sizes(cfg, ranks.world)
-    task, rewards = build_task(cfg), RewardSet([(r.name, r.weight) for r in cfg.rewards], cfg.reward_workers)
+    task, rewards = build_task(cfg), RewardSet(cfg.rewards, cfg.reward_workers)
     torch.manual_seed(cfg.seed)  # makes a random init (model.checkpoint: null) reproducible
     model = build_model(cfg, device)  # eval mode: no dropout, ever
     model.wrap(ranks)
     ref = model.reference() if needs_reference(cfg) else None  # the starting policy, frozen
     opt = build_optimizer(model, cfg)
-    start_step, extra = 0, {"skipped_total": 0, "resumes": []}
+    start_step, extra = 0, {"skipped_total": 0, "reward_skipped_steps": 0, "resumes": []}
     if resume:  # reads only; refuses keys a resume may not change, applies the optimizer's new ones
         start_step, extra = resume_policy.resume_run(out, model, ref, opt, cfg, device, ranks.is_main)
     # ------------------------------------------------------------------ the first write: lock the directory
@@ -282,12 +290,16 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
             batch = rollout_step(model, task, cfg, step, rewards, ranks, sizes)
             t_reward = time.perf_counter()
             # ---------------------------------------------------------- 4. PPO epochs
-            train_stats = ppo_epochs(model, ref, opt, batch, cfg, step, ranks, sizes)
-            extra["skipped_total"] += int(train_stats["perf/skipped_updates"])
+            if batch.missing:  # rewards missing (on_failure: skip) on some rank: no update on any rank
+                train_stats, extra["reward_skipped_steps"] = {}, extra["reward_skipped_steps"] + 1
+            else:
+                train_stats = ppo_epochs(model, ref, opt, batch, cfg, step, ranks, sizes)
+                extra["skipped_total"] += int(train_stats["perf/skipped_updates"])
             t_train = time.perf_counter()
             # ---------------------------------------------------------- 5. log
-            metrics = {**train_stats, **step_metrics(batch, cfg, rewards, sizes), "perf/train_s": t_train - t_reward,
-                       "perf/step_s": t_train - t_start,
+            metrics = {**train_stats, **({} if batch.missing else step_metrics(batch, cfg, rewards, sizes)),
+                       **batch.reward_metrics, "reward/skipped_steps": float(extra["reward_skipped_steps"]),
+                       "perf/train_s": t_train - t_reward, "perf/step_s": t_train - t_start,
                        "perf/train_traj_per_s": sizes.trajectories * algo.ppo_epochs / (t_train - t_reward)}
             metrics = dist.reduce_metrics(metrics, ranks, device)
             metrics["perf/skipped_total"] = float(extra["skipped_total"])
@@ -301,7 +313,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
                 labels = [f"p{batch.p0 + i // algo.group_size} {float(batch.reward_local[i]):.2f}" for i in range(shown)]
                 save_grid(batch.roll.images[:shown], out / "grids" / f"rollout_step{step + 1:06d}.png",
                           nrow=algo.group_size, scale=4, labels=labels)
-            log.progress(metrics["reward/mean"], {"acc": last_eval.get("eval/accuracy", float("nan"))})
+            log.progress(metrics.get("reward/mean", float("nan")), {"acc": last_eval.get("eval/accuracy", float("nan"))})
             run.step = step + 1
             if _due(cfg.save_every, step + 1, cfg.steps):
                 # ------------------------------------------------------ 7. checkpoint (every rank) + final weights

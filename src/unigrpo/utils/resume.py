@@ -75,7 +75,7 @@ def resume_run(out, model, ref, opt, cfg, device, verbose: bool) -> tuple[int, d
     from unigrpo.utils import checkpoint as ckpt
 
     state = ckpt.resume(out, model, ref, opt, device)
-    done, extra = state["step"], {"skipped_total": 0, "resumes": [], **state["extra"]}
+    done, extra = state["step"], {"skipped_total": 0, "reward_skipped_steps": 0, "resumes": [], **state["extra"]}
     changes = plan(state["config"], to_dict(cfg), done)
     apply_optimizer(opt, cfg)  # load_state_dict restored the saved lr / betas / weight decay
     extra["resumes"] = [*extra["resumes"], {"step": done, "changes": {k: list(v) for k, v in changes.items()}}]

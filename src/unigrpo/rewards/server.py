@@ -1,0 +1,119 @@
+"""``unigrpo serve-reward``: any reward (a built-in name or a dotted path, with kwargs) over HTTP.
+
+Needs the ``serve`` extra (FastAPI + uvicorn). The API (docs/rewards.md, "The HTTP API"):
+
+- ``POST /score`` JSON ``{"format": "npy" | "png", "images": [base64...], "prompts": [...],
+  "metadata": [...]}`` -> ``{"scores": [...], "seconds": float}``. 400 for a bad payload (bad base64,
+  not an .npy / PNG, lengths that differ, a missing field, a batch over ``max_batch``), 413 for a
+  body over ``max_body_mb``, 503 with
+  ``Retry-After`` when ``max_queue`` requests are already waiting or running, 500 when the reward
+  itself fails. Errors are ``{"error": "one line"}``.
+- ``GET /health`` -> ``{"status": "ok"}``; ``GET /info`` -> what is served and the server's limits.
+
+Scoring runs in ``workers`` threads (1 by default: a judge model is usually not thread-safe); the
+event loop only parses and queues requests.
+"""
+
+
+# no `from __future__ import annotations`: FastAPI must see the real `Request` class in the signature
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from unigrpo.rewards.wire import FORMATS, PayloadError, decode_request
+
+__all__ = ["build_app", "serve"]
+
+
+def build_app(reward: str, kwargs: dict | None = None, *, max_batch: int = 256, max_queue: int = 8,
+              workers: int = 1, max_body_mb: float = 1024.0):
+    """The FastAPI app serving ``reward`` (resolved once, at start: a bad name fails here)."""
+    try:
+        from fastapi import FastAPI, Request
+        from fastapi.responses import JSONResponse
+    except ImportError as e:
+        raise RuntimeError("serve-reward needs the 'serve' extra: pip install 'unigrpo[serve]'") from e
+    from unigrpo import __version__
+    from unigrpo.rewards import RewardSet
+
+    if max_batch < 1 or max_queue < 1 or workers < 1:
+        raise ValueError("max_batch, max_queue and workers must be >= 1")
+    rewards = RewardSet([(reward, 1.0, dict(kwargs or {}))])
+    fn = rewards.terms[0][2]
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="serve-reward")
+    state = {"pending": 0, "served": 0, "errors": 0, "rejected": 0}
+    lock = threading.Lock()
+    app = FastAPI(title="unigrpo reward service", version=__version__)
+
+    def error(status: int, msg: str, **headers) -> JSONResponse:
+        return JSONResponse({"error": msg}, status_code=status, headers=headers or None)
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.get("/info")
+    def info():
+        return {"api": 1, "unigrpo": __version__, "reward": reward, "kwargs": dict(kwargs or {}),
+                "groupwise": bool(getattr(fn, "groupwise", False)), "formats": list(FORMATS),
+                "max_batch": max_batch, "max_queue": max_queue, "workers": workers, "max_body_mb": max_body_mb,
+                **state}
+
+    def score(images, prompts, metadata):
+        res = rewards(images, prompts, metadata)
+        if res.missing:
+            raise RuntimeError(f"reward {reward!r} is unavailable ({', '.join(res.missing)})")
+        return res.total.tolist(), res.seconds
+
+    @app.post("/score")
+    async def score_endpoint(request: Request):
+        with lock:
+            if state["pending"] >= max_queue:
+                state["rejected"] += 1
+                return error(503, f"queue full ({max_queue} requests waiting or running); retry later",
+                             **{"Retry-After": "1"})
+            state["pending"] += 1
+        try:
+            size = request.headers.get("content-length", "")
+            if size.isdigit() and int(size) > max_body_mb * 2**20:
+                return error(413, f"body of {int(size) / 2**20:.0f} MB is larger than max_body_mb {max_body_mb:g}")
+            body = await request.body()
+            try:
+                images, prompts, metadata = decode_request(body, max_batch)
+            except PayloadError as e:
+                return error(400, str(e))
+            try:
+                scores, seconds = await asyncio.get_running_loop().run_in_executor(
+                    pool, score, images, prompts, metadata)
+            except Exception as e:  # noqa: BLE001 -- the reward failed: one line to the client (a 500)
+                with lock:
+                    state["errors"] += 1
+                return error(500, f"reward {reward!r} failed: {type(e).__name__}: {e}".replace("\n", " "))
+            with lock:
+                state["served"] += 1
+            return {"scores": scores, "seconds": seconds}
+        finally:
+            with lock:
+                state["pending"] -= 1
+
+    app.state.rewards, app.state.pool = rewards, pool
+    return app
+
+
+def serve(reward: str, kwargs: dict | None = None, host: str = "127.0.0.1", port: int = 8000, **limits) -> None:
+    """Blocks: serve ``reward`` on ``host:port`` until interrupted."""
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise RuntimeError("serve-reward needs the 'serve' extra: pip install 'unigrpo[serve]'") from e
+    app = build_app(reward, kwargs, **limits)
+    print(f"[unigrpo] serving reward {reward!r} on http://{host}:{port} (POST /score, GET /health, GET /info)",
+          flush=True)
+    start = time.perf_counter()
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    finally:
+        app.state.pool.shutdown(wait=False)
+        app.state.rewards.close()
+        print(f"[unigrpo] reward service stopped after {time.perf_counter() - start:.0f} s", flush=True)

@@ -1,0 +1,25 @@
+"""Rewards for the server tests (dotted path ``slow_rewards:...``)."""
+
+import time
+
+import torch
+
+
+def sleepy(images, prompts, metadata):
+    time.sleep(float(metadata[0].get("sleep", 0.3)))
+    return images.mean(dim=(1, 2, 3))
+
+
+def boom(images, prompts, metadata):
+    raise RuntimeError("the judge model ran out of memory")
+
+
+def brightness_factory(scale: float = 1.0):
+    return lambda images, prompts, metadata: scale * images.mean(dim=(1, 2, 3))
+
+
+def count_calls(images, prompts, metadata):
+    return torch.full((len(prompts),), float(len(prompts)))
+
+
+count_calls.groupwise = True

@@ -1,0 +1,143 @@
+"""`unigrpo serve-reward`'s app (FastAPI under uvicorn, loopback): /health, /info, lossless
+scores, clear 4xx errors, a bounded queue (503), the reward's own failure (500)."""
+
+import base64
+import json
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from services import AppThread, post
+
+from unigrpo.rewards import RewardSet
+from unigrpo.rewards.remote import RemoteReward
+from unigrpo.rewards.server import build_app
+from unigrpo.rewards.wire import encode_images, encode_request
+
+
+def batch(n=3, size=8):
+    images = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return images, [f"prompt {i}" for i in range(n)], [{"i": i} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def brightness():
+    with AppThread(build_app("smooth_reward:brightness", max_batch=4)) as srv:
+        yield srv
+
+
+def test_health_info_and_lossless_scores(brightness):
+    import urllib.request
+
+    with urllib.request.urlopen(brightness.url + "/health") as r:
+        assert json.loads(r.read()) == {"status": "ok"}
+    with urllib.request.urlopen(brightness.url + "/info") as r:
+        info = json.loads(r.read())
+    assert info["reward"] == "smooth_reward:brightness" and info["max_batch"] == 4 and info["formats"] == ["npy", "png"]
+    images, prompts, meta = batch()
+    status, out = post(brightness.url + "/score", encode_request(images, prompts, meta))
+    assert status == 200
+    assert torch.equal(torch.tensor(out["scores"], dtype=torch.float32), images.mean(dim=(1, 2, 3)))  # bitwise
+    status, out = post(brightness.url + "/score", encode_request(images, prompts, meta, "png"))
+    assert status == 200  # png quantises to 1/255
+    torch.testing.assert_close(torch.tensor(out["scores"]), images.mean(dim=(1, 2, 3)), atol=1 / 255, rtol=0)
+    client = RemoteReward(brightness.url)
+    assert torch.equal(client(images, prompts, meta), images.mean(dim=(1, 2, 3)))
+    client.close()
+
+
+def _req(**change):
+    images, prompts, meta = batch()
+    req = json.loads(encode_request(images, prompts, meta))
+    req.update(change)
+    return {k: v for k, v in req.items() if v is not None}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"images": ["!!not base64!!"] * 3}, r"images\[0\]: not valid base64"),
+    ({"format": "png"}, r"images\[0\]: not a PNG"),
+    ({"images": [base64.b64encode(b"GIF89a....").decode()] * 3}, r"images\[0\]: not an .npy"),
+    ({"prompts": ["a", "b"]}, "length mismatch: 3 images, 2 prompts, 3 metadata"),
+    ({"images": None}, "missing field.*images"),
+    ({"format": "jpeg"}, "format: 'jpeg'"),
+    ({"metadata": [1, 2, 3]}, "metadata: expected a list of objects"),
+])
+def test_bad_payloads_are_clear_400s(brightness, change, message):
+    import re
+
+    status, out = post(brightness.url + "/score", _req(**change))
+    assert status == 400 and re.search(message, out["error"]), out
+
+
+def test_not_json_mixed_sizes_and_too_large_batches(brightness):
+    status, out = post(brightness.url + "/score", b"{not json")
+    assert status == 400 and "not JSON" in out["error"]
+    images, prompts, meta = batch(n=5)
+    status, out = post(brightness.url + "/score", encode_request(images, prompts, meta))
+    assert status == 400 and "larger than the server's max_batch 4" in out["error"]
+    req = _req()
+    req["images"][1] = encode_images(torch.rand(1, 3, 4, 4))[0]
+    status, out = post(brightness.url + "/score", req)
+    assert status == 400 and "one size" in out["error"]
+
+
+def test_a_body_over_the_limit_is_a_413():
+    images, prompts, meta = batch(n=2, size=64)
+    with AppThread(build_app("smooth_reward:brightness", max_body_mb=0.05)) as srv:
+        status, out = post(srv.url + "/score", encode_request(images, prompts, meta))
+        assert status == 413 and "larger than max_body_mb 0.05" in out["error"]
+
+
+def test_reward_failure_is_a_500_and_a_full_queue_a_503():
+    images, prompts, meta = batch(n=1)
+    with AppThread(build_app("slow_rewards:boom")) as srv:
+        status, out = post(srv.url + "/score", encode_request(images, prompts, meta))
+        assert status == 500 and "ran out of memory" in out["error"] and "slow_rewards:boom" in out["error"]
+    with AppThread(build_app("slow_rewards:sleepy", max_queue=1)) as srv:
+        body = encode_request(images, prompts, [{"sleep": 1.0}])
+        first = {}
+        t = threading.Thread(target=lambda: first.update(r=post(srv.url + "/score", body)))
+        t.start()
+        import time
+        import urllib.request
+
+        for _ in range(100):  # until the first request is in: the queue (1) is full
+            with urllib.request.urlopen(srv.url + "/info") as r:
+                if json.loads(r.read())["pending"] == 1:
+                    break
+            time.sleep(0.02)
+        status, out = post(srv.url + "/score", body)
+        t.join()
+        assert status == 503 and "queue full" in out["error"]
+        assert first["r"][0] == 200
+
+
+def test_bad_reward_name_fails_at_start():
+    with pytest.raises(ValueError, match="not a built-in"):
+        build_app("no_such_reward")
+    with pytest.raises(ValueError, match="bad kwargs"):
+        build_app("remote", {"nope": 1})
+
+
+def test_serve_reward_cli_errors_are_one_line(capsys):
+    from unigrpo.cli import main
+
+    assert main(["serve-reward", "no_such_reward", "--port", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("unigrpo: reward 'no_such_reward'") and "\n" not in err
+    assert main(["serve-reward", "shapes", "--kwargs", "[1, 2]"]) == 2
+    assert "--kwargs: expected a mapping" in capsys.readouterr().err
+
+
+def test_a_served_reward_in_a_reward_set(brightness):
+    images, prompts, meta = batch()
+    rs = RewardSet([("remote", 2.0, {"url": brightness.url + "/score"}), ("smooth_reward:brightness", -1.0)])
+    res = rs(images, prompts, meta)
+    torch.testing.assert_close(res.total, images.mean(dim=(1, 2, 3)), rtol=0, atol=1e-7)
+    assert res.metrics["reward/remote_retries"] == 0 and res.metrics["reward/remote_failures"] == 0
+    assert res.metrics["reward/remote_latency_s"] > 0
+    rs.close()
