@@ -321,6 +321,8 @@ def _exit_code(e: BaseException) -> tuple[int, str]:
         return 130, "interrupted"
     if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
         return 2, str(e)
+    if type(e).__module__.startswith("unigrpo.rewards"):  # e.g. RewardServiceError: names the service
+        return 1, str(e)
     if (timeout := dist.as_rank_timeout(e)) is not None:
         return timeout.exit_code, str(timeout)
     if isinstance(e, OSError):

@@ -137,15 +137,15 @@ def resolve_reward(name: str, kwargs: dict | None = None) -> RewardFn:
 
 def _named_errors(name: str, fn: RewardFn) -> RewardFn:
     """``fn`` whose exceptions become one RewardError naming the reward (docs/reliability.md);
-    ``RewardUnavailable`` (the skip policy) passes through unchanged."""
+    errors of unigrpo's own terms (``RewardUnavailable``, ``RewardServiceError``) pass unchanged."""
     from unigrpo.utils.errors import RewardError
 
     def call(images, prompts, metadata):
         try:
             return fn(images, prompts, metadata)
-        except (RewardUnavailable, RewardError):
-            raise
         except Exception as e:
+            if isinstance(e, RewardError) or type(e).__module__.startswith("unigrpo."):
+                raise  # the skip policy (RewardUnavailable) and our terms' own errors name their source
             raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from e
 
     call.groupwise = getattr(fn, "groupwise", False)
