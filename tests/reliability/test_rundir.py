@@ -159,3 +159,23 @@ def test_tensorboard_does_not_get_a_step_twice_after_a_resume(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("reward/mean")] == [(1, 1.0), (2, 20.0), (3, 30.0)]
+
+
+def test_resume_key_policy_for_reward_terms():
+    """Where a remote reward is served may change on resume; which reward, its weight, a judge's
+    model or an added term may not."""
+    from unigrpo.config import ConfigError
+    from unigrpo.utils.resume import plan
+
+    def cfg(steps=3, **kwargs):
+        return {"steps": steps, "rewards": [{"name": "judge", "weight": 1.0, "kwargs": {"url": "http://a", **kwargs}}]}
+
+    assert plan(cfg(2), cfg(3, url="http://b", timeout_s=5.0), 2) == {
+        "rewards[0].kwargs.url": ("http://a", "http://b"), "rewards[0].kwargs.timeout_s": (None, 5.0),
+        "steps": (2, 3)}
+    with pytest.raises(ConfigError, match=r"^rewards\[0\].kwargs.model: cannot change on --resume"):
+        plan(cfg(2), cfg(3, model="other"), 2)
+    more = cfg(3)
+    more["rewards"].append({"name": "shapes", "weight": 0.5, "kwargs": {}})
+    with pytest.raises(ConfigError, match=r"^rewards\[1\].name"):
+        plan(cfg(2), more, 2)

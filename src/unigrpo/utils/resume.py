@@ -10,34 +10,46 @@ afterwards, printed, and the checkpoint's saved config is always the effective o
 
 from __future__ import annotations
 
+import re
+
 from unigrpo.config import ConfigError
 
-__all__ = ["FREE", "OPTIMIZER", "apply_optimizer", "config_changes", "plan", "resume_run"]
+__all__ = ["FREE", "OPTIMIZER", "TRANSPORT", "apply_optimizer", "config_changes", "plan", "resume_run"]
 
-# Changeable on resume with no effect on what is computed (prefix match on dotted keys).
+# Changeable on resume with no effect on what is computed (dotted keys; "x." matches a section, "[]"
+# any list index): how long, how often, where -- also where a remote reward is served and how it
+# is reached (the scores are the same), not which reward, its weight, or a judge's model / prompt.
+TRANSPORT = ("url", "timeout_s", "retries", "backoff_s", "backoff_max_s", "max_concurrency", "batch_size",
+             "image_format", "breaker_failures", "breaker_reset_s", "headers.", "api_key_env", "on_failure")
 FREE = ("steps", "output_dir", "device", "threads", "log_every", "eval_every", "save_every", "reward_workers",
-        "dist_timeout_s", "eval.", "pretrain.", "model.checkpoint")
+        "dist_timeout_s", "eval.", "pretrain.", "model.checkpoint", *(f"rewards[].kwargs.{k}" for k in TRANSPORT))
 # Changeable, applied to the optimizer after load_state_dict.
 OPTIMIZER = ("optim.lr_text", "optim.lr_image", "optim.weight_decay", "optim.betas", "optim.grad_clip")
 
 
 def _flat(tree, prefix: str = "") -> dict:
+    """Nested dicts (and lists of dicts, e.g. ``rewards``) -> {dotted key: leaf value}."""
     if isinstance(tree, dict):
         out = {}
         for k, v in tree.items():
             out.update(_flat(v, f"{prefix}{k}."))
         return out
+    if isinstance(tree, list) and tree and all(isinstance(v, dict) for v in tree):
+        out = {}
+        for i, v in enumerate(tree):
+            out.update(_flat(v, f"{prefix.rstrip('.')}[{i}]."))
+        return out
     return {prefix.rstrip("."): tree}
 
 
 def config_changes(saved: dict, new: dict) -> dict[str, tuple]:
-    """Dotted key -> (saved value, new value) for every key that differs (sections like ``rewards``,
-    lists of mappings, compare as a whole)."""
+    """Dotted key -> (saved value, new value) for every key that differs (``rewards[0].kwargs.url``)."""
     a, b = _flat(saved), _flat(new)
     return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 
 def _matches(key: str, names) -> bool:
+    key = re.sub(r"\[\d+\]", "[]", key)
     return any(key == n or (n.endswith(".") and key.startswith(n)) for n in names)
 
 
