@@ -54,7 +54,7 @@ from unigrpo.models.hf_text import CausalLMReasoner
 from unigrpo.models.protocol import TokenBatch
 from unigrpo.utils import dist
 
-__all__ = ["FluxContext", "HFUnifiedModel", "adapters_disabled", "build"]
+__all__ = ["FluxContext", "HFUnifiedModel", "adapters_disabled", "build", "flux2_shift"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -102,6 +102,21 @@ def default_hidden_layers() -> tuple[int, ...]:
     return tuple(inspect.signature(Flux2KleinPipeline.encode_prompt).parameters["text_encoder_out_layers"].default)
 
 
+def flux2_shift(image_seq_len: int, num_steps: int, scheduler_config: dict) -> float:
+    """``exp(mu)``, ``mu = compute_empirical_mu(image_seq_len, num_steps)``: with the pipeline's
+    ``sigmas = linspace(1, 1/n, n)``, the scheduler's exponential time shift
+    ``e^mu / (e^mu + 1/sigma - 1)`` is our ``shift_time(sigma, e^mu)``, so our ``timesteps(n, exp(mu))``
+    is the pipeline's grid (tested). Scheduler options without that identity are refused."""
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+    sc = scheduler_config
+    if not sc.get("use_dynamic_shifting") or sc.get("time_shift_type", "exponential") != "exponential" \
+            or sc.get("shift_terminal") or sc.get("use_karras_sigmas") or sc.get("use_exponential_sigmas") \
+            or sc.get("use_beta_sigmas") or sc.get("invert_sigmas") or sc.get("stochastic_sampling"):
+        raise NotImplementedError(f"this scheduler config is not one shift of our time grid: {sc}")
+    return math.exp(compute_empirical_mu(image_seq_len, num_steps))
+
+
 class HFUnifiedModel(nn.Module):
     """FLUX.2 [klein] in shared mode (module docstring). Submodules: ``lm``, ``dit``, ``vae``."""
 
@@ -122,8 +137,8 @@ class HFUnifiedModel(nn.Module):
             add_lora(self.lm, text_rank, text_targets)
         if image_rank > 0:
             add_lora(self.dit, image_rank, image_targets)
-        self.reasoner = CausalLMReasoner(lm, tokenizer, hidden_layers=self.hidden_layers)
-        self.reasoner._text = self._chat_text  # the template with enable_thinking
+        self.reasoner = CausalLMReasoner(lm, tokenizer, hidden_layers=self.hidden_layers,
+                                         template_kwargs={"enable_thinking": enable_thinking})
         self.tokenizer, self.pad_id = tokenizer, int(self.reasoner.pad_id)
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         if resolution % (2 * self.vae_scale):
@@ -135,10 +150,6 @@ class HFUnifiedModel(nn.Module):
             raise ValueError(f"the transformer reads {dit.config.in_channels} channels, the VAE gives {self.latent_shape[0]}")
 
     # ----------------------------------------------------------------- text phase
-    def _chat_text(self, prompt: str) -> str:
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                  add_generation_prompt=True, enable_thinking=self.enable_thinking)
-
     def encode_prompts(self, prompts: list[str]) -> TokenBatch:
         return self.reasoner.encode_prompts(prompts)
 
@@ -237,16 +248,9 @@ class HFUnifiedModel(nn.Module):
         return (z - mean) / std
 
     def pipeline_shift(self, num_steps: int) -> float:
-        """The shift ``s`` with ``timesteps(num_steps, s)`` == the pipeline's sigmas at this
-        resolution: ``exp(compute_empirical_mu(image tokens, num_steps))``."""
-        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
-
-        sc = self.scheduler_config
-        if not sc.get("use_dynamic_shifting") or sc.get("time_shift_type", "exponential") != "exponential" \
-                or sc.get("shift_terminal") or sc.get("use_karras_sigmas") or sc.get("use_exponential_sigmas") \
-                or sc.get("use_beta_sigmas"):
-            raise NotImplementedError(f"scheduler config not expressible as one shift: {sc}")
-        return math.exp(compute_empirical_mu(self.latent_shape[1] * self.latent_shape[2], num_steps))
+        """The ``sampler.shift`` whose ``timesteps(num_steps, shift)`` is the pipeline's schedule at
+        this resolution (``flux2_shift``)."""
+        return flux2_shift(self.latent_shape[1] * self.latent_shape[2], num_steps, self.scheduler_config)
 
     # ----------------------------------------------------------------- lifecycle
     def _sides(self) -> dict[str, tuple[str, nn.Module, int]]:
