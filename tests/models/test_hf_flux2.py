@@ -199,3 +199,26 @@ def test_cli_train_one_lora_step_ratio_exactly_one(tmp_path):
     saved = load_file(str(out / "final.safetensors"))
     assert saved and all("lora_" in k for k in saved)
     assert all(torch.equal(loaded.trainable_state()[k], v) for k, v in saved.items())
+
+
+def test_gradient_checkpointing_changes_no_gradient():
+    plain, ckpt = model_of(), model_of(4, 4, "model.gradient_checkpointing=true")
+    assert ckpt.lm.training and not plain.lm.training  # build_model's eval() kept the LM checkpointing
+    tokens = plain.sample_reasoning(plain.encode_prompts(HF_PROMPTS), max_new_tokens=6,
+                                    generator=torch.Generator().manual_seed(2))
+    x, t = torch.randn((3, *plain.latent_shape), generator=torch.Generator().manual_seed(2)), torch.tensor(0.5)
+    grads, calls = [], []
+    for module in (ckpt.lm.model.layers[0].self_attn, ckpt.dit.transformer_blocks[0].attn):  # recomputed in backward
+        module.register_forward_hook(lambda mod, *_: calls.append(type(mod).__name__))
+    for m in (plain, ckpt):
+        with torch.no_grad():  # non-zero LoRA B: the LoRA A gradients are not vacuous either
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(0.1 * torch.ones_like(p))
+        logp, ctx = m.forward_context(tokens)
+        (-logp.sum() + m.velocity(x, t, ctx).pow(2).mean()).backward()
+        grads.append({n: p.grad for g in m.parameter_groups().values() for n, p in g})
+    assert len(calls) == 4, calls  # each hooked block ran twice: forward + recompute
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)

@@ -253,6 +253,24 @@ class HFUnifiedModel(nn.Module):
         return flux2_shift(self.latent_shape[1] * self.latent_shape[2], num_steps, self.scheduler_config)
 
     # ----------------------------------------------------------------- lifecycle
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in backward (``model.gradient_checkpointing``). diffusers
+        checkpoints whenever gradients are on; transformers only in train mode, so the LM is kept in
+        train mode (``train`` below), which changes nothing else only when it has no dropout
+        (checked)."""
+        if any(float(getattr(self.lm.config, k, 0.0) or 0.0) > 0 for k in ("attention_dropout", "hidden_dropout")):
+            raise ValueError("model.gradient_checkpointing: the LM has dropout, its train mode would differ from eval mode")
+        (getattr(self.lm, "activation_checkpointing_enable", None) or self.lm.gradient_checkpointing_enable)()
+        self.dit.enable_gradient_checkpointing()
+        self.checkpointing = True
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "checkpointing", False):
+            self.lm.train(True)  # transformers checkpoints only in train mode (no dropout: checked)
+        return self
+
     def _sides(self) -> dict[str, tuple[str, nn.Module, int]]:
         return {"text": ("lm", self.lm, self.text_rank), "image": ("dit", self.dit, self.image_rank)}
 
@@ -346,8 +364,7 @@ def build(cfg, checkpoint: str | None) -> HFUnifiedModel:
         max_text_tokens=m.max_text_tokens, enable_thinking=m.enable_thinking, text_rank=m.lora.text_rank,
         image_rank=m.lora.image_rank, text_targets=m.lora.text_targets, image_targets=m.lora.image_targets)
     if m.gradient_checkpointing:
-        model.lm.gradient_checkpointing_enable()
-        model.dit.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing()
     if checkpoint is not None:
         from safetensors.torch import load_file
 
