@@ -159,6 +159,13 @@ def test_lora_step_moves_only_lora_and_reference_is_the_base():
     assert torch.equal(lp_ref, lp_base) and torch.equal(c_ref.hidden, c_base.hidden) and torch.equal(v_ref, v_base)
     assert not torch.equal(lp_pol, lp_base) and not torch.equal(v_pol, v_base)  # the policy did move
     assert torch.equal(model.forward_context(tokens)[0], lp_pol)  # the reference left the adapters on
+    text = [p for _, p in model.parameter_groups()["text"]]
+    for p in text:  # a frozen side (algo.train_text=false) stays frozen through reference calls
+        p.requires_grad_(False)
+    ref.forward_context(tokens)
+    ref.velocity(x, t, c_ref)
+    assert not any(p.requires_grad for p in text)
+    assert all(p.requires_grad for _, p in model.parameter_groups()["image"])
 
 
 def test_full_fine_tune_side_trains_everything_and_references_a_frozen_copy():

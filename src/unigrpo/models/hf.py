@@ -76,6 +76,9 @@ def adapters_disabled(*modules: nn.Module | None):
 
     layers = [m for mod in modules if mod is not None for m in mod.modules() if isinstance(m, BaseTunerLayer)]
     before = [m.disable_adapters for m in layers]
+    # peft's enable_adapters also sets requires_grad of the adapter weights: restore what the
+    # optimizer set (a frozen side must stay frozen after a reference call)
+    grad = [(p, p.requires_grad) for m in layers for p in m.parameters()]
     try:
         for m in layers:
             m.enable_adapters(False)
@@ -83,6 +86,8 @@ def adapters_disabled(*modules: nn.Module | None):
     finally:
         for m, was_disabled in zip(layers, before):
             m.enable_adapters(not was_disabled)
+        for p, g in grad:
+            p.requires_grad_(g)
 
 
 def add_lora(module: nn.Module, rank: int, targets: list[str]) -> None:
