@@ -178,34 +178,53 @@ def test_full_fine_tune_side_trains_everything_and_references_a_frozen_copy():
     assert set(ref.state_dict()) == {f"lm.{k}" for k in model.lm.state_dict()}
 
 
-def test_cli_train_one_lora_step_ratio_exactly_one(tmp_path):
-    """(c) + done-when: `unigrpo train model.kind=hf ... task.kind=prompts` runs on the tiny
-    pipeline folder offline; the first update's log-probs equal the rollout's (ratio exactly 1)."""
+def cli_args(tmp_path, text_rank=4, image_rank=4) -> list[str]:
+    """A 2-prompt x 2-trajectory run on the tiny pipeline, prompts from a JSONL file."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HF_PROMPTS[:2]))
-    out = tmp_path / "run"
     shift = flux2_shift(8 * 8, 4, {"use_dynamic_shifting": True})  # 32 px: 8 x 8 latent tokens, 4 steps
-    assert main(["train", *hf_overrides(tiny_flux2_dir()), f"output_dir={out}", "task.kind=prompts",
-                 f"task.prompts={prompts}", "rewards=[{name: 'test_hf_flux2:brightness'}]", "steps=1",
-                 "algo.prompts_per_step=2", "algo.group_size=2", "algo.trajectories_per_minibatch=2",
-                 "algo.micro_batch_trajectories=2", "sampler.num_steps=4", "sampler.window_range=[0,3]",
-                 "sampler.window_size=2", f"sampler.shift={shift}",
-                 "sampler.eval_num_steps=2", "eval.num_prompts=2", "eval.grid_prompts=2",
-                 "text.max_reasoning_tokens=6", "threads=1", "optim.lr_text=1e-3", "optim.lr_image=1e-3"]) == 0
+    return ["train", *hf_overrides(tiny_flux2_dir(), text_rank, image_rank), "task.kind=prompts",
+            f"task.prompts={prompts}", "rewards=[{name: 'test_hf_flux2:brightness'}]",
+            "algo.prompts_per_step=2", "algo.group_size=2", "algo.trajectories_per_minibatch=2",
+            "algo.micro_batch_trajectories=2", "sampler.num_steps=4", "sampler.window_range=[0,3]",
+            "sampler.window_size=2", f"sampler.shift={shift}", "sampler.eval_num_steps=2", "eval.num_prompts=2",
+            "eval.grid_prompts=2", "text.max_reasoning_tokens=6", "threads=1", "optim.lr_text=1e-3",
+            "optim.lr_image=1e-3"]
+
+
+def test_cli_train_one_lora_step_ratio_exactly_one(tmp_path):
+    """(c) + done-when: `unigrpo train model.kind=hf ... task.kind=prompts` runs on the tiny
+    pipeline folder offline; the first update's log-probs equal the rollout's (ratio exactly 1)."""
+    out = tmp_path / "run"
+    assert main([*cli_args(tmp_path), f"output_dir={out}", "steps=1"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "reward/mean" in r]
     assert len(steps) == 1
     r = steps[0]
     assert r["loss/text/first_logp_diff_max"] == 0.0 and r["loss/image/first_logp_diff_max"] == 0.0
+    assert r["loss/text/grad_norm"] > 0 and r["loss/image/grad_norm"] > 0
     assert all(math.isfinite(v) for v in r.values())
-    assert (out / "final.safetensors").is_file()
-    loaded = build_model(load_config(None, hf_overrides(tiny_flux2_dir())), checkpoint=str(out / "final.safetensors"))
     from safetensors.torch import load_file
 
     saved = load_file(str(out / "final.safetensors"))
     assert saved and all("lora_" in k for k in saved)
+    loaded = build_model(load_config(None, hf_overrides(tiny_flux2_dir())), checkpoint=str(out / "final.safetensors"))
     assert all(torch.equal(loaded.trainable_state()[k], v) for k, v in saved.items())
+
+
+def test_cli_resume_with_a_fully_trained_text_side_equals_an_uninterrupted_run(tmp_path):
+    """2 steps == 1 step + --resume 1 step, bitwise, with text_rank=0 (whole LM trained, its
+    reference a frozen copy saved with the run) and LoRA on the transformer."""
+    from safetensors.torch import load_file
+
+    args = [*cli_args(tmp_path, text_rank=0, image_rank=4), "save_every=1", "eval_every=0"]
+    assert main([*args, f"output_dir={tmp_path / 'a'}", "steps=2"]) == 0
+    assert main([*args, f"output_dir={tmp_path / 'b'}", "steps=1"]) == 0
+    assert main([*args, f"output_dir={tmp_path / 'b'}", "steps=2", "--resume"]) == 0
+    a, b = load_file(str(tmp_path / "a" / "final.safetensors")), load_file(str(tmp_path / "b" / "final.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("lm.") and "lora_" not in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_gradient_checkpointing_changes_no_gradient():
