@@ -248,3 +248,18 @@ def test_gradient_checkpointing_changes_no_gradient():
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
+
+
+def test_rows_longer_than_max_text_tokens_are_scored_in_full_and_cut_for_the_conditioning():
+    """As the pipeline truncates at max_sequence_length: the conditioning is the first
+    ``max_text_tokens`` positions, while the log-probs still cover the whole reasoning."""
+    wide, short = model_of(), model_of(4, 4, "model.max_text_tokens=8")
+    tokens = wide.sample_reasoning(wide.encode_prompts(HF_PROMPTS), max_new_tokens=8,
+                                   generator=torch.Generator().manual_seed(3))
+    assert int(tokens.mask.sum(1).min()) > 8
+    with torch.no_grad():
+        lp_w, c_w = wide.forward_context(tokens)
+        lp_s, c_s = short.forward_context(tokens)
+    assert c_s.hidden.shape[1] == 8 and c_s.mask.all()
+    torch.testing.assert_close(lp_s, lp_w, atol=1e-6, rtol=0)
+    torch.testing.assert_close(c_s.hidden, c_w.hidden[:, :8], atol=1e-6, rtol=0)
