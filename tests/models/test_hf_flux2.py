@@ -263,3 +263,14 @@ def test_rows_longer_than_max_text_tokens_are_scored_in_full_and_cut_for_the_con
     assert c_s.hidden.shape[1] == 8 and c_s.mask.all()
     torch.testing.assert_close(lp_s, lp_w, atol=1e-6, rtol=0)
     torch.testing.assert_close(c_s.hidden, c_w.hidden[:, :8], atol=1e-6, rtol=0)
+
+
+def test_hidden_layers_the_text_encoder_lacks_are_a_clear_error():
+    """The pipeline's default layers (9, 18, 27) on the tiny 2-layer LM: one error naming the key
+    (it was an IndexError deep inside the first rollout)."""
+    from unigrpo.config import load_config
+    from unigrpo.models import build_model
+
+    args = [a for a in hf_overrides(tiny_flux2_dir()) if not a.startswith("model.hidden_layers")]
+    with pytest.raises(ValueError, match=r"^model.hidden_layers: \[9, 18, 27\] do not exist in a text encoder with 3"):
+        build_model(load_config(None, args))

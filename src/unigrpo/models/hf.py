@@ -132,6 +132,10 @@ class HFUnifiedModel(nn.Module):
         if tokenizer.padding_side != "right":
             raise ValueError(f"model.pipeline: the tokenizer pads on the {tokenizer.padding_side}; "
                              "only right padding (the FLUX.2 [klein] tokenizer's) is implemented")
+        n_states = lm.config.num_hidden_layers + 1  # hidden_states: the embeddings, then every layer
+        if any(not -n_states <= k < n_states for k in hidden_layers):
+            raise ValueError(f"model.hidden_layers: {list(hidden_layers)} do not exist in a text encoder with "
+                             f"{n_states} hidden states (0 = embeddings .. {n_states - 1}); set model.hidden_layers")
         self.lm, self.dit, self.vae = lm, dit, vae
         self.vae.requires_grad_(False)
         self.scheduler_config = dict(scheduler_config)
