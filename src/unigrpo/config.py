@@ -35,8 +35,37 @@ class TinyModelConfig:
     max_seq_len: int = 64  # prompt + reasoning tokens (positional table size)
 
 
+@dataclass
+class LoRAConfig:
+    """LoRA of the HF adapter (peft; alpha = rank, no dropout). Rank 0 = full fine-tune of that side."""
+
+    text_rank: int = 16  # LoRA rank on the LM (reasoner + text encoder); 0 = train every LM weight
+    image_rank: int = 16  # LoRA rank on the image transformer; 0 = train every transformer weight
+    text_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # LM module names
+    image_targets: list[str] = field(default_factory=lambda: [
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+        "to_qkv_mlp_proj"])  # transformer module names (FLUX.2: double- and single-stream attention)
+
+
+@dataclass
+class HFModelConfig:
+    """``model.kind: hf``: a diffusers pipeline + its transformers LM (FLUX.2 [klein], docs/models.md)."""
+
+    kind: Literal["hf"] = "hf"  # model adapter (unigrpo.models.KINDS); each kind has its own keys
+    pipeline: str = ""  # a save_pretrained folder of a Flux2KleinPipeline, or a hub id you have access to
+    reasoner: str = "text_encoder"  # who reasons: the pipeline's text encoder (shared mode; the only one so far)
+    checkpoint: str | None = None  # trainable weights written by model.save (LoRA or whole sides); null = the pipeline's
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights dtype (bf16 / fp16: GPUs only)
+    resolution: int = 512  # image side in pixels (a multiple of 2 * the VAE's scale factor)
+    gradient_checkpointing: bool = False  # recompute activations in backward (LM and transformer, in train mode)
+    hidden_layers: list[int] | None = None  # LM hidden states conditioning the image; null = the pipeline's (9, 18, 27)
+    max_text_tokens: int = 512  # conditioning length (the pipeline's max_sequence_length); longer rows are cut
+    enable_thinking: bool = True  # chat template: True = the reasoning opens a <think> block; False = the pipeline's template
+
+
 # The ``model`` section, told apart by ``model.kind`` (one dataclass per kind; adapters add theirs).
-ModelConfig = TinyModelConfig
+ModelConfig = TinyModelConfig | HFModelConfig
 
 
 @dataclass
@@ -284,6 +313,14 @@ def validate(cfg: Config) -> Config:
             _check(t.max_reasoning_tokens <= room, "text.max_reasoning_tokens",
                    f"{t.max_reasoning_tokens} does not fit model.max_seq_len={cfg.model.max_seq_len} after the "
                    f"longest prompt ({SHAPES_MAX_PROMPT_TOKENS} tokens): at most {room}")
+    elif cfg.model.kind == "hf":
+        m = cfg.model
+        _check(bool(m.pipeline), "model.pipeline", "a pipeline folder (save_pretrained) or hub id is required")
+        _check(m.reasoner == "text_encoder", "model.reasoner",
+               f"only 'text_encoder' (shared mode) is implemented; separate mode is not implemented yet, got {m.reasoner!r}")
+        _check(m.lora.text_rank >= 0 and m.lora.image_rank >= 0, "model.lora.text_rank", "ranks must be >= 0")
+        _check(m.resolution > 0 and m.resolution % 16 == 0, "model.resolution", "must be a positive multiple of 16")
+        _check(m.max_text_tokens >= 1, "model.max_text_tokens", "must be >= 1")
     return cfg
 
 

@@ -51,9 +51,91 @@ def tiny_factory(seed: int = 0):
     return model.eval(), cfg, list(TINY_PROMPTS)
 
 
+# ----------------------------------------------------------------------------- hf (FLUX.2 [klein])
+HF_PROMPTS = ["a red circle", "two green triangles above a yellow circle", "a blue square"]
+# a Qwen3-style template: enable_thinking=False closes an empty think block (as the pipeline asks)
+QWEN3_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
+                  "enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+HF_LAYERS = (1, 2)  # hidden states of the 2-layer LM that condition the transformer
+_FLUX2_DIR: list[str] = []
+
+
+def build_tiny_flux2(folder: str) -> str:
+    """A tiny random Flux2KleinPipeline built from components (tokenizer trained in code, nothing
+    downloaded), written with ``save_pretrained`` to ``folder``."""
+    import transformers
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(
+        ["a red circle left of a blue square", "two green triangles above a yellow circle",
+         "the sky is blue so draw a blue circle", "user assistant system think"],
+        trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>",
+                                                            "</think>"],
+                            show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                               padding_side="right")
+    tok.chat_template = QWEN3_TEMPLATE
+    torch.manual_seed(0)
+    lm = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, tie_word_embeddings=True))
+    dit = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                  num_attention_heads=2, joint_attention_dim=32 * len(HF_LAYERS),
+                                  timestep_guidance_channels=256, axes_dims_rope=[4, 4, 4, 4], guidance_embeds=False)
+    vae = AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                             block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                             use_quant_conv=False, use_post_quant_conv=False)
+    with torch.no_grad():  # non-trivial BatchNorm statistics: the latent normalisation is exercised
+        vae.bn.running_mean.normal_(0.0, 0.3)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential")
+    Flux2KleinPipeline(scheduler=sched, vae=vae, text_encoder=lm, tokenizer=tok, transformer=dit).save_pretrained(folder)
+    return folder
+
+
+def tiny_flux2_dir() -> str:
+    """The tiny pipeline folder, built once per test session."""
+    if not _FLUX2_DIR:
+        import tempfile
+
+        _FLUX2_DIR.append(build_tiny_flux2(tempfile.mkdtemp(prefix="unigrpo_flux2_")))
+    return _FLUX2_DIR[0]
+
+
+def hf_overrides(folder: str, text_rank: int = 4, image_rank: int = 4) -> list[str]:
+    return ["model.kind=hf", f"model.pipeline={folder}", "model.reasoner=text_encoder",
+            f"model.lora.text_rank={text_rank}", f"model.lora.image_rank={image_rank}", "model.resolution=32",
+            f"model.hidden_layers=[{','.join(map(str, HF_LAYERS))}]", "model.max_text_tokens=48", "device=cpu"]
+
+
+def hf_factory(seed: int = 0, text_rank: int = 4, image_rank: int = 4):
+    """The tiny FLUX.2 [klein] pipeline with LoRA on both sides (B = 0: the policy starts as the
+    base, so a fresh seed differs only in its LoRA A matrices); loaded offline from its folder."""
+    import os
+
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    cfg = load_config(None, hf_overrides(tiny_flux2_dir(), text_rank, image_rank))
+    torch.manual_seed(seed)
+    model = build_model(cfg, checkpoint=None)
+    return model.eval(), cfg, list(HF_PROMPTS)
+
+
 # model.kind -> factory(seed=0) -> (model, cfg, prompts). One line per adapter.
 ADAPTERS: dict[str, Callable[..., tuple[Any, Any, list[str]]]] = {
     "tiny": tiny_factory,
+    "hf": hf_factory,
 }
 
 

@@ -14,7 +14,7 @@ from unigrpo.models.protocol import ReferencePolicy, TokenBatch, UnifiedModel
 
 __all__ = ["KINDS", "ReferencePolicy", "TokenBatch", "UnifiedModel", "build_model"]
 
-KINDS: dict[str, str] = {"tiny": "unigrpo.models.tiny:build"}
+KINDS: dict[str, str] = {"tiny": "unigrpo.models.tiny:build", "hf": "unigrpo.models.hf:build"}
 
 FROM_CONFIG = "__from_config__"
 

@@ -52,8 +52,9 @@ class CausalLMReasoner:
     """Text methods of the protocol for a causal LM (``lm``) and its tokenizer (module docstring)."""
 
     def __init__(self, lm, tokenizer, *, hidden_layers: tuple[int, ...] = (-1,), stop_ids: tuple[int, ...] | None = None,
-                 system_prompt: str | None = None):
+                 system_prompt: str | None = None, template_kwargs: dict | None = None):
         self.lm, self.tokenizer = lm, tokenizer
+        self.template_kwargs = dict(template_kwargs or {})  # extra chat-template variables (enable_thinking=...)
         self.hidden_layers, self.system_prompt = tuple(hidden_layers), system_prompt
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stop_ids = tuple(stop_ids) if stop_ids is not None else (tokenizer.eos_token_id,)
@@ -69,7 +70,7 @@ class CausalLMReasoner:
             return prompt
         messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
         return self.tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt}], tokenize=False,
-                                                  add_generation_prompt=True)
+                                                  add_generation_prompt=True, **self.template_kwargs)
 
     def encode_prompts(self, prompts: list[str]) -> TokenBatch:
         rows = [self.tokenizer(self._text(p), add_special_tokens=False)["input_ids"] for p in prompts]

@@ -1,0 +1,276 @@
+"""``model.kind: hf`` on a tiny random FLUX.2 [klein] pipeline (built from components, saved with
+``save_pretrained``, loaded offline): parity with the pipeline's own ``encode_prompt``, scheduler
+and ``__call__``; ratio == 1 on the first update through the CLI; LoRA touches only LoRA weights
+and its reference is the base model. The protocol itself: test_conformance.py (``ADAPTERS["hf"]``)."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+from conftest import HF_LAYERS, HF_PROMPTS, hf_factory, hf_overrides, tiny_flux2_dir
+from diffusers import Flux2KleinPipeline
+from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
+
+from unigrpo.algo.schedule import timesteps
+from unigrpo.cli import main
+from unigrpo.config import ConfigError, load_config
+from unigrpo.models import build_model
+from unigrpo.models.hf import flux2_shift
+from unigrpo.sampling import ode_sample
+
+MAX_TEXT = 48  # model.max_text_tokens of hf_overrides
+
+
+def brightness(images, prompts, metadata):  # a reward for the CLI run ("test_hf_flux2:brightness")
+    return images.mean(dim=(1, 2, 3))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return Flux2KleinPipeline.from_pretrained(tiny_flux2_dir())
+
+
+def model_of(text_rank=4, image_rank=4, *extra):
+    cfg = load_config(None, [*hf_overrides(tiny_flux2_dir(), text_rank, image_rank), *extra])
+    torch.manual_seed(0)
+    return build_model(cfg, checkpoint=None)
+
+
+def test_config_checks():
+    base = hf_overrides(tiny_flux2_dir())
+    with pytest.raises(ConfigError, match="model.reasoner.*separate mode is not implemented"):
+        load_config(None, [*base, "model.reasoner=my_lm"])
+    with pytest.raises(ConfigError, match="model.pipeline"):
+        load_config(None, ["model.kind=hf"])
+    with pytest.raises(ConfigError, match="model.image_size"):  # a tiny key is unknown for kind=hf
+        load_config(None, [*base, "model.image_size=32"])
+
+
+def test_prompt_only_conditioning_equals_the_pipelines_encode_prompt(pipe):
+    """(a) enable_thinking=False is the pipeline's template: prompt-only conditioning == encode_prompt."""
+    model = model_of(4, 4, "model.enable_thinking=false")
+    with torch.no_grad():
+        _, ctx = model.forward_context(model.encode_prompts(HF_PROMPTS))
+        ref, _ = pipe.encode_prompt(HF_PROMPTS, max_sequence_length=MAX_TEXT, text_encoder_out_layers=HF_LAYERS)
+    assert ctx.hidden.shape == ref.shape == (3, MAX_TEXT, 64)
+    err = (ctx.hidden - ref).abs().max().item()
+    print(f"conditioning vs encode_prompt: max|diff| = {err:.3g}")
+    assert err <= 1e-6
+
+
+def test_conditioning_of_prompt_and_reasoning_is_the_pipelines_encoder_on_those_tokens(pipe):
+    """With thinking (the default template) and sampled reasoning: the conditioning is the text
+    encoder run the pipeline's way (right-padded to max_sequence_length, pad mask, stacked layers)
+    on each row's prompt + reasoning tokens."""
+    model = model_of()
+    tokens = model.sample_reasoning(model.encode_prompts(HF_PROMPTS), max_new_tokens=8,
+                                    generator=torch.Generator().manual_seed(0))
+    assert model.tokenizer.decode(tokens.ids[0][tokens.mask[0]].tolist()).startswith(
+        "<|im_start|>user\na red circle<|im_end|>\n<|im_start|>assistant\n")
+    ids = torch.full((3, MAX_TEXT), model.pad_id)
+    mask = torch.zeros(3, MAX_TEXT, dtype=torch.long)
+    for i in range(3):
+        real = tokens.ids[i][tokens.mask[i]]
+        ids[i, :len(real)], mask[i, :len(real)] = real, 1
+    with torch.no_grad():
+        _, ctx = model.forward_context(tokens)
+        out = pipe.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    ref = torch.cat([out.hidden_states[k] for k in HF_LAYERS], -1)
+    assert (ctx.hidden - ref).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("num_steps", [4, 28])
+@pytest.mark.parametrize("seq_len", [64, 1024, 4096, 8192])
+def test_schedule_equals_the_pipelines_sigmas(pipe, num_steps, seq_len):
+    """Empirical mu + exponential dynamic shift on linspace(1, 1/n, n) == timesteps(n, exp(mu))."""
+    sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+    retrieve_timesteps(pipe.scheduler, num_steps, "cpu", sigmas=sigmas, mu=compute_empirical_mu(seq_len, num_steps))
+    ours = timesteps(num_steps, flux2_shift(seq_len, num_steps, dict(pipe.scheduler.config)), dtype=torch.float64)
+    torch.testing.assert_close(pipe.scheduler.sigmas.double(), ours, atol=1e-6, rtol=0)
+
+
+def test_ode_sampler_reproduces_the_pipeline(pipe):
+    """(b) Our Euler ODE (no noise, no CFG) from the pipeline's initial latents == the pipeline's
+    ``__call__`` (latents and decoded images): time map, velocity sign, packing, BatchNorm."""
+    model = model_of(4, 4, "model.enable_thinking=false")
+    n = 4
+    x_init = torch.randn((3, *model.latent_shape), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, ctx = model.forward_context(model.encode_prompts(HF_PROMPTS))
+        x0 = ode_sample(model, ctx, n, model.pipeline_shift(n), x_init=x_init.clone())
+        images = model.decode(x0)
+        kw = {"prompt": HF_PROMPTS, "height": 32, "width": 32, "num_inference_steps": n, "guidance_scale": 1.0,
+              "max_sequence_length": MAX_TEXT, "text_encoder_out_layers": HF_LAYERS}
+        lat = pipe(latents=x_init.clone(), output_type="latent", **kw).images
+        img = pipe(latents=x_init.clone(), output_type="pt", **kw).images
+    mean, std = model._bn(x0)
+    ours_lat = torch.nn.functional.pixel_shuffle(x0 * std + mean, 2)
+    e_lat, e_img = (ours_lat - lat).abs().max().item(), (images - img).abs().max().item()
+    print(f"ODE vs pipeline: latents max|diff| = {e_lat:.3g}, images {e_img:.3g}")
+    assert lat.shape == ours_lat.shape and img.shape == images.shape == (3, 3, 32, 32)
+    assert e_lat <= 1e-5 and e_img <= 1e-5
+    assert (x0 - x_init).abs().max() > 0.1  # the sampler moved
+
+
+def test_encode_images_inverts_the_normalisation(pipe):
+    """encode_images = the pipeline's _encode_vae_image (patchify + BatchNorm statistics)."""
+    model = model_of()
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = pipe._encode_vae_image(images * 2 - 1, generator=None)
+        z = model.encode_images(images)
+    assert z.shape == (2, *model.latent_shape)
+    torch.testing.assert_close(z, ref, atol=1e-6, rtol=0)
+
+
+def test_lora_step_moves_only_lora_and_reference_is_the_base():
+    """(d) After an update only LoRA weights changed (base bit-identical); the reference (adapters
+    off) equals a model without LoRA built from the same pipeline."""
+    model, _, prompts = hf_factory(seed=0)
+    base = model_of(0, 0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tokens = model.sample_reasoning(model.encode_prompts(prompts), max_new_tokens=6,
+                                    generator=torch.Generator().manual_seed(1))
+    x = torch.randn((3, *model.latent_shape), generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.3, 0.6, 0.9])
+    params = [p for g in model.parameter_groups().values() for _, p in g]
+    assert all("lora_" in n for g in model.parameter_groups().values() for n, _ in g)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    logp, ctx = model.forward_context(tokens)
+    (-logp.sum() + model.velocity(x, t, ctx).pow(2).mean()).backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert any(n.startswith("lm.") for n in changed) and any(n.startswith("dit.") for n in changed)
+    ref = model.reference()
+    with torch.no_grad():
+        lp_ref, c_ref = ref.forward_context(tokens)
+        lp_base, c_base = base.forward_context(tokens)
+        lp_pol, c_pol = model.forward_context(tokens)
+        v_ref, v_base = ref.velocity(x, t, c_ref), base.velocity(x, t, c_base)
+        v_pol = model.velocity(x, t, c_pol)
+    assert torch.equal(lp_ref, lp_base) and torch.equal(c_ref.hidden, c_base.hidden) and torch.equal(v_ref, v_base)
+    assert not torch.equal(lp_pol, lp_base) and not torch.equal(v_pol, v_base)  # the policy did move
+    assert torch.equal(model.forward_context(tokens)[0], lp_pol)  # the reference left the adapters on
+    text = [p for _, p in model.parameter_groups()["text"]]
+    for p in text:  # a frozen side (algo.train_text=false) stays frozen through reference calls
+        p.requires_grad_(False)
+    ref.forward_context(tokens)
+    ref.velocity(x, t, c_ref)
+    assert not any(p.requires_grad for p in text)
+    assert all(p.requires_grad for _, p in model.parameter_groups()["image"])
+
+
+def test_full_fine_tune_side_trains_everything_and_references_a_frozen_copy():
+    model = model_of(0, 4)
+    groups = model.parameter_groups()
+    assert len(groups["text"]) == len(list(model.lm.parameters()))
+    assert all("lora_" in n for n, _ in groups["image"])
+    ref = model.reference()
+    assert ref.lm is not model.lm and ref.dit is model.dit
+    assert set(ref.state_dict()) == {f"lm.{k}" for k in model.lm.state_dict()}
+
+
+def cli_args(tmp_path, text_rank=4, image_rank=4) -> list[str]:
+    """A 2-prompt x 2-trajectory run on the tiny pipeline, prompts from a JSONL file."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HF_PROMPTS[:2]))
+    shift = flux2_shift(8 * 8, 4, {"use_dynamic_shifting": True})  # 32 px: 8 x 8 latent tokens, 4 steps
+    return ["train", *hf_overrides(tiny_flux2_dir(), text_rank, image_rank), "task.kind=prompts",
+            f"task.prompts={prompts}", "rewards=[{name: 'test_hf_flux2:brightness'}]",
+            "algo.prompts_per_step=2", "algo.group_size=2", "algo.trajectories_per_minibatch=2",
+            "algo.micro_batch_trajectories=2", "sampler.num_steps=4", "sampler.window_range=[0,3]",
+            "sampler.window_size=2", f"sampler.shift={shift}", "sampler.eval_num_steps=2", "eval.num_prompts=2",
+            "eval.grid_prompts=2", "text.max_reasoning_tokens=6", "threads=1", "optim.lr_text=1e-3",
+            "optim.lr_image=1e-3"]
+
+
+def test_cli_train_one_lora_step_ratio_exactly_one(tmp_path):
+    """(c) + done-when: `unigrpo train model.kind=hf ... task.kind=prompts` runs on the tiny
+    pipeline folder offline; the first update's log-probs equal the rollout's (ratio exactly 1)."""
+    out = tmp_path / "run"
+    assert main([*cli_args(tmp_path), f"output_dir={out}", "steps=1"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward/mean" in r]
+    assert len(steps) == 1
+    r = steps[0]
+    assert r["loss/text/first_logp_diff_max"] == 0.0 and r["loss/image/first_logp_diff_max"] == 0.0
+    assert r["loss/text/grad_norm"] > 0 and r["loss/image/grad_norm"] > 0
+    assert all(math.isfinite(v) for v in r.values())
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "final.safetensors"))
+    assert saved and all("lora_" in k for k in saved)
+    loaded = build_model(load_config(None, hf_overrides(tiny_flux2_dir())), checkpoint=str(out / "final.safetensors"))
+    assert all(torch.equal(loaded.trainable_state()[k], v) for k, v in saved.items())
+
+
+def test_cli_resume_with_a_fully_trained_text_side_equals_an_uninterrupted_run(tmp_path):
+    """2 steps == 1 step + --resume 1 step, bitwise, with text_rank=0 (whole LM trained, its
+    reference a frozen copy saved with the run) and LoRA on the transformer."""
+    from safetensors.torch import load_file
+
+    args = [*cli_args(tmp_path, text_rank=0, image_rank=4), "save_every=1", "eval_every=0"]
+    assert main([*args, f"output_dir={tmp_path / 'a'}", "steps=2"]) == 0
+    assert main([*args, f"output_dir={tmp_path / 'b'}", "steps=1"]) == 0
+    assert main([*args, f"output_dir={tmp_path / 'b'}", "steps=2", "--resume"]) == 0
+    a, b = load_file(str(tmp_path / "a" / "final.safetensors")), load_file(str(tmp_path / "b" / "final.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("lm.") and "lora_" not in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_checkpointing_changes_no_gradient():
+    plain, ckpt = model_of(), model_of(4, 4, "model.gradient_checkpointing=true")
+    assert ckpt.lm.training and not plain.lm.training  # build_model's eval() kept the LM checkpointing
+    tokens = plain.sample_reasoning(plain.encode_prompts(HF_PROMPTS), max_new_tokens=6,
+                                    generator=torch.Generator().manual_seed(2))
+    x, t = torch.randn((3, *plain.latent_shape), generator=torch.Generator().manual_seed(2)), torch.tensor(0.5)
+    grads, calls = [], []
+    for module in (ckpt.lm.model.layers[0].self_attn, ckpt.dit.transformer_blocks[0].attn):  # recomputed in backward
+        module.register_forward_hook(lambda mod, *_: calls.append(type(mod).__name__))
+    for m in (plain, ckpt):
+        with torch.no_grad():  # non-zero LoRA B: the LoRA A gradients are not vacuous either
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(0.1 * torch.ones_like(p))
+        logp, ctx = m.forward_context(tokens)
+        (-logp.sum() + m.velocity(x, t, ctx).pow(2).mean()).backward()
+        grads.append({n: p.grad for g in m.parameter_groups().values() for n, p in g})
+    assert len(calls) == 4, calls  # each hooked block ran twice: forward + recompute
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
+
+
+def test_rows_longer_than_max_text_tokens_are_scored_in_full_and_cut_for_the_conditioning():
+    """As the pipeline truncates at max_sequence_length: the conditioning is the first
+    ``max_text_tokens`` positions, while the log-probs still cover the whole reasoning."""
+    wide, short = model_of(), model_of(4, 4, "model.max_text_tokens=8")
+    tokens = wide.sample_reasoning(wide.encode_prompts(HF_PROMPTS), max_new_tokens=8,
+                                   generator=torch.Generator().manual_seed(3))
+    assert int(tokens.mask.sum(1).min()) > 8
+    with torch.no_grad():
+        lp_w, c_w = wide.forward_context(tokens)
+        lp_s, c_s = short.forward_context(tokens)
+    assert c_s.hidden.shape[1] == 8 and c_s.mask.all()
+    torch.testing.assert_close(lp_s, lp_w, atol=1e-6, rtol=0)
+    torch.testing.assert_close(c_s.hidden, c_w.hidden[:, :8], atol=1e-6, rtol=0)
+
+
+def test_hidden_layers_the_text_encoder_lacks_are_a_clear_error():
+    """The pipeline's default layers (9, 18, 27) on the tiny 2-layer LM: one error naming the key
+    (it was an IndexError deep inside the first rollout)."""
+    from unigrpo.config import load_config
+    from unigrpo.models import build_model
+
+    args = [a for a in hf_overrides(tiny_flux2_dir()) if not a.startswith("model.hidden_layers")]
+    with pytest.raises(ValueError, match=r"^model.hidden_layers: \[9, 18, 27\] do not exist in a text encoder with 3"):
+        build_model(load_config(None, args))
