@@ -74,13 +74,7 @@ class CausalLMReasoner:
 
     def encode_prompts(self, prompts: list[str]) -> TokenBatch:
         rows = [self.tokenizer(self._text(p), add_special_tokens=False)["input_ids"] for p in prompts]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.bool)
-        for i, r in enumerate(rows):  # left padding: every row's last prompt token is aligned
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = True
-        return TokenBatch(ids.to(self.device), mask.to(self.device), torch.zeros_like(mask).to(self.device))
+        return TokenBatch.left_padded(rows, self.pad_id, self.device)
 
     def _step(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache):
         out = self.lm(input_ids=ids, attention_mask=mask.long(), position_ids=pos, use_cache=True,
@@ -124,16 +118,7 @@ class CausalLMReasoner:
     def with_response(self, prompts: TokenBatch, responses: list[str]) -> TokenBatch:
         """Append given response texts (+ ``stop_ids[0]``, by default the EOS) to prompts, as if sampled."""
         rows = [self.tokenizer(r, add_special_tokens=False)["input_ids"] + [self.stop_ids[0]] for r in responses]
-        width = max(len(r) for r in rows)
-        b, dev = prompts.ids.shape[0], prompts.ids.device
-        resp = torch.full((b, width), self.pad_id, dtype=torch.long)
-        rmask = torch.zeros(b, width, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            resp[i, :len(r)] = torch.tensor(r)
-            rmask[i, :len(r)] = True
-        resp, rmask = resp.to(dev), rmask.to(dev)
-        return TokenBatch(torch.cat([prompts.ids, resp], 1), torch.cat([prompts.mask, rmask], 1),
-                          torch.cat([torch.zeros_like(prompts.mask), rmask], 1))
+        return prompts.with_responses(rows, self.pad_id)
 
     def decode_text(self, tokens: TokenBatch) -> list[str]:
         return [self.tokenizer.decode([i for i, keep in zip(ids, m) if keep], skip_special_tokens=False)

@@ -68,6 +68,30 @@ class TokenBatch:
                        response_mask=self.response_mask.to(device))
 
     @staticmethod
+    def left_padded(rows: list[list[int]], pad_id: int, device: torch.device | str) -> TokenBatch:
+        """Prompts from token id lists, LEFT-padded: every row's last prompt token is aligned."""
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = True
+        return TokenBatch(ids.to(device), mask.to(device), torch.zeros_like(mask).to(device))
+
+    def with_responses(self, rows: list[list[int]], pad_id: int) -> TokenBatch:
+        """These prompts followed by the responses ``rows`` (token id lists, RIGHT-padded), marked
+        as responses: teacher forcing of given texts."""
+        width = max(len(r) for r in rows)
+        resp = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        rmask = torch.zeros(len(rows), width, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            resp[i, :len(r)] = torch.tensor(r)
+            rmask[i, :len(r)] = True
+        resp, rmask = resp.to(self.ids.device), rmask.to(self.ids.device)
+        return TokenBatch(torch.cat([self.ids, resp], 1), torch.cat([self.mask, rmask], 1),
+                          torch.cat([torch.zeros_like(self.mask), rmask], 1))
+
+    @staticmethod
     def cat(batches: Iterable[TokenBatch], pad_id: int) -> TokenBatch:
         """Concatenate batches whose widths may differ (right-pads the narrower ones)."""
         batches = list(batches)

@@ -76,14 +76,7 @@ class TinyUnifiedModel(nn.Module):
     # ----------------------------------------------------------------- text phase
     def encode_prompts(self, prompts: list[str]) -> TokenBatch:
         rows = [[self.tokenizer.bos_id, *self.tokenizer.encode(p)] for p in prompts]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.bool)
-        for i, r in enumerate(rows):  # left padding: every row's last prompt token is aligned
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = True
-        dev = self.text.tok.weight.device
-        return TokenBatch(ids.to(dev), mask.to(dev), torch.zeros_like(mask).to(dev))
+        return TokenBatch.left_padded(rows, self.pad_id, self.text.tok.weight.device)
 
     @torch.no_grad()
     def sample_reasoning(self, prompts: TokenBatch, *, max_new_tokens: int, temperature: float = 1.0,
@@ -125,17 +118,8 @@ class TinyUnifiedModel(nn.Module):
 
     def with_response(self, prompts: TokenBatch, responses: list[str]) -> TokenBatch:
         """Append given response texts (+ ``<eos>``) to prompts, as if they had been sampled."""
-        rows = [self.tokenizer.encode(r) + [self.tokenizer.eos_id] for r in responses]
-        width = max(len(r) for r in rows)
-        b, dev = prompts.ids.shape[0], prompts.ids.device
-        resp = torch.full((b, width), self.pad_id, dtype=torch.long)
-        rmask = torch.zeros(b, width, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            resp[i, :len(r)] = torch.tensor(r)
-            rmask[i, :len(r)] = True
-        resp, rmask = resp.to(dev), rmask.to(dev)
-        return TokenBatch(torch.cat([prompts.ids, resp], 1), torch.cat([prompts.mask, rmask], 1),
-                          torch.cat([torch.zeros_like(prompts.mask), rmask], 1))
+        return prompts.with_responses([self.tokenizer.encode(r) + [self.tokenizer.eos_id] for r in responses],
+                                      self.pad_id)
 
     def decode_text(self, tokens: TokenBatch) -> list[str]:
         out = []
