@@ -108,12 +108,7 @@ class CausalLMReasoner:
             key_mask = torch.cat([key_mask, new_mask[-1][:, None]], 1)  # the token fed now is real iff sampled live
             pos = pos + new_mask[-1][:, None].long()  # finished rows keep their position (masked)
             logits, cache = self._step(tok[:, None], key_mask, pos, cache)
-        resp_ids, resp_mask = torch.stack(new_ids, 1), torch.stack(new_mask, 1)
-        out = TokenBatch(torch.cat([ids, resp_ids], 1), torch.cat([mask, resp_mask], 1),
-                         torch.cat([torch.zeros_like(mask), resp_mask], 1))
-        if not return_logprobs:
-            return out
-        return out, torch.cat([torch.zeros(mask.shape, device=ids.device), torch.stack(new_logp, 1)], 1)
+        return prompts.with_sampled(new_ids, new_mask, new_logp if return_logprobs else None)
 
     def with_response(self, prompts: TokenBatch, responses: list[str]) -> TokenBatch:
         """Append given response texts (+ ``stop_ids[0]``, by default the EOS) to prompts, as if sampled."""

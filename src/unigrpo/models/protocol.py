@@ -91,6 +91,17 @@ class TokenBatch:
         return TokenBatch(torch.cat([self.ids, resp], 1), torch.cat([self.mask, rmask], 1),
                           torch.cat([torch.zeros_like(self.mask), rmask], 1))
 
+    def with_sampled(self, new_ids: list[torch.Tensor], new_mask: list[torch.Tensor],
+                     new_logp: list[torch.Tensor] | None = None):
+        """These prompts followed by a decode loop's tokens (one [B] tensor per step, with the [B]
+        mask of rows still live); with ``new_logp`` also the [B, L] log-probs (0 on the prompt)."""
+        resp_ids, resp_mask = torch.stack(new_ids, 1), torch.stack(new_mask, 1)
+        out = TokenBatch(torch.cat([self.ids, resp_ids], 1), torch.cat([self.mask, resp_mask], 1),
+                         torch.cat([torch.zeros_like(self.mask), resp_mask], 1))
+        if new_logp is None:
+            return out
+        return out, torch.cat([torch.zeros(self.mask.shape, device=self.ids.device), torch.stack(new_logp, 1)], 1)
+
     @staticmethod
     def cat(batches: Iterable[TokenBatch], pad_id: int) -> TokenBatch:
         """Concatenate batches whose widths may differ (right-pads the narrower ones)."""

@@ -109,12 +109,7 @@ class TinyUnifiedModel(nn.Module):
                 full = torch.cat([ids, torch.stack(new_ids, 1)], 1)
                 h_last = self.text(full, key_mask)[:, -1]
             position = position + (~done).long()
-        resp_ids, resp_mask = torch.stack(new_ids, 1), torch.stack(new_mask, 1)
-        out = TokenBatch(torch.cat([ids, resp_ids], 1), torch.cat([mask, resp_mask], 1),
-                         torch.cat([torch.zeros_like(mask), resp_mask], 1))
-        if not return_logprobs:
-            return out
-        return out, torch.cat([torch.zeros(mask.shape, device=ids.device), torch.stack(new_logp, 1)], 1)
+        return prompts.with_sampled(new_ids, new_mask, new_logp if return_logprobs else None)
 
     def with_response(self, prompts: TokenBatch, responses: list[str]) -> TokenBatch:
         """Append given response texts (+ ``<eos>``) to prompts, as if they had been sampled."""
