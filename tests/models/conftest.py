@@ -71,20 +71,9 @@ def build_tiny_flux2(folder: str) -> str:
         Flux2KleinPipeline,
         Flux2Transformer2DModel,
     )
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from testkit import tiny_bpe_tokenizer
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(
-        ["a red circle left of a blue square", "two green triangles above a yellow circle",
-         "the sky is blue so draw a blue circle", "user assistant system think"],
-        trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>",
-                                                            "</think>"],
-                            show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                               padding_side="right")
-    tok.chat_template = QWEN3_TEMPLATE
+    tok = tiny_bpe_tokenizer(QWEN3_TEMPLATE, padding_side="right")
     torch.manual_seed(0)
     lm = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

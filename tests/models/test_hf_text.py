@@ -7,12 +7,11 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from testkit import tiny_bpe_tokenizer
 
 from unigrpo.models.hf_text import CausalLMReasoner, positions
 from unigrpo.rollout import pad_tokens
 
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 PROMPTS = ["a red circle", "two green triangles above a yellow circle", "a blue square"]
@@ -20,16 +19,7 @@ PROMPTS = ["a red circle", "two green triangles above a yellow circle", "a blue 
 
 @pytest.fixture(scope="module")
 def reasoner():
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(
-        ["a red circle left of a blue square", "two green triangles above a yellow circle",
-         "the sky is blue so draw a blue circle", "user assistant system think"],
-        trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL, show_progress=False,
-                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.chat_template = CHATML
+    tok = tiny_bpe_tokenizer(CHATML)
     torch.manual_seed(0)
     lm = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -4,14 +4,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # makes `smooth_reward:...` importable as a dotted-path reward
     sys.path.insert(0, str(HERE))
 
-from unigrpo.config import load_config
-from unigrpo.models import build_model
+from testkit import save_tiny_random_model
 
 MODEL = ["model.d_text=32", "model.text_layers=1", "model.text_heads=2", "model.unet_channels=[8,16,16]",
          "model.image_size=16"]
@@ -28,17 +26,8 @@ RUN = SIZES + LEARN
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> str:
-    """A random tiny model whose every weight is non-zero (the UNet's zero-init output layer would
-    make v == 0 and the image tests vacuous), saved like a real checkpoint."""
-    cfg = load_config(None, MODEL + ["model.checkpoint=null"])
-    torch.manual_seed(0)
-    model = build_model(cfg, checkpoint=None)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    model.save(path)
-    return str(path)
+    """The tiny random model of ``MODEL``, every weight non-zero, saved like a real checkpoint."""
+    return save_tiny_random_model(MODEL, tmp_path_factory.mktemp("model") / "tiny.safetensors")
 
 
 def tiny_overrides(checkpoint: str, out_dir, *extra: str) -> list[str]:

@@ -3,17 +3,15 @@ ratio == 1 health invariant, documented metrics, resume equivalence, and the shi
 
 import json
 import math
-import re
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import MODEL, SIZES, tiny_overrides
 from safetensors.torch import load_file
+from testkit import documented_metric_patterns
 
 from unigrpo.cli import main
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def read_metrics(out: Path) -> list[dict]:
@@ -64,19 +62,8 @@ def test_first_minibatch_ratio_is_exactly_one(run):
         assert r["loss/text/logp_diff_max"] > 0.0  # later minibatches did move (not a vacuous 0)
 
 
-def documented_patterns() -> list[re.Pattern]:
-    """Backticked keys in the first column of docs/metrics.md tables; `<x>` matches one segment."""
-    pats = []
-    for line in (ROOT / "docs" / "metrics.md").read_text().splitlines():
-        m = re.match(r"\|\s*`([^`]+)`", line)
-        if m:
-            key = re.sub(r"<[^>]+>", "\0", m.group(1))
-            pats.append(re.compile("^" + re.escape(key).replace("\0", r"[^/]+") + "$"))
-    return pats
-
-
 def test_every_logged_key_is_documented(run):
-    pats = documented_patterns()
+    pats = documented_metric_patterns()
     keys = {k for r in read_metrics(run) for k in r if k != "step"}
     undocumented = sorted(k for k in keys if not any(p.match(k) for p in pats))
     assert not undocumented, f"add these to docs/metrics.md: {undocumented}"

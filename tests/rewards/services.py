@@ -230,12 +230,7 @@ def post(url: str, body: bytes | dict, timeout: float = 10.0) -> tuple[int, dict
 def undocumented(keys) -> list[str]:
     """Keys matched by no backticked key of docs/metrics.md's tables (``<x>`` is one segment), the
     rule of tests/recipe/test_train_cli.py."""
-    import re
+    from testkit import documented_metric_patterns
 
-    pats = []
-    for line in (ROOT / "docs" / "metrics.md").read_text().splitlines():
-        m = re.match(r"\|\s*`([^`]+)`", line)
-        if m:
-            key = re.sub(r"<[^>]+>", "\0", m.group(1))
-            pats.append(re.compile("^" + re.escape(key).replace("\0", r"[^/]+") + "$"))
+    pats = documented_metric_patterns()
     return sorted(k for k in keys if not any(p.match(k) for p in pats))
