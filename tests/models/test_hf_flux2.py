@@ -21,7 +21,7 @@ from unigrpo.algo.schedule import timesteps
 from unigrpo.cli import main
 from unigrpo.config import ConfigError, load_config
 from unigrpo.models import build_model
-from unigrpo.models.hf import flux2_shift
+from unigrpo.models.hf_flux2 import flux2_shift
 from unigrpo.sampling import ode_sample
 
 MAX_TEXT = 48  # model.max_text_tokens of hf_overrides
