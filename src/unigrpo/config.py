@@ -59,6 +59,7 @@ class HFModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights dtype (bf16 / fp16: GPUs only)
     resolution: int = 512  # image side in pixels (a multiple of 2 * the VAE's scale factor)
     gradient_checkpointing: bool = False  # recompute activations in backward (LM and transformer, in train mode)
+    fsdp: bool = False  # under torchrun with > 1 rank: shard LM + transformer with FSDP2 (False: a replica per rank)
     hidden_layers: list[int] | None = None  # LM hidden states conditioning the image; null = the pipeline's (9, 18, 27)
     max_text_tokens: int = 512  # conditioning length (the pipeline's max_sequence_length); longer rows are cut
     enable_thinking: bool = True  # chat template: True = the reasoning opens a <think> block; False = the pipeline's template

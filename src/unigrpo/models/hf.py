@@ -19,6 +19,13 @@ time t), ``decode`` / ``encode_images`` (VAE normalisation and packing), ``pipel
   the transformer, base weights frozen; the reference is the same modules with the adapters
   switched off (``adapters_disabled``). Rank 0 trains that whole side; its reference is then a
   frozen copy of that side (memory: one more copy of it).
+- **FSDP2** (``model.fsdp`` on > 1 rank): ``wrap`` shards every block of ``fsdp_blocks()`` (a
+  family lists its transformer's block lists in ``dit_blocks``), then the LM and the transformer as
+  roots (the VAE stays replicated: frozen). Every forward is then a collective, so ``sharded`` tells
+  the recipe that every rank must run the same calls (the decode loop runs a fixed number of steps,
+  every rank evaluates). Gradients are reduce-scattered in backward (``reduce_gradients``: no-op);
+  ``trainable_state`` gathers full tensors on every rank and ``save`` (rank 0) writes the last
+  gather; ``load_trainable_state`` keeps each rank's shard of the full tensors.
 """
 
 from __future__ import annotations
@@ -83,11 +90,30 @@ def lora_kwargs(m) -> dict:
             "text_targets": m.lora.text_targets, "image_targets": m.lora.image_targets}
 
 
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter: gathered from every rank if sharded (a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    return p.full_tensor() if isinstance(p, DTensor) else p
+
+
+def _versions(params) -> tuple[int, ...]:
+    """In-place write counters of (the local shards of) ``params``: they change when a step or a
+    load writes a parameter, so a gathered state can tell that it is stale."""
+    return tuple(getattr(p, "_local_tensor", p)._version for p in params)
+
+
 class HFUnifiedModel(nn.Module):
     """What every pipeline family shares (module docstring). Submodules: ``lm`` (the LM that
     reasons), ``dit`` (the image transformer), ``vae``."""
 
     pipeline_class = ""  # the diffusers pipeline class a family handles
+    lm_blocks: tuple[str, ...] = ("model.layers",)  # FSDP2 units of the LM: its decoder layer list(s)
+    dit_blocks: tuple[str, ...] = ("transformer_blocks",)  # ... of the image transformer: its block list(s)
+    # root methods called outside ``forward`` (registered with register_fsdp_forward_method); the
+    # text phase and every family so far call ``lm(...)`` / ``dit(...)`` only
+    lm_forward_methods: tuple[str, ...] = ()
+    dit_forward_methods: tuple[str, ...] = ()
 
     def __init__(self, lm, tokenizer, dit, vae, scheduler_config: dict, *, hidden_layers: tuple[int, ...] = (),
                  template_kwargs: dict | None = None, text_rank: int = 0, image_rank: int = 0,
@@ -102,6 +128,8 @@ class HFUnifiedModel(nn.Module):
         self.scheduler_config = dict(scheduler_config)
         self.hidden_layers = tuple(hidden_layers)
         self.text_rank, self.image_rank = text_rank, image_rank
+        self.fsdp = False  # model.fsdp (set by build): shard in wrap when on > 1 rank
+        self.sharded, self._gathered, self._is_main = False, None, True
         if text_rank > 0:
             add_lora(self.lm, text_rank, text_targets)
         if image_rank > 0:
@@ -179,26 +207,75 @@ class HFUnifiedModel(nn.Module):
         return {side: [(f"{prefix}.{n}", p) for n, p in module.named_parameters() if rank == 0 or "lora_" in n]
                 for side, (prefix, module, rank) in self._sides().items()}
 
+    def _named_trainable(self) -> dict[str, nn.Parameter]:
+        if self.sharded:  # the roots keep their gathered params after a forward: back to the shards
+            self.lm.reshard()
+            self.dit.reshard()
+        return {n: p for g in self.parameter_groups().values() for n, p in g}
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for g in self.parameter_groups().values() for n, p in g}
+        """Full CPU tensors (sharded: every rank gathers, in the same order)."""
+        own = self._named_trainable()
+        state = {n: _full(p).detach().cpu().clone() for n, p in own.items()}
+        if self.sharded and self._is_main:  # what save() on rank 0 writes, while no parameter is written
+            self._gathered = (_versions(own.values()), state)
+        return state
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        own = {n: p for g in self.parameter_groups().values() for n, p in g}
+        """Sharded: every rank loads the same full tensors and keeps its own shard (no collective)."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        own = self._named_trainable()
         missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
         if missing or unexpected:  # checked first: a rejected state leaves the model untouched
             raise ValueError(f"trainable state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         with torch.no_grad():
             for n, p in own.items():
-                p.copy_(state[n])
+                src = state[n]
+                if isinstance(p, DTensor):  # src_data_rank=None: this rank's chunk of its own copy
+                    src = distribute_tensor(src.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+                p.copy_(src)
 
     def reference(self) -> HFReference:
+        if self.sharded and 0 in (self.text_rank, self.image_rank):
+            raise NotImplementedError("model.fsdp: the reference of a fully trained side (lora rank 0) is a frozen "
+                                      "copy, not sharded yet; use LoRA on that side or no regulariser "
+                                      "(algo.c_mse = algo.beta_img = algo.text_beta = 0)")
         return HFReference(self)
 
+    def fsdp_blocks(self) -> dict[str, list[nn.Module]]:
+        """The FSDP2 units of each root: every block of the lists named in ``lm_blocks`` /
+        ``dit_blocks`` (dotted paths; a list the module lacks is an error, not silently unsharded)."""
+        def blocks(root: nn.Module, paths: tuple[str, ...]) -> list[nn.Module]:
+            return [b for path in paths for b in root.get_submodule(path)]
+
+        return {"lm": blocks(self.lm, self.lm_blocks), "dit": blocks(self.dit, self.dit_blocks)}
+
     def wrap(self, ranks) -> None:
-        dist.broadcast_parameters(self, ranks)  # every rank starts from rank 0's weights
+        """Every rank starts from rank 0's weights; with ``model.fsdp`` on > 1 rank, then sharded:
+        ``fully_shard`` per block, the LM and the transformer as roots last (module docstring)."""
+        dist.broadcast_parameters(self, ranks)
+        if not (self.fsdp and ranks.enabled):
+            return
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        mesh, units_of = init_device_mesh(self.device.type, (ranks.world,)), self.fsdp_blocks()
+        for name, units in units_of.items():
+            for block in units:
+                fully_shard(block, mesh=mesh)
+            root = fully_shard(getattr(self, name), mesh=mesh)  # embeddings, heads, norms, time embedding
+            for method in getattr(self, f"{name}_forward_methods"):
+                register_fsdp_forward_method(root, method)
+        self.sharded, self._is_main = True, ranks.is_main
+        if ranks.is_main:
+            print(f"[unigrpo] model.fsdp: sharded over {ranks.world} ranks: {len(units_of['lm'])} LM blocks, "
+                  f"{len(units_of['dit'])} transformer blocks, the LM and the transformer as roots", flush=True)
+        self.reasoner.fixed_steps = True  # every rank the same number of decode forwards (collectives)
 
     def reduce_gradients(self, params: list[nn.Parameter], ranks) -> None:
-        dist.average_gradients(params, ranks)
+        if not self.sharded:  # sharded: FSDP2 reduce-scattered (averaged) them in backward
+            dist.average_gradients(params, ranks)
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         """The trainable weights (LoRA, or whole sides) as safetensors; the base pipeline is named by
@@ -210,9 +287,20 @@ class HFUnifiedModel(nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file({k: v.contiguous() for k, v in self.trainable_state().items()}, str(tmp), metadata=meta)
+        save_file({k: v.contiguous() for k, v in self._state_to_save().items()}, str(tmp), metadata=meta)
         tmp.replace(path)
 
+    def _state_to_save(self) -> dict[str, torch.Tensor]:
+        """Unsharded: the trainable state. Sharded: ``save`` runs on rank 0 alone (it cannot gather),
+        so it writes the state every rank gathered last (``save_checkpoint`` calls
+        ``trainable_state`` on every rank first); refused if a parameter was written since."""
+        if not self.sharded:
+            return self.trainable_state()
+        gathered, self._gathered = self._gathered, None  # written once: no full copy kept around
+        if gathered is None or gathered[0] != _versions(self._named_trainable().values()):
+            raise RuntimeError("model.fsdp: save() writes the state gathered by trainable_state(), which every "
+                               "rank must call after the last update (unigrpo.utils.checkpoint.save_checkpoint does)")
+        return gathered[1]
 
 
 class HFReference:
@@ -265,6 +353,7 @@ def build(cfg, checkpoint: str | None) -> HFUnifiedModel:
         raise ValueError(f"model.pipeline: {name} is not supported; supported pipelines: {', '.join(sorted(FAMILIES))}")
     module, cls = FAMILIES[name].split(":")
     model = getattr(importlib.import_module(module), cls).from_pipeline(pipe, m)
+    model.fsdp = m.fsdp
     if m.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if checkpoint is not None:

@@ -80,6 +80,7 @@ class Flux2Klein(HFUnifiedModel):
     """FLUX.2 [klein] in shared mode (module docstring). Submodules: ``lm``, ``dit``, ``vae``."""
 
     pipeline_class = "Flux2KleinPipeline"
+    dit_blocks = ("transformer_blocks", "single_transformer_blocks")  # FSDP2 units: both block lists
 
     def __init__(self, lm, tokenizer, dit, vae, scheduler_config: dict, *, resolution: int,
                  hidden_layers: tuple[int, ...], max_text_tokens: int, enable_thinking: bool, **lora):

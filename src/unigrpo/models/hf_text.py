@@ -12,6 +12,9 @@ same LM can reason and then (shared mode) condition the image transformer on its
 - **Sampling** is our own KV-cache loop, because ``generate()`` takes no ``torch.Generator``: each
   group draws from its own seeded generator, so the reasoning does not depend on the batching.
   Rows stop at any of ``stop_ids`` independently (the stop token is kept: it is an action).
+  With ``fixed_steps`` (a sharded LM, whose every forward is a collective) every call runs all
+  ``max_new_tokens`` decode forwards whatever the rows do, and the result is cut back to the steps
+  the early-stopping loop takes: the same tokens, on every number of ranks.
 - **Scoring** (``forward_context``) is ONE teacher-forced pass with the same mask and positions;
   it returns the response log-probs under temperature-scaled logits (float32 log-softmax) and the
   hidden states of ``hidden_layers`` (index into ``hidden_states``: 0 = embeddings, -1 = the last
@@ -60,6 +63,7 @@ class CausalLMReasoner:
         self.stop_ids = tuple(stop_ids) if stop_ids is not None else (tokenizer.eos_token_id,)
         # transformers 5 names the cache argument `cache`; 4.x named it `past_key_values`
         self.cache_arg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        self.fixed_steps = False  # True: never stop decoding early (module docstring)
 
     @property
     def device(self) -> torch.device:
@@ -94,7 +98,8 @@ class CausalLMReasoner:
         new_ids, new_mask, new_logp = [], [], []
         logits, cache = self._step(ids, mask, positions(mask), DynamicCache())
         key_mask, pos = mask, positions(mask)[:, -1:]
-        for _ in range(max_new_tokens):
+        n_steps = None  # the step after which every row has finished
+        for i in range(max_new_tokens):
             logits = logits / temperature
             tok = sample_top_p(logits, top_p, generator)
             tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
@@ -103,11 +108,14 @@ class CausalLMReasoner:
             new_ids.append(tok)
             new_mask.append(~done)
             done = done | torch.isin(tok, stop)
-            if bool(done.all()):
-                break
+            if n_steps is None and bool(done.all()):
+                n_steps = i + 1
+                if not self.fixed_steps:
+                    break
             key_mask = torch.cat([key_mask, new_mask[-1][:, None]], 1)  # the token fed now is real iff sampled live
             pos = pos + new_mask[-1][:, None].long()  # finished rows keep their position (masked)
             logits, cache = self._step(tok[:, None], key_mask, pos, cache)
+        new_ids, new_mask, new_logp = new_ids[:n_steps], new_mask[:n_steps], new_logp[:n_steps]
         return prompts.with_sampled(new_ids, new_mask, new_logp if return_logprobs else None)
 
     def with_response(self, prompts: TokenBatch, responses: list[str]) -> TokenBatch:

@@ -280,8 +280,10 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         if ranks.is_main:
             print(describe(cfg, sizes), flush=True)
         metrics, last_eval = {}, {}
-        if cfg.eval.at_start and start_step == 0 and ranks.is_main:
-            last_eval = task.evaluate(model, cfg, rewards, 0, out)
+        # a sharded model's forwards are collectives: every rank evaluates (rank 0 writes and logs)
+        evaluates, eval_out = ranks.is_main or getattr(model, "sharded", False), out if ranks.is_main else None
+        if cfg.eval.at_start and start_step == 0 and evaluates:
+            last_eval = task.evaluate(model, cfg, rewards, 0, eval_out)
             log.log(0, last_eval)
 
         for step in range(start_step, cfg.steps):
@@ -305,14 +307,16 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
             metrics["perf/skipped_total"] = float(extra["skipped_total"])
             if _due(cfg.log_every, step + 1, cfg.steps):
                 log.log(step + 1, metrics)
-            if ranks.is_main and _due(cfg.eval_every, step + 1, cfg.steps):
+            if evaluates and _due(cfg.eval_every, step + 1, cfg.steps):
                 # ------------------------------------------------------ 6. evaluate
-                last_eval = task.evaluate(model, cfg, rewards, step + 1, out)
+                last_eval = task.evaluate(model, cfg, rewards, step + 1, eval_out)
                 log.log(step + 1, last_eval)
-                shown = min(4, batch.n_prompts) * algo.group_size
-                labels = [f"p{batch.p0 + i // algo.group_size} {float(batch.reward_local[i]):.2f}" for i in range(shown)]
-                save_grid(batch.roll.images[:shown], out / "grids" / f"rollout_step{step + 1:06d}.png",
-                          nrow=algo.group_size, scale=4, labels=labels)
+                if ranks.is_main:
+                    shown = min(4, batch.n_prompts) * algo.group_size
+                    labels = [f"p{batch.p0 + i // algo.group_size} {float(batch.reward_local[i]):.2f}"
+                              for i in range(shown)]
+                    save_grid(batch.roll.images[:shown], out / "grids" / f"rollout_step{step + 1:06d}.png",
+                              nrow=algo.group_size, scale=4, labels=labels)
             log.progress(metrics.get("reward/mean", float("nan")), {"acc": last_eval.get("eval/accuracy", float("nan"))})
             run.step = step + 1
             if _due(cfg.save_every, step + 1, cfg.steps):

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unigrpo.utils import dist
 from unigrpo.utils.errors import CheckpointError
 
 __all__ = ["CHECKPOINT", "FORMAT", "REFERENCE", "atomic_save", "atomic_torch_save", "capture_rng", "check_fits",
@@ -128,13 +129,14 @@ def save_checkpoint(out_dir: str | Path, *, model, optimizer: torch.optim.Optimi
     ``write_final(path)``: also write the plain weights (``final.safetensors``), before the pointer."""
     out = Path(out_dir)
     policy = model.trainable_state()  # every rank: a sharded model gathers here
+    opt_state = dist.full_optimizer_state(optimizer)  # ... and its sharded optimizer state here
     if not is_main:
         return
     name, digest = f"policy_step{step:06d}.safetensors", state_hash(policy)
     _save_safetensors(policy, out / name, {"step": str(step), "format": FORMAT, "sha256": digest})
     if write_final is not None:
         write_final(out / "final.safetensors")
-    state = {"policy": name, "sha256": digest, "format": FORMAT, "optimizer": optimizer.state_dict(), "step": step,
+    state = {"policy": name, "sha256": digest, "format": FORMAT, "optimizer": opt_state, "step": step,
              "data_position": data_position, "config": config, "rng": capture_rng(), "extra": extra or {}}
     atomic_torch_save(state, out / CHECKPOINT)  # the pointer: from now on `name` is the checkpoint
     for old in out.glob("policy_step*.safetensors"):
@@ -218,6 +220,6 @@ def resume(out_dir: str | Path, model, ref, optimizer: torch.optim.Optimizer, de
             raise FileNotFoundError(f"resume needs the reference policy {Path(out_dir) / REFERENCE}")
         check_fits(ref_state, ref.state_dict(), Path(out_dir) / REFERENCE)
         ref.load_state_dict(ref_state)
-    optimizer.load_state_dict(state["optimizer"])
+    dist.load_optimizer_state(optimizer, state["optimizer"])  # a sharded model's: this rank's shard
     restore_rng(state["rng"])
     return state

@@ -13,6 +13,8 @@
   the tiny model broadcasts rank 0's weights (``broadcast_parameters``) and averages gradients
   here (``average_gradients``); an FSDP2 adapter shards in ``wrap`` (``fully_shard`` +
   ``register_fsdp_forward_method`` for the protocol methods) and reduces gradients in backward.
+  Its optimizer state is sharded too: checkpoints hold it gathered (``full_optimizer_state``,
+  every rank) and a resume keeps each rank's shard of it (``load_optimizer_state``).
 - Liveness: the process group is created with ``timeout=dist_timeout_s``, so a collective that
   waits on a rank that stopped responding raises instead of hanging forever; each rank also
   beats a heartbeat into the launcher's store (a thread, every second), so the rank that raises
@@ -43,7 +45,9 @@ __all__ = [
     "as_rank_timeout",
     "average_gradients",
     "broadcast_parameters",
+    "full_optimizer_state",
     "init",
+    "load_optimizer_state",
     "reduce_metrics",
     "shard",
     "shutdown",
@@ -189,6 +193,35 @@ def average_gradients(params: list[torch.nn.Parameter], d: Dist) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def full_optimizer_state(opt: torch.optim.Optimizer) -> dict:
+    """``opt.state_dict()`` with every sharded (DTensor) state tensor gathered whole: a collective,
+    every rank calls it (the state's layout depends on the config only). Without DTensors it is
+    ``opt.state_dict()`` itself."""
+    from torch.distributed.tensor import DTensor
+
+    sd = opt.state_dict()
+    if not any(isinstance(v, DTensor) for s in sd["state"].values() for v in s.values()):
+        return sd
+    return {**sd, "state": {i: {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in s.items()}
+                            for i, s in sd["state"].items()}}
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, sd: dict) -> None:
+    """``opt.load_state_dict`` of a ``full_optimizer_state``: the state of a sharded (DTensor)
+    parameter becomes this rank's shard of it (every rank loaded the same full tensors: no
+    collective); the scalar ``step`` stays a plain tensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = [p for g in opt.param_groups for p in g["params"]]  # state keys index this order
+    state = {}
+    for i, s in sd["state"].items():
+        p = params[int(i)]
+        state[i] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                    if isinstance(p, DTensor) and isinstance(v, torch.Tensor) and v.shape == p.shape else v
+                    for k, v in s.items()}
+    opt.load_state_dict({**sd, "state": state})
 
 
 def all_gather_cat(x: torch.Tensor, d: Dist) -> torch.Tensor:
