@@ -22,9 +22,12 @@ what kind of model it trains (docs/design.md):
 - ``parameter_groups()``: the trainable parameters of the text and the image expert, by name;
 - ``trainable_state()`` / ``load_trainable_state()``: what a checkpoint must hold to resume (written
   as safetensors); ``save()``: a standalone file ``build_model`` loads (``model.checkpoint``);
-- ``wrap()`` / ``reduce_gradients()``: data parallelism (DDP semantics today; a sharded adapter
-  shards in ``wrap`` and makes ``reduce_gradients`` a no-op). Every rank calls every lifecycle
-  method, in the same order, so a sharded adapter can gather inside them.
+- ``wrap()`` / ``reduce_gradients()``: data parallelism (DDP semantics; a sharded adapter, e.g.
+  ``model.kind: hf`` with ``model.fsdp``, shards in ``wrap``, makes ``reduce_gradients`` a no-op
+  and sets ``sharded = True``: its forwards are collectives, so the recipe then runs the
+  evaluation on every rank too). Every rank calls every lifecycle method but ``save`` (rank 0),
+  in the same order, so a sharded adapter can gather inside them (``save_checkpoint`` calls
+  ``trainable_state`` on every rank right before rank 0's ``save``).
 """
 
 from __future__ import annotations
