@@ -3,7 +3,8 @@
 on the same global batch (LoRA: 2 steps == 1 step + ``--resume`` 1 step; a fully trained text side:
 1 step), with ratio == 1 on the first update; the sharded decode loop runs the same number of
 forwards on every rank whatever its rows do, returns the tokens of the unsharded loop, and does not
-hang when one rank's rows all stop at once.
+hang when one rank's rows all stop at once; the trainable state is gathered whole and loaded back
+shard-wise.
 
 The per-rank micro-batch is 2 trajectories in both runs (``micro_batch_trajectories`` counts over
 all ranks), as in tests/recipe/test_train_distributed.py, so each micro-batch sees the same rows."""
@@ -169,15 +170,36 @@ if ranks.rank == 0:  # rank 0's rows all stop at their first token; rank 1's run
 (before, _), _ = counted_sample(model, HF_PROMPTS, fixed=False)
 model.wrap(ranks)
 (after, _), calls = counted_sample(model, HF_PROMPTS, fixed=True)
+# the trainable state: gathered whole on every rank, loaded back shard-wise; save (rank 0) writes
+# the last gather, and refuses one a parameter was written after
+state = model.trainable_state()
+name = next(n for n in state if "lora_A" in n)
+with torch.no_grad():
+    dict(model.named_parameters())[name].add_(1.0)
+stale = None
+if ranks.is_main:
+    try:
+        model.save({out!r} + "/stale.safetensors")
+    except RuntimeError as e:
+        stale = str(e)
+moved = not torch.equal(model.trainable_state()[name], state[name])
+model.load_trainable_state(state)
+back = model.trainable_state()
+if ranks.is_main:
+    model.save({out!r} + "/final.safetensors")
 with open({out!r} + f"/rank{{ranks.rank}}.json", "w") as f:
     json.dump({{"calls": calls, "same": torch.equal(before.ids, after.ids),
-               "width": int(after.response_mask.sum(1).max())}}, f)
+               "width": int(after.response_mask.sum(1).max()), "moved": moved, "stale": stale,
+               "loaded": all(torch.equal(back[k], v) for k, v in state.items()), "shapes": {{k: list(v.shape)
+               for k, v in state.items()}}, "local": list(dict(model.named_parameters())[name].to_local().shape)}}, f)
 dist.shutdown(ranks)
 """
 
 
 @pytest.mark.slow
-def test_two_sharded_ranks_decode_in_lockstep_when_one_ranks_rows_stop_at_once(tmp_path):
+def test_two_sharded_ranks_decode_in_lockstep_and_gather_and_load_the_state(tmp_path):
+    """2 sharded ranks: rank 0's rows all stop at their first token, rank 1's run the whole budget;
+    then the trainable state round trip (gather, write, load back shard-wise; a stale save refused)."""
     script = tmp_path / "decode.py"
     script.write_text(DECODE.format(paths=[str(HERE), str(HERE.parent)], folder=tiny_flux2_dir(), out=str(tmp_path)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
@@ -187,3 +209,9 @@ def test_two_sharded_ranks_decode_in_lockstep_when_one_ranks_rows_stop_at_once(t
     assert r0["calls"] == r1["calls"] == 1 + 6  # the same forwards (collectives) on both ranks
     assert r0["same"] and r1["same"]  # sharded tokens == the unsharded loop's
     assert r0["width"] == 1 and r1["width"] > 1
+    assert r0["moved"] and r1["moved"] and r0["loaded"] and r1["loaded"]
+    assert "model.fsdp: save() writes the state gathered by trainable_state()" in r0["stale"]
+    name = next(n for n in r0["shapes"] if "lora_A" in n)
+    assert r0["local"][0] * 2 == r0["shapes"][name][0]  # each rank holds half of the rows
+    saved = load_file(tmp_path / "final.safetensors")
+    assert {k: list(v.shape) for k, v in saved.items()} == r0["shapes"]

@@ -98,9 +98,10 @@ def _full(p: torch.Tensor) -> torch.Tensor:
 
 
 def _versions(params) -> tuple[int, ...]:
-    """In-place write counters of (the local shards of) ``params``: they change when a step or a
-    load writes a parameter, so a gathered state can tell that it is stale."""
-    return tuple(getattr(p, "_local_tensor", p)._version for p in params)
+    """In-place write counters of ``params``: they change when a step or a load writes a parameter,
+    so a gathered state can tell that it is stale (a DTensor's own counter: its local tensor's does
+    not move when the DTensor is written)."""
+    return tuple(p._version for p in params)
 
 
 class HFUnifiedModel(nn.Module):
