@@ -323,3 +323,26 @@ def test_a_broken_checkpoint_is_refused_in_one_line(tmp_path):
     (tmp_path / "garbage.safetensors").write_bytes(b"not a tensor file")
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         build_model(cfg, checkpoint=str(tmp_path / "garbage.safetensors"))
+
+
+def test_bfloat16_weights_keep_lora_and_every_output_in_float32():
+    """``model.dtype=bfloat16`` (the GPU setting, run here once on CPU at tiny size): the base
+    weights are bf16, the LoRA weights the optimizer steps are float32 (peft's adapter dtype), and
+    what the SDE / log-prob math reads is float32: token log-probs, velocities, decoded images."""
+    model = model_of(4, 4, "model.dtype=bfloat16")
+    assert model.lm.model.embed_tokens.weight.dtype == model.dit.dtype == torch.bfloat16
+    trained = [p for g in model.parameter_groups().values() for _, p in g]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    with torch.no_grad():
+        tokens = model.sample_reasoning(model.encode_prompts(HF_PROMPTS), max_new_tokens=4,
+                                        generator=torch.Generator().manual_seed(0))
+        logp, ctx = model.forward_context(tokens)
+        x = torch.randn((3, *model.latent_shape), generator=torch.Generator().manual_seed(0))
+        v = model.velocity(x, torch.full((3,), 0.5), ctx)
+        image = model.decode(x)
+    assert logp.dtype == v.dtype == image.dtype == torch.float32
+    assert torch.isfinite(logp).all() and torch.isfinite(v).all() and v.abs().max() > 0
+    assert (logp[tokens.response_mask] < 0).all()
+    full_text = model_of(0, 4, "model.dtype=bfloat16")  # a fully trained side keeps float32 master weights
+    assert all(p.dtype == torch.float32 for _, p in full_text.parameter_groups()["text"])
+    assert full_text.dit.dtype == torch.bfloat16

@@ -106,6 +106,14 @@ class HFUnifiedModel(nn.Module):
             add_lora(self.lm, text_rank, text_targets)
         if image_rank > 0:
             add_lora(self.dit, image_rank, image_targets)
+        # what the optimizer steps is float32 whatever model.dtype is (a bf16 weight cannot take a
+        # 1e-6 step): LoRA weights, or the whole of a fully trained side (its master weights)
+        for module, rank in ((self.lm, text_rank), (self.dit, image_rank)):
+            if rank == 0:
+                module.float()
+            for name, p in module.named_parameters():
+                if "lora_" in name:
+                    p.data = p.data.float()
         self.reasoner = CausalLMReasoner(lm, tokenizer, hidden_layers=self.hidden_layers,
                                          template_kwargs=template_kwargs or {})
         self.tokenizer, self.pad_id = tokenizer, int(self.reasoner.pad_id)
