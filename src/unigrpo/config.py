@@ -52,14 +52,14 @@ class HFModelConfig:
     """``model.kind: hf``: a diffusers pipeline + its transformers LM (FLUX.2 [klein], docs/models.md)."""
 
     kind: Literal["hf"] = "hf"  # model adapter (unigrpo.models.KINDS); each kind has its own keys
-    pipeline: str = ""  # a save_pretrained folder of a Flux2KleinPipeline, or a hub id you have access to
+    pipeline: str = ""  # a save_pretrained folder of a supported pipeline (docs/models.md), or a hub id you have access to
     reasoner: str = "text_encoder"  # who reasons: the pipeline's text encoder (shared mode; the only one so far)
     checkpoint: str | None = None  # trainable weights written by model.save (LoRA or whole sides); null = the pipeline's
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights dtype (bf16 / fp16: GPUs only)
     resolution: int = 512  # image side in pixels (a multiple of 2 * the VAE's scale factor)
     gradient_checkpointing: bool = False  # recompute activations in backward (LM and transformer, in train mode)
-    hidden_layers: list[int] | None = None  # LM hidden states conditioning the image; null = the pipeline's (9, 18, 27)
+    hidden_layers: list[int] | None = None  # LM hidden states conditioning the image; null = the pipeline's (FLUX.2 (9, 18, 27), Qwen-Image (-1,))
     max_text_tokens: int = 512  # conditioning length (the pipeline's max_sequence_length); longer rows are cut
     enable_thinking: bool = True  # chat template: True = the reasoning opens a <think> block; False = the pipeline's template
 
@@ -105,6 +105,7 @@ class SamplerConfig:
 
     num_steps: int = 10  # denoising steps during rollouts (paper: 25)
     shift: float = 3.0  # timestep shift s in t' = s t / (1 + (s - 1) t) (paper: 3)
+    shift_terminal: float | None = None  # stretch the grid to end on this t before 0 (diffusers' shift_terminal)
     kind: Literal["flow_sde", "cps", "ode"] = "flow_sde"  # stochastic sampler of the window steps
     noise_level: float = 0.8  # SDE noise level a (paper: 0.8)
     window_size: int = 3  # consecutive stochastic, trained steps per trajectory (paper: 3)
@@ -257,6 +258,8 @@ def validate(cfg: Config) -> Config:
     _check(s.num_steps >= 1, "sampler.num_steps", "must be >= 1")
     _check(s.eval_num_steps >= 1, "sampler.eval_num_steps", "must be >= 1")
     _check(s.shift > 0, "sampler.shift", "must be > 0")
+    _check(s.shift_terminal is None or (0 < s.shift_terminal < 1 and min(s.num_steps, s.eval_num_steps) >= 2),
+           "sampler.shift_terminal", f"must be null or in (0, 1) with num_steps, eval_num_steps >= 2, got {s.shift_terminal}")
     lo, hi = s.window_range
     _check(0 <= lo < hi <= s.num_steps, "sampler.window_range",
            f"must satisfy 0 <= lo < hi <= num_steps ({s.num_steps}), got {list(s.window_range)}")
