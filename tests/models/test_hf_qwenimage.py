@@ -282,10 +282,12 @@ def test_configuration_errors_name_the_key(pipe):
     assert isinstance(model_of(0, 0), QwenImage)
 
 
-def test_cli_train_one_lora_step_ratio_exactly_one(tmp_path):
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
+def test_cli_train_one_lora_step_ratio_exactly_one(tmp_path, cfg_scale):
     """`unigrpo train model.kind=hf ... task.kind=prompts` on the tiny Qwen-Image folder offline,
     the pipeline's schedule (shift + shift_terminal): the first update's log-probs equal the
-    rollout's (ratio exactly 1, text and image); the saved LoRA weights load back."""
+    rollout's (ratio exactly 1, text and image), also when rollout and training are guided with the
+    family's true CFG (policy and reference); the saved LoRA weights load back."""
     from safetensors.torch import load_file
 
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -299,7 +301,7 @@ def test_cli_train_one_lora_step_ratio_exactly_one(tmp_path):
             "sampler.window_range=[0,3]", "sampler.window_size=2", f"sampler.shift={shift}",
             f"sampler.shift_terminal={terminal}", "sampler.eval_num_steps=2", "eval.num_prompts=2",
             "eval.grid_prompts=2", "text.max_reasoning_tokens=6", "threads=1", "optim.lr_text=1e-3",
-            "optim.lr_image=1e-3", f"output_dir={out}", "steps=1"]
+            "optim.lr_image=1e-3", f"sampler.cfg_scale={cfg_scale}", f"output_dir={out}", "steps=1"]
     assert main(args) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "reward/mean" in r]
