@@ -279,7 +279,11 @@ def test_configuration_errors_name_the_key(pipe):
         model_of(0, 0, "model.resolution=36")
     with pytest.raises(NotImplementedError, match="shift_terminal=0.02"):
         model_of(0, 0).pipeline_shift(4)
-    assert isinstance(model_of(0, 0), QwenImage)
+    m = model_of(0, 0)
+    assert isinstance(m, QwenImage)
+    with pytest.raises(ValueError, match="model.pipeline: its template is \\d+ tokens .* than the 500 the pipeline drops"):
+        QwenImage(m.lm, m.tokenizer, m.dit, m.vae, m.scheduler_config, resolution=32, template=m.template,
+                  drop_idx=500, tokenizer_max_length=1024, hidden_layers=(-1,), max_text_tokens=128)
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 2.0])

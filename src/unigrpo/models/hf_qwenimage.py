@@ -102,6 +102,10 @@ class QwenImage(HFUnifiedModel):
                              f"reads {dit.config.joint_attention_dim}")
         self.template, self.drop_idx = template, int(drop_idx)
         self.tokenizer_max_length, self.max_text_tokens = int(tokenizer_max_length), int(max_text_tokens)
+        n_template = len(tokenizer(template.format(""))["input_ids"])
+        if n_template <= self.drop_idx:  # the pipeline would drop the prompt itself
+            raise ValueError(f"model.pipeline: its template is {n_template} tokens with this tokenizer, not more "
+                             f"than the {self.drop_idx} the pipeline drops (prompt_template_encode_start_idx)")
         self.vae_scale = 2 ** len(vae.config.temperal_downsample)
         if resolution % (2 * self.vae_scale):
             raise ValueError(f"model.resolution: must be a multiple of {2 * self.vae_scale}, got {resolution}")
