@@ -184,7 +184,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
                      f"split on spaces, is: {words})")
     gen = generate(model, [args.prompt] * args.n, thinking=cfg.text.thinking,
                    num_steps=cfg.sampler.eval_num_steps, shift=cfg.sampler.shift,
-                   shift_terminal=cfg.sampler.shift_terminal,
                    cfg_scale=cfg.sampler.eval_cfg_scale, seed=args.seed,
                    max_new_tokens=cfg.text.max_reasoning_tokens, temperature=cfg.text.temperature)
     for i, text in enumerate(gen.reasoning):

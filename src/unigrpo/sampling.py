@@ -12,21 +12,20 @@ from dataclasses import dataclass
 import torch
 
 from unigrpo.algo.guidance import guided_velocity
-from unigrpo.algo.schedule import timesteps
+from unigrpo.algo.schedule import model_timesteps
 from unigrpo.models.protocol import TokenBatch
 
 
 @torch.no_grad()
 def ode_sample(model, ctx, num_steps: int, shift: float, generator: torch.Generator | None = None,
-               cfg_scale: float = 1.0, x_init: torch.Tensor | None = None,
-               shift_terminal: float | None = None) -> torch.Tensor:
+               cfg_scale: float = 1.0, x_init: torch.Tensor | None = None) -> torch.Tensor:
     """Euler ODE from noise (t=1) to data (t=0). Returns latents [B, *latent_shape]."""
     batch = ctx.mask.shape[0]
     device = ctx.mask.device
     x = x_init if x_init is not None else torch.randn(
         (batch, *model.latent_shape), generator=generator, device=device)
     null_ctx = model.null_context(batch) if cfg_scale != 1.0 else None
-    grid = timesteps(num_steps, shift, terminal=shift_terminal).to(device)
+    grid = model_timesteps(model, num_steps, shift).to(device)
     for k in range(num_steps):
         t = grid[k].expand(batch)
         v = guided_velocity(model, x, t, ctx, null_ctx, cfg_scale)
@@ -55,8 +54,7 @@ class Generation:
 @torch.no_grad()
 def generate(model, prompts: list[str], *, thinking: bool = True, reasoning: list[str] | None = None,
              num_steps: int = 20, shift: float = 3.0, cfg_scale: float = 1.0, seed: int = 0,
-             max_new_tokens: int = 32, temperature: float = 1.0, batch_size: int = 64,
-             shift_terminal: float | None = None) -> Generation:
+             max_new_tokens: int = 32, temperature: float = 1.0, batch_size: int = 64) -> Generation:
     """Reason (optionally) then draw with the ODE, in batches; deterministic for a seed."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     images, texts = [], []
@@ -66,7 +64,7 @@ def generate(model, prompts: list[str], *, thinking: bool = True, reasoning: lis
         tokens = reasoning_tokens(model, chunk, given, thinking, max_new_tokens, temperature, gen)
         _, ctx = model.forward_context(tokens, temperature)
         noise = torch.randn((len(chunk), *model.latent_shape), generator=gen).to(tokens.ids.device)
-        x0 = ode_sample(model, ctx, num_steps, shift, cfg_scale=cfg_scale, x_init=noise, shift_terminal=shift_terminal)
+        x0 = ode_sample(model, ctx, num_steps, shift, cfg_scale=cfg_scale, x_init=noise)
         images.append(model.decode(x0).cpu())
         texts.extend(model.decode_text(tokens) if thinking else [""] * len(chunk))
     return Generation(torch.cat(images), texts)

@@ -134,6 +134,19 @@ def test_schedule_equals_the_pipelines_sigmas(num_steps, seq_len, terminal):
     torch.testing.assert_close(sched.sigmas.double(), ours, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("num_steps", [4, 28])
+def test_shift_null_is_the_pipelines_schedule(pipe, model, num_steps):
+    """``sampler.shift: null`` (``pipeline_timesteps``) == the pipeline's sigmas at the model's
+    resolution, shift_terminal included (the pipeline's own mu from its latents)."""
+    seq_len = model.latent_shape[1] * model.latent_shape[2]
+    sc = pipe.scheduler.config
+    mu = calculate_shift(seq_len, sc["base_image_seq_len"], sc["max_image_seq_len"], sc["base_shift"], sc["max_shift"])
+    retrieve_timesteps(pipe.scheduler, num_steps, "cpu", sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+    grid = model.pipeline_timesteps(num_steps)
+    assert grid.dtype == torch.float32 and grid[-2].item() == pytest.approx(0.02)
+    torch.testing.assert_close(grid, pipe.scheduler.sigmas, atol=1e-6, rtol=0)
+
+
 def test_schedule_refuses_what_it_cannot_express():
     with pytest.raises(NotImplementedError, match="not a shift of our time grid"):
         qwenimage_schedule(64, {**QWEN_SCHEDULER, "time_shift_type": "linear"})
@@ -157,11 +170,9 @@ def test_ode_sampler_reproduces_the_pipeline(pipe, model, cfg_scale):
     x_init = torch.nn.functional.pixel_unshuffle(z_init, 2)
     assert x_init.shape == (3, *model.latent_shape)
     torch.testing.assert_close(x_init.flatten(2).transpose(1, 2), pack(pipe, z_init), atol=0, rtol=0)
-    shift, terminal = model.pipeline_schedule()
-    assert terminal == 0.02
-    with torch.no_grad():
+    with torch.no_grad():  # shift None: the model's own grid (pipeline_timesteps)
         _, ctx = model.forward_context(model.encode_prompts(HF_PROMPTS))
-        x0 = ode_sample(model, ctx, n, shift, cfg_scale=cfg_scale, x_init=x_init.clone(), shift_terminal=terminal)
+        x0 = ode_sample(model, ctx, n, None, cfg_scale=cfg_scale, x_init=x_init.clone())
         images = model.decode(x0)
         kw = {"prompt": HF_PROMPTS, "height": 32, "width": 32, "num_inference_steps": n, "true_cfg_scale": cfg_scale,
               "max_sequence_length": MAX_TEXT, "negative_prompt": NEGATIVE_PROMPT if cfg_scale > 1 else None}
@@ -176,9 +187,9 @@ def test_ode_sampler_reproduces_the_pipeline(pipe, model, cfg_scale):
     if cfg_scale > 1:  # the rescale matters: the plain combination lands elsewhere
         class Plain:
             latent_shape, velocity, null_context = model.latent_shape, model.velocity, model.null_context
+            pipeline_timesteps = model.pipeline_timesteps
         with torch.no_grad():
-            plain = ode_sample(Plain(), ctx, n, shift, cfg_scale=cfg_scale, x_init=x_init.clone(),
-                               shift_terminal=terminal)
+            plain = ode_sample(Plain(), ctx, n, None, cfg_scale=cfg_scale, x_init=x_init.clone())
         assert (plain - x0).abs().max() > 1e-3  # 100x the parity tolerance
 
 
@@ -277,7 +288,7 @@ def test_configuration_errors_name_the_key(pipe):
         model_of(0, 0, "model.hidden_layers=[1,2]")
     with pytest.raises(ValueError, match="model.resolution: must be a positive multiple of 16"):
         model_of(0, 0, "model.resolution=36")
-    with pytest.raises(NotImplementedError, match="shift_terminal=0.02"):
+    with pytest.raises(NotImplementedError, match="shift_terminal=0.02.*set sampler.shift=null"):
         model_of(0, 0).pipeline_shift(4)
     m = model_of(0, 0)
     assert isinstance(m, QwenImage)
@@ -289,7 +300,7 @@ def test_configuration_errors_name_the_key(pipe):
 @pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
 def test_cli_train_one_lora_step_ratio_exactly_one(tmp_path, cfg_scale):
     """`unigrpo train model.kind=hf ... task.kind=prompts` on the tiny Qwen-Image folder offline,
-    the pipeline's schedule (shift + shift_terminal): the first update's log-probs equal the
+    the pipeline's schedule (``sampler.shift: null``): the first update's log-probs equal the
     rollout's (ratio exactly 1, text and image), also when rollout and training are guided with the
     family's true CFG (policy and reference); the saved LoRA weights load back."""
     from safetensors.torch import load_file
@@ -297,13 +308,12 @@ def test_cli_train_one_lora_step_ratio_exactly_one(tmp_path, cfg_scale):
     os.environ["HF_HUB_OFFLINE"] = "1"
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HF_PROMPTS[:2]))
-    shift, terminal = qwenimage_schedule(4 * 4, QWEN_SCHEDULER)  # 32 px: 4 x 4 packed tokens
     out = tmp_path / "run"
     args = ["train", *qwen_overrides(tiny_qwenimage_dir()), "task.kind=prompts", f"task.prompts={prompts}",
             "rewards=[{name: 'test_hf_qwenimage:brightness'}]", "algo.prompts_per_step=2", "algo.group_size=2",
             "algo.trajectories_per_minibatch=2", "algo.micro_batch_trajectories=2", "sampler.num_steps=4",
-            "sampler.window_range=[0,3]", "sampler.window_size=2", f"sampler.shift={shift}",
-            f"sampler.shift_terminal={terminal}", "sampler.eval_num_steps=2", "eval.num_prompts=2",
+            "sampler.window_range=[0,3]", "sampler.window_size=2", "sampler.shift=null",
+            "sampler.eval_num_steps=2", "eval.num_prompts=2",
             "eval.grid_prompts=2", "text.max_reasoning_tokens=6", "threads=1", "optim.lr_text=1e-3",
             "optim.lr_image=1e-3", f"sampler.cfg_scale={cfg_scale}", f"output_dir={out}", "steps=1"]
     assert main(args) == 0

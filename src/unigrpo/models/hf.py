@@ -39,7 +39,7 @@ from unigrpo.models.hf_text import CausalLMReasoner
 from unigrpo.models.protocol import TokenBatch
 from unigrpo.utils import dist
 
-__all__ = ["FAMILIES", "HFUnifiedModel", "adapters_disabled", "build", "lora_kwargs"]
+__all__ = ["FAMILIES", "HFUnifiedModel", "adapters_disabled", "build", "lora_kwargs", "read_trainable_state"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -110,6 +110,14 @@ class HFUnifiedModel(nn.Module):
             add_lora(self.lm, text_rank, text_targets)
         if image_rank > 0:
             add_lora(self.dit, image_rank, image_targets)
+        # what the optimizer steps is float32 whatever model.dtype is (a bf16 weight cannot take a
+        # 1e-6 step): LoRA weights, or the whole of a fully trained side (its master weights)
+        for module, rank in ((self.lm, text_rank), (self.dit, image_rank)):
+            if rank == 0:
+                module.float()
+            for name, p in module.named_parameters():
+                if "lora_" in name:
+                    p.data = p.data.float()
         self.reasoner = CausalLMReasoner(lm, tokenizer, hidden_layers=self.hidden_layers,
                                          template_kwargs=template_kwargs or {})
         self.tokenizer, self.pad_id = tokenizer, int(self.reasoner.pad_id)
@@ -162,6 +170,17 @@ class HFUnifiedModel(nn.Module):
     def _velocity(self, dit, x_t: torch.Tensor, t: torch.Tensor, ctx) -> torch.Tensor:
         raise NotImplementedError
 
+    def pipeline_shift(self, num_steps: int) -> float:
+        """The shift whose ``timesteps(num_steps, shift)`` is the pipeline's own schedule."""
+        raise NotImplementedError
+
+    def pipeline_timesteps(self, num_steps: int) -> torch.Tensor:
+        """The pipeline's own flow-time grid ``[1, ..., 0]`` at this resolution and step count
+        (``sampler.shift: null``)."""
+        from unigrpo.algo.schedule import timesteps
+
+        return timesteps(num_steps, self.pipeline_shift(num_steps))
+
     # ----------------------------------------------------------------- lifecycle
     def enable_gradient_checkpointing(self) -> None:
         """Recompute activations in backward (``model.gradient_checkpointing``). diffusers
@@ -213,16 +232,14 @@ class HFUnifiedModel(nn.Module):
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         """The trainable weights (LoRA, or whole sides) as safetensors; the base pipeline is named by
         the config (``model.pipeline``), recorded in the metadata for the reader."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from unigrpo.utils.checkpoint import atomic_save
 
         meta = {"text_rank": str(self.text_rank), "image_rank": str(self.image_rank),
                 **{k: json.dumps(v) for k, v in (extra or {}).items()}}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file({k: v.contiguous() for k, v in self.trainable_state().items()}, str(tmp), metadata=meta)
-        tmp.replace(path)
-
+        state = {k: v.contiguous() for k, v in self.trainable_state().items()}
+        atomic_save(lambda f: f.write(save(state, metadata=meta)), path)  # a crash never leaves half a file
 
 
 class HFReference:
@@ -281,9 +298,25 @@ def build(cfg, checkpoint: str | None) -> HFUnifiedModel:
     if m.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if checkpoint is not None:
-        from safetensors.torch import load_file
-
-        if not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"model checkpoint not found: {checkpoint}")
-        model.load_trainable_state(load_file(str(checkpoint)))
+        model.load_trainable_state(read_trainable_state(model, checkpoint))
     return model
+
+
+def read_trainable_state(model: HFUnifiedModel, path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of a ``model.save`` file, checked before anything is copied: readable, finite,
+    and every name and shape that of the model's trainable state (one line naming the misfit)."""
+    from safetensors.torch import load_file
+
+    from unigrpo.utils.checkpoint import check_fits, nonfinite_tensor
+    from unigrpo.utils.errors import CheckpointError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model checkpoint not found: {path}")
+    try:
+        state = load_file(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__})") from e
+    if (bad := nonfinite_tensor(state)) is not None:
+        raise CheckpointError(f"{path}: tensor {bad} holds NaN/inf; refusing to load broken weights")
+    check_fits(state, {n: p for g in model.parameter_groups().values() for n, p in g}, path)
+    return state

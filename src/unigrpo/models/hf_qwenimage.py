@@ -37,6 +37,7 @@ mrope axes, identical for text).
   scheduler config (linear in the image tokens, independent of n), the exponential time shift
   ``e^mu / (e^mu + 1/sigma - 1)`` = our ``shift_time(sigma, e^mu)``: ``timesteps(n, exp(mu))``; a
   config's ``shift_terminal`` stretches that grid (``timesteps(..., terminal=)``).
+  ``pipeline_timesteps(n)`` is that grid (``sampler.shift: null``).
 """
 
 from __future__ import annotations
@@ -197,16 +198,22 @@ class QwenImage(HFUnifiedModel):
         mean, inv_std = self._stats(z)
         return torch.nn.functional.pixel_unshuffle(((z - mean) * inv_std).float(), 2)
 
-    def pipeline_schedule(self) -> tuple[float, float | None]:
-        """``(sampler.shift, sampler.shift_terminal)`` of the pipeline's schedule at this resolution
-        (``qwenimage_schedule``; the same for every step count)."""
+    def _schedule(self) -> tuple[float, float | None]:
         return qwenimage_schedule(self.latent_shape[1] * self.latent_shape[2], self.scheduler_config)
 
+    def pipeline_timesteps(self, num_steps: int) -> torch.Tensor:
+        """The pipeline's own grid at this resolution (``sampler.shift: null``): the shift of
+        ``qwenimage_schedule`` (the same for every step count), stretched to ``shift_terminal``."""
+        from unigrpo.algo.schedule import timesteps
+
+        shift, terminal = self._schedule()
+        return timesteps(num_steps, shift, terminal=terminal)
+
     def pipeline_shift(self, num_steps: int) -> float:
-        """The ``sampler.shift`` of the pipeline's schedule (refused when the config also stretches
-        it to a terminal sigma: then ``pipeline_schedule``)."""
-        shift, terminal = self.pipeline_schedule()
+        """The one ``sampler.shift`` of the pipeline's schedule; refused when the config also
+        stretches it to a terminal sigma (a shift alone is then another grid: ``sampler.shift: null``)."""
+        shift, terminal = self._schedule()
         if terminal is not None:
-            raise NotImplementedError(f"the scheduler stretches its grid to shift_terminal={terminal}: "
-                                      "use pipeline_schedule() (sampler.shift and sampler.shift_terminal)")
+            raise NotImplementedError(f"the scheduler stretches its grid to shift_terminal={terminal}, which no "
+                                      "sampler.shift expresses: set sampler.shift=null (pipeline_timesteps)")
         return shift

@@ -29,8 +29,7 @@ def generate_eval(model, prompts: list[str], cfg: Config, thinking: bool, reason
     ``sampler.eval_cfg_scale`` (unless ``cfg_scale``), noise and reasoning from ``eval.seed``."""
     s = cfg.sampler
     return generate(model, prompts, thinking=thinking, reasoning=reasoning, num_steps=s.eval_num_steps,
-                    shift=s.shift, shift_terminal=s.shift_terminal,
-                    cfg_scale=s.eval_cfg_scale if cfg_scale is None else cfg_scale,
+                    shift=s.shift, cfg_scale=s.eval_cfg_scale if cfg_scale is None else cfg_scale,
                     seed=cfg.eval.seed, max_new_tokens=cfg.text.max_reasoning_tokens,
                     temperature=cfg.text.temperature)
 

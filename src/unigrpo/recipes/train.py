@@ -168,7 +168,6 @@ def rollout_step(model, task, cfg: Config, step: int, rewards: RewardSet, ranks:
         parts.append(R.sample_episode(
             model, tokens.index(idx.to(device)), [noise[k] for k in rows], starts[idx], num_steps=sampler.num_steps,
             shift=sampler.shift, kind=sampler.kind, noise_level=sampler.noise_level, window_size=sampler.window_size,
-            shift_terminal=sampler.shift_terminal,
             cfg_scale=sampler.cfg_scale, temperature=cfg.text.temperature, reduction=algo.logprob_reduction,
             init_seeds=None if init is None else [init[k] for k in rows]))
         meta = [{**prompts[k // group].metadata, "reasoning": text, "prompt_index": p0 + k // group,
