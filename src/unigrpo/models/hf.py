@@ -14,8 +14,9 @@ implements the pipeline-specific part: ``_encode(lm, tokens, temperature)`` (the
 pass: log-probs + the transformer's text input), ``_null(lm, batch)`` (the unconditional context),
 ``_velocity(dit, x_t, t, ctx)`` (time, sign and packing mapped onto our ``v = eps - x0`` at flow
 time t), ``decode`` / ``encode_images`` (VAE normalisation and packing), ``pipeline_shift`` and
-``from_pipeline(pipe, model_config)``; optionally ``combine_guidance`` (how CFG combines the two
-velocities, when the pipeline does not use the plain ``v_u + s (v_c - v_u)``). docs/models.md has the mapping of each family.
+``from_pipeline(pipe, model_config)``; optionally ``pipeline_timesteps`` (a grid no single shift
+gives) and ``combine_guidance`` (how CFG combines the two velocities, when the pipeline does not
+use the plain ``v_u + s (v_c - v_u)``). docs/models.md has the mapping of each family.
 
 - **LoRA** (``model.lora.text_rank`` / ``image_rank`` > 0): peft LoRA layers injected into the LM /
   the transformer, base weights frozen; the reference is the same modules with the adapters
