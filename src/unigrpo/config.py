@@ -49,10 +49,10 @@ class LoRAConfig:
 
 @dataclass
 class HFModelConfig:
-    """``model.kind: hf``: a diffusers pipeline + its transformers LM (FLUX.2 [klein], docs/models.md)."""
+    """``model.kind: hf``: a diffusers pipeline + its transformers LM (FLUX.2 [klein], Qwen-Image; docs/models.md)."""
 
     kind: Literal["hf"] = "hf"  # model adapter (unigrpo.models.KINDS); each kind has its own keys
-    pipeline: str = ""  # a save_pretrained folder of a Flux2KleinPipeline, or a hub id you have access to
+    pipeline: str = ""  # a save_pretrained folder of a supported pipeline (docs/models.md), or a hub id you have access to
     reasoner: str = "text_encoder"  # who reasons: the pipeline's text encoder (shared mode; the only one so far)
     checkpoint: str | None = None  # trainable weights written by model.save (LoRA or whole sides); null = the pipeline's
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -60,7 +60,7 @@ class HFModelConfig:
     resolution: int = 512  # image side in pixels (a multiple of 2 * the VAE's scale factor)
     gradient_checkpointing: bool = False  # recompute activations in backward (LM and transformer, in train mode)
     fsdp: bool = False  # under torchrun with > 1 rank: shard LM + transformer with FSDP2 (False: a replica per rank)
-    hidden_layers: list[int] | None = None  # LM hidden states conditioning the image; null = the pipeline's (9, 18, 27)
+    hidden_layers: list[int] | None = None  # LM hidden states conditioning the image; null = the pipeline's (FLUX.2 (9, 18, 27), Qwen-Image (-1,))
     max_text_tokens: int = 512  # conditioning length (the pipeline's max_sequence_length); longer rows are cut
     enable_thinking: bool = True  # chat template: True = the reasoning opens a <think> block; False = the pipeline's template
 

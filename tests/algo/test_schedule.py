@@ -45,3 +45,21 @@ def test_bad_num_steps(bad):
 def test_bad_shift():
     with pytest.raises(ValueError):
         timesteps(10, 0.0)
+
+
+@pytest.mark.parametrize("num_steps,shift,terminal", [(2, 1.0, 0.5), (10, 2.0, 0.02), (50, 3.0, 0.1)])
+def test_terminal_stretch_ends_on_terminal_and_is_affine_in_one_minus_t(num_steps, shift, terminal):
+    """diffusers' shift_terminal: 1 - t scaled by one factor so that the last non-zero point is
+    ``terminal``; t_0 = 1 and t_N = 0 stay."""
+    plain = timesteps(num_steps, shift, torch.float64)
+    t = timesteps(num_steps, shift, torch.float64, terminal=terminal)
+    assert t[0] == 1.0 and t[-1] == 0.0 and t[-2].item() == pytest.approx(terminal, abs=1e-15)
+    assert bool((t[1:] < t[:-1]).all())
+    factor = (1 - terminal) / (1 - plain[-2])
+    torch.testing.assert_close(1 - t[:-1], (1 - plain[:-1]) * factor, atol=1e-15, rtol=0)
+
+
+@pytest.mark.parametrize("terminal,num_steps", [(0.0, 10), (1.0, 10), (0.02, 1)])
+def test_bad_terminal(terminal, num_steps):
+    with pytest.raises(ValueError, match="terminal"):
+        timesteps(num_steps, 3.0, terminal=terminal)

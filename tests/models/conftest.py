@@ -123,10 +123,82 @@ def hf_factory(seed: int = 0, text_rank: int = 4, image_rank: int = 4):
     return model.eval(), cfg, list(HF_PROMPTS)
 
 
+# ----------------------------------------------------------------------------- hf:qwenimage (Qwen-Image)
+QWEN_SCHEDULER = {"use_dynamic_shifting": True, "time_shift_type": "exponential", "base_shift": 0.5, "max_shift": 0.9,
+                  "base_image_seq_len": 256, "max_image_seq_len": 8192, "shift_terminal": 0.02}  # Qwen-Image's
+_QWEN_DIR: list[str] = []
+
+
+def build_tiny_qwenimage(folder: str, scheduler: dict | None = None) -> str:
+    """A tiny random QwenImagePipeline built from components (a text-only-used Qwen2.5-VL, the
+    BPE tokenizer trained in code, a 2-block transformer, a 2-level 5-D VAE with non-trivial
+    per-channel latents_mean / latents_std, Qwen-Image's scheduler config), written with
+    ``save_pretrained`` to ``folder``; nothing downloaded."""
+    import transformers
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from testkit import tiny_bpe_tokenizer
+
+    tok = tiny_bpe_tokenizer(QWEN3_TEMPLATE, padding_side="right")
+    v = len(tok)
+    torch.manual_seed(0)
+    text = {"vocab_size": v, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+            "bos_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
+    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 32}
+    lm = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, vocab_size=v, tie_word_embeddings=True, bos_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        image_token_id=v - 1, video_token_id=v - 2, vision_start_token_id=v - 3, vision_end_token_id=v - 4))
+    dit = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                                      num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(8, 4, 4))
+    g = torch.Generator().manual_seed(1)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True],
+                                 latents_mean=(0.3 * torch.randn(4, generator=g)).tolist(),
+                                 latents_std=(0.5 + 1.5 * torch.rand(4, generator=g)).tolist())
+    sched = FlowMatchEulerDiscreteScheduler(**(QWEN_SCHEDULER if scheduler is None else scheduler))
+    QwenImagePipeline(scheduler=sched, vae=vae, text_encoder=lm, tokenizer=tok, transformer=dit).save_pretrained(folder)
+    return folder
+
+
+def tiny_qwenimage_dir() -> str:
+    """The tiny Qwen-Image folder, built once per test session."""
+    if not _QWEN_DIR:
+        import tempfile
+
+        _QWEN_DIR.append(build_tiny_qwenimage(tempfile.mkdtemp(prefix="unigrpo_qwenimage_")))
+    return _QWEN_DIR[0]
+
+
+def qwen_overrides(folder: str, text_rank: int = 4, image_rank: int = 4) -> list[str]:
+    return ["model.kind=hf", f"model.pipeline={folder}", "model.reasoner=text_encoder",
+            f"model.lora.text_rank={text_rank}", f"model.lora.image_rank={image_rank}", "model.resolution=32",
+            "model.max_text_tokens=128", "device=cpu"]
+
+
+def qwenimage_factory(seed: int = 0, text_rank: int = 4, image_rank: int = 4):
+    """The tiny Qwen-Image pipeline with LoRA on both sides (B = 0 at the start), loaded offline."""
+    import os
+
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    cfg = load_config(None, qwen_overrides(tiny_qwenimage_dir(), text_rank, image_rank))
+    torch.manual_seed(seed)
+    model = build_model(cfg, checkpoint=None)
+    return model.eval(), cfg, list(HF_PROMPTS)
+
+
 # model.kind -> factory(seed=0) -> (model, cfg, prompts). One line per adapter.
 ADAPTERS: dict[str, Callable[..., tuple[Any, Any, list[str]]]] = {
     "tiny": tiny_factory,
     "hf": hf_factory,
+    "hf:qwenimage": qwenimage_factory,
 }
 
 
@@ -157,3 +229,4 @@ def adapter(request) -> Adapter:
 def registered_kinds() -> set[str]:
     """The kinds with an adapter here (test modules cannot import this conftest by name)."""
     return {name.split(":")[0] for name in ADAPTERS}
+

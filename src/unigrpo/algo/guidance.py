@@ -3,7 +3,9 @@
 ``v = v_uncond + s (v_cond - v_uncond)``; the unconditional branch reads the model's null context
 (neither prompt nor reasoning). UniGRPO trains without it (``s = 1``: one model call per step);
 the FlowGRPO baseline guides in rollout AND training, so both go through this one function and the
-first update's ratio stays exactly 1 either way.
+first update's ratio stays exactly 1 either way. A model (or reference) with a
+``combine_guidance(v_cond, v_uncond, cfg_scale)`` method combines the two velocities its own way
+(Qwen-Image's pipeline rescales the guided velocity to the conditional one's norm per token).
 """
 
 from __future__ import annotations
@@ -20,4 +22,7 @@ def guided_velocity(model, x_t: torch.Tensor, t: torch.Tensor, ctx, null_ctx, cf
         return model.velocity(x_t, t, ctx)
     v_cond = model.velocity(x_t, t, ctx)
     v_uncond = model.velocity(x_t, t, null_ctx)
+    combine = getattr(model, "combine_guidance", None)
+    if combine is not None:
+        return combine(v_cond, v_uncond, cfg_scale)
     return v_uncond + cfg_scale * (v_cond - v_uncond)

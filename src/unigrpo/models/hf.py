@@ -5,6 +5,7 @@ class) is a subclass in its own module, listed in ``FAMILIES``:
 | pipeline class | module | mode |
 |---|---|---|
 | ``Flux2KleinPipeline`` | ``hf_flux2`` | shared: the text encoder (Qwen3) reasons |
+| ``QwenImagePipeline`` | ``hf_qwenimage`` | shared: the text encoder (Qwen2.5-VL, text only) reasons |
 
 Shared here: the text phase (``CausalLMReasoner`` over the LM that reasons), LoRA via peft on
 either side, the reference (adapters disabled, or a frozen copy of a fully trained side), the
@@ -13,7 +14,9 @@ implements the pipeline-specific part: ``_encode(lm, tokens, temperature)`` (the
 pass: log-probs + the transformer's text input), ``_null(lm, batch)`` (the unconditional context),
 ``_velocity(dit, x_t, t, ctx)`` (time, sign and packing mapped onto our ``v = eps - x0`` at flow
 time t), ``decode`` / ``encode_images`` (VAE normalisation and packing), ``pipeline_shift`` and
-``from_pipeline(pipe, model_config)``. docs/models.md has the mapping of each family.
+``from_pipeline(pipe, model_config)``; optionally ``pipeline_timesteps`` (a grid no single shift
+gives) and ``combine_guidance`` (how CFG combines the two velocities, when the pipeline does not
+use the plain ``v_u + s (v_c - v_u)``). docs/models.md has the mapping of each family.
 
 - **LoRA** (``model.lora.text_rank`` / ``image_rank`` > 0): peft LoRA layers injected into the LM /
   the transformer, base weights frozen; the reference is the same modules with the adapters
@@ -49,7 +52,8 @@ __all__ = ["FAMILIES", "HFUnifiedModel", "adapters_disabled", "build", "lora_kwa
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # diffusers pipeline class name -> "module:Class" of its family (imported when used)
-FAMILIES: dict[str, str] = {"Flux2KleinPipeline": "unigrpo.models.hf_flux2:Flux2Klein"}
+FAMILIES: dict[str, str] = {"Flux2KleinPipeline": "unigrpo.models.hf_flux2:Flux2Klein",
+                            "QwenImagePipeline": "unigrpo.models.hf_qwenimage:QwenImage"}
 
 
 @contextlib.contextmanager
@@ -120,7 +124,8 @@ class HFUnifiedModel(nn.Module):
                  template_kwargs: dict | None = None, text_rank: int = 0, image_rank: int = 0,
                  text_targets=(), image_targets=()):
         super().__init__()
-        n_states = lm.config.num_hidden_layers + 1  # hidden_states: the embeddings, then every layer
+        # hidden_states: the embeddings, then every layer (a VLM keeps the LM's sizes in its text config)
+        n_states = lm.config.get_text_config().num_hidden_layers + 1
         if any(not -n_states <= k < n_states for k in hidden_layers):
             raise ValueError(f"model.hidden_layers: {list(hidden_layers)} do not exist in a text encoder with "
                              f"{n_states} hidden states (0 = embeddings .. {n_states - 1}); set model.hidden_layers")
@@ -179,6 +184,12 @@ class HFUnifiedModel(nn.Module):
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, ctx) -> torch.Tensor:
         return self._velocity(self.dit, x_t, t, ctx)
 
+    @staticmethod
+    def combine_guidance(v_cond: torch.Tensor, v_uncond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+        """How CFG combines the two velocities (``algo.guidance.guided_velocity``): the plain
+        ``v_u + s (v_c - v_u)``; a family whose pipeline guides otherwise overrides it."""
+        return v_uncond + cfg_scale * (v_cond - v_uncond)
+
     # the pipeline-specific part (module docstring)
     def _encode(self, lm, tokens: TokenBatch, temperature: float):
         raise NotImplementedError
@@ -206,7 +217,7 @@ class HFUnifiedModel(nn.Module):
         checkpoints whenever gradients are on; transformers only in train mode, so the LM is kept in
         train mode (``train`` below), which changes nothing else only when it has no dropout
         (checked)."""
-        if any(float(getattr(self.lm.config, k, 0.0) or 0.0) > 0 for k in ("attention_dropout", "hidden_dropout")):
+        if any(float(getattr(self.lm.config.get_text_config(), k, 0.0) or 0.0) > 0 for k in ("attention_dropout", "hidden_dropout")):
             raise ValueError("model.gradient_checkpointing: the LM has dropout, its train mode would differ from eval mode")
         (getattr(self.lm, "activation_checkpointing_enable", None) or self.lm.gradient_checkpointing_enable)()
         self.dit.enable_gradient_checkpointing()
@@ -348,6 +359,9 @@ class HFReference:
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, ctx) -> torch.Tensor:
         with self._off():
             return self.model._velocity(self.dit, x_t, t, ctx)
+
+    def combine_guidance(self, v_cond: torch.Tensor, v_uncond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+        return self.model.combine_guidance(v_cond, v_uncond, cfg_scale)  # the policy's rule
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The frozen copies (nothing for LoRA sides: their reference is the frozen base)."""
