@@ -356,7 +356,6 @@ def validate(cfg: Config) -> Config:
         _check(m.max_text_tokens >= 1, "model.max_text_tokens", "must be >= 1")
     elif cfg.model.kind == "bagel":
         m = cfg.model
-        _check(bool(m.path), "model.path", "the BAGEL-7B-MoT folder (llm_config.json, ema.safetensors, ...) is required")
         _check(m.lora.text_rank >= 0 and m.lora.image_rank >= 0, "model.lora.text_rank", "ranks must be >= 0")
         _check(m.resolution > 0 and m.resolution % 16 == 0, "model.resolution", "must be a positive multiple of 16")
         _check(m.logits_chunk >= 1, "model.logits_chunk", "must be >= 1")

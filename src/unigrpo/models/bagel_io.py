@@ -42,7 +42,7 @@ def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f}
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
 
 
 def _require(folder: Path, name: str) -> Path:
@@ -59,7 +59,7 @@ def load_into(module: torch.nn.Module, path: Path, device, dtype: torch.dtype | 
 
     own = dict(module.named_parameters())
     with safe_open(str(path), framework="pt", device=str(device)) as f:
-        keys = {k for k in f if not k.startswith(tuple(ignore))}
+        keys = {k for k in f.keys() if not k.startswith(tuple(ignore))}  # noqa: SIM118
         missing, unexpected = sorted(own.keys() - keys), sorted(keys - own.keys())
         if missing or unexpected:
             raise ValueError(f"{path}: does not fit the model: missing {len(missing)} keys {missing[:8]}, unexpected "
