@@ -62,8 +62,9 @@ def load_into(module: torch.nn.Module, path: Path, device, dtype: torch.dtype | 
         keys = {k for k in f.keys() if not k.startswith(tuple(ignore))}  # noqa: SIM118
         missing, unexpected = sorted(own.keys() - keys), sorted(keys - own.keys())
         if missing or unexpected:
+            skipped = ", ".join(p + "*" for p in ignore)
             raise ValueError(f"{path}: does not fit the model: missing {len(missing)} keys {missing[:8]}, unexpected "
-                             f"{len(unexpected)} keys {unexpected[:8]}" + (f" (ignored: {', '.join(ignore)}*)" if ignore else ""))
+                             f"{len(unexpected)} keys {unexpected[:8]}" + (f" (ignored: {skipped})" if ignore else ""))
         with torch.no_grad():
             for k, p in own.items():
                 t = f.get_tensor(k)
