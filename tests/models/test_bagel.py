@@ -340,6 +340,35 @@ def test_lora_step_moves_only_lora_and_the_reference_is_the_base():
         assert not torch.equal(model.forward_context(tokens)[0], lp_b)
 
 
+def test_bagel_evaluation_cfg_branches_interval_and_per_row_renorm():
+    """Two-branch CFG (eval only): the image branch is the context without the reasoning, the text
+    branch the system prompt alone; closed form of the guidance + global renorm per row; t outside
+    (0.4, 1] gives the conditional velocity; a batch equals its rows alone (no whole-batch norm)."""
+    model = model_of()
+    tokens = sampled(model, BAGEL_PROMPTS[:2])
+    x, t = torch.randn((2, *model.latent_shape), generator=gen(6)), torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        _, ctx = model.forward_context(tokens)
+        ctx_text, ctx_img = model.cfg_contexts(tokens)
+        _, ctx_prompt = model.forward_context(model.encode_prompts(BAGEL_PROMPTS[:2]))
+        v, v_t, v_i = (model.velocity(x, t, c) for c in (ctx, ctx_text, ctx_img))
+        torch.testing.assert_close(v_i, model.velocity(x, t, ctx_prompt), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(v_t, model.velocity(x, t, model.null_context(2)), atol=0, rtol=0)
+        out = model.cfg_velocity(x, t, ctx, ctx_text, ctx_img, text_scale=4.0, img_scale=1.5)
+        g = v_i + 1.5 * (v_t + 4.0 * (v - v_t) - v_i)
+        scale = (v[1].norm() / g[1].norm()).clamp(max=1.0)
+        assert scale < 1  # the renorm is exercised
+        torch.testing.assert_close(out[1], g[1] * scale, atol=1e-5, rtol=1e-5)
+        assert torch.equal(out[0], v[0])  # t = 0.3 is outside the interval
+        for i in range(2):
+            rows = tokens.index(torch.tensor([i]))
+            alone = model.cfg_velocity(x[i:i + 1], t[i:i + 1], model.forward_context(rows)[1], *model.cfg_contexts(rows),
+                                       text_scale=4.0, img_scale=1.5)
+            torch.testing.assert_close(alone[0], out[i], atol=1e-5, rtol=1e-5)
+        plain = model.cfg_velocity(x, t, ctx, ctx_text, ctx_img, text_scale=1.0, img_scale=1.0)
+        torch.testing.assert_close(plain, v, atol=1e-6, rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------- the CLI
 def test_cli_train_lora_ratio_exactly_one_then_eval_and_sample(tmp_path, capsys):
     """Done-when: `unigrpo train builtin:bagel_unigrpo model.path=DIR ...` on the tiny folder; the

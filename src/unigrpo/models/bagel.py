@@ -294,6 +294,19 @@ class BagelModel(nn.Module):
         frozen = {n: p.detach() for n, p in self._params("text").items()} if ctx.detached else None
         return self._call(frozen, "image", x_t, t, ctx)
 
+    def cfg_contexts(self, tokens: TokenBatch) -> tuple[BagelContext, BagelContext]:
+        """Bagel's two unconditional contexts for evaluation CFG (``bagel_cfg.cfg_contexts``)."""
+        from unigrpo.models.bagel_cfg import cfg_contexts
+
+        return cfg_contexts(self, tokens)
+
+    def cfg_velocity(self, x_t: torch.Tensor, t: torch.Tensor, ctx: BagelContext, ctx_text: BagelContext,
+                     ctx_img: BagelContext, **options) -> torch.Tensor:
+        """Bagel's two-branch evaluation guidance (``bagel_cfg.cfg_velocity``; training is CFG-free)."""
+        from unigrpo.models.bagel_cfg import cfg_velocity
+
+        return cfg_velocity(self, x_t, t, ctx, ctx_text, ctx_img, **options)
+
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             image = self.vae.decode(x0.to(self.vae.encoder.conv_in.weight.dtype))
