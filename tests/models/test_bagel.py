@@ -262,11 +262,13 @@ def grads_by_side(model):
     return {s: got & names for s, names in sides.items()}, got
 
 
-def test_each_loss_reaches_its_expert_and_the_markers_are_part_of_the_context():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_each_loss_reaches_its_expert_and_the_markers_are_part_of_the_context(checkpointing):
     """Text loss -> und weights only. Image loss on a detached context -> gen weights only. Detaching
     only the K/V is NOT enough: the two image markers run through the und weights and embeddings,
-    so the image loss still reaches the text expert; ``detach_context`` cuts that path too."""
-    model = model_of(0, 0)  # both experts trained in full
+    so the image loss still reaches the text expert; ``detach_context`` cuts that path too (also
+    when backward recomputes the layers outside the detached-weights call)."""
+    model = model_of(0, 0, f"model.gradient_checkpointing={str(checkpointing).lower()}")  # both experts in full
     tokens = sampled(model, BAGEL_PROMPTS[:2])
     x, t = torch.randn((2, *model.latent_shape), generator=gen(2)), torch.tensor([0.4, 0.8])
     logp, ctx = model.forward_context(tokens)
@@ -315,6 +317,13 @@ def test_gradient_checkpointing_and_chunked_logits_change_no_gradient():
     assert out[0].keys() == out[1].keys() and all(g is not None for g in out[0].values())
     for n in out[0]:
         torch.testing.assert_close(out[1][n], out[0][n], atol=1e-6, rtol=1e-5)
+
+
+def test_lora_ranks_per_expert():
+    model = model_of(2, 4)
+    ranks = {n: p.shape[0] for n, p in model.named_parameters() if "lora_A" in n}
+    assert len(ranks) == 2 * 2 * 7  # 7 projections per expert per layer
+    assert all(r == (4 if "moe_gen" in n else 2) for n, r in ranks.items())
 
 
 def test_lora_step_moves_only_lora_and_the_reference_is_the_base():
@@ -399,6 +408,23 @@ def test_cli_train_lora_ratio_exactly_one_then_eval_and_sample(tmp_path, capsys)
     assert main(["sample", "a red circle", "--config", "builtin:bagel_unigrpo", *tiny, "--n", "2",
                  "--checkpoint", str(out / "final.safetensors"), "--out", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").is_file()
+
+
+def test_cli_resume_with_the_und_expert_in_full_equals_an_uninterrupted_run(tmp_path):
+    """2 steps == 1 step + --resume 1 step, bitwise, with the und expert trained in full (its
+    reference a snapshot, saved with the run) and LoRA on the gen expert."""
+    args = ["train", "builtin:bagel_unigrpo", *bagel_overrides(tiny_bagel_dir(), 0, 4), "threads=1",
+            "model.gradient_checkpointing=false", "text.max_reasoning_tokens=4", "algo.prompts_per_step=2",
+            "algo.group_size=2", "algo.trajectories_per_minibatch=4", "algo.micro_batch_trajectories=4",
+            "algo.ppo_epochs=1", "sampler.num_steps=3", "sampler.window_range=[0,2]", "sampler.window_size=1",
+            "optim.lr_text=1e-3", "optim.lr_image=1e-2", "save_every=1", "eval_every=0", "eval.num_prompts=1",
+            "eval.grid_prompts=1", "sampler.eval_num_steps=1"]
+    assert main([*args, f"output_dir={tmp_path / 'a'}", "steps=2"]) == 0
+    assert main([*args, f"output_dir={tmp_path / 'b'}", "steps=1"]) == 0
+    assert main([*args, f"output_dir={tmp_path / 'b'}", "steps=2", "--resume"]) == 0
+    a, b = load_file(str(tmp_path / "a" / "final.safetensors")), load_file(str(tmp_path / "b" / "final.safetensors"))
+    assert a.keys() == b.keys() and any("lora_" not in k for k in a) and any("lora_" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_factory_fresh_seed_differs_in_the_und_expert_only():

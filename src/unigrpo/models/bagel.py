@@ -154,7 +154,17 @@ class BagelModel(nn.Module):
         return {"text": self._text, "scored": self._scored, "image": self._image}[phase](*args)
 
     def _call(self, overrides: dict | None, phase: str, *args):
-        return functional_call(self, overrides, (phase, *args)) if overrides else self.forward(phase, *args)
+        """``phase`` with the tensors ``overrides`` (by parameter name) in place of the parameters.
+        The decoder layers also get them bound into each layer call (``Qwen2MoTForCausalLM.run``):
+        activation checkpointing recomputes a layer in backward, after this call has returned."""
+        if not overrides:
+            return self.forward(phase, *args)
+        lm, prefix = self.language_model, "language_model."
+        lm.overrides = {k[len(prefix):]: v for k, v in overrides.items() if k.startswith(prefix)}
+        try:
+            return functional_call(self, overrides, (phase, *args))
+        finally:
+            lm.overrides = {}
 
     def _text(self, ids: torch.Tensor, pos: torch.Tensor, key_mask: torch.Tensor, past):
         """Und-expert pass of ``ids`` [B, L] (the last L of ``key_mask``'s keys) over ``past``."""
@@ -255,11 +265,11 @@ class BagelModel(nn.Module):
 
     def _context(self, overrides, tokens: TokenBatch, temperature: float):
         logp, kv = self._call(overrides, "scored", tokens, temperature)
-        n = tokens.mask.long().sum(1)
-        last = tokens.ids.gather(1, (tokens.mask.long().cumsum(1) == n[:, None]).long().argmax(1, keepdim=True))[:, 0]
+        count = tokens.mask.long().cumsum(1)
+        last_col = (count == count[:, -1:]).long().argmax(1)  # each row's last real token (right pads follow it)
+        last = tokens.ids.gather(1, last_col[:, None])[:, 0]
         dangling = (last == self.ids["start"]) & ~tokens.response_mask.any(1)  # thinking off: no open segment
         col = torch.arange(tokens.ids.shape[1], device=tokens.ids.device)
-        last_col = (tokens.mask.long() * (col + 1)).argmax(1)  # the column of each row's last real token
         mask = tokens.mask & ~(dangling[:, None] & (col[None] == last_col[:, None]))
         return logp, BagelContext([k for k, _ in kv], [v for _, v in kv], mask, mask.long().sum(1))
 
