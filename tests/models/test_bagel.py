@@ -384,7 +384,7 @@ def test_cli_train_lora_ratio_exactly_one_then_eval_and_sample(tmp_path, capsys)
     first update's log-probs equal the rollout's (text and image); only LoRA tensors are saved and
     trained; `eval` and `sample` run on the result."""
     tiny = [*bagel_overrides(tiny_bagel_dir(), 4, 4), "threads=1", "sampler.eval_num_steps=2",
-            "text.max_reasoning_tokens=6", "model.gradient_checkpointing=false"]
+            "text.max_reasoning_tokens=6", "model.gradient_checkpointing=true"]  # the shipped setting
     out = tmp_path / "run"
     assert main(["train", "builtin:bagel_unigrpo", *tiny, "algo.prompts_per_step=2", "algo.group_size=2",
                  "algo.trajectories_per_minibatch=4", "algo.micro_batch_trajectories=2", "sampler.num_steps=4",
