@@ -290,15 +290,21 @@ def test_each_loss_reaches_its_expert_and_the_markers_are_part_of_the_context(ch
 
 
 def test_bf16_weights_keep_float32_io():
-    """bf16 weights (the GPU setting) with float32 log-probs and velocities (the SDE math)."""
+    """bf16 weights (the GPU setting) with float32 log-probs and velocities (the SDE math) and
+    float32 LoRA weights and gradients (a bf16 weight would round a 1e-6 update away)."""
+    from unigrpo.config import BAGEL_GEN_TARGETS, BAGEL_UND_TARGETS
+
     model = load_bagel(tiny_bagel_dir(), dtype="bfloat16", resolution=32)
+    model.add_lora(4, 4, BAGEL_UND_TARGETS, BAGEL_GEN_TARGETS)
     assert model.language_model.lm_head.weight.dtype == torch.bfloat16
     assert model.vae.encoder.conv_in.weight.dtype == torch.float32
     tokens = sampled(model, BAGEL_PROMPTS[:2], n=4)
-    with torch.no_grad():
-        logp, ctx = model.forward_context(tokens)
-        v = model.velocity(torch.randn((2, *model.latent_shape)), torch.tensor(0.5), ctx)
+    logp, ctx = model.forward_context(tokens)
+    v = model.velocity(torch.randn((2, *model.latent_shape)), torch.tensor(0.5), ctx)
     assert logp.dtype == v.dtype == torch.float32 and logp.isfinite().all() and v.isfinite().all()
+    (v.pow(2).mean() - logp.sum()).backward()
+    lora = [p for g in model.parameter_groups().values() for _, p in g]
+    assert lora and all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32 for p in lora)
 
 
 def test_gradient_checkpointing_and_chunked_logits_change_no_gradient():

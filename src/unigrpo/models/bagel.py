@@ -123,6 +123,9 @@ class BagelModel(nn.Module):
             cfg = LoraConfig(r=max(ranks.values()), lora_alpha=max(ranks.values()), lora_dropout=0.0,
                              target_modules=targets, rank_pattern=ranks, alpha_pattern=ranks)
             inject_adapter_in_model(cfg, self.language_model)
+            for n, p in self.language_model.named_parameters():
+                if "lora_" in n:  # float32 masters under bf16 weights (peft casts the input, returns the layer's dtype)
+                    p.data = p.data.float()
         groups = {id(p) for g in self.parameter_groups().values() for _, p in g}
         for p in self.parameters():
             p.requires_grad_(id(p) in groups)
