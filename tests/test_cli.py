@@ -13,10 +13,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p.stem for p in (ROOT / "src" / "unigrpo" / "configs").glob("*.yaml"))
 
 
-def test_validate_shipped_configs(capsys):
+def test_validate_shipped_configs(capsys, tmp_path):
+    """Every shipped config validates; the real-model ones (``task.kind: prompts``) with the
+    user's prompt files given, as their header says."""
+    import yaml
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a red circle"}\n')
     assert len(SHIPPED) >= 8 and sorted(builtin_configs()) == SHIPPED
     for name in SHIPPED:
-        assert main(["validate", f"builtin:{name}"]) == 0, name
+        raw = yaml.safe_load((ROOT / "src" / "unigrpo" / "configs" / f"{name}.yaml").read_text())
+        user = ([f"task.prompts={prompts}", f"task.eval_prompts={prompts}"]
+                if (raw.get("task") or {}).get("kind") == "prompts" else [])
+        assert main(["validate", f"builtin:{name}", *user]) == 0, name
         assert "ok:" in capsys.readouterr().out
 
 

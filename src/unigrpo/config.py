@@ -137,7 +137,7 @@ class SamplerConfig:
     """The image policy: flow-matching SDE with an SDE window (Flow-GRPO-Fast)."""
 
     num_steps: int = 10  # denoising steps during rollouts (paper: 25)
-    shift: float = 3.0  # timestep shift s in t' = s t / (1 + (s - 1) t) (paper: 3)
+    shift: float | None = 3.0  # timestep shift s in t' = s t / (1 + (s - 1) t) (paper: 3); null = the model's own (an hf pipeline's)
     kind: Literal["flow_sde", "cps", "ode"] = "flow_sde"  # stochastic sampler of the window steps
     noise_level: float = 0.8  # SDE noise level a (paper: 0.8)
     window_size: int = 3  # consecutive stochastic, trained steps per trajectory (paper: 3)
@@ -289,7 +289,9 @@ def validate(cfg: Config) -> Config:
     _check(a.train_text or a.train_image, "algo.train_text", "train_text and train_image are both false")
     _check(s.num_steps >= 1, "sampler.num_steps", "must be >= 1")
     _check(s.eval_num_steps >= 1, "sampler.eval_num_steps", "must be >= 1")
-    _check(s.shift > 0, "sampler.shift", "must be > 0")
+    _check(s.shift is None or s.shift > 0, "sampler.shift", "must be > 0 (or null: the model's own schedule)")
+    _check(s.shift is not None or cfg.model.kind != "tiny", "sampler.shift",
+           "null (the model's own schedule) needs a model that has one, e.g. model.kind=hf; set a number")
     lo, hi = s.window_range
     _check(0 <= lo < hi <= s.num_steps, "sampler.window_range",
            f"must satisfy 0 <= lo < hi <= num_steps ({s.num_steps}), got {list(s.window_range)}")

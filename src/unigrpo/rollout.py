@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from unigrpo.algo.guidance import guided_velocity
-from unigrpo.algo.schedule import timesteps
+from unigrpo.algo.schedule import model_timesteps
 from unigrpo.algo.sde import gaussian_log_prob, sde_step, sde_window
 from unigrpo.models.protocol import TokenBatch
 
@@ -188,7 +188,7 @@ def sample_images(model, tokens: TokenBatch, noise_seeds: list[int], window_star
     gens = [torch.Generator().manual_seed(s) for s in noise_seeds]  # CPU: device-independent draws
     init = gens if init_seeds is None else [torch.Generator().manual_seed(s) for s in init_seeds]
     x = torch.stack([torch.randn(model.latent_shape, generator=g) for g in init]).to(dev)
-    grid = timesteps(num_steps, shift).to(dev)  # [num_steps + 1], float32
+    grid = model_timesteps(model, num_steps, shift).to(dev)  # [num_steps + 1], float32
     start = window_start.to(dev)
     rec = {k: x.new_zeros(b, w, *model.latent_shape) for k in ("x_t", "x_next", "mean_old")}
     rec.update({k: grid.new_zeros(b, w) for k in ("t", "t_next")}, logp_img_old=x.new_zeros(b, w))

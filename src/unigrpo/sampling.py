@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from unigrpo.algo.guidance import guided_velocity
-from unigrpo.algo.schedule import timesteps
+from unigrpo.algo.schedule import model_timesteps
 from unigrpo.models.protocol import TokenBatch
 
 
@@ -25,7 +25,7 @@ def ode_sample(model, ctx, num_steps: int, shift: float, generator: torch.Genera
     x = x_init if x_init is not None else torch.randn(
         (batch, *model.latent_shape), generator=generator, device=device)
     null_ctx = model.null_context(batch) if cfg_scale != 1.0 else None
-    grid = timesteps(num_steps, shift).to(device)
+    grid = model_timesteps(model, num_steps, shift).to(device)
     for k in range(num_steps):
         t = grid[k].expand(batch)
         v = guided_velocity(model, x, t, ctx, null_ctx, cfg_scale)

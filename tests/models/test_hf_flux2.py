@@ -17,11 +17,11 @@ from conftest import HF_LAYERS, HF_PROMPTS, hf_factory, hf_overrides, tiny_flux2
 from diffusers import Flux2KleinPipeline
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
 
-from unigrpo.algo.schedule import timesteps
+from unigrpo.algo.schedule import model_timesteps, timesteps
 from unigrpo.cli import main
 from unigrpo.config import ConfigError, load_config
 from unigrpo.models import build_model
-from unigrpo.models.hf import flux2_shift
+from unigrpo.models.hf_flux2 import flux2_shift
 from unigrpo.sampling import ode_sample
 
 MAX_TEXT = 48  # model.max_text_tokens of hf_overrides
@@ -96,24 +96,42 @@ def test_schedule_equals_the_pipelines_sigmas(pipe, num_steps, seq_len):
     torch.testing.assert_close(pipe.scheduler.sigmas.double(), ours, atol=1e-6, rtol=0)
 
 
-def test_ode_sampler_reproduces_the_pipeline(pipe):
-    """(b) Our Euler ODE (no noise, no CFG) from the pipeline's initial latents == the pipeline's
-    ``__call__`` (latents and decoded images): time map, velocity sign, packing, BatchNorm."""
+def test_shift_null_is_the_pipelines_schedule(pipe):
+    """``sampler.shift: null`` samples on the pipeline's own grid at the model's resolution."""
+    model = model_of()
+    tokens = model.latent_shape[1] * model.latent_shape[2]  # image tokens at model.resolution
+    for n in (4, 28):
+        sigmas = np.linspace(1.0, 1 / n, n)
+        retrieve_timesteps(pipe.scheduler, n, "cpu", sigmas=sigmas, mu=compute_empirical_mu(tokens, n))
+        torch.testing.assert_close(model_timesteps(model, n, None).double(), pipe.scheduler.sigmas.double(),
+                                   atol=1e-6, rtol=0)
+    assert torch.equal(model_timesteps(model, 4, 3.0), timesteps(4, 3.0))
+    load_config(None, [*hf_overrides(tiny_flux2_dir()), "sampler.shift=null"])  # valid for kind=hf
+    with pytest.raises(ConfigError, match="sampler.shift: null .*needs a model that has one"):
+        load_config(None, ["sampler.shift=null"])
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0], ids=["no_cfg", "cfg3"])
+def test_ode_sampler_reproduces_the_pipeline(pipe, guidance):
+    """(b) Our Euler ODE (no noise) from the pipeline's initial latents == the pipeline's
+    ``__call__`` (latents and decoded images): time map, velocity sign, packing, BatchNorm; with
+    CFG (``cfg_scale`` = the pipeline's ``guidance_scale``) also our null context == its negative
+    prompt "" and our guidance == its ``neg + g (pos - neg)``."""
     model = model_of(4, 4, "model.enable_thinking=false")
     n = 4
     x_init = torch.randn((3, *model.latent_shape), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         _, ctx = model.forward_context(model.encode_prompts(HF_PROMPTS))
-        x0 = ode_sample(model, ctx, n, model.pipeline_shift(n), x_init=x_init.clone())
+        x0 = ode_sample(model, ctx, n, model.pipeline_shift(n), x_init=x_init.clone(), cfg_scale=guidance)
         images = model.decode(x0)
-        kw = {"prompt": HF_PROMPTS, "height": 32, "width": 32, "num_inference_steps": n, "guidance_scale": 1.0,
+        kw = {"prompt": HF_PROMPTS, "height": 32, "width": 32, "num_inference_steps": n, "guidance_scale": guidance,
               "max_sequence_length": MAX_TEXT, "text_encoder_out_layers": HF_LAYERS}
         lat = pipe(latents=x_init.clone(), output_type="latent", **kw).images
         img = pipe(latents=x_init.clone(), output_type="pt", **kw).images
     mean, std = model._bn(x0)
     ours_lat = torch.nn.functional.pixel_shuffle(x0 * std + mean, 2)
     e_lat, e_img = (ours_lat - lat).abs().max().item(), (images - img).abs().max().item()
-    print(f"ODE vs pipeline: latents max|diff| = {e_lat:.3g}, images {e_img:.3g}")
+    print(f"ODE vs pipeline (guidance {guidance}): latents max|diff| = {e_lat:.3g}, images {e_img:.3g}")
     assert lat.shape == ours_lat.shape and img.shape == images.shape == (3, 3, 32, 32)
     assert e_lat <= 1e-5 and e_img <= 1e-5
     assert (x0 - x_init).abs().max() > 0.1  # the sampler moved
@@ -274,3 +292,57 @@ def test_hidden_layers_the_text_encoder_lacks_are_a_clear_error():
     args = [a for a in hf_overrides(tiny_flux2_dir()) if not a.startswith("model.hidden_layers")]
     with pytest.raises(ValueError, match=r"^model.hidden_layers: \[9, 18, 27\] do not exist in a text encoder with 3"):
         build_model(load_config(None, args))
+
+
+def test_a_broken_checkpoint_is_refused_in_one_line(tmp_path):
+    """``build_model(cfg, checkpoint=F)`` checks the file before copying: NaN, a shape that does
+    not fit (another LoRA rank), garbage; each is one line naming the file and the tensor."""
+    from safetensors.torch import save_file
+
+    from unigrpo.utils.errors import CheckpointError
+
+    model, cfg, _ = hf_factory(seed=0)
+    good = tmp_path / "good.safetensors"
+    model.save(good)
+    torch.manual_seed(0)
+    assert build_model(cfg, checkpoint=str(good)) is not None
+    state = model.trainable_state()
+    name = min(state)
+    for label, change, match in [
+        ("nan", lambda st: st[name].fill_(float("nan")), f"tensor {name} holds NaN/inf"),
+        ("shape", lambda st: st.__setitem__(name, torch.zeros(1, 2)), f"tensor {name} has shape \\[1, 2\\]"),
+        ("names", lambda st: st.pop(name), "does not fit the model: missing"),
+    ]:
+        broken = {k: v.clone() for k, v in state.items()}
+        change(broken)
+        path = tmp_path / f"{label}.safetensors"
+        save_file(broken, str(path))
+        with pytest.raises(CheckpointError, match=match) as err:
+            build_model(cfg, checkpoint=str(path))
+        assert "\n" not in str(err.value)
+    (tmp_path / "garbage.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        build_model(cfg, checkpoint=str(tmp_path / "garbage.safetensors"))
+
+
+def test_bfloat16_weights_keep_lora_and_every_output_in_float32():
+    """``model.dtype=bfloat16`` (the GPU setting, run here once on CPU at tiny size): the base
+    weights are bf16, the LoRA weights the optimizer steps are float32 (peft's adapter dtype), and
+    what the SDE / log-prob math reads is float32: token log-probs, velocities, decoded images."""
+    model = model_of(4, 4, "model.dtype=bfloat16")
+    assert model.lm.model.embed_tokens.weight.dtype == model.dit.dtype == torch.bfloat16
+    trained = [p for g in model.parameter_groups().values() for _, p in g]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    with torch.no_grad():
+        tokens = model.sample_reasoning(model.encode_prompts(HF_PROMPTS), max_new_tokens=4,
+                                        generator=torch.Generator().manual_seed(0))
+        logp, ctx = model.forward_context(tokens)
+        x = torch.randn((3, *model.latent_shape), generator=torch.Generator().manual_seed(0))
+        v = model.velocity(x, torch.full((3,), 0.5), ctx)
+        image = model.decode(x)
+    assert logp.dtype == v.dtype == image.dtype == torch.float32
+    assert torch.isfinite(logp).all() and torch.isfinite(v).all() and v.abs().max() > 0
+    assert (logp[tokens.response_mask] < 0).all()
+    full_text = model_of(0, 4, "model.dtype=bfloat16")  # a fully trained side keeps float32 master weights
+    assert all(p.dtype == torch.float32 for _, p in full_text.parameter_groups()["text"])
+    assert full_text.dit.dtype == torch.bfloat16

@@ -1,0 +1,179 @@
+"""FLUX.2 [klein] (``diffusers.Flux2KleinPipeline``) for ``model.kind: hf``, shared mode: its
+``Qwen3ForCausalLM`` text encoder reasons, then its hidden states of prompt + reasoning condition the
+``Flux2Transformer2DModel``; latents through ``AutoencoderKLFlux2``. docs/models.md lists what was
+verified against the pipeline and what was not. References: diffusers'
+``pipelines/flux2/pipeline_flux2_klein.py`` (``_get_qwen3_prompt_embeds``, ``__call__``,
+``prepare_latents``, ``_encode_vae_image``), ``models/transformers/transformer_flux2.py``,
+``schedulers/scheduling_flow_match_euler_discrete.py``.
+
+- **Text**: the chat template with ``enable_thinking`` (``model.enable_thinking``, default True: the
+  generation prompt stops where the model opens its ``<think>`` block, so the reasoning is its
+  thinking + answer; False: the pipeline's own template, which closes an empty think block, and the
+  reasoning follows it).
+- **Context** (``forward_context``): ONE teacher-forced pass over each row's real tokens laid out
+  as the pipeline lays out a prompt: ``[real tokens | pad]`` right-padded to
+  ``model.max_text_tokens`` (the pipeline's ``max_sequence_length``), default positions, the pad
+  mask; the response log-probs come from that pass, the conditioning is the hidden states of
+  ``model.hidden_layers`` (the pipeline's ``text_encoder_out_layers``) of the first
+  ``max_text_tokens`` positions, concatenated on channels, pad positions included (FLUX.2 takes no
+  text mask: the pads are attended, as in the pipeline). The layout is per row, so a row's
+  conditioning does not depend on the rows it is batched with. Longer rows are cut at
+  ``max_text_tokens`` for the conditioning (the pipeline truncates) but scored in full.
+- **Latents** are stored as the pipeline's ``latents`` argument: VAE latents patchified 2x2 and
+  normalised by the VAE's BatchNorm running statistics, unpacked ``[4 z, H/2, W/2]``; ``velocity``
+  packs them to ``[B, HW, 4 z]`` tokens with the pipeline's position ids and unpacks the output.
+- **Time / velocity**: FLUX.2's transformer is called at ``timestep = sigma`` in [0, 1] (the
+  pipeline divides the scheduler's ``sigma * 1000`` by 1000) and its output is the scheduler's
+  ``model_output``, stepped as ``x + (sigma_next - sigma) * out``: sigma is our t and the output is
+  our ``eps - x0`` as is (no sign flip).
+- **Schedule**: the pipeline uses ``sigmas = linspace(1, 1/n, n)`` and an exponential dynamic shift
+  ``mu = compute_empirical_mu(image tokens, n)``, which is our ``timesteps(n, shift=exp(mu))``
+  exactly; ``pipeline_shift(n)`` gives that shift (set ``sampler.shift`` to it).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+
+from unigrpo.models.hf import HFUnifiedModel, lora_kwargs
+from unigrpo.models.protocol import TokenBatch
+
+__all__ = ["Flux2Klein", "FluxContext", "flux2_shift"]
+
+
+@dataclass
+class FluxContext:
+    """The transformer's text input: ``hidden`` [B, L, D] (``L = max_text_tokens``), ``mask``
+    [B, L] (real tokens; FLUX.2 attends every position, pads included)."""
+
+    hidden: torch.Tensor
+    mask: torch.Tensor
+
+
+def default_hidden_layers() -> tuple[int, ...]:
+    """The pipeline's own default ``text_encoder_out_layers`` ((9, 18, 27) in diffusers 0.42)."""
+    from diffusers import Flux2KleinPipeline
+
+    return tuple(inspect.signature(Flux2KleinPipeline.encode_prompt).parameters["text_encoder_out_layers"].default)
+
+
+def flux2_shift(image_seq_len: int, num_steps: int, scheduler_config: dict) -> float:
+    """``exp(mu)``, ``mu = compute_empirical_mu(image_seq_len, num_steps)``: with the pipeline's
+    ``sigmas = linspace(1, 1/n, n)``, the scheduler's exponential time shift
+    ``e^mu / (e^mu + 1/sigma - 1)`` is our ``shift_time(sigma, e^mu)``, so our ``timesteps(n, exp(mu))``
+    is the pipeline's grid (tested). Scheduler options without that identity are refused."""
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+    sc = scheduler_config
+    if not sc.get("use_dynamic_shifting") or sc.get("time_shift_type", "exponential") != "exponential" \
+            or sc.get("shift_terminal") or sc.get("use_karras_sigmas") or sc.get("use_exponential_sigmas") \
+            or sc.get("use_beta_sigmas") or sc.get("invert_sigmas") or sc.get("stochastic_sampling"):
+        raise NotImplementedError(f"this scheduler config is not one shift of our time grid: {sc}")
+    return math.exp(compute_empirical_mu(image_seq_len, num_steps))
+
+
+class Flux2Klein(HFUnifiedModel):
+    """FLUX.2 [klein] in shared mode (module docstring). Submodules: ``lm``, ``dit``, ``vae``."""
+
+    pipeline_class = "Flux2KleinPipeline"
+
+    def __init__(self, lm, tokenizer, dit, vae, scheduler_config: dict, *, resolution: int,
+                 hidden_layers: tuple[int, ...], max_text_tokens: int, enable_thinking: bool, **lora):
+        if tokenizer.padding_side != "right":
+            raise ValueError(f"model.pipeline: the tokenizer pads on the {tokenizer.padding_side}; "
+                             "only right padding (the FLUX.2 [klein] tokenizer's) is implemented")
+        super().__init__(lm, tokenizer, dit, vae, scheduler_config, hidden_layers=hidden_layers,
+                         template_kwargs={"enable_thinking": enable_thinking}, **lora)
+        self.max_text_tokens, self.enable_thinking = int(max_text_tokens), enable_thinking
+        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        if resolution % (2 * self.vae_scale):
+            raise ValueError(f"model.resolution: must be a multiple of {2 * self.vae_scale}, got {resolution}")
+        side = resolution // (2 * self.vae_scale)
+        self.resolution = resolution
+        self.latent_shape = (4 * vae.config.latent_channels, side, side)
+        if dit.config.in_channels != self.latent_shape[0]:
+            raise ValueError(f"the transformer reads {dit.config.in_channels} channels, the VAE gives {self.latent_shape[0]}")
+
+    @classmethod
+    def from_pipeline(cls, pipe, m) -> Flux2Klein:
+        """The adapter over a loaded pipeline, configured by the ``model`` section ``m``."""
+        return cls(pipe.text_encoder, pipe.tokenizer, pipe.transformer, pipe.vae, dict(pipe.scheduler.config),
+                   resolution=m.resolution,
+                   hidden_layers=tuple(m.hidden_layers) if m.hidden_layers else default_hidden_layers(),
+                   max_text_tokens=m.max_text_tokens, enable_thinking=m.enable_thinking, **lora_kwargs(m))
+
+    def _encode(self, lm, tokens: TokenBatch, temperature: float) -> tuple[torch.Tensor, FluxContext]:
+        """The teacher-forced pass of ``forward_context`` with the LM ``lm`` (policy or reference)."""
+        b, width = tokens.ids.shape
+        n = tokens.mask.sum(1)
+        packed_w = max(self.max_text_tokens, int(n.max()))
+        # each row's real tokens first, in order, then pads: the pipeline's right-padded layout
+        order = torch.sort((~tokens.mask).long(), dim=1, stable=True).indices  # [B, width]
+        col = torch.arange(packed_w, device=tokens.ids.device)
+        real = col[None] < n[:, None]  # [B, packed_w]
+        src = torch.zeros(b, packed_w, dtype=torch.long, device=tokens.ids.device)
+        src[:, :min(width, packed_w)] = order[:, :packed_w]
+        ids = torch.where(real, tokens.ids.gather(1, src), torch.full_like(src, self.pad_id))
+        out = lm(input_ids=ids, attention_mask=real.long(), output_hidden_states=True, use_cache=False)
+        logits = out.logits[:, :-1].float() / temperature
+        logp_next = torch.gather(logits.log_softmax(-1), 2, ids[:, 1:, None])[..., 0]
+        logp_packed = torch.nn.functional.pad(logp_next, (1, 0)) * real
+        # back to the caller's layout: packed column j of row i is its column src[i, j]
+        logp = torch.zeros(b, width, dtype=logp_packed.dtype, device=ids.device)
+        logp = logp.scatter_add(1, src[:, :width].clamp(max=width - 1), (logp_packed * real)[:, :width])
+        logp = logp * tokens.response_mask
+        hidden = torch.cat([out.hidden_states[k][:, :self.max_text_tokens] for k in self.hidden_layers], -1)
+        return logp, FluxContext(hidden, real[:, :self.max_text_tokens])
+
+    def _null(self, lm, batch_size: int) -> FluxContext:
+        """The pipeline's negative prompt: "" through the pipeline's template (no thinking)."""
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
+                                                  add_generation_prompt=True, enable_thinking=False)
+        ids = torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]], device=self.device)
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        _, ctx = self._encode(lm, TokenBatch(ids, mask, torch.zeros_like(mask)), 1.0)
+        return FluxContext(ctx.hidden.expand(batch_size, -1, -1), ctx.mask.expand(batch_size, -1))
+
+    def _velocity(self, dit, x_t: torch.Tensor, t: torch.Tensor, ctx: FluxContext) -> torch.Tensor:
+        b, c, h, w = x_t.shape
+        t = t.expand(b) if t.dim() == 0 else t
+        dev, dtype = x_t.device, dit.dtype
+        hh, ww = torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev), indexing="ij")
+        zero = torch.zeros(h * w, dtype=torch.long, device=dev)
+        img_ids = torch.stack([zero, hh.reshape(-1), ww.reshape(-1), zero], -1)  # (T, H, W, L) coordinates
+        length = ctx.hidden.shape[1]
+        lz = torch.zeros(length, dtype=torch.long, device=dev)
+        txt_ids = torch.stack([lz, lz, lz, torch.arange(length, device=dev)], -1)
+        tokens = x_t.reshape(b, c, h * w).transpose(1, 2)  # pack: [B, HW, C]
+        out = dit(hidden_states=tokens.to(dtype), timestep=t.to(dtype), guidance=None,
+                  encoder_hidden_states=ctx.hidden.to(dtype), txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        return out.transpose(1, 2).reshape(b, c, h, w).to(x_t.dtype)  # unpack; eps - x0 as is (docstring)
+
+    def _bn(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bn = self.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(like.device, like.dtype)
+        return mean, std
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        mean, std = self._bn(x0)
+        z = torch.nn.functional.pixel_shuffle(x0 * std + mean, 2)  # un-patchify 2x2: [4z, h, w] -> [z, 2h, 2w]
+        with torch.no_grad():
+            image = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            z = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist.mode()  # the pipeline's "argmax"
+        z = torch.nn.functional.pixel_unshuffle(z.float(), 2)
+        mean, std = self._bn(z)
+        return (z - mean) / std
+
+    def pipeline_shift(self, num_steps: int) -> float:
+        """The ``sampler.shift`` whose ``timesteps(num_steps, shift)`` is the pipeline's schedule at
+        this resolution (``flux2_shift``)."""
+        return flux2_shift(self.latent_shape[1] * self.latent_shape[2], num_steps, self.scheduler_config)
