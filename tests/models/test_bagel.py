@@ -16,6 +16,7 @@ pytest.importorskip("peft")
 from conftest import BAGEL_PROMPTS, bagel_factory, bagel_overrides, tiny_bagel_dir
 from safetensors.torch import load_file, save_file
 
+from unigrpo.algo.schedule import model_timesteps
 from unigrpo.cli import main
 from unigrpo.config import load_config
 from unigrpo.models import build_model
@@ -219,6 +220,8 @@ def test_one_euler_ode_sample_is_bagels_flow_loop():
             x = x - model.velocity(x, ts[i].expand(2), ctx) * (ts[i] - ts[i + 1])
     torch.testing.assert_close(ours, x, atol=1e-6, rtol=1e-6)
     assert (ours - x0).abs().max() > 0.1
+    # sampler.shift: null = Bagel's own schedule (timestep_shift 3)
+    torch.testing.assert_close(model_timesteps(model, n_timesteps - 1, None), ts, atol=1e-6, rtol=0)
 
 
 # ----------------------------------------------------------------------------- protocol specifics

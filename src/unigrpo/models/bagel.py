@@ -306,6 +306,13 @@ class BagelModel(nn.Module):
         frozen = {n: p.detach() for n, p in self._params("text").items()} if ctx.detached else None
         return self._call(frozen, "image", x_t, t, ctx)
 
+    def pipeline_timesteps(self, num_steps: int) -> torch.Tensor:
+        """Bagel's own grid (``sampler.shift: null``): ``timestep_shift = 3`` (``inferencer.py``, ``app.py``)
+        on ``num_steps + 1`` points, i.e. its ``num_timesteps = num_steps + 1``."""
+        from unigrpo.algo.schedule import timesteps
+
+        return timesteps(num_steps, 3.0)
+
     def cfg_contexts(self, tokens: TokenBatch) -> tuple[BagelContext, BagelContext]:
         """Bagel's two unconditional contexts for evaluation CFG (``bagel_cfg.cfg_contexts``)."""
         from unigrpo.models.bagel_cfg import cfg_contexts
