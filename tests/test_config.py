@@ -130,7 +130,7 @@ def test_sections_with_a_kind_pick_their_dataclass():
         load_config(None, ["task.kind=nope"])
     with pytest.raises(ConfigError, match=r"^task.prompts: unknown key for task.kind='shapes'"):
         load_config(None, ["task.prompts=p.jsonl"])
-    with pytest.raises(ConfigError, match=r"^model.kind: must be one of 'tiny', 'hf', got 'nope'$"):
+    with pytest.raises(ConfigError, match=r"^model.kind: must be one of 'tiny', 'hf', 'bagel', got 'nope'$"):
         load_config(None, ["model.kind=nope"])
     with pytest.raises(ConfigError, match=r"^model.image_size: unknown key for model.kind='hf'"):
         load_config(None, ["model.kind=hf", "model.pipeline=p", "model.image_size=32"])

@@ -65,8 +65,41 @@ class HFModelConfig:
     enable_thinking: bool = True  # chat template: True = the reasoning opens a <think> block; False = the pipeline's template
 
 
+BAGEL_UND_TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+BAGEL_GEN_TARGETS = ["q_proj_moe_gen", "k_proj_moe_gen", "v_proj_moe_gen", "o_proj_moe_gen",
+                     "mlp_moe_gen.gate_proj", "mlp_moe_gen.up_proj", "mlp_moe_gen.down_proj"]
+
+
+@dataclass
+class BagelLoRAConfig:
+    """LoRA of the Bagel adapter (peft; alpha = rank, no dropout). Rank 0 = that expert trains in full."""
+
+    text_rank: int = 64  # LoRA rank on the understanding expert's projections; 0 = train every und weight
+    image_rank: int = 64  # LoRA rank on the generation expert's 7 *_moe_gen projections; 0 = train every gen weight
+    text_targets: list[str] = field(default_factory=lambda: list(BAGEL_UND_TARGETS))  # und module-name suffixes
+    image_targets: list[str] = field(default_factory=lambda: list(BAGEL_GEN_TARGETS))  # gen module-name suffixes
+
+
+@dataclass
+class BagelModelConfig:
+    """``model.kind: bagel``: BAGEL-7B-MoT from its released folder (docs/models.md, Bagel section)."""
+
+    kind: Literal["bagel"] = "bagel"  # model adapter (unigrpo.models.KINDS); each kind has its own keys
+    path: str = ""  # folder with llm_config.json, ema.safetensors, ae.safetensors, tokenizer.json
+    checkpoint: str | None = None  # trainable tensors written by model.save (LoRA / whole experts); null = the release's
+    lora: BagelLoRAConfig = field(default_factory=BagelLoRAConfig)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights dtype (VAE: float32); bf16 on GPUs
+    resolution: int = 512  # image side in pixels (multiple of 16; at most 16 * max_latent_size = 1024)
+    think: bool = True  # think mode: Bagel's planning system prompt before the prompt (its T2I thinking recipe)
+    system_prompt: str | None = None  # think-mode system prompt; null = Bagel's GEN_THINK_SYSTEM_PROMPT
+    train_heads: bool = False  # also train time_embedder, vae2llm, llm2vae with the image expert
+    gradient_checkpointing: bool = False  # recompute every decoder layer in backward (text pass and velocity)
+    logits_chunk: int = 1024  # lm_head + log-softmax over this many positions at a time (recomputed in backward)
+
+
 # The ``model`` section, told apart by ``model.kind`` (one dataclass per kind; adapters add theirs).
-ModelConfig = TinyModelConfig | HFModelConfig
+ModelConfig = TinyModelConfig | HFModelConfig | BagelModelConfig
 
 
 @dataclass
@@ -324,6 +357,11 @@ def validate(cfg: Config) -> Config:
         _check(m.lora.text_rank >= 0 and m.lora.image_rank >= 0, "model.lora.text_rank", "ranks must be >= 0")
         _check(m.resolution > 0 and m.resolution % 16 == 0, "model.resolution", "must be a positive multiple of 16")
         _check(m.max_text_tokens >= 1, "model.max_text_tokens", "must be >= 1")
+    elif cfg.model.kind == "bagel":
+        m = cfg.model
+        _check(m.lora.text_rank >= 0 and m.lora.image_rank >= 0, "model.lora.text_rank", "ranks must be >= 0")
+        _check(m.resolution > 0 and m.resolution % 16 == 0, "model.resolution", "must be a positive multiple of 16")
+        _check(m.logits_chunk >= 1, "model.logits_chunk", "must be >= 1")
     return cfg
 
 

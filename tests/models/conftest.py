@@ -194,11 +194,50 @@ def qwenimage_factory(seed: int = 0, text_rank: int = 4, image_rank: int = 4):
     return model.eval(), cfg, list(HF_PROMPTS)
 
 
+# ----------------------------------------------------------------------------- bagel (BAGEL-7B-MoT)
+BAGEL_PROMPTS = ["a red circle", "two blue squares above a green triangle", "a yellow triangle"]
+_BAGEL_DIR: list[str] = []
+
+
+def tiny_bagel_dir() -> str:
+    """A tiny random BAGEL folder (real file and key names, hidden 64, 2 layers, 4 / 2 heads, FLUX
+    AE with ch 32), written once per test session by the library's own writer."""
+    if not _BAGEL_DIR:
+        import tempfile
+
+        from unigrpo.models.bagel_io import write_tiny_bagel
+
+        _BAGEL_DIR.append(str(write_tiny_bagel(tempfile.mkdtemp(prefix="unigrpo_bagel_"))))
+    return _BAGEL_DIR[0]
+
+
+def bagel_overrides(folder: str, text_rank: int = 0, image_rank: int = 4) -> list[str]:
+    return ["model.kind=bagel", f"model.path={folder}", f"model.lora.text_rank={text_rank}",
+            f"model.lora.image_rank={image_rank}", "model.resolution=32", "model.dtype=float32", "device=cpu"]
+
+
+def bagel_factory(seed: int = 0, text_rank: int = 0, image_rank: int = 4):
+    """The tiny BAGEL folder loaded by the production loader, the und expert trained in full (its
+    reference a snapshot) and LoRA on the gen expert (its reference the adapters off). A seed
+    perturbs the und weights and draws the LoRA A matrices (B = 0: the gen side starts as the base)."""
+    pytest.importorskip("tokenizers")
+    if image_rank or text_rank:
+        pytest.importorskip("peft")
+    cfg = load_config(None, bagel_overrides(tiny_bagel_dir(), text_rank, image_rank))
+    torch.manual_seed(seed)
+    model = build_model(cfg, checkpoint=None)
+    with torch.no_grad():
+        for _, p in model.parameter_groups()["text"]:
+            p.add_(0.02 * torch.randn_like(p))
+    return model.eval(), cfg, list(BAGEL_PROMPTS)
+
+
 # model.kind -> factory(seed=0) -> (model, cfg, prompts). One line per adapter.
 ADAPTERS: dict[str, Callable[..., tuple[Any, Any, list[str]]]] = {
     "tiny": tiny_factory,
     "hf": hf_factory,
     "hf:qwenimage": qwenimage_factory,
+    "bagel": bagel_factory,
 }
 
 

@@ -1,0 +1,396 @@
+"""``model.kind: bagel``: BAGEL-7B-MoT (ByteDance-Seed, Apache-2.0), the paper's model, as a
+clean-room torch implementation that loads the released ``ema.safetensors`` / ``ae.safetensors`` by
+key name (``bagel_io``). Decoder: ``bagel_mot``; latent path: ``bagel_latent``; VAE: ``bagel_vae``.
+docs/models.md (section "Bagel-7B-MoT") lists what is verified and what is not.
+
+Sequence layout (ByteDance-Seed/Bagel ``inferencer.py: interleave_inference``, ``bagel.py``):
+every text segment is ``<|im_start|> text <|im_end|>`` (no role headers), one RoPE position per
+token, causal. A prompt row is, LEFT-padded, ``[sys][prompt]<|im_start|>`` in think mode
+(``sys`` = the think system prompt) and ``[prompt]<|im_start|>`` otherwise; the final
+``<|im_start|>`` is the decode start token (``generate_text`` feeds it first). The reasoning is
+sampled after it and ends at ``<|im_end|>`` (an action, scored). Positions are ``cumsum(mask) - 1``.
+
+- **Context** (``forward_context``): ONE teacher-forced und-expert pass over prompt + the SAMPLED
+  reasoning ids (never decoded and re-tokenised, unlike the official inferencer): the token
+  log-probs (float32 log-softmax of ``logits / T``, lm_head in chunks) and, per layer, the K/V of
+  every token (after ``k_norm`` and RoPE) with the key mask. A row without reasoning (thinking
+  off) drops its dangling decode-start token from the keys, so the image sees ``[sys][prompt]``.
+- **Image block** (``velocity``): ``<|vision_start|> latents <|vision_end|>``, all at ONE RoPE
+  position (the row's next text position), full attention inside the block, attending to the
+  context's real keys. The two markers run through the und expert and ``embed_tokens``, the
+  latents through the gen expert; the velocity is ``llm2vae(norm_moe_gen(h))`` at the latents.
+- **Convention**: BAGEL interpolates ``x_t = (1 - t) x0 + t eps`` with target ``eps - x0`` and
+  steps ``x <- x - v (t_i - t_{i+1})`` on ``linspace(1, 0, N)`` shifted by ``s t / (1 + (s-1) t)``:
+  our convention exactly (no sign or time flip); its ``num_timesteps = N`` is our ``num_steps =
+  N - 1``.
+- **Image loss into the text expert**: the markers' und computation is part of the context, so
+  ``detach_context`` cuts it too: a detached context's velocity runs with the text parameters
+  detached (``torch.func.functional_call``); detaching only the K/V would leave the image loss a
+  path into the und weights through the markers (tested).
+- **Reference** (``reference()``): LoRA sides with adapters disabled, fully trained sides a snapshot
+  of their trainable tensors, substituted with ``functional_call`` (never a second model copy).
+- **Unclosed reasoning**: a row that hits ``max_new_tokens`` before ``<|im_end|>`` stays open (the
+  official inferencer closes every segment; a closing token would be an unscored token).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
+
+from unigrpo.models.bagel_latent import PositionEmbedding, TimestepEmbedder, patchify, unpatchify
+from unigrpo.models.bagel_mot import LLMConfig, Qwen2MoTForCausalLM, attention_mask
+from unigrpo.models.hf_text import positions
+from unigrpo.models.protocol import TokenBatch
+from unigrpo.models.tiny import sample_top_p
+from unigrpo.utils import dist
+
+__all__ = ["THINK_SYSTEM_PROMPT", "BagelContext", "BagelModel", "build"]
+
+# ByteDance-Seed/Bagel inferencer.py: GEN_THINK_SYSTEM_PROMPT (a data constant of the released model)
+THINK_SYSTEM_PROMPT = ("You should first think about the planning process in the mind and then generate the image. \n"
+                       "The planning process is enclosed within <think> </think> tags, i.e. <think> planning process "
+                       "here </think> image here")
+SPECIALS = {"start": "<|im_start|>", "end": "<|im_end|>", "vision_start": "<|vision_start|>",
+            "vision_end": "<|vision_end|>", "pad": "<|endoftext|>"}
+PATCH = 2  # latent_patch_size of the released model
+
+
+@dataclass
+class BagelContext:
+    """What the image block attends to: per-layer ``keys`` / ``values`` [B, n_kv, L, D], the key
+    ``mask`` [B, L], the block's RoPE position ``next_pos`` [B]; ``detached``: the image loss must
+    not reach the text parameters (markers included)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    mask: torch.Tensor
+    next_pos: torch.Tensor
+    detached: bool = False
+
+
+class BagelModel(nn.Module):
+    """BAGEL-7B-MoT for text-to-image with thinking (module docstring). Submodules carry the
+    checkpoint's names: ``language_model``, ``time_embedder``, ``vae2llm``, ``llm2vae``,
+    ``latent_pos_embed``; ``vae`` holds ``ae.safetensors``."""
+
+    def __init__(self, llm: LLMConfig, tokenizer, vae, *, max_latent_size: int, timestep_dim: int = 256,
+                 resolution: int = 512, think: bool = True, system_prompt: str | None = None,
+                 train_heads: bool = False, logits_chunk: int = 1024):
+        super().__init__()
+        self.llm_config, self.tokenizer = llm, tokenizer
+        self.language_model = Qwen2MoTForCausalLM(llm)
+        z = vae.z_channels
+        self.time_embedder = TimestepEmbedder(llm.hidden_size, timestep_dim)
+        self.vae2llm = nn.Linear(PATCH * PATCH * z, llm.hidden_size)
+        self.llm2vae = nn.Linear(llm.hidden_size, PATCH * PATCH * z)
+        self.latent_pos_embed = PositionEmbedding(max_latent_size, llm.hidden_size)
+        self.vae = vae.requires_grad_(False)
+        self.ids = {}
+        for k, s in SPECIALS.items():
+            if (i := tokenizer.token_to_id(s)) is None:
+                raise ValueError(f"bagel tokenizer: no {s} token (the model's special tokens are {list(SPECIALS.values())})")
+            self.ids[k] = i
+        self.pad_id = self.ids["pad"]
+        side = resolution // vae.downsample
+        if resolution % (vae.downsample * PATCH) or side // PATCH > max_latent_size:
+            raise ValueError(f"model.resolution: {resolution} must be a multiple of {vae.downsample * PATCH} with at most "
+                             f"{max_latent_size} latent patches per side (max_latent_size of the checkpoint)")
+        self.resolution, self.latent_shape = resolution, (z, side, side)
+        self.think = think
+        self.system_prompt = (THINK_SYSTEM_PROMPT if system_prompt is None else system_prompt) if think else None
+        self.train_heads, self.logits_chunk = train_heads, logits_chunk
+        self.text_rank = self.image_rank = 0
+
+    # ----------------------------------------------------------------- LoRA / parameters
+    def add_lora(self, text_rank: int, image_rank: int, text_targets, image_targets) -> None:
+        """peft LoRA (alpha = rank, no dropout, B = 0) on the und projections ``text_targets`` and
+        the gen projections ``image_targets`` (module-name suffixes); rank 0 = that side trains in full."""
+        self.text_rank, self.image_rank = text_rank, image_rank
+        targets = (list(text_targets) if text_rank else []) + (list(image_targets) if image_rank else [])
+        if targets:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            ranks = {t: text_rank for t in text_targets if text_rank} | {t: image_rank for t in image_targets if image_rank}
+            cfg = LoraConfig(r=max(ranks.values()), lora_alpha=max(ranks.values()), lora_dropout=0.0,
+                             target_modules=targets, rank_pattern=ranks, alpha_pattern=ranks)
+            inject_adapter_in_model(cfg, self.language_model)
+            for n, p in self.language_model.named_parameters():
+                if "lora_" in n:  # float32 masters under bf16 weights (peft casts the input, returns the layer's dtype)
+                    p.data = p.data.float()
+        groups = {id(p) for g in self.parameter_groups().values() for _, p in g}
+        for p in self.parameters():
+            p.requires_grad_(id(p) in groups)
+
+    def _side(self, name: str) -> str | None:
+        if name.startswith("language_model."):
+            return "image" if "moe_gen" in name else "text"
+        if name.startswith(("time_embedder.", "vae2llm.", "llm2vae.")) and self.train_heads:
+            return "image"
+        return None  # latent_pos_embed (a frozen table), vae, heads unless model.train_heads
+
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Text: und weights, embeddings, lm_head, ``norm``; image: ``*_moe_gen``, ``norm_moe_gen``
+        (+ the latent heads with ``train_heads``). A LoRA side: its LoRA weights only."""
+        rank = {"text": self.text_rank, "image": self.image_rank}
+        out = {"text": [], "image": []}
+        for n, p in self.named_parameters():
+            side = self._side(n)
+            if side and (rank[side] == 0 or "lora_" in n or not n.startswith("language_model.")):
+                out[side].append((n, p))
+        return out
+
+    def _params(self, side: str) -> dict[str, torch.Tensor]:
+        return dict(self.parameter_groups()[side])
+
+    # ----------------------------------------------------------------- forward phases
+    def forward(self, phase: str, *args):
+        """Dispatch for ``functional_call`` (weights substituted): ``phase`` in text / scored / image."""
+        return {"text": self._text, "scored": self._scored, "image": self._image}[phase](*args)
+
+    def _call(self, overrides: dict | None, phase: str, *args):
+        """``phase`` with the tensors ``overrides`` (by parameter name) in place of the parameters.
+        The decoder layers also get them bound into each layer call (``Qwen2MoTForCausalLM.run``):
+        activation checkpointing recomputes a layer in backward, after this call has returned."""
+        if not overrides:
+            return self.forward(phase, *args)
+        lm, prefix = self.language_model, "language_model."
+        lm.overrides = {k[len(prefix):]: v for k, v in overrides.items() if k.startswith(prefix)}
+        try:
+            return functional_call(self, overrides, (phase, *args))
+        finally:
+            lm.overrides = {}
+
+    def _text(self, ids: torch.Tensor, pos: torch.Tensor, key_mask: torch.Tensor, past):
+        """Und-expert pass of ``ids`` [B, L] (the last L of ``key_mask``'s keys) over ``past``."""
+        lm = self.language_model
+        h = lm.model.embed_tokens(ids)
+        return lm.run(h, pos, attention_mask(key_mask, ids.shape[1], causal=True), past)
+
+    def _logits(self, h: torch.Tensor, temperature: float) -> torch.Tensor:
+        lm = self.language_model
+        return lm.lm_head(lm.model.norm(h)).float() / temperature  # float32 log-softmax downstream
+
+    def _token_logp(self, h: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+        """log softmax(logits / T)[target] per position [B, L], lm_head over ``logits_chunk``
+        positions at a time (recomputed in backward: [chunk, vocab] logits are never all kept)."""
+        def chunk(hc, tc):
+            return self._logits(hc, temperature).log_softmax(-1).gather(-1, tc[..., None])[..., 0]
+        out = []
+        for s in range(0, h.shape[1], self.logits_chunk):
+            hc, tc = h[:, s:s + self.logits_chunk], targets[:, s:s + self.logits_chunk]
+            out.append(checkpoint(chunk, hc, tc, use_reentrant=False) if torch.is_grad_enabled() else chunk(hc, tc))
+        return torch.cat(out, 1)
+
+    def _scored(self, tokens: TokenBatch, temperature: float):
+        """The teacher-forced pass: (log-probs [B, L] of the response tokens, per-layer K/V)."""
+        h, kv = self._text(tokens.ids, positions(tokens.mask), tokens.mask, None)
+        logp = F.pad(self._token_logp(h[:, :-1], tokens.ids[:, 1:], temperature), (1, 0)) * tokens.response_mask
+        return logp, kv
+
+    def _image(self, x_t: torch.Tensor, t: torch.Tensor, ctx: BagelContext) -> torch.Tensor:
+        b, z, hh, ww = x_t.shape
+        h, w, lm = hh // PATCH, ww // PATCH, self.language_model
+        dtype = self.vae2llm.weight.dtype
+        emb = self.vae2llm(patchify(x_t, PATCH).to(dtype)) + self.time_embedder(t)[:, None] \
+            + self.latent_pos_embed(h, w)[None]
+        marks = lm.model.embed_tokens(torch.tensor([self.ids["vision_start"], self.ids["vision_end"]], device=x_t.device))
+        n = h * w
+        block = torch.cat([marks[:1].expand(b, 1, -1), emb, marks[1:].expand(b, 1, -1)], 1)  # [B, n + 2, H]
+        pos = ctx.next_pos[:, None].expand(b, n + 2)  # the whole block at ONE position
+        keys = torch.cat([ctx.mask, torch.ones(b, n + 2, dtype=torch.bool, device=x_t.device)], 1)
+        out, _ = lm.run(block, pos, attention_mask(keys, n + 2, causal=False), list(zip(ctx.keys, ctx.values)),
+                        gen=slice(1, n + 1))
+        v = self.llm2vae(lm.model.norm_moe_gen(out[:, 1:n + 1]))
+        return unpatchify(v, z, h, w, PATCH).to(x_t.dtype)
+
+    # ----------------------------------------------------------------- text phase
+    @property
+    def device(self) -> torch.device:
+        return self.vae2llm.weight.device
+
+    def _segment(self, text: str) -> list[int]:
+        return [self.ids["start"], *self.tokenizer.encode(text, add_special_tokens=False).ids, self.ids["end"]]
+
+    def encode_prompts(self, prompts: list[str]) -> TokenBatch:
+        sys = self._segment(self.system_prompt) if self.system_prompt is not None else []
+        rows = [sys + self._segment(p) + [self.ids["start"]] for p in prompts]
+        return TokenBatch.left_padded(rows, self.pad_id, self.device)
+
+    @torch.no_grad()
+    def sample_reasoning(self, prompts: TokenBatch, *, max_new_tokens: int, temperature: float = 1.0,
+                         top_p: float = 1.0, generator: torch.Generator | None = None,
+                         return_logprobs: bool = False, use_cache: bool = True):
+        """KV-cache decode from the prompts, rows stop at ``<|im_end|>`` independently (kept: an
+        action); ``use_cache=False`` recomputes the whole sequence per token (a test reference)."""
+        ids, mask = prompts.ids, prompts.mask
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        new_ids, new_mask, new_logp = [], [], []
+        h, cache = self._text(ids, positions(mask), mask, None)
+        h_last, key_mask, pos = h[:, -1:], mask, mask.long().sum(1, keepdim=True)  # next position per row
+        for _ in range(max_new_tokens):
+            logits = self._logits(h_last, temperature)[:, 0]
+            tok = sample_top_p(logits, top_p, generator)
+            tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
+            if return_logprobs:  # of the temperature-scaled distribution, as forward_context scores
+                new_logp.append(logits.log_softmax(-1).gather(1, tok[:, None])[:, 0] * ~done)
+            new_ids.append(tok)
+            new_mask.append(~done)
+            done = done | (tok == self.ids["end"])
+            if bool(done.all()):
+                break
+            key_mask = torch.cat([key_mask, new_mask[-1][:, None]], 1)  # the token fed now is real iff live
+            if use_cache:
+                h_last, kv = self._text(tok[:, None], pos, key_mask, cache)
+                cache = [(torch.cat([k0, k1], 2), torch.cat([v0, v1], 2)) for (k0, v0), (k1, v1) in zip(cache, kv)]
+            else:
+                full = torch.cat([ids, torch.stack(new_ids, 1)], 1)
+                h_last = self._text(full, positions(key_mask), key_mask, None)[0][:, -1:]
+            pos = pos + new_mask[-1][:, None].long()  # finished rows keep their position (masked)
+        return prompts.with_sampled(new_ids, new_mask, new_logp if return_logprobs else None)
+
+    def with_response(self, prompts: TokenBatch, responses: list[str]) -> TokenBatch:
+        """Given texts closed by ``<|im_end|>`` after the decode-start token, as if sampled."""
+        rows = [self.tokenizer.encode(r, add_special_tokens=False).ids + [self.ids["end"]] for r in responses]
+        return prompts.with_responses(rows, self.pad_id)
+
+    def decode_text(self, tokens: TokenBatch) -> list[str]:
+        return [self.tokenizer.decode([i for i, keep in zip(ids, m) if keep], skip_special_tokens=False)
+                for ids, m in zip(tokens.ids.tolist(), tokens.response_mask.tolist())]
+
+    def _context(self, overrides, tokens: TokenBatch, temperature: float):
+        logp, kv = self._call(overrides, "scored", tokens, temperature)
+        count = tokens.mask.long().cumsum(1)
+        last_col = (count == count[:, -1:]).long().argmax(1)  # each row's last real token (right pads follow it)
+        last = tokens.ids.gather(1, last_col[:, None])[:, 0]
+        dangling = (last == self.ids["start"]) & ~tokens.response_mask.any(1)  # thinking off: no open segment
+        col = torch.arange(tokens.ids.shape[1], device=tokens.ids.device)
+        mask = tokens.mask & ~(dangling[:, None] & (col[None] == last_col[:, None]))
+        return logp, BagelContext([k for k, _ in kv], [v for _, v in kv], mask, mask.long().sum(1))
+
+    def forward_context(self, tokens: TokenBatch, temperature: float = 1.0) -> tuple[torch.Tensor, BagelContext]:
+        return self._context(None, tokens, temperature)
+
+    def _null(self, overrides, batch_size: int) -> BagelContext:
+        """BAGEL's text-CFG context: the system prompt alone (think mode), else an empty cache."""
+        if self.system_prompt is None:
+            c, dev = self.llm_config, self.device
+            empty = torch.zeros(batch_size, c.num_key_value_heads, 0, c.head_dim, dtype=self.vae2llm.weight.dtype, device=dev)
+            n = c.num_hidden_layers
+            return BagelContext([empty] * n, [empty] * n, torch.zeros(batch_size, 0, dtype=torch.bool, device=dev),
+                                torch.zeros(batch_size, dtype=torch.long, device=dev))
+        ids = torch.tensor([self._segment(self.system_prompt)], device=self.device)
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        _, kv = self._call(overrides, "text", ids, positions(mask), mask, None)
+        return BagelContext([k.expand(batch_size, -1, -1, -1) for k, _ in kv], [v.expand(batch_size, -1, -1, -1) for _, v in kv],
+                            mask.expand(batch_size, -1), mask.long().sum(1).expand(batch_size))
+
+    def null_context(self, batch_size: int) -> BagelContext:
+        return self._null(None, batch_size)
+
+    @staticmethod
+    def detach_context(ctx: BagelContext) -> BagelContext:
+        return BagelContext([k.detach() for k in ctx.keys], [v.detach() for v in ctx.values], ctx.mask, ctx.next_pos,
+                            detached=True)
+
+    # ----------------------------------------------------------------- image phase
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, ctx: BagelContext) -> torch.Tensor:
+        t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
+        frozen = {n: p.detach() for n, p in self._params("text").items()} if ctx.detached else None
+        return self._call(frozen, "image", x_t, t, ctx)
+
+    def pipeline_timesteps(self, num_steps: int) -> torch.Tensor:
+        """Bagel's own grid (``sampler.shift: null``): ``timestep_shift = 3`` (``inferencer.py``, ``app.py``)
+        on ``num_steps + 1`` points, i.e. its ``num_timesteps = num_steps + 1``."""
+        from unigrpo.algo.schedule import timesteps
+
+        return timesteps(num_steps, 3.0)
+
+    def cfg_contexts(self, tokens: TokenBatch) -> tuple[BagelContext, BagelContext]:
+        """Bagel's two unconditional contexts for evaluation CFG (``bagel_cfg.cfg_contexts``)."""
+        from unigrpo.models.bagel_cfg import cfg_contexts
+
+        return cfg_contexts(self, tokens)
+
+    def cfg_velocity(self, x_t: torch.Tensor, t: torch.Tensor, ctx: BagelContext, ctx_text: BagelContext,
+                     ctx_img: BagelContext, **options) -> torch.Tensor:
+        """Bagel's two-branch evaluation guidance (``bagel_cfg.cfg_velocity``; training is CFG-free)."""
+        from unigrpo.models.bagel_cfg import cfg_velocity
+
+        return cfg_velocity(self, x_t, t, ctx, ctx_text, ctx_img, **options)
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            image = self.vae.decode(x0.to(self.vae.encoder.conv_in.weight.dtype))
+        return (image.float() * 0.5 + 0.5).clamp(0, 1)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.vae.encode((images * 2 - 1).to(self.vae.encoder.conv_in.weight.dtype)).float()
+
+    # ----------------------------------------------------------------- lifecycle
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each decoder layer in backward (text pass and velocity alike)."""
+        self.language_model.checkpointing = True
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for g in self.parameter_groups().values() for n, p in g}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        own = {n: p for g in self.parameter_groups().values() for n, p in g}
+        missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+        if missing or unexpected:  # checked first: a rejected state leaves the model untouched
+            raise ValueError(f"trainable state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for n, p in own.items():
+                p.copy_(state[n])
+
+    def reference(self):
+        """The starting policy (``bagel_reference.BagelReference``: LoRA off / trainable snapshot)."""
+        from unigrpo.models.bagel_reference import BagelReference
+
+        return BagelReference(self)
+
+    def wrap(self, ranks) -> None:
+        dist.broadcast_parameters(self, ranks)  # every rank starts from rank 0's weights
+
+    def reduce_gradients(self, params: list[nn.Parameter], ranks) -> None:
+        dist.average_gradients(params, ranks)
+
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        """The trainable tensors as safetensors (the base weights are ``model.path``)."""
+        from safetensors.torch import save
+
+        from unigrpo.utils.checkpoint import atomic_save
+
+        meta = {"text_rank": str(self.text_rank), "image_rank": str(self.image_rank),
+                **{k: json.dumps(v) for k, v in (extra or {}).items()}}
+        state = {k: v.contiguous() for k, v in self.trainable_state().items()}
+        atomic_save(lambda f: f.write(save(state, metadata=meta)), path)
+
+
+def build(cfg, checkpoint: str | None) -> BagelModel:
+    """``model.kind: bagel``: the released folder ``model.path`` (``bagel_io.load_bagel``), LoRA per
+    ``model.lora``; the trainable tensors of ``checkpoint`` (``model.save``) if given."""
+    from unigrpo.models.bagel_io import load_bagel
+
+    m = cfg.model
+    model = load_bagel(m.path, device=cfg.device, dtype=m.dtype, resolution=m.resolution, think=m.think,
+                       system_prompt=m.system_prompt, train_heads=m.train_heads, logits_chunk=m.logits_chunk)
+    model.add_lora(m.lora.text_rank, m.lora.image_rank, m.lora.text_targets, m.lora.image_targets)
+    if m.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if checkpoint is not None:
+        from safetensors.torch import load_file
+
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"model checkpoint not found: {checkpoint}")
+        model.load_trainable_state(load_file(str(checkpoint)))
+    return model

@@ -1,0 +1,173 @@
+"""Loading BAGEL-7B-MoT from its released folder by key name, and writing a tiny random folder of
+the same layout (tests, demos; ``python -m unigrpo.models.bagel_io DIR``).
+
+A folder (the HF repo ``ByteDance-Seed/BAGEL-7B-MoT``) holds:
+
+- ``llm_config.json``: the Qwen2 geometry (hidden size, layers, heads, KV heads, MLP width, vocab,
+  RMS eps, rope theta); BAGEL forces ``qk_norm`` on and untied embeddings, and so do we;
+- ``ema.safetensors``: every BAGEL weight but the VAE: ``language_model.*`` (und + ``*_moe_gen``),
+  ``time_embedder.mlp.{0,2}``, ``vae2llm``, ``llm2vae``, ``latent_pos_embed.pos_embed``, and the
+  ViT understanding path (``vit_model.*``, ``connector.*``, ``vit_pos_embed.*``), which
+  text-to-image does not use: those keys are ignored;
+- ``ae.safetensors``: the FLUX autoencoder (``encoder.*``, ``decoder.*``);
+- ``tokenizer.json``: the Qwen2 tokenizer (read with the ``tokenizers`` package).
+
+Sizes not in ``llm_config.json`` come from tensor shapes: ``max_latent_size`` from
+``latent_pos_embed`` (64 for the release), the timestep features from ``time_embedder.mlp.0``, the
+VAE's architecture from ``ae.safetensors``. The model is built on the meta device and every tensor
+is read from the file straight to ``device`` (one tensor at a time: no full CPU copy per rank).
+A missing or unexpected key is a one-line error listing them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from unigrpo.models.bagel_mot import LLMConfig
+from unigrpo.models.bagel_vae import AutoEncoder
+
+__all__ = ["IGNORED_PREFIXES", "load_bagel", "write_tiny_bagel"]
+
+IGNORED_PREFIXES = ("vit_model.", "connector.", "vit_pos_embed.")  # the ViT path (not used for text-to-image)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LLM_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "rms_norm_eps", "rope_theta")
+
+
+def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+
+
+def _require(folder: Path, name: str) -> Path:
+    if not (folder / name).is_file():
+        raise FileNotFoundError(f"model.path: {folder} has no {name} (a BAGEL-7B-MoT folder holds llm_config.json, "
+                                "ema.safetensors, ae.safetensors and tokenizer.json)")
+    return folder / name
+
+
+def load_into(module: torch.nn.Module, path: Path, device, dtype: torch.dtype | None, ignore=()) -> None:
+    """Copy every tensor of ``path`` into ``module``'s parameter of that name, strictly by name and
+    shape, reading one tensor at a time onto ``device`` (``dtype``: cast floats; None = as stored)."""
+    from safetensors import safe_open
+
+    own = dict(module.named_parameters())
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        keys = {k for k in f.keys() if not k.startswith(tuple(ignore))}  # noqa: SIM118
+        missing, unexpected = sorted(own.keys() - keys), sorted(keys - own.keys())
+        if missing or unexpected:
+            skipped = ", ".join(p + "*" for p in ignore)
+            raise ValueError(f"{path}: does not fit the model: missing {len(missing)} keys {missing[:8]}, unexpected "
+                             f"{len(unexpected)} keys {unexpected[:8]}" + (f" (ignored: {skipped})" if ignore else ""))
+        with torch.no_grad():
+            for k, p in own.items():
+                t = f.get_tensor(k)
+                if tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(f"{path}: {k} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
+                p.copy_(t.to(dtype or t.dtype))
+
+
+def read_llm_config(folder: Path) -> LLMConfig:
+    raw = json.loads(_require(folder, "llm_config.json").read_text())
+    absent = [k for k in LLM_KEYS[:6] if k not in raw]
+    if absent:
+        raise ValueError(f"{folder / 'llm_config.json'}: missing {absent}")
+    return LLMConfig(**{k: raw[k] for k in LLM_KEYS if k in raw})
+
+
+def load_bagel(path: str | Path, *, device="cpu", dtype: str = "float32", **kwargs):
+    """A ``BagelModel`` from the folder ``path`` (module docstring); ``kwargs`` go to the model.
+    The VAE stays float32 (84 M parameters; decoding is not trained)."""
+    from tokenizers import Tokenizer
+
+    from unigrpo.models.bagel import BagelModel
+
+    folder = Path(path)
+    if not str(path) or not folder.is_dir():
+        raise FileNotFoundError(f"model.path: {path!r} is not a folder (the BAGEL-7B-MoT checkpoint folder)")
+    llm = read_llm_config(folder)
+    ema, ae = _require(folder, "ema.safetensors"), _require(folder, "ae.safetensors")
+    shapes = _shapes(ema)
+    tok = Tokenizer.from_file(str(_require(folder, "tokenizer.json")))
+    vae_arch = AutoEncoder.arch_from_shapes(_shapes(ae))
+    with torch.device("meta"):
+        vae = AutoEncoder(**vae_arch)
+        pos = shapes.get("latent_pos_embed.pos_embed", (1,))[0]
+        model = BagelModel(llm, tok, vae, max_latent_size=math.isqrt(pos),
+                           timestep_dim=shapes.get("time_embedder.mlp.0.weight", (0, 256))[1], **kwargs)
+    model.vae = None  # loaded on its own (another file, float32)
+    model.to(DTYPES[dtype]).to_empty(device=device)
+    load_into(model, ema, device, DTYPES[dtype], IGNORED_PREFIXES)
+    vae = vae.to_empty(device=device)
+    load_into(vae, ae, device, torch.float32)
+    model.vae = vae.requires_grad_(False)
+    return model
+
+
+def _tiny_tokenizer(folder: Path) -> int:
+    """A byte-level BPE trained in code on the shapes world's words + BAGEL's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from unigrpo.models.bagel import SPECIALS, THINK_SYSTEM_PROMPT
+    from unigrpo.world.tokenizer import build_world_tokenizer
+
+    words = [w for w in build_world_tokenizer().index if w.isalpha()]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = [SPECIALS[k] for k in ("pad", "start", "end", "vision_start", "vision_end")]
+    bpe.train_from_iterator([" ".join(words), THINK_SYSTEM_PROMPT, *words],
+                            trainers.BpeTrainer(vocab_size=512, special_tokens=specials, show_progress=False,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.save(str(folder / "tokenizer.json"))
+    return bpe.get_vocab_size()
+
+
+def write_tiny_bagel(folder: str | Path, seed: int = 0, *, hidden: int = 64, layers: int = 2, heads: int = 4,
+                     kv_heads: int = 2, intermediate: int = 128, max_latent_size: int = 8, vae_ch: int = 32,
+                     vae_mult: tuple[int, ...] = (1, 2), vae_blocks: int = 1, z: int = 4) -> Path:
+    """A random BAGEL-layout folder (module docstring) with the released file names and key names,
+    every weight non-zero (the released init zeroes ``llm2vae``: v == 0 would make tests vacuous)."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer
+
+    from unigrpo.models.bagel import BagelModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = _tiny_tokenizer(folder)
+    cfg = {"vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+           "num_key_value_heads": kv_heads, "intermediate_size": intermediate, "rms_norm_eps": 1e-6,
+           "rope_theta": 10000.0, "max_position_embeddings": 512, "model_type": "qwen2",
+           "tie_word_embeddings": False}
+    (folder / "llm_config.json").write_text(json.dumps(cfg, indent=1))
+    torch.manual_seed(seed)
+    vae = AutoEncoder(vae_ch, tuple(vae_mult), vae_blocks, z)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    model = BagelModel(LLMConfig(**{k: cfg[k] for k in LLM_KEYS}), tok, vae, max_latent_size=max_latent_size,
+                       resolution=vae.downsample * 2 * max_latent_size)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.startswith(("vae.", "latent_pos_embed.")):
+                continue
+            if n.endswith(("norm.weight", "_norm.weight")) or "layernorm" in n or "norm_moe_gen" in n:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))  # RMSNorm gains near 1
+            else:
+                p.copy_(0.05 * torch.randn_like(p))
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("vae.")}
+    state["vit_pos_embed.pos_embed"] = torch.zeros(4, hidden)  # a ViT key, as in the release (ignored)
+    save_file(state, str(folder / "ema.safetensors"))
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(folder / "ae.safetensors"))
+    return folder
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(write_tiny_bagel(sys.argv[1] if len(sys.argv) > 1 else "tiny_bagel"))
