@@ -61,10 +61,10 @@ class Task(Protocol):
 
 def write_eval_grid(gen: Generation, prompts: list[Prompt], cfg: Config, step: int, out: Path | None) -> None:
     """``grids/eval_stepN.png`` (numbered images) and ``.md`` (prompt -> sampled reasoning); none
-    when ``out`` is None."""
-    if out is None:
-        return
+    when ``out`` is None or ``eval.grid_prompts`` is 0."""
     n = min(cfg.eval.grid_prompts, len(prompts))
+    if out is None or n == 0:  # eval.grid_prompts=0: no grid
+        return
     save_grid(gen.images[:n], out / "grids" / f"eval_step{step:06d}.png", nrow=min(n, 8), scale=4,
               labels=[str(i) for i in range(n)])
     (out / "grids" / f"eval_step{step:06d}.md").write_text("".join(

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import smooth_reward
+import torch
 from conftest import tiny_overrides
 
 from unigrpo.cli import main
@@ -114,3 +115,17 @@ def test_run_on_a_prompt_file_with_a_reward_reading_metadata_and_reasoning(tiny_
                 "eval/category/dark/reward"} <= set(r) and all(math.isfinite(v) for v in r.values())
     assert all(r["reward/mean"] == r["reward/smooth_reward:uses_metadata"] for r in rows if "reward/mean" in r)
     assert (out / "grids" / "eval_step000002.md").read_text().startswith("0. `a yellow circle` -> ")
+
+
+def test_eval_grid_prompts_zero_writes_no_grid(tmp_path):
+    """``eval.grid_prompts=0`` (valid) writes metrics only: no grid, no crash in the grid writer."""
+    from unigrpo.recipes.evaluate import write_eval
+    from unigrpo.sampling import Generation
+    from unigrpo.tasks import Prompt, write_eval_grid
+
+    cfg = load_config(None, ["eval.grid_prompts=0"])
+    gen = Generation(images=torch.rand(2, 3, 8, 8), reasoning=["a", "b"])
+    write_eval_grid(gen, [Prompt("p"), Prompt("q")], cfg, 3, tmp_path)
+    write_eval(tmp_path / "eval", "after", {"acc": 1.0}, gen, [], grid_prompts=0)
+    assert not (tmp_path / "grids").exists() and (tmp_path / "eval" / "after.json").is_file()
+    assert not (tmp_path / "eval" / "after.png").exists()

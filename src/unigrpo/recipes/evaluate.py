@@ -80,6 +80,7 @@ def write_eval(out_dir: str | Path, name: str, metrics: dict, gen: Generation, t
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(metrics, indent=2))
     n = min(grid_prompts, len(tasks))
-    save_grid(gen.images[:n], out / f"{name}.png", nrow=8)
+    if n:  # grid_prompts=0: metrics only
+        save_grid(gen.images[:n], out / f"{name}.png", nrow=8)
     with open(out / f"{name}_samples.md", "w") as f:
         f.writelines(f"{i}. prompt: `{tasks[i].prompt}`  \n   reasoning: `{gen.reasoning[i]}`\n" for i in range(n))
