@@ -20,7 +20,7 @@ import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
-from conftest import HF_PROMPTS, hf_overrides, tiny_flux2_dir
+from conftest import HF_PROMPTS, hf_overrides, qwen_overrides, tiny_flux2_dir, tiny_qwenimage_dir
 from safetensors.torch import load_file
 
 from unigrpo.cli import main
@@ -215,3 +215,32 @@ def test_two_sharded_ranks_decode_in_lockstep_and_gather_and_load_the_state(tmp_
     assert r0["local"][0] * 2 == r0["shapes"][name][0]  # each rank holds half of the rows
     saved = load_file(tmp_path / "final.safetensors")
     assert {k: list(v.shape) for k, v in saved.items()} == r0["shapes"]
+
+
+@pytest.mark.slow
+def test_qwen_image_shards_its_vlm_decoder_and_matches_one_process(tmp_path):
+    """The Qwen-Image family under FSDP2: its LM blocks are Qwen2.5-VL's text decoder layers
+    (``model.language_model.layers``); LoRA 4/4, 1 step on its own grid (``sampler.shift=null``),
+    2 sharded processes == 1 process."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HF_PROMPTS[:2]))
+    args = [*qwen_overrides(tiny_qwenimage_dir()), "task.kind=prompts", f"task.prompts={prompts}",
+            "rewards=[{name: 'test_hf_fsdp:brightness'}]", "algo.prompts_per_step=2", "algo.group_size=2",
+            "algo.trajectories_per_minibatch=4", "sampler.num_steps=4", "sampler.window_range=[0,3]",
+            "sampler.window_size=2", "sampler.shift=null", "sampler.eval_num_steps=2", "eval.num_prompts=2",
+            "eval.grid_prompts=1", "text.max_reasoning_tokens=6", "threads=1", "optim.lr_text=1e-3",
+            "optim.lr_image=1e-3", "steps=1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", *args, f"output_dir={one}", "algo.micro_batch_trajectories=2"]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "unigrpo.cli",
+           "train", *args, f"output_dir={two}", "model.fsdp=true", "algo.micro_batch_trajectories=4"]
+    proc = subprocess.run(cmd, check=False, env=env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "model.fsdp: sharded over 2 ranks: 2 LM blocks, 2 transformer blocks" in proc.stdout
+    a, b = load_file(one / "final.safetensors"), load_file(two / "final.safetensors")
+    assert a and all("lora_" in k for k in a)
+    assert max_diff(a, b) <= 1e-6
+    r1, r2 = steps_of(one)[1], steps_of(two)[1]
+    assert r2["loss/text/first_logp_diff_max"] == 0.0 and r2["loss/image/first_logp_diff_max"] == 0.0
+    for k in LOSSES:
+        assert r2[k] == pytest.approx(r1[k], rel=1e-5, abs=1e-9), k

@@ -90,6 +90,7 @@ class QwenImage(HFUnifiedModel):
     """Qwen-Image in shared mode (module docstring). Submodules: ``lm``, ``dit``, ``vae``."""
 
     pipeline_class = "QwenImagePipeline"
+    lm_blocks = ("model.language_model.layers",)  # FSDP2 units: Qwen2.5-VL's text decoder layers
 
     def __init__(self, lm, tokenizer, dit, vae, scheduler_config: dict, *, resolution: int, template: str,
                  drop_idx: int, tokenizer_max_length: int, hidden_layers: tuple[int, ...], max_text_tokens: int,
