@@ -257,7 +257,6 @@ def sd3_overrides(text_rank: int = 4, image_rank: int = 4) -> list[str]:
     pipe, lm = tiny_sd3_dirs()
     return ["model.kind=hf", f"model.pipeline={pipe}", f"model.reasoner={lm}", f"model.lora.text_rank={text_rank}",
             f"model.lora.image_rank={image_rank}", "model.resolution=32", f"model.max_text_tokens={SD3_T5_TOKENS}",
-            "model.lora.image_targets=[to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out]",
             "device=cpu"]
 
 

@@ -263,3 +263,26 @@ def test_cli_train_one_lora_step_ratio_exactly_one(tmp_path):
     assert any(k.startswith("lm.") for k in saved) and any(k.startswith("dit.") for k in saved)
     loaded = build_model(load_config(None, sd3_overrides()), checkpoint=str(out / "final.safetensors"))
     assert all(torch.equal(loaded.trainable_state()[k], v) for k, v in saved.items())
+
+
+def test_gradient_checkpointing_changes_no_gradient():
+    plain = sd3_factory(seed=0)[0]
+    cfg = load_config(None, [*sd3_overrides(), "model.gradient_checkpointing=true"])
+    torch.manual_seed(0)  # the same LoRA A as sd3_factory(seed=0) (the folders exist already)
+    ckpt = build_model(cfg, checkpoint=None)
+    tokens = sampled(plain, seed=2, max_new_tokens=5)
+    x, t = torch.randn((3, *plain.latent_shape), generator=torch.Generator().manual_seed(2)), torch.tensor(0.5)
+    calls, grads = [], []
+    for module in (ckpt.lm.model.layers[0].self_attn, ckpt.dit.transformer_blocks[0].attn):  # recomputed in backward
+        module.register_forward_hook(lambda mod, *_: calls.append(type(mod).__name__))
+    for m in (plain, ckpt):
+        with torch.no_grad():  # non-zero LoRA B: the LoRA A gradients are not vacuous either
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.fill_(0.1)
+        logp, ctx = m.forward_context(tokens)
+        (-logp.sum() + m.velocity(x, t, ctx).pow(2).mean()).backward()
+        grads.append({n: p.grad for g in m.parameter_groups().values() for n, p in g})
+    assert len(calls) == 4, calls  # each hooked block ran twice: forward + recompute
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
