@@ -49,11 +49,11 @@ class LoRAConfig:
 
 @dataclass
 class HFModelConfig:
-    """``model.kind: hf``: a diffusers pipeline + its transformers LM (FLUX.2 [klein], Qwen-Image; docs/models.md)."""
+    """``model.kind: hf``: a diffusers pipeline + a transformers LM (FLUX.2 [klein], Qwen-Image, SD3; docs/models.md)."""
 
     kind: Literal["hf"] = "hf"  # model adapter (unigrpo.models.KINDS); each kind has its own keys
-    pipeline: str = ""  # a save_pretrained folder of a supported pipeline (docs/models.md), or a hub id you have access to
-    reasoner: str = "text_encoder"  # who reasons: the pipeline's text encoder (shared mode; the only one so far)
+    pipeline: str = ""  # a save_pretrained folder of a supported pipeline (docs/models.md), or a hub id
+    reasoner: str = "text_encoder"  # who reasons: the pipeline's text encoder (shared), or a causal-LM folder / hub id (separate)
     checkpoint: str | None = None  # trainable weights written by model.save (LoRA or whole sides); null = the pipeline's
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights dtype (bf16 / fp16: GPUs only)
@@ -352,8 +352,9 @@ def validate(cfg: Config) -> Config:
     elif cfg.model.kind == "hf":
         m = cfg.model
         _check(bool(m.pipeline), "model.pipeline", "a pipeline folder (save_pretrained) or hub id is required")
-        _check(m.reasoner == "text_encoder", "model.reasoner",
-               f"only 'text_encoder' (shared mode) is implemented; separate mode is not implemented yet, got {m.reasoner!r}")
+        _check(m.reasoner == "text_encoder" or Path(m.reasoner).expanduser().is_dir()
+               or re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", m.reasoner) is not None, "model.reasoner",
+               f"{m.reasoner!r} is neither 'text_encoder' (shared mode), a causal-LM folder, nor a hub id")
         _check(m.lora.text_rank >= 0 and m.lora.image_rank >= 0, "model.lora.text_rank", "ranks must be >= 0")
         _check(m.resolution > 0 and m.resolution % 16 == 0, "model.resolution", "must be a positive multiple of 16")
         _check(m.max_text_tokens >= 1, "model.max_text_tokens", "must be >= 1")

@@ -238,6 +238,7 @@ ADAPTERS: dict[str, Callable[..., tuple[Any, Any, list[str]]]] = {
     "hf": hf_factory,
     "hf:qwenimage": qwenimage_factory,
     "bagel": bagel_factory,
+    "hf:sd3": lambda seed=0: sd3_factory(seed),  # defined at the end of this file
 }
 
 
@@ -269,3 +270,115 @@ def registered_kinds() -> set[str]:
     """The kinds with an adapter here (test modules cannot import this conftest by name)."""
     return {name.split(":")[0] for name in ADAPTERS}
 
+
+# ----------------------------------------------------------------------------- hf:sd3 (separate mode)
+_SD3_DIRS: list[tuple[str, str]] = []
+SD3_T5_TOKENS = 64  # model.max_text_tokens of sd3_overrides (the pipeline's max_sequence_length)
+
+
+def tiny_clip_tokenizer(pad_token: str):
+    """A CLIP tokenizer built in code: the byte-level alphabet with and without CLIP's ``</w>``
+    end-of-word suffix, no merges (every character is a token), 77 positions like the real one."""
+    import transformers
+    from tokenizers import pre_tokenizers
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    return transformers.CLIPTokenizer(vocab=vocab, merges=[], pad_token=pad_token, model_max_length=77)
+
+
+def tiny_t5_tokenizer():
+    """A T5 (Unigram) tokenizer built in code over lowercase letters, digits and some punctuation,
+    with and without the word-start marker; anything else is ``<unk>``."""
+    import transformers
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789.,:;!?'-<>/|"
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -5.0) for c in chars] + [("\u2581" + c, -4.0) for c in chars]
+    return transformers.T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def build_tiny_sd3(folder: str) -> str:
+    """A tiny random StableDiffusion3Pipeline (SD3.5-style transformer: RMS qk-norm, one dual
+    attention layer; CLIP-L 16 wide, CLIP-G 32 wide, T5 64 wide, so the CLIP channels are zero-padded
+    as in the real model; a 3-level VAE with SD3's shift / scaling factors; static shift 3),
+    written with ``save_pretrained``."""
+    import transformers
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    tok, tok2, tok3 = tiny_clip_tokenizer("<|endoftext|>"), tiny_clip_tokenizer("!"), tiny_t5_tokenizer()
+    torch.manual_seed(0)
+
+    def clip(width: int, t):
+        return transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+            vocab_size=len(t), hidden_size=width, intermediate_size=2 * width, projection_dim=width,
+            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+            pad_token_id=1))
+
+    t5 = transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=len(tok3), d_model=64, d_kv=16, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, decoder_start_token_id=0))
+    dit = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
+                                pooled_projection_dim=48, out_channels=4, pos_embed_max_size=16,
+                                qk_norm="rms_norm", dual_attention_layers=(0,))
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        block_out_channels=(8, 8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    StableDiffusion3Pipeline(transformer=dit, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                             text_encoder=clip(16, tok), tokenizer=tok, text_encoder_2=clip(32, tok2), tokenizer_2=tok2,
+                             text_encoder_3=t5, tokenizer_3=tok3).save_pretrained(folder)
+    return folder
+
+
+def build_tiny_reasoner(folder: str) -> str:
+    """A tiny random Qwen3 causal LM + its code-trained BPE tokenizer (Qwen3-style template),
+    written with ``save_pretrained``: what ``model.reasoner`` loads."""
+    import transformers
+    from testkit import tiny_bpe_tokenizer
+
+    tok = tiny_bpe_tokenizer(QWEN3_TEMPLATE)
+    torch.manual_seed(1)
+    lm = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, tie_word_embeddings=True))
+    lm.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def tiny_sd3_dirs() -> tuple[str, str]:
+    """(pipeline folder, reasoner folder), built once per test session."""
+    if not _SD3_DIRS:
+        import tempfile
+
+        _SD3_DIRS.append((build_tiny_sd3(tempfile.mkdtemp(prefix="unigrpo_sd3_")),
+                          build_tiny_reasoner(tempfile.mkdtemp(prefix="unigrpo_reasoner_"))))
+    return _SD3_DIRS[0]
+
+
+def sd3_overrides(text_rank: int = 4, image_rank: int = 4) -> list[str]:
+    pipe, lm = tiny_sd3_dirs()
+    return ["model.kind=hf", f"model.pipeline={pipe}", f"model.reasoner={lm}", f"model.lora.text_rank={text_rank}",
+            f"model.lora.image_rank={image_rank}", "model.resolution=32", f"model.max_text_tokens={SD3_T5_TOKENS}",
+            "device=cpu"]
+
+
+def sd3_factory(seed: int = 0, text_rank: int = 4, image_rank: int = 4):
+    """The tiny SD3 pipeline + tiny Qwen3 reasoner, LoRA on both sides; loaded offline."""
+    import os
+
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    cfg = load_config(None, sd3_overrides(text_rank, image_rank))
+    torch.manual_seed(seed)
+    model = build_model(cfg, checkpoint=None)
+    return model.eval(), cfg, list(HF_PROMPTS)

@@ -45,8 +45,8 @@ def model_of(text_rank=4, image_rank=4, *extra):
 
 def test_config_checks():
     base = hf_overrides(tiny_flux2_dir())
-    with pytest.raises(ConfigError, match="model.reasoner.*separate mode is not implemented"):
-        load_config(None, [*base, "model.reasoner=my_lm"])
+    with pytest.raises(ValueError, match="^model.reasoner: Flux2KleinPipeline reasons with its own text encoder"):
+        build_model(load_config(None, [*base, "model.reasoner=my_lm"]))  # separate mode: SD3 (test_hf_sd3.py)
     with pytest.raises(ConfigError, match="model.pipeline"):
         load_config(None, ["model.kind=hf"])
     with pytest.raises(ConfigError, match="model.image_size"):  # a tiny key is unknown for kind=hf

@@ -6,6 +6,7 @@ class) is a subclass in its own module, listed in ``FAMILIES``:
 |---|---|---|
 | ``Flux2KleinPipeline`` | ``hf_flux2`` | shared: the text encoder (Qwen3) reasons |
 | ``QwenImagePipeline`` | ``hf_qwenimage`` | shared: the text encoder (Qwen2.5-VL, text only) reasons |
+| ``StableDiffusion3Pipeline`` | ``hf_sd3`` | separate: ``model.reasoner`` (a causal LM) reasons, CLIP-L/G + T5 encode the text (``hf_separate``) |
 
 Shared here: the text phase (``CausalLMReasoner`` over the LM that reasons), LoRA via peft on
 either side, the reference (adapters disabled, or a frozen copy of a fully trained side), the
@@ -53,7 +54,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # diffusers pipeline class name -> "module:Class" of its family (imported when used)
 FAMILIES: dict[str, str] = {"Flux2KleinPipeline": "unigrpo.models.hf_flux2:Flux2Klein",
-                            "QwenImagePipeline": "unigrpo.models.hf_qwenimage:QwenImage"}
+                            "QwenImagePipeline": "unigrpo.models.hf_qwenimage:QwenImage",
+                            "StableDiffusion3Pipeline": "unigrpo.models.hf_sd3:SD3"}
 
 
 @contextlib.contextmanager
@@ -119,6 +121,7 @@ class HFUnifiedModel(nn.Module):
     # text phase and every family so far call ``lm(...)`` / ``dit(...)`` only
     lm_forward_methods: tuple[str, ...] = ()
     dit_forward_methods: tuple[str, ...] = ()
+    mode = "shared"  # who reasons: "shared" = the pipeline's text encoder, "separate" = model.reasoner
 
     def __init__(self, lm, tokenizer, dit, vae, scheduler_config: dict, *, hidden_layers: tuple[int, ...] = (),
                  template_kwargs: dict | None = None, text_rank: int = 0, image_rank: int = 0,
@@ -385,7 +388,14 @@ def build(cfg, checkpoint: str | None) -> HFUnifiedModel:
     if name not in FAMILIES:
         raise ValueError(f"model.pipeline: {name} is not supported; supported pipelines: {', '.join(sorted(FAMILIES))}")
     module, cls = FAMILIES[name].split(":")
-    model = getattr(importlib.import_module(module), cls).from_pipeline(pipe, m)
+    family = getattr(importlib.import_module(module), cls)
+    if family.mode == "shared" and m.reasoner != "text_encoder":
+        raise ValueError(f"model.reasoner: {name} reasons with its own text encoder (model.reasoner=text_encoder); "
+                         f"a separate reasoner is not implemented for it, got {m.reasoner!r}")
+    if family.mode == "separate" and m.reasoner == "text_encoder":
+        raise ValueError(f"model.reasoner: {name}'s text encoders cannot write text; set it to a transformers "
+                         "causal-LM folder or hub id (separate mode)")
+    model = family.from_pipeline(pipe, m)
     model.fsdp = m.fsdp
     if m.gradient_checkpointing:
         model.enable_gradient_checkpointing()
