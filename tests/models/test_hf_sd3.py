@@ -148,30 +148,37 @@ def test_the_pipelines_default_grid_is_not_one_of_ours(pipe):
         assert d_n > 0.05
 
 
-def run_both(model, pipe, texts, x_init, n, cfg_scale):
-    """(our ODE latents, our images, the pipeline's latents, its images) from the same x_init."""
+def run_both(model, pipe, texts, x_init, n, cfg_scale, own_grid=False):
+    """(our ODE latents, our images, the pipeline's latents, its images) from the same x_init;
+    ``own_grid``: ``sampler.shift: null`` against a plain ``pipe(...)`` call (its default grid),
+    else ``timesteps(n, pipeline_shift)`` against the pipeline given ``sigmas=linspace(1, 1/n, n)``."""
     with torch.no_grad():
         tokens = model.with_response(model.encode_prompts(HF_PROMPTS), [t[len(p) + 1:] for t, p in zip(texts, HF_PROMPTS)])
         assert model.joined_texts(tokens) == texts
         _, ctx = model.forward_context(tokens)
-        x0 = ode_sample(model, ctx, n, model.pipeline_shift(n), cfg_scale=cfg_scale, x_init=x_init.clone())
+        shift = None if own_grid else model.pipeline_shift(n)
+        x0 = ode_sample(model, ctx, n, shift, cfg_scale=cfg_scale, x_init=x_init.clone())
         kw = {"prompt": texts, "height": 32, "width": 32, "num_inference_steps": n, "guidance_scale": cfg_scale,
-              "max_sequence_length": SD3_T5_TOKENS, "sigmas": list(np.linspace(1.0, 1 / n, n))}
+              "max_sequence_length": SD3_T5_TOKENS}
+        if not own_grid:
+            kw["sigmas"] = list(np.linspace(1.0, 1 / n, n))
         lat = pipe(latents=x_init.clone(), output_type="latent", **kw).images
         img = pipe(latents=x_init.clone(), output_type="pt", **kw).images
         return x0, model.decode(x0), lat, img
 
 
-@pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
-def test_ode_sampler_reproduces_the_pipeline(model, pipe, cfg_scale):
+@pytest.mark.parametrize("cfg_scale,own_grid", [(1.0, False), (4.0, False), (1.0, True), (4.0, True)],
+                         ids=["no_cfg", "cfg4", "no_cfg-shift_null", "cfg4-shift_null"])
+def test_ode_sampler_reproduces_the_pipeline(model, pipe, cfg_scale, own_grid):
     """Our Euler ODE (no noise) from the pipeline's initial latents == ``pipe(..., latents=...)`` on
     "prompt reasoning" (latents and images): timestep = 1000 t, output as is, VAE shift / scale;
-    with CFG the pipeline's guidance against its negative prompt ""."""
+    with CFG the pipeline's guidance against its negative prompt ""; with ``sampler.shift: null``
+    a plain ``pipe(...)`` call, on its own default grid."""
     texts = [f"{p} the sky is blue" for p in HF_PROMPTS]
     x_init = torch.randn((3, *model.latent_shape), generator=torch.Generator().manual_seed(0))
-    x0, images, lat, img = run_both(model, pipe, texts, x_init, 4, cfg_scale)
+    x0, images, lat, img = run_both(model, pipe, texts, x_init, 4, cfg_scale, own_grid)
     e_lat, e_img = (x0 - lat).abs().max().item(), (images - img).abs().max().item()
-    print(f"ODE vs pipeline (cfg {cfg_scale}): latents max|diff| = {e_lat:.3g}, images {e_img:.3g}")
+    print(f"ODE vs pipeline (cfg {cfg_scale}, own grid {own_grid}): latents max|diff| = {e_lat:.3g}, images {e_img:.3g}")
     assert lat.shape == x0.shape == (3, 4, 8, 8) and img.shape == images.shape == (3, 3, 32, 32)
     assert e_lat <= 1e-5 and e_img <= 1e-5
     assert (x0 - x_init).abs().max() > 0.1  # the sampler moved

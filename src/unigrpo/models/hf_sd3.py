@@ -154,6 +154,18 @@ class SD3(SeparateReasonerModel):
             z = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist.mode()  # deterministic: the mode
         return (z.float() - shift) * scale
 
+    def pipeline_timesteps(self, num_steps: int) -> torch.Tensor:
+        """``sampler.shift: null``: the grid a plain ``pipe(...)`` call samples on (no ``sigmas``):
+        the scheduler's own ``set_timesteps(n)`` sigmas, which shift ``linspace(1, sigma_min, n)``
+        and append 0, with the pipeline's ``mu`` under dynamic shifting. No ``timesteps(n, s)``
+        equals it (docs/models.md), so it is taken from the scheduler itself."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        sched = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
+        kw = {"mu": math.log(self.pipeline_shift(num_steps))} if self.scheduler_config.get("use_dynamic_shifting") else {}
+        sched.set_timesteps(num_steps, device="cpu", **kw)
+        return sched.sigmas.to(torch.float32)
+
     def pipeline_shift(self, num_steps: int) -> float:
         """The ``sampler.shift`` of the pipeline's schedule at this resolution (``sd3_shift``; the
         step count does not enter SD3's shift)."""
