@@ -1,6 +1,7 @@
 """Text-only GRPO step time: unigrpo's pieces against TRL's ``GRPOTrainer``, same model, same CPU.
 
     HF_HUB_OFFLINE=1 python benchmarks/vs_trl.py [--steps 10] [--warmup 2] [--threads 2]
+        [--trl-gradient-checkpointing] [--profile]
 
 Needs the ``bench`` extra (``pip install -e '.[dev,bench]'``: trl, datasets). Nothing is
 downloaded: the tokenizer is the tests' byte-level BPE trained in code (``tests/testkit.py``), the
@@ -23,17 +24,21 @@ What one timed step includes:
   lm-head log-prob and entropy), the loss, backward, gradient clipping, AdamW, lr scheduler and
   ``zero_grad``. Not included: the data loader's fetch (before the step) and the trainer's
   logging (after it).
-- **ours** (:func:`our_step`): ``rollout.sample_reasoning`` (chat template + tokenisation, then
-  ``CausalLMReasoner.sample_reasoning``: our seeded KV-cache loop, one ``torch.Generator`` per
-  group, as ``unigrpo train`` samples), decoding, the same reward, ``group_advantages``, ONE
-  teacher-forced ``forward_context`` pass with gradient, ``text_grpo_loss(aggregation="seq_mean")``
-  with ``logp_old = logp.detach()`` (what TRL does at ``num_iterations=1``), backward, gradient
-  clipping, AdamW, ``zero_grad``. Not included: logging.
+- **ours** (``OurGRPO.step``): the chat template + tokenisation of the 64 prompts, our seeded
+  KV-cache loop ``CausalLMReasoner.sample_reasoning`` with one ``torch.Generator`` per group (one
+  loop for all rows, a generator per row; ``ours_per_group``: ``rollout.sample_reasoning``, one
+  loop per group, as ``unigrpo train`` samples today), decoding, the same reward,
+  ``group_advantages``, ONE teacher-forced ``forward_context`` pass with gradient,
+  ``text_grpo_loss(aggregation="seq_mean")`` with ``logp_old = logp.detach()`` (what TRL does at
+  ``num_iterations=1``), backward, gradient clipping, AdamW, ``zero_grad``. Not included: logging.
 
-The two are interleaved in one process (each TRL step's ``on_step_end`` runs and times one of our
-steps), so both see the same machine load; the first ``--warmup`` steps of each are not counted.
+The three are interleaved in one process (each TRL step's ``on_step_end`` runs and times one step
+of each of ours, in alternating order), so all see the same machine load; the first ``--warmup``
+steps of each are not counted.
 Before timing, one cheap equivalence check: on one group of our sampled batch, with the same
 advantages, our loss and TRL's own ``_compute_loss`` give the same value and the same gradient.
+Also timed: each side's phases (ours: sampling / reward + advantages / forward + loss / backward /
+clip + AdamW; TRL: its ``_generate_and_score_completions``, its ``compute_loss`` and the rest).
 Prints the medians and writes benchmarks/results/vs_trl.json.
 """
 
@@ -41,6 +46,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import itertools
 import json
 import os
 import platform
@@ -119,16 +126,24 @@ class OurGRPO:
     def step(self, prompts: list[str], step: int) -> dict:
         from unigrpo.algo.advantages import group_advantages
 
+        t = [time.perf_counter()]
         tokens = self.sample(prompts, step)  # [P * G, L] prompt-major
+        t.append(time.perf_counter())
         reward = torch.tensor(e_count(self.reasoner.decode_text(tokens))).reshape(len(prompts), GROUP)
         adv = group_advantages(reward).flatten()  # [P * G]
+        t.append(time.perf_counter())
         loss, st = self.loss(tokens, adv)
+        t.append(time.perf_counter())
         loss.backward()
+        t.append(time.perf_counter())
         torch.nn.utils.clip_grad_norm_(self.lm.parameters(), 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        t.append(time.perf_counter())
+        phases = dict(zip(("sample", "reward_adv", "forward_loss", "backward", "clip_adamw"),
+                          (b - a for a, b in itertools.pairwise(t))))
         return {"reward_mean": float(reward.mean()), "ratio_max": float(st["ratio_max"]),
-                "completion_len_mean": float(tokens.response_mask.sum(1).float().mean())}
+                "completion_len_mean": float(tokens.response_mask.sum(1).float().mean()), "phases_s": phases}
 
 
 def make_trainer(lm, tok, steps: int, gradient_checkpointing: bool):
@@ -202,8 +217,23 @@ def run(steps: int, warmup: int, gradient_checkpointing: bool) -> dict:
                 info[name].append(ours[name].step(PROMPTS, step))
                 times[name].append(time.perf_counter() - t0)
 
+    trl_phases = {"generate_and_score": [], "forward_loss": []}  # TRL's own methods, timed
+
+    def timed(fn, key):
+        @functools.wraps(fn)
+        def call(*a, **kw):
+            t0 = time.perf_counter()
+            out = fn(*a, **kw)
+            trl_phases[key].append(time.perf_counter() - t0)
+            return out
+        return call
+
+    trainer._generate_and_score_completions = timed(trainer._generate_and_score_completions, "generate_and_score")
+    trainer.compute_loss = timed(trainer.compute_loss, "forward_loss")
     trainer.add_callback(Interleave())
     trainer.train()
+    trl_phases = {k: statistics.median(v[warmup:]) for k, v in trl_phases.items()}
+    trl_phases["backward_clip_adamw_rest"] = statistics.median(times["trl"][warmup:]) - sum(trl_phases.values())
     trl_len = [r["completions/mean_length"] for r in trainer.state.log_history if "completions/mean_length" in r]
     med = {k: statistics.median(v[warmup:]) for k, v in times.items()}
     n = len(PROMPTS) * GROUP
@@ -213,7 +243,22 @@ def run(steps: int, warmup: int, gradient_checkpointing: bool) -> dict:
             "step_s": times, "counted_steps": steps, "warmup_steps": warmup,
             "completion_len_mean": {"trl": trl_len, **{k: [r["completion_len_mean"] for r in v] for k, v in info.items()}},
             "reward_mean": {k: [r["reward_mean"] for r in v] for k, v in info.items()},
+            "median_phases_s": {"trl": trl_phases, **{k: {p: statistics.median(r["phases_s"][p] for r in v[warmup:])
+                                                          for p in v[0]["phases_s"]} for k, v in info.items()}},
             "ours_ratio_max": max(r["ratio_max"] for v in info.values() for r in v), "equivalence": equivalence}
+
+
+def profile_ours(path: Path) -> None:
+    """torch.profiler table (self CPU time) of one of our steps, after one warm-up step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    lm, tok = build_model_and_tokenizer()
+    ours = OurGRPO(lm, tok, batched=True)
+    ours.step(PROMPTS, 0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        ours.step(PROMPTS, 1)
+    path.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25) + "\n")
+    print(f"wrote {path}")
 
 
 def main() -> None:
@@ -223,6 +268,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--trl-gradient-checkpointing", action="store_true",
                     help="also run TRL with its default gradient checkpointing (a second interleaved run)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also write torch.profiler's op table of one of our steps (vs_trl_profile.txt)")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -242,6 +289,8 @@ def main() -> None:
         print(f"  equivalence (1 group, same advantages): loss ours {e['loss_ours']:.3g} TRL {e['loss_trl']:.3g}, "
               f"max|grad diff| {e['grad_max_abs_diff']:.2g} (max|grad| {e['grad_max_abs']:.2g}); "
               f"our ratio max over all steps {r['ours_ratio_max']}")
+        for k, ph in r["median_phases_s"].items():
+            print(f"  phases {k:15s} " + "  ".join(f"{p} {x:.3f}" for p, x in ph.items()))
         lens = {k: sorted(set(v)) for k, v in r["completion_len_mean"].items()}
         print(f"  completion lengths (set of per-step means): {lens}")
     out = {"machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
@@ -252,6 +301,8 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
+    if args.profile:
+        profile_ours(Path(args.out).with_name("vs_trl_profile.txt"))
 
 
 if __name__ == "__main__":
