@@ -82,3 +82,28 @@ def test_with_response_teacher_forces_given_text(reasoner):
     assert (logp[batch.response_mask] < 0).all() and (logp[~batch.response_mask] == 0).all()
     detached = reasoner.detach_context(reasoner.forward_context(batch)[1])
     assert not detached.hidden.requires_grad
+
+
+def test_one_loop_with_a_generator_per_row_equals_one_loop_per_group(reasoner):
+    """Groups decoded together (one generator per row, shared within a group) sample the same
+    tokens as each group's own loop with its own generator (the recipe's per-group seeding)."""
+    group, seeds = 3, [11, 12, 13]
+
+    def responses(tokens):
+        return [row[m].tolist() for row, m in zip(tokens.ids, tokens.response_mask)]
+
+    alone, logp_alone = [], []
+    for prompt, seed in zip(PROMPTS, seeds):
+        t, lp = reasoner.sample_reasoning(reasoner.encode_prompts([prompt] * group), max_new_tokens=10,
+                                          generator=torch.Generator().manual_seed(seed), return_logprobs=True)
+        alone += responses(t)
+        logp_alone += [row[m] for row, m in zip(lp, t.response_mask)]
+    gens = [g for s in seeds for g in [torch.Generator().manual_seed(s)] * group]
+    together, logp = reasoner.sample_reasoning(reasoner.encode_prompts([p for p in PROMPTS for _ in range(group)]),
+                                               max_new_tokens=10, generator=gens, return_logprobs=True)
+    assert responses(together) == alone
+    assert len({len(r) for r in alone}) > 1  # rows stopped at different steps
+    for row, m, ref in zip(logp, together.response_mask, logp_alone):
+        torch.testing.assert_close(row[m], ref, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="generators for"):
+        reasoner.sample_reasoning(reasoner.encode_prompts(PROMPTS), max_new_tokens=2, generator=gens)

@@ -11,6 +11,9 @@ same LM can reason and then (shared mode) condition the image transformer on its
   training identical for padded rows.
 - **Sampling** is our own KV-cache loop, because ``generate()`` takes no ``torch.Generator``: each
   group draws from its own seeded generator, so the reasoning does not depend on the batching.
+  ``generator`` may also be one generator per row: the rows of several groups then decode in ONE
+  loop (one model call per token for all of them, instead of one loop per group), each
+  contiguous run of rows sharing a generator drawing exactly the calls its own loop would.
   Rows stop at any of ``stop_ids`` independently (the stop token is kept: it is an action).
   With ``fixed_steps`` (a sharded LM, whose every forward is a collective) every call runs all
   ``max_new_tokens`` decode forwards whatever the rows do, and the result is cut back to the steps
@@ -33,7 +36,7 @@ import torch
 from unigrpo.models.protocol import TokenBatch
 from unigrpo.models.tiny import sample_top_p
 
-__all__ = ["CausalLMReasoner", "LMContext"]
+__all__ = ["CausalLMReasoner", "LMContext", "sample_rows"]
 
 
 @dataclass
@@ -44,6 +47,21 @@ class LMContext:
     hidden: torch.Tensor
     mask: torch.Tensor
     response_mask: torch.Tensor
+
+
+def sample_rows(logits: torch.Tensor, top_p: float, generator) -> torch.Tensor:
+    """``sample_top_p`` with one generator (or None) for all rows, or a sequence of one generator
+    per row: each contiguous run of rows sharing a generator object is one draw. [B, V] -> [B]."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return sample_top_p(logits, top_p, generator)
+    if len(generator) != logits.shape[0]:
+        raise ValueError(f"got {len(generator)} generators for {logits.shape[0]} rows")
+    toks, start = [], 0
+    for end in range(1, len(generator) + 1):
+        if end == len(generator) or generator[end] is not generator[start]:
+            toks.append(sample_top_p(logits[start:end], top_p, generator[start]))
+            start = end
+    return torch.cat(toks)
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
@@ -87,9 +105,10 @@ class CausalLMReasoner:
 
     @torch.no_grad()
     def sample_reasoning(self, prompts: TokenBatch, *, max_new_tokens: int, temperature: float = 1.0,
-                         top_p: float = 1.0, generator: torch.Generator | None = None,
+                         top_p: float = 1.0, generator: torch.Generator | list[torch.Generator] | None = None,
                          return_logprobs: bool = False):
-        """Seeded KV-cache sampling; rows stop at a stop id independently (module docstring)."""
+        """Seeded KV-cache sampling; rows stop at a stop id independently (module docstring).
+        ``generator``: one for the batch, or one per row (:func:`sample_rows`)."""
         from transformers import DynamicCache
 
         ids, mask = prompts.ids, prompts.mask
@@ -101,7 +120,7 @@ class CausalLMReasoner:
         n_steps = None  # the step after which every row has finished
         for i in range(max_new_tokens):
             logits = logits / temperature
-            tok = sample_top_p(logits, top_p, generator)
+            tok = sample_rows(logits, top_p, generator)
             tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
             if return_logprobs:  # of the temperature-scaled distribution, as forward_context scores
                 new_logp.append(logits.log_softmax(-1).gather(1, tok[:, None])[:, 0] * ~done)

@@ -1,0 +1,27 @@
+"""benchmarks/vs_trl.py without TRL: our side's GRPO step is a real update (weights change, ratio
+exactly 1, 32 tokens per completion) and its one-loop sampling draws the recipe's per-group tokens."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+_spec = importlib.util.spec_from_file_location("vs_trl", Path(__file__).resolve().parents[1] / "benchmarks" / "vs_trl.py")
+vs_trl = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(vs_trl)
+
+
+def test_our_step_updates_the_model_on_policy():
+    lm, tok = vs_trl.build_model_and_tokenizer()
+    batched = vs_trl.OurGRPO(lm, tok, batched=True)
+    per_group = vs_trl.OurGRPO(lm, tok, batched=False)
+    prompts = vs_trl.PROMPTS[:2]
+    a, b = batched.sample(prompts, 0), per_group.sample(prompts, 0)
+    assert [r[m].tolist() for r, m in zip(a.ids, a.response_mask)] == \
+        [r[m].tolist() for r, m in zip(b.ids, b.response_mask)]
+    before = {n: p.detach().clone() for n, p in lm.named_parameters()}
+    info = batched.step(prompts, 0)
+    assert info["ratio_max"] == 1.0 and info["completion_len_mean"] == vs_trl.NEW_TOKENS
+    assert any(not torch.equal(before[n], p) for n, p in lm.named_parameters())
