@@ -131,6 +131,10 @@ class TextSamplingConfig:
     top_p: float = 1.0  # nucleus sampling mass; 1 = full distribution (on-policy log-probs)
     max_reasoning_tokens: int = 32  # hard cap on generated reasoning tokens (incl. </think>, <eos>)
     thinking: bool = True  # False: skip reasoning and draw from the prompt alone
+    # True: every group of a rank decodes in ONE loop (a generator per group; model.kind=hf only):
+    # ~3.5x faster sampling (docs/performance.md), but the tokens then equal the per-group loop's
+    # only up to float rounding, so they may depend on the chunking / ranks. False: one loop per group
+    batch_groups: bool = False
 
 
 @dataclass
@@ -341,6 +345,8 @@ def validate(cfg: Config) -> Config:
     for k in ("wrong_reasoning_frac", "no_think_frac", "uncond_frac"):
         v = getattr(cfg.pretrain, k)
         _check(0.0 <= v <= 1.0, f"pretrain.{k}", f"must be in [0, 1], got {v}")
+    _check(not t.batch_groups or cfg.model.kind == "hf", "text.batch_groups",
+           f"needs a model whose decode loop takes a generator per row (model.kind=hf), not {cfg.model.kind!r}")
     if cfg.model.kind == "tiny":
         _check(cfg.model.image_size % 4 == 0 and 16 <= cfg.model.image_size <= 64, "model.image_size",
                "must be a multiple of 4 in [16, 64]")

@@ -135,8 +135,17 @@ class Episode:
 
 @torch.no_grad()
 def sample_reasoning(model, prompts: list[str], group_size: int, seeds: list[int], *, thinking: bool,
-                     max_new_tokens: int, temperature: float, top_p: float) -> TokenBatch:
-    """Prompts [P] -> prompt + sampled reasoning [P * G, L]; group p uses generator ``seeds[p]``."""
+                     max_new_tokens: int, temperature: float, top_p: float,
+                     batch_groups: bool = False) -> TokenBatch:
+    """Prompts [P] -> prompt + sampled reasoning [P * G, L]; group p uses generator ``seeds[p]``.
+    ``batch_groups`` (``text.batch_groups``): all groups in one decode loop, each drawing from its
+    own generator (the model's ``sample_reasoning`` takes one generator per row); equal to the
+    per-group loops up to float rounding (the prompts share one left-padded width)."""
+    if batch_groups and thinking:
+        batch = model.encode_prompts([p for p in prompts for _ in range(group_size)])
+        gens = [torch.Generator(device=batch.ids.device).manual_seed(s) for s in seeds]
+        return model.sample_reasoning(batch, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                      generator=[g for g in gens for _ in range(group_size)])
     parts = []
     for prompt, seed in zip(prompts, seeds):
         batch = model.encode_prompts([prompt] * group_size)

@@ -346,3 +346,24 @@ def test_bfloat16_weights_keep_lora_and_every_output_in_float32():
     full_text = model_of(0, 4, "model.dtype=bfloat16")  # a fully trained side keeps float32 master weights
     assert all(p.dtype == torch.float32 for _, p in full_text.parameter_groups()["text"])
     assert full_text.dit.dtype == torch.bfloat16
+
+
+def test_batch_groups_samples_each_groups_own_tokens_in_one_loop():
+    """``text.batch_groups``: the rollout's groups decode in one loop, group p drawing from its own
+    generator ``seeds[p]``: the same reasoning as one loop per group (here token for token), in
+    fewer model calls; refused for a model whose loop takes one generator (the tiny model)."""
+    from unigrpo import rollout as R
+
+    model, _, prompts = hf_factory(seed=0)
+    calls = []
+    model.lm.register_forward_hook(lambda *a: calls.append(1))
+    kw = {"thinking": True, "max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0}
+    with torch.no_grad():
+        alone = R.sample_reasoning(model, prompts, 3, [11, 12, 13], **kw)
+        n_alone = len(calls)
+        together = R.sample_reasoning(model, prompts, 3, [11, 12, 13], batch_groups=True, **kw)
+    assert model.decode_text(alone) == model.decode_text(together)
+    assert len(set(model.decode_text(alone))) > 3  # groups (and rows within them) differ
+    assert len(calls) - n_alone < n_alone / 2  # one loop instead of three
+    with pytest.raises(ConfigError, match="text.batch_groups: needs a model whose decode loop"):
+        load_config(None, ["text.batch_groups=true"])

@@ -151,7 +151,7 @@ def rollout_step(model, task, cfg: Config, step: int, rewards: RewardSet, ranks:
     texts = [p.text for p in prompts for _ in range(group)]  # [N_local], prompt-major
     tokens = R.sample_reasoning(model, [p.text for p in prompts], group, seeds(cfg, step, p0, len(prompts), R.REASONING),
                                 thinking=cfg.text.thinking, max_new_tokens=cfg.text.max_reasoning_tokens,
-                                temperature=cfg.text.temperature, top_p=cfg.text.top_p)
+                                temperature=cfg.text.temperature, top_p=cfg.text.top_p, batch_groups=cfg.text.batch_groups)
     width = dist.all_reduce_max(tokens.ids.shape[1], ranks, device)  # one width on every rank
     tokens = R.pad_tokens(tokens, width, model.pad_id)
     starts = R.window_starts(seeds(cfg, step, p0, len(prompts), R.WINDOW),
