@@ -56,3 +56,31 @@ def tiny_bpe_tokenizer(chat_template: str, **kwargs):
                                                **kwargs)
     tok.chat_template = chat_template
     return tok
+
+
+def lora_step_then_reference(model, base, tokens):
+    """The LoRA contract of an ``hf`` family: one AdamW step on ``-logp + |v|^2`` changes only
+    ``lora_*`` weights, on both sides; then the reference (adapters off) equals ``base`` (the same
+    pipeline without LoRA) bitwise, while the policy moved. Returns ``(x, t, ctx_policy, ctx_base,
+    ctx_reference)`` for the family's own checks."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randn((len(tokens), *model.latent_shape), generator=torch.Generator().manual_seed(1))
+    t = torch.linspace(0.3, 0.9, len(tokens))
+    params = [p for g in model.parameter_groups().values() for _, p in g]
+    assert all("lora_" in n for g in model.parameter_groups().values() for n, _ in g)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    logp, ctx = model.forward_context(tokens)
+    (-logp.sum() + model.velocity(x, t, ctx).pow(2).mean()).backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert any(n.startswith("lm.") for n in changed) and any(n.startswith("dit.") for n in changed)
+    ref = model.reference()
+    with torch.no_grad():
+        lp_ref, c_ref = ref.forward_context(tokens)
+        lp_base, c_base = base.forward_context(tokens)
+        lp_pol, c_pol = model.forward_context(tokens)
+        v_ref, v_base, v_pol = ref.velocity(x, t, c_ref), base.velocity(x, t, c_base), model.velocity(x, t, c_pol)
+    assert torch.equal(lp_ref, lp_base) and torch.equal(c_ref.hidden, c_base.hidden) and torch.equal(v_ref, v_base)
+    assert not torch.equal(lp_pol, lp_base) and not torch.equal(v_pol, v_base)  # the policy did move
+    return x, t, c_pol, c_base, c_ref
