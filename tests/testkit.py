@@ -84,3 +84,24 @@ def lora_step_then_reference(model, base, tokens):
     assert torch.equal(lp_ref, lp_base) and torch.equal(c_ref.hidden, c_base.hidden) and torch.equal(v_ref, v_base)
     assert not torch.equal(lp_pol, lp_base) and not torch.equal(v_pol, v_base)  # the policy did move
     return x, t, c_pol, c_base, c_ref
+
+
+def check_one_lora_step_run(out: Path) -> dict:
+    """A 1-step ``unigrpo train`` run directory of an ``hf`` family with LoRA on both sides: one
+    training row, ratio exactly 1 on the first update (text and image), gradients on both sides,
+    finite metrics, and a ``final.safetensors`` of LoRA weights only. Returns those weights."""
+    import json
+    import math
+
+    from safetensors.torch import load_file
+
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward/mean" in r]
+    assert len(steps) == 1
+    r = steps[0]
+    assert r["loss/text/first_logp_diff_max"] == 0.0 and r["loss/image/first_logp_diff_max"] == 0.0
+    assert r["loss/text/grad_norm"] > 0 and r["loss/image/grad_norm"] > 0
+    assert all(math.isfinite(v) for v in r.values())
+    saved = load_file(str(Path(out) / "final.safetensors"))
+    assert saved and all("lora_" in k for k in saved)
+    return saved

@@ -4,7 +4,6 @@ and ``__call__``; ratio == 1 on the first update through the CLI; LoRA touches o
 and its reference is the base model. The protocol itself: test_conformance.py (``ADAPTERS["hf"]``)."""
 
 import json
-import math
 import os
 
 import numpy as np
@@ -16,7 +15,7 @@ pytest.importorskip("peft")
 from conftest import HF_LAYERS, HF_PROMPTS, hf_factory, hf_overrides, tiny_flux2_dir
 from diffusers import Flux2KleinPipeline
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
-from testkit import lora_step_then_reference
+from testkit import check_one_lora_step_run, lora_step_then_reference
 
 from unigrpo.algo.schedule import model_timesteps, timesteps
 from unigrpo.cli import main
@@ -199,17 +198,7 @@ def test_cli_train_one_lora_step_ratio_exactly_one(tmp_path):
     pipeline folder offline; the first update's log-probs equal the rollout's (ratio exactly 1)."""
     out = tmp_path / "run"
     assert main([*cli_args(tmp_path), f"output_dir={out}", "steps=1"]) == 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "reward/mean" in r]
-    assert len(steps) == 1
-    r = steps[0]
-    assert r["loss/text/first_logp_diff_max"] == 0.0 and r["loss/image/first_logp_diff_max"] == 0.0
-    assert r["loss/text/grad_norm"] > 0 and r["loss/image/grad_norm"] > 0
-    assert all(math.isfinite(v) for v in r.values())
-    from safetensors.torch import load_file
-
-    saved = load_file(str(out / "final.safetensors"))
-    assert saved and all("lora_" in k for k in saved)
+    saved = check_one_lora_step_run(out)
     loaded = build_model(load_config(None, hf_overrides(tiny_flux2_dir())), checkpoint=str(out / "final.safetensors"))
     assert all(torch.equal(loaded.trainable_state()[k], v) for k, v in saved.items())
 

@@ -24,7 +24,7 @@ from conftest import (
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageImg2ImgPipeline, QwenImagePipeline
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_img2img
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
-from testkit import lora_step_then_reference
+from testkit import check_one_lora_step_run, lora_step_then_reference
 
 from unigrpo.algo.guidance import guided_velocity
 from unigrpo.algo.schedule import timesteps
@@ -285,7 +285,6 @@ def test_cli_train_one_lora_step_ratio_exactly_one(tmp_path, cfg_scale):
     the pipeline's schedule (``sampler.shift: null``): the first update's log-probs equal the
     rollout's (ratio exactly 1, text and image), also when rollout and training are guided with the
     family's true CFG (policy and reference); the saved LoRA weights load back."""
-    from safetensors.torch import load_file
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     prompts = tmp_path / "p.jsonl"
@@ -299,15 +298,7 @@ def test_cli_train_one_lora_step_ratio_exactly_one(tmp_path, cfg_scale):
             "eval.grid_prompts=2", "text.max_reasoning_tokens=6", "threads=1", "optim.lr_text=1e-3",
             "optim.lr_image=1e-3", f"sampler.cfg_scale={cfg_scale}", f"output_dir={out}", "steps=1"]
     assert main(args) == 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "reward/mean" in r]
-    assert len(steps) == 1
-    r = steps[0]
-    assert r["loss/text/first_logp_diff_max"] == 0.0 and r["loss/image/first_logp_diff_max"] == 0.0
-    assert r["loss/text/grad_norm"] > 0 and r["loss/image/grad_norm"] > 0
-    assert all(math.isfinite(v) for v in r.values())
-    saved = load_file(str(out / "final.safetensors"))
-    assert saved and all("lora_" in k for k in saved)
+    saved = check_one_lora_step_run(out)
     loaded = build_model(load_config(None, qwen_overrides(tiny_qwenimage_dir())),
                          checkpoint=str(out / "final.safetensors"))
     assert all(torch.equal(loaded.trainable_state()[k], v) for k, v in saved.items())

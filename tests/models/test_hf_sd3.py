@@ -6,7 +6,6 @@ through the CLI, LoRA touches only LoRA weights. The protocol itself: test_confo
 (``ADAPTERS["hf:sd3"]``)."""
 
 import json
-import math
 import os
 
 import numpy as np
@@ -24,7 +23,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_img2img import (
     retrieve_latents,
 )
-from testkit import lora_step_then_reference
+from testkit import check_one_lora_step_run, lora_step_then_reference
 
 from unigrpo.algo.schedule import shift_time, timesteps
 from unigrpo.cli import main
@@ -238,17 +237,7 @@ def test_cli_train_one_lora_step_ratio_exactly_one(tmp_path):
     the first update's log-probs equal the rollout's (ratio exactly 1) for text and image."""
     out = tmp_path / "run"
     assert main([*cli_args(tmp_path), f"output_dir={out}", "steps=1"]) == 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "reward/mean" in r]
-    assert len(steps) == 1
-    r = steps[0]
-    assert r["loss/text/first_logp_diff_max"] == 0.0 and r["loss/image/first_logp_diff_max"] == 0.0
-    assert r["loss/text/grad_norm"] > 0 and r["loss/image/grad_norm"] > 0
-    assert all(math.isfinite(v) for v in r.values())
-    from safetensors.torch import load_file
-
-    saved = load_file(str(out / "final.safetensors"))
-    assert saved and all("lora_" in k for k in saved)
+    saved = check_one_lora_step_run(out)
     assert any(k.startswith("lm.") for k in saved) and any(k.startswith("dit.") for k in saved)
     loaded = build_model(load_config(None, sd3_overrides()), checkpoint=str(out / "final.safetensors"))
     assert all(torch.equal(loaded.trainable_state()[k], v) for k, v in saved.items())
