@@ -398,6 +398,7 @@ class BagelModel(nn.Module):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        self.check_fsdp_dtypes()
         mesh, layers = init_device_mesh(self.device.type, (ranks.world,)), self.language_model.model.layers
         for layer in layers:
             fully_shard(layer, mesh=mesh)
@@ -406,6 +407,22 @@ class BagelModel(nn.Module):
         if ranks.is_main:
             print(f"[unigrpo] model.fsdp: sharded over {ranks.world} ranks: {len(layers)} MoT decoder layers, "
                   "the model as root (VAE replicated)", flush=True)
+
+    def check_fsdp_dtypes(self) -> None:
+        """FSDP2 reduces one unit's gradients in one dtype: the trainable tensors of each unit (a
+        decoder layer; the root) must share theirs. LoRA weights are float32, a fully trained
+        expert keeps ``model.dtype``: LoRA on one expert and the other in full under bf16 weights
+        is refused here, in one line, rather than by FSDP2's assertion at the first forward."""
+        layers = self.language_model.model.layers
+        inner = {id(p) for m in (*layers, self.vae) for p in m.parameters()}
+        units = [(f"decoder layer {i}", list(layer.named_parameters())) for i, layer in enumerate(layers)]
+        units.append(("the root", [(n, p) for n, p in self.named_parameters() if id(p) not in inner]))
+        for unit, params in units:
+            dtypes = sorted({str(p.dtype).removeprefix("torch.") for _, p in params if p.requires_grad})
+            if len(dtypes) > 1:
+                raise ValueError(f"model.fsdp: {unit} trains tensors of dtypes {dtypes} (LoRA weights are float32, a fully "
+                                 "trained expert model.dtype); FSDP2 needs one per unit: use model.dtype=float32, or "
+                                 "LoRA on both experts or on neither")
 
     def reduce_gradients(self, params: list[nn.Parameter], ranks) -> None:
         if not self.sharded:  # sharded: FSDP2 reduce-scattered (averaged) them in backward
