@@ -96,6 +96,7 @@ class BagelModelConfig:
     train_heads: bool = False  # also train time_embedder, vae2llm, llm2vae with the image expert
     gradient_checkpointing: bool = False  # recompute every decoder layer in backward (text pass and velocity)
     logits_chunk: int = 1024  # lm_head + log-softmax over this many positions at a time (recomputed in backward)
+    fsdp: bool = False  # under torchrun with > 1 rank: FSDP2, one unit per MoT decoder layer (False: a replica per rank)
 
 
 # The ``model`` section, told apart by ``model.kind`` (one dataclass per kind; adapters add theirs).

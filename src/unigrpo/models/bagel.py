@@ -24,9 +24,19 @@ sampled after it and ends at ``<|im_end|>`` (an action, scored). Positions are `
   our convention exactly (no sign or time flip); its ``num_timesteps = N`` is our ``num_steps =
   N - 1``.
 - **Image loss into the text expert**: the markers' und computation is part of the context, so
-  ``detach_context`` cuts it too: a detached context's velocity runs with the text parameters
-  detached (``torch.func.functional_call``); detaching only the K/V would leave the image loss a
+  ``detach_context`` cuts it too: a detached context's velocity runs the markers with
+  ``embed_tokens``' output and every und parameter of each layer detached (``bagel_mot.frozen``,
+  inside the layer's forward: also under FSDP2 and activation checkpointing); detaching only the K/V would leave the image loss a
   path into the und weights through the markers (tested).
+- **FSDP2** (``model.fsdp`` on > 1 rank): ``wrap`` shards every MoT decoder layer (the unit: both
+  experts of one layer), then the whole model as the root (embeddings, lm_head, the final norms,
+  the latent heads; the VAE stays replicated: frozen, ``ignored_params``). Every phase runs through
+  ``forward`` (``self(phase, ...)``: the decode loop's steps and logits too), so no other method
+  needs ``register_fsdp_forward_method``. ``sharded`` tells the recipe that every forward is a
+  collective: the decode loop runs ``max_new_tokens`` steps on every rank (the tokens of the
+  early-stopping loop) and every rank evaluates. Gradients are reduce-scattered in backward
+  (``reduce_gradients``: no-op); ``trainable_state`` gathers on every rank, ``save`` (rank 0)
+  writes that gather, ``load_trainable_state`` keeps each rank's shard (``models/fsdp.py``).
 - **Reference** (``reference()``): LoRA sides with adapters disabled, fully trained sides a snapshot
   of their trainable tensors, substituted with ``functional_call`` (never a second model copy).
 - **Unclosed reasoning**: a row that hits ``max_new_tokens`` before ``<|im_end|>`` stays open (the
@@ -47,6 +57,7 @@ from torch.utils.checkpoint import checkpoint
 
 from unigrpo.models.bagel_latent import PositionEmbedding, TimestepEmbedder, patchify, unpatchify
 from unigrpo.models.bagel_mot import LLMConfig, Qwen2MoTForCausalLM, attention_mask
+from unigrpo.models.fsdp import GatheredState, full, load_full_state
 from unigrpo.models.hf_text import positions
 from unigrpo.models.protocol import TokenBatch
 from unigrpo.models.tiny import sample_top_p
@@ -108,6 +119,9 @@ class BagelModel(nn.Module):
         self.system_prompt = (THINK_SYSTEM_PROMPT if system_prompt is None else system_prompt) if think else None
         self.train_heads, self.logits_chunk = train_heads, logits_chunk
         self.text_rank = self.image_rank = 0
+        self.fsdp = False  # model.fsdp (set by build): shard in wrap when on > 1 rank
+        self.sharded, self.fixed_steps, self._is_main = False, False, True
+        self._gathered = GatheredState()
 
     # ----------------------------------------------------------------- LoRA / parameters
     def add_lora(self, text_rank: int, image_rank: int, text_targets, image_targets) -> None:
@@ -152,15 +166,16 @@ class BagelModel(nn.Module):
 
     # ----------------------------------------------------------------- forward phases
     def forward(self, phase: str, *args):
-        """Dispatch for ``functional_call`` (weights substituted): ``phase`` in text / scored / image."""
-        return {"text": self._text, "scored": self._scored, "image": self._image}[phase](*args)
+        """Every phase runs through here (the FSDP2 root's hooks; ``functional_call`` substitutes
+        weights): ``phase`` in text / logits / scored / image."""
+        return {"text": self._text, "logits": self._logits, "scored": self._scored, "image": self._image}[phase](*args)
 
     def _call(self, overrides: dict | None, phase: str, *args):
         """``phase`` with the tensors ``overrides`` (by parameter name) in place of the parameters.
         The decoder layers also get them bound into each layer call (``Qwen2MoTForCausalLM.run``):
         activation checkpointing recomputes a layer in backward, after this call has returned."""
         if not overrides:
-            return self.forward(phase, *args)
+            return self(phase, *args)
         lm, prefix = self.language_model, "language_model."
         lm.overrides = {k[len(prefix):]: v for k, v in overrides.items() if k.startswith(prefix)}
         try:
@@ -202,12 +217,13 @@ class BagelModel(nn.Module):
         emb = self.vae2llm(patchify(x_t, PATCH).to(dtype)) + self.time_embedder(t)[:, None] \
             + self.latent_pos_embed(h, w)[None]
         marks = lm.model.embed_tokens(torch.tensor([self.ids["vision_start"], self.ids["vision_end"]], device=x_t.device))
+        marks = marks.detach() if ctx.detached else marks  # a detached context: no image loss into the text side
         n = h * w
         block = torch.cat([marks[:1].expand(b, 1, -1), emb, marks[1:].expand(b, 1, -1)], 1)  # [B, n + 2, H]
         pos = ctx.next_pos[:, None].expand(b, n + 2)  # the whole block at ONE position
         keys = torch.cat([ctx.mask, torch.ones(b, n + 2, dtype=torch.bool, device=x_t.device)], 1)
         out, _ = lm.run(block, pos, attention_mask(keys, n + 2, causal=False), list(zip(ctx.keys, ctx.values)),
-                        gen=slice(1, n + 1))
+                        gen=slice(1, n + 1), detach_und=ctx.detached)
         v = self.llm2vae(lm.model.norm_moe_gen(out[:, 1:n + 1]))
         return unpatchify(v, z, h, w, PATCH).to(x_t.dtype)
 
@@ -229,14 +245,17 @@ class BagelModel(nn.Module):
                          top_p: float = 1.0, generator: torch.Generator | None = None,
                          return_logprobs: bool = False, use_cache: bool = True):
         """KV-cache decode from the prompts, rows stop at ``<|im_end|>`` independently (kept: an
-        action); ``use_cache=False`` recomputes the whole sequence per token (a test reference)."""
+        action); ``use_cache=False`` recomputes the whole sequence per token (a test reference).
+        ``fixed_steps`` (sharded): all ``max_new_tokens`` steps on every rank, cut back to the
+        early-stopping loop's tokens."""
         ids, mask = prompts.ids, prompts.mask
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         new_ids, new_mask, new_logp = [], [], []
-        h, cache = self._text(ids, positions(mask), mask, None)
+        h, cache = self("text", ids, positions(mask), mask, None)
         h_last, key_mask, pos = h[:, -1:], mask, mask.long().sum(1, keepdim=True)  # next position per row
-        for _ in range(max_new_tokens):
-            logits = self._logits(h_last, temperature)[:, 0]
+        n_steps = None  # the step after which every row has finished
+        for i in range(max_new_tokens):
+            logits = self("logits", h_last, temperature)[:, 0]
             tok = sample_top_p(logits, top_p, generator)
             tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
             if return_logprobs:  # of the temperature-scaled distribution, as forward_context scores
@@ -244,16 +263,19 @@ class BagelModel(nn.Module):
             new_ids.append(tok)
             new_mask.append(~done)
             done = done | (tok == self.ids["end"])
-            if bool(done.all()):
-                break
+            if n_steps is None and bool(done.all()):
+                n_steps = i + 1
+                if not self.fixed_steps:
+                    break
             key_mask = torch.cat([key_mask, new_mask[-1][:, None]], 1)  # the token fed now is real iff live
             if use_cache:
-                h_last, kv = self._text(tok[:, None], pos, key_mask, cache)
+                h_last, kv = self("text", tok[:, None], pos, key_mask, cache)
                 cache = [(torch.cat([k0, k1], 2), torch.cat([v0, v1], 2)) for (k0, v0), (k1, v1) in zip(cache, kv)]
             else:
-                full = torch.cat([ids, torch.stack(new_ids, 1)], 1)
-                h_last = self._text(full, positions(key_mask), key_mask, None)[0][:, -1:]
+                seq = torch.cat([ids, torch.stack(new_ids, 1)], 1)
+                h_last = self("text", seq, positions(key_mask), key_mask, None)[0][:, -1:]
             pos = pos + new_mask[-1][:, None].long()  # finished rows keep their position (masked)
+        new_ids, new_mask, new_logp = new_ids[:n_steps], new_mask[:n_steps], new_logp[:n_steps]
         return prompts.with_sampled(new_ids, new_mask, new_logp if return_logprobs else None)
 
     def with_response(self, prompts: TokenBatch, responses: list[str]) -> TokenBatch:
@@ -303,8 +325,7 @@ class BagelModel(nn.Module):
     # ----------------------------------------------------------------- image phase
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, ctx: BagelContext) -> torch.Tensor:
         t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
-        frozen = {n: p.detach() for n, p in self._params("text").items()} if ctx.detached else None
-        return self._call(frozen, "image", x_t, t, ctx)
+        return self._call(None, "image", x_t, t, ctx)  # a detached ctx detaches the text side in _image
 
     def pipeline_timesteps(self, num_steps: int) -> torch.Tensor:
         """Bagel's own grid (``sampler.shift: null``): ``timestep_shift = 3`` (``inferencer.py``, ``app.py``)
@@ -340,39 +361,86 @@ class BagelModel(nn.Module):
         """Recompute each decoder layer in backward (text pass and velocity alike)."""
         self.language_model.checkpointing = True
 
+    def _named_trainable(self) -> dict[str, nn.Parameter]:
+        if self.sharded:  # the root keeps its gathered params after a forward: back to the shards
+            self.reshard()
+        return {n: p for g in self.parameter_groups().values() for n, p in g}
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for g in self.parameter_groups().values() for n, p in g}
+        """Full CPU tensors (sharded: every rank gathers, in the same order)."""
+        own = self._named_trainable()
+        state = {n: full(p).detach().cpu().clone() for n, p in own.items()}
+        if self.sharded and self._is_main:  # what save() on rank 0 writes, while no parameter is written
+            self._gathered.keep(own.values(), state)
+        return state
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        own = {n: p for g in self.parameter_groups().values() for n, p in g}
-        missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-        if missing or unexpected:  # checked first: a rejected state leaves the model untouched
-            raise ValueError(f"trainable state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        with torch.no_grad():
-            for n, p in own.items():
-                p.copy_(state[n])
+        """Sharded: every rank loads the same full tensors and keeps its own shard (no collective)."""
+        load_full_state(self._named_trainable(), state)
 
     def reference(self):
         """The starting policy (``bagel_reference.BagelReference``: LoRA off / trainable snapshot)."""
         from unigrpo.models.bagel_reference import BagelReference
 
+        if self.sharded and 0 in (self.text_rank, self.image_rank):
+            raise NotImplementedError("model.fsdp: the reference of a fully trained expert (lora rank 0) is a snapshot "
+                                      "of its tensors, not sharded yet; use LoRA on that expert or no regulariser "
+                                      "(algo.c_mse = algo.beta_img = algo.text_beta = 0)")
         return BagelReference(self)
 
     def wrap(self, ranks) -> None:
-        dist.broadcast_parameters(self, ranks)  # every rank starts from rank 0's weights
+        """Every rank starts from rank 0's weights; with ``model.fsdp`` on > 1 rank, then sharded:
+        ``fully_shard`` per MoT decoder layer, the whole model as the root, the VAE ignored
+        (module docstring)."""
+        dist.broadcast_parameters(self, ranks)
+        if not (self.fsdp and ranks.enabled):
+            return
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        self.check_fsdp_dtypes()
+        mesh, layers = init_device_mesh(self.device.type, (ranks.world,)), self.language_model.model.layers
+        for layer in layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh, ignored_params=set(self.vae.parameters()))
+        self.sharded, self._is_main, self.fixed_steps = True, ranks.is_main, True
+        if ranks.is_main:
+            print(f"[unigrpo] model.fsdp: sharded over {ranks.world} ranks: {len(layers)} MoT decoder layers, "
+                  "the model as root (VAE replicated)", flush=True)
+
+    def check_fsdp_dtypes(self) -> None:
+        """FSDP2 reduces one unit's gradients in one dtype: the trainable tensors of each unit (a
+        decoder layer; the root) must share theirs. LoRA weights are float32, a fully trained
+        expert keeps ``model.dtype``: LoRA on one expert and the other in full under bf16 weights
+        is refused here, in one line, rather than by FSDP2's assertion at the first forward."""
+        layers = self.language_model.model.layers
+        inner = {id(p) for m in (*layers, self.vae) for p in m.parameters()}
+        units = [(f"decoder layer {i}", list(layer.named_parameters())) for i, layer in enumerate(layers)]
+        units.append(("the root", [(n, p) for n, p in self.named_parameters() if id(p) not in inner]))
+        for unit, params in units:
+            dtypes = sorted({str(p.dtype).removeprefix("torch.") for _, p in params if p.requires_grad})
+            if len(dtypes) > 1:
+                raise ValueError(f"model.fsdp: {unit} trains tensors of dtypes {dtypes} (LoRA weights are float32, a fully "
+                                 "trained expert model.dtype); FSDP2 needs one per unit: use model.dtype=float32, or "
+                                 "LoRA on both experts or on neither")
 
     def reduce_gradients(self, params: list[nn.Parameter], ranks) -> None:
-        dist.average_gradients(params, ranks)
+        if not self.sharded:  # sharded: FSDP2 reduce-scattered (averaged) them in backward
+            dist.average_gradients(params, ranks)
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
-        """The trainable tensors as safetensors (the base weights are ``model.path``)."""
+        """The trainable tensors as safetensors (the base weights are ``model.path``). Sharded:
+        ``save`` runs on rank 0 alone, so it writes the state every rank gathered last
+        (``save_checkpoint`` calls ``trainable_state`` on every rank first); refused if a
+        parameter was written since."""
         from safetensors.torch import save
 
         from unigrpo.utils.checkpoint import atomic_save
 
         meta = {"text_rank": str(self.text_rank), "image_rank": str(self.image_rank),
                 **{k: json.dumps(v) for k, v in (extra or {}).items()}}
-        state = {k: v.contiguous() for k, v in self.trainable_state().items()}
+        own = self.trainable_state() if not self.sharded else self._gathered.take(self._named_trainable().values())
+        state = {k: v.contiguous() for k, v in own.items()}
         atomic_save(lambda f: f.write(save(state, metadata=meta)), path)
 
 
@@ -385,6 +453,7 @@ def build(cfg, checkpoint: str | None) -> BagelModel:
     model = load_bagel(m.path, device=cfg.device, dtype=m.dtype, resolution=m.resolution, think=m.think,
                        system_prompt=m.system_prompt, train_heads=m.train_heads, logits_chunk=m.logits_chunk)
     model.add_lora(m.lora.text_rank, m.lora.image_rank, m.lora.text_targets, m.lora.image_targets)
+    model.fsdp = m.fsdp
     if m.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if checkpoint is not None:

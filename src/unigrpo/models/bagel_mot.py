@@ -96,6 +96,15 @@ def attention_mask(key_mask: torch.Tensor, n_new: int, causal: bool) -> torch.Te
     return (allowed | own)[:, None]
 
 
+def frozen(module: nn.Module, on: bool):
+    """``module`` itself, or (``on``) a call of it with every parameter detached: the same values,
+    no gradient into them. Called inside a decoder layer's forward, so under FSDP2 the parameters
+    detached are the layer's gathered ones."""
+    if not on:
+        return module
+    return lambda *args: torch.func.functional_call(module, {n: p.detach() for n, p in module.named_parameters()}, args)
+
+
 def routed(h: torch.Tensor, und, gen_fn, gen: slice | None) -> torch.Tensor:
     """``und`` on the tokens outside the slice ``gen`` (dim 1), ``gen_fn`` inside; concatenated."""
     if gen is None:
@@ -120,18 +129,20 @@ class MoTAttention(nn.Module):
             setattr(self, "q_norm" + sfx, RMSNorm(d, c.rms_norm_eps))
             setattr(self, "k_norm" + sfx, RMSNorm(d, c.rms_norm_eps))
 
-    def _heads(self, proj: str, norm: str | None, n: int, sfx: str):
+    def _heads(self, proj: str, norm: str | None, n: int, sfx: str, detach: bool = False):
         def f(x):
-            y = getattr(self, proj + sfx)(x).unflatten(-1, (n, self.d))  # [B, l, n, D]
-            return getattr(self, norm + sfx)(y) if norm else y
+            y = frozen(getattr(self, proj + sfx), detach)(x).unflatten(-1, (n, self.d))  # [B, l, n, D]
+            return frozen(getattr(self, norm + sfx), detach)(y) if norm else y
         return f
 
-    def forward(self, x, cos, sin, mask, past, gen):
-        q = routed(x, self._heads("q_proj", "q_norm", self.nq, ""), self._heads("q_proj", "q_norm", self.nq, "_moe_gen"),
-                   gen).transpose(1, 2)
-        k = routed(x, self._heads("k_proj", "k_norm", self.nkv, ""), self._heads("k_proj", "k_norm", self.nkv, "_moe_gen"),
-                   gen).transpose(1, 2)
-        v = routed(x, self._heads("v_proj", None, self.nkv, ""), self._heads("v_proj", None, self.nkv, "_moe_gen"),
+    def forward(self, x, cos, sin, mask, past, gen, detach_und: bool = False):
+        """``detach_und``: the und expert with its parameters detached (``MoTDecoderLayer``)."""
+        d = detach_und
+        q = routed(x, self._heads("q_proj", "q_norm", self.nq, "", d),
+                   self._heads("q_proj", "q_norm", self.nq, "_moe_gen"), gen).transpose(1, 2)
+        k = routed(x, self._heads("k_proj", "k_norm", self.nkv, "", d),
+                   self._heads("k_proj", "k_norm", self.nkv, "_moe_gen"), gen).transpose(1, 2)
+        v = routed(x, self._heads("v_proj", None, self.nkv, "", d), self._heads("v_proj", None, self.nkv, "_moe_gen"),
                    gen).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_all = k if past is None else torch.cat([past[0], k], 2)
@@ -140,7 +151,7 @@ class MoTAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k_all.repeat_interleave(rep, 1), v_all.repeat_interleave(rep, 1),
                                              attn_mask=mask)
         out = out.transpose(1, 2).flatten(2)  # [B, L, nq * D]
-        return routed(out, self.o_proj, self.o_proj_moe_gen, gen), (k, v)
+        return routed(out, frozen(self.o_proj, d), self.o_proj_moe_gen, gen), (k, v)
 
 
 class MLP(nn.Module):
@@ -167,13 +178,16 @@ class MoTDecoderLayer(nn.Module):
             setattr(self, name, RMSNorm(c.hidden_size, c.rms_norm_eps))
             setattr(self, name + "_moe_gen", RMSNorm(c.hidden_size, c.rms_norm_eps))
 
-    def forward(self, h, cos, sin, mask, past_k, past_v, gen):
+    def forward(self, h, cos, sin, mask, past_k, past_v, gen, detach_und: bool = False):
+        """``detach_und``: the und expert's parameters detached (same values, no gradient): the
+        velocity of a detached context, whose image-marker tokens run through the und expert."""
         past = None if past_k is None else (past_k, past_v)
-        a, kv = self.self_attn(routed(h, self.input_layernorm, self.input_layernorm_moe_gen, gen), cos, sin, mask,
-                               past, gen)
+        d = detach_und
+        a, kv = self.self_attn(routed(h, frozen(self.input_layernorm, d), self.input_layernorm_moe_gen, gen), cos, sin,
+                               mask, past, gen, d)
         h = h + a
-        x = routed(h, self.post_attention_layernorm, self.post_attention_layernorm_moe_gen, gen)
-        return h + routed(x, self.mlp, self.mlp_moe_gen, gen), kv[0], kv[1]
+        x = routed(h, frozen(self.post_attention_layernorm, d), self.post_attention_layernorm_moe_gen, gen)
+        return h + routed(x, frozen(self.mlp, d), self.mlp_moe_gen, gen), kv[0], kv[1]
 
 
 class Qwen2MoTModel(nn.Module):
@@ -198,10 +212,12 @@ class Qwen2MoTForCausalLM(nn.Module):
         self.checkpointing = False  # activation checkpointing per decoder layer (when grads are on)
         self.overrides: dict[str, torch.Tensor] = {}  # tensors substituted by name (see ``run``)
 
-    def run(self, h: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, past=None, gen: slice | None = None):
+    def run(self, h: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, past=None, gen: slice | None = None,
+            detach_und: bool = False):
         """The decoder layers on input embeddings ``h`` [B, L, H] at RoPE positions ``pos`` [B, L]
         with SDPA mask ``mask`` [B, 1, L, P + L] over ``past`` (per-layer (K, V) of P earlier
-        tokens, or None) and these tokens. Returns (last hidden state [B, L, H] before the final
+        tokens, or None) and these tokens; ``detach_und``: no gradient into the und expert's
+        parameters (``MoTDecoderLayer.forward``). Returns (last hidden state [B, L, H] before the final
         norm, per-layer (K, V) of these L tokens)."""
         c = self.config
         cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, h.dtype)
@@ -210,9 +226,9 @@ class Qwen2MoTForCausalLM(nn.Module):
             pk, pv = (None, None) if past is None else past[i]
             fn = self._layer_fn(i, layer)
             if self.checkpointing and torch.is_grad_enabled():  # recompute in backward: same forward code
-                h, k, v = checkpoint(fn, h, cos, sin, mask, pk, pv, gen, use_reentrant=False)
+                h, k, v = checkpoint(fn, h, cos, sin, mask, pk, pv, gen, detach_und, use_reentrant=False)
             else:
-                h, k, v = fn(h, cos, sin, mask, pk, pv, gen)
+                h, k, v = fn(h, cos, sin, mask, pk, pv, gen, detach_und)
             kv.append((k, v))
         return h, kv
 

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from unigrpo.models.fsdp import GatheredState, full, load_full_state
 from unigrpo.models.hf_text import CausalLMReasoner
 from unigrpo.models.protocol import TokenBatch
 from unigrpo.utils import dist
@@ -96,20 +97,6 @@ def lora_kwargs(m) -> dict:
             "text_targets": m.lora.text_targets, "image_targets": m.lora.image_targets}
 
 
-def _full(p: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a parameter: gathered from every rank if sharded (a collective)."""
-    from torch.distributed.tensor import DTensor
-
-    return p.full_tensor() if isinstance(p, DTensor) else p
-
-
-def _versions(params) -> tuple[int, ...]:
-    """In-place write counters of ``params``: they change when a step or a load writes a parameter,
-    so a gathered state can tell that it is stale (a DTensor's own counter: its local tensor's does
-    not move when the DTensor is written)."""
-    return tuple(p._version for p in params)
-
-
 class HFUnifiedModel(nn.Module):
     """What every pipeline family shares (module docstring). Submodules: ``lm`` (the LM that
     reasons), ``dit`` (the image transformer), ``vae``."""
@@ -138,7 +125,7 @@ class HFUnifiedModel(nn.Module):
         self.hidden_layers = tuple(hidden_layers)
         self.text_rank, self.image_rank = text_rank, image_rank
         self.fsdp = False  # model.fsdp (set by build): shard in wrap when on > 1 rank
-        self.sharded, self._gathered, self._is_main = False, None, True
+        self.sharded, self._gathered, self._is_main = False, GatheredState(), True
         if text_rank > 0:
             add_lora(self.lm, text_rank, text_targets)
         if image_rank > 0:
@@ -250,25 +237,14 @@ class HFUnifiedModel(nn.Module):
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Full CPU tensors (sharded: every rank gathers, in the same order)."""
         own = self._named_trainable()
-        state = {n: _full(p).detach().cpu().clone() for n, p in own.items()}
+        state = {n: full(p).detach().cpu().clone() for n, p in own.items()}
         if self.sharded and self._is_main:  # what save() on rank 0 writes, while no parameter is written
-            self._gathered = (_versions(own.values()), state)
+            self._gathered.keep(own.values(), state)
         return state
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         """Sharded: every rank loads the same full tensors and keeps its own shard (no collective)."""
-        from torch.distributed.tensor import DTensor, distribute_tensor
-
-        own = self._named_trainable()
-        missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-        if missing or unexpected:  # checked first: a rejected state leaves the model untouched
-            raise ValueError(f"trainable state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        with torch.no_grad():
-            for n, p in own.items():
-                src = state[n]
-                if isinstance(p, DTensor):  # src_data_rank=None: this rank's chunk of its own copy
-                    src = distribute_tensor(src.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None)
-                p.copy_(src)
+        load_full_state(self._named_trainable(), state)
 
     def reference(self) -> HFReference:
         if self.sharded and 0 in (self.text_rank, self.image_rank):
@@ -329,11 +305,7 @@ class HFUnifiedModel(nn.Module):
         ``trainable_state`` on every rank first); refused if a parameter was written since."""
         if not self.sharded:
             return self.trainable_state()
-        gathered, self._gathered = self._gathered, None  # written once: no full copy kept around
-        if gathered is None or gathered[0] != _versions(self._named_trainable().values()):
-            raise RuntimeError("model.fsdp: save() writes the state gathered by trainable_state(), which every "
-                               "rank must call after the last update (unigrpo.utils.checkpoint.save_checkpoint does)")
-        return gathered[1]
+        return self._gathered.take(self._named_trainable().values())
 
 
 class HFReference:
