@@ -5,7 +5,7 @@ calls on a detached context, backward, AdamW step on the LoRA weights). Prints o
 the times and the peak GPU memory.
 
     python benchmarks/bagel_full_size.py --device cuda                  # the real geometry, bf16
-    python benchmarks/bagel_full_size.py --size tiny --device cpu --dtype float32   # a smoke run
+    python benchmarks/bagel_full_size.py --size tiny --device cpu --dtype float32 --resolution 32   # a smoke run
 
 Random weights never emit ``<|im_end|>``, so every row decodes ``--think-tokens`` tokens (the
 worst case). The tokenizer is the tiny test one (ids are far below the real vocabulary size).
