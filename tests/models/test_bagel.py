@@ -387,6 +387,31 @@ def test_bagel_evaluation_cfg_branches_interval_and_per_row_renorm():
         torch.testing.assert_close(plain, v, atol=1e-6, rtol=1e-6)
 
 
+def test_evaluation_with_cfg_uses_the_two_branch_guidance():
+    """``sampling.generate`` (``unigrpo eval`` / ``sample``) with ``cfg_scale != 1`` guides with
+    Bagel's two branches (``eval_guidance``: text scale = cfg_scale, img 1.5, interval, renorm):
+    equal to an Euler loop over ``cfg_velocity`` written here from the same tokens and noise."""
+    from unigrpo.algo.schedule import timesteps
+    from unigrpo.sampling import generate, reasoning_tokens
+
+    model = model_of()
+    n, prompts = 4, BAGEL_PROMPTS[:2]
+    with torch.no_grad():
+        out = generate(model, prompts, num_steps=n, shift=3.0, cfg_scale=4.0, seed=5, max_new_tokens=4)
+        g = torch.Generator().manual_seed(5)  # generate's draws: the reasoning, then the noise
+        tokens = reasoning_tokens(model, prompts, None, True, 4, 1.0, g)
+        _, ctx = model.forward_context(tokens)
+        x = torch.randn((2, *model.latent_shape), generator=g)
+        ctx_text, ctx_img = model.cfg_contexts(tokens)
+        grid = timesteps(n, 3.0)
+        for k in range(n):
+            v = model.cfg_velocity(x, grid[k].expand(2), ctx, ctx_text, ctx_img, text_scale=4.0)
+            x = x + (grid[k + 1] - grid[k]) * v
+        plain = generate(model, prompts, num_steps=n, shift=3.0, cfg_scale=1.0, seed=5, max_new_tokens=4)
+    torch.testing.assert_close(out.images, model.decode(x), atol=1e-6, rtol=0)
+    assert (out.images - plain.images).abs().max() > 1e-4  # the guidance changed the images
+
+
 # ----------------------------------------------------------------------------- the CLI
 def test_cli_train_lora_ratio_exactly_one_then_eval_and_sample(tmp_path, capsys):
     """Done-when: `unigrpo train builtin:bagel_unigrpo model.path=DIR ...` on the tiny folder; the

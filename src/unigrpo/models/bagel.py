@@ -322,6 +322,13 @@ class BagelModel(nn.Module):
         return BagelContext([k.detach() for k in ctx.keys], [v.detach() for v in ctx.values], ctx.mask, ctx.next_pos,
                             detached=True)
 
+    def eval_guidance(self, tokens: TokenBatch, ctx: BagelContext, cfg_scale: float):
+        """Evaluation CFG (``sampling.generate`` with ``sampler.eval_cfg_scale != 1``): Bagel's
+        two-branch guidance with ``cfg_scale`` as its text scale and the official text-to-image
+        rest (img scale 1.5, interval (0.4, 1], per-row global renorm; ``bagel_cfg``)."""
+        ctx_text, ctx_img = self.cfg_contexts(tokens)
+        return lambda x_t, t: self.cfg_velocity(x_t, t, ctx, ctx_text, ctx_img, text_scale=cfg_scale)
+
     # ----------------------------------------------------------------- image phase
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, ctx: BagelContext) -> torch.Tensor:
         t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
