@@ -370,6 +370,12 @@ def validate(cfg: Config) -> Config:
         _check(m.lora.text_rank >= 0 and m.lora.image_rank >= 0, "model.lora.text_rank", "ranks must be >= 0")
         _check(m.resolution > 0 and m.resolution % 16 == 0, "model.resolution", "must be a positive multiple of 16")
         _check(m.logits_chunk >= 1, "model.logits_chunk", "must be >= 1")
+        full = [side for side, rank in (("text", m.lora.text_rank), ("image", m.lora.image_rank)) if rank == 0]
+        trained = [s for s in full if getattr(cfg.algo, f"train_{s}")]
+        _check(m.dtype == "float32" or not trained, "model.dtype",
+               f"{m.dtype} weights cannot take the small AdamW steps of a fully trained expert "
+               f"({', '.join(f'model.lora.{s}_rank=0' for s in trained)}: the update rounds away, and this "
+               "adapter keeps no float32 master copy); use model.dtype=float32 or LoRA")
     return cfg
 
 

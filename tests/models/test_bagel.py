@@ -466,3 +466,15 @@ def test_factory_fresh_seed_differs_in_the_und_expert_only():
     sa, sb = dict(a.named_parameters()), dict(b.named_parameters())
     differ = {n for n in sa if "lora_A" not in n and not torch.equal(sa[n], sb[n])}
     assert differ == {n for n, _ in a.parameter_groups()["text"]}
+
+
+def test_a_fully_trained_expert_in_bf16_is_refused_in_one_line():
+    """bf16 weights round a 1e-6 AdamW step away and the adapter keeps no float32 master copy: a
+    fully trained expert needs model.dtype=float32 (LoRA weights are float32 anyway)."""
+    from unigrpo.config import ConfigError, load_config
+
+    base = [*bagel_overrides(tiny_bagel_dir(), 4, 4), "model.dtype=bfloat16"]
+    load_config(None, base)  # LoRA on both experts: fine
+    load_config(None, [*base, "model.lora.text_rank=0", "algo.train_text=false"])  # frozen: fine
+    with pytest.raises(ConfigError, match=r"^model.dtype: bfloat16 weights cannot .*model.lora.text_rank=0"):
+        load_config(None, [*base, "model.lora.text_rank=0"])
