@@ -23,7 +23,7 @@ from conftest import HF_PROMPTS, bagel_overrides, tiny_bagel_dir
 from safetensors.torch import load_file
 
 from unigrpo.cli import main
-from unigrpo.config import load_config
+from unigrpo.config import ConfigError, load_config
 from unigrpo.models import build_model
 
 HERE = Path(__file__).resolve().parent
@@ -115,8 +115,13 @@ def test_mixed_trainable_dtypes_in_one_unit_are_refused_in_one_line():
     experts in float32 pass."""
     ok = build_model(load_config(None, bagel_overrides(tiny_bagel_dir(), 4, 0)), checkpoint=None)
     ok.check_fsdp_dtypes()
-    mixed = build_model(load_config(None, [*bagel_overrides(tiny_bagel_dir(), 4, 0), "model.dtype=bfloat16"]),
-                        checkpoint=None)
+    # the config refuses a trained full expert under bf16 first (test_bagel.py); this is the second
+    # line of defence, for a model built past the config
+    with pytest.raises(ConfigError, match="model.dtype: bfloat16 weights cannot"):
+        load_config(None, [*bagel_overrides(tiny_bagel_dir(), 4, 0), "model.dtype=bfloat16"])
+    cfg = load_config(None, bagel_overrides(tiny_bagel_dir(), 4, 0))
+    cfg.model.dtype = "bfloat16"
+    mixed = build_model(cfg, checkpoint=None)
     with pytest.raises(ValueError, match=r"model.fsdp: decoder layer 0 trains tensors of dtypes \['bfloat16', 'float32'\]"):
         mixed.check_fsdp_dtypes()
 
