@@ -105,3 +105,27 @@ def check_one_lora_step_run(out: Path) -> dict:
     saved = load_file(str(Path(out) / "final.safetensors"))
     assert saved and all("lora_" in k for k in saved)
     return saved
+
+
+def torchrun_env(test_dir: Path) -> dict:
+    """The environment of a ``torchrun`` subprocess test: ``test_dir`` and ``tests/`` importable
+    (its reward and conftest helpers), the source tree, one thread per rank, offline."""
+    import os
+
+    root = Path(test_dir).resolve().parents[1]
+    path = [str(test_dir), str(Path(test_dir).parent), str(root / "src"), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def steps_of(out: Path) -> dict[int, dict]:
+    """The training rows of a run's metrics.jsonl by step (evaluation rows have no reward/mean)."""
+    import json
+
+    rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "reward/mean" in r}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    """The largest absolute difference between two state dicts with the same names."""
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)

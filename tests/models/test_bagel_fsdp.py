@@ -9,7 +9,6 @@ The per-rank micro-batch is 2 trajectories in both runs (``micro_batch_trajector
 all ranks), as in tests/models/test_hf_fsdp.py, so each micro-batch sees the same rows."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ pytest.importorskip("tokenizers")
 pytest.importorskip("peft")
 from conftest import HF_PROMPTS, bagel_overrides, tiny_bagel_dir
 from safetensors.torch import load_file
+from testkit import max_diff, steps_of, torchrun_env
 
 from unigrpo.cli import main
 from unigrpo.config import ConfigError, load_config
@@ -36,8 +36,7 @@ def brightness(images, prompts, metadata):  # the reward of the CLI runs ("test_
 
 
 def env() -> dict:
-    path = [str(HERE), str(HERE.parent), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return torchrun_env(HERE)
 
 
 def run_args(tmp_path, *extra, text_rank: int = 4) -> list[str]:
@@ -60,17 +59,6 @@ def torchrun(args: list[str], cwd: Path) -> str:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert SHARDED in proc.stdout and "(2 per rank)" in proc.stdout
     return proc.stdout
-
-
-def steps_of(out: Path) -> dict[int, dict]:
-    """The training rows of metrics.jsonl by step (evaluation rows have no reward/mean)."""
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if "reward/mean" in r}
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 LOSSES = ("loss/text/loss", "loss/image/loss", "loss/text/grad_norm", "loss/image/grad_norm", "reward/mean",
