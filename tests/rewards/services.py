@@ -109,6 +109,18 @@ class ScoreHandler(_Handler):
             n_req = svc.requests
             svc.in_flight += 1
             svc.max_in_flight = max(svc.max_in_flight, svc.in_flight)
+        done = []
+
+        def leave():  # a request stops being in flight BEFORE its response goes out: the client may
+            if not done:  # send its next request as soon as it has read this one's
+                done.append(True)
+                with svc.lock:
+                    svc.in_flight -= 1
+
+        def reply(*args):
+            leave()
+            return self.send(*args)
+
         try:
             images, _, _ = decode_request(body, 10_000)
             scores = images.mean(dim=(1, 2, 3)).tolist()
@@ -116,19 +128,18 @@ class ScoreHandler(_Handler):
             if mode == "slow" or svc.delay:
                 time.sleep(svc.delay)
             if mode == "error500" or (mode == "flaky" and n_req <= svc.bad):
-                return self.send(500, b'{"error": "judge crashed"}')
+                return reply(500, b'{"error": "judge crashed"}')
             if mode == "bad_request":
-                return self.send(400, b'{"error": "images[0]: not valid base64"}')
+                return reply(400, b'{"error": "images[0]: not valid base64"}')
             if mode == "garbage":
-                return self.send(200, b"<html>502 Bad Gateway</html>", "text/html")
+                return reply(200, b"<html>502 Bad Gateway</html>", "text/html")
             if mode == "wrong_length":
                 scores = scores[:-1]
             if mode == "nan":
                 scores[0] = float("nan")
-            self.send(200, json.dumps({"scores": scores}).encode())
+            reply(200, json.dumps({"scores": scores}).encode())
         finally:
-            with svc.lock:
-                svc.in_flight -= 1
+            leave()
             if svc.die_after is not None and n_req >= svc.die_after:
                 threading.Thread(target=svc.stop, daemon=True).start()
 
