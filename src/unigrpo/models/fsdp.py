@@ -53,8 +53,13 @@ class GatheredState:
     def __init__(self):
         self._held = None
 
-    def keep(self, params, state: dict[str, torch.Tensor]) -> None:
-        self._held = (versions(params), state)
+    def gather(self, own: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
+        """Full CPU copies of the parameters ``own`` (sharded: a collective every rank runs in the
+        same order); ``keep``: held for ``take`` (rank 0 of a sharded model)."""
+        state = {n: full(p).detach().cpu().clone() for n, p in own.items()}
+        if keep:  # what save() on rank 0 writes, while no parameter is written
+            self._held = (versions(own.values()), state)
+        return state
 
     def take(self, params) -> dict[str, torch.Tensor]:
         held, self._held = self._held, None

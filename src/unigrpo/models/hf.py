@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from unigrpo.models.fsdp import GatheredState, full, load_full_state
+from unigrpo.models.fsdp import GatheredState, load_full_state
 from unigrpo.models.hf_text import CausalLMReasoner
 from unigrpo.models.protocol import TokenBatch
 from unigrpo.utils import dist
@@ -236,11 +236,7 @@ class HFUnifiedModel(nn.Module):
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Full CPU tensors (sharded: every rank gathers, in the same order)."""
-        own = self._named_trainable()
-        state = {n: full(p).detach().cpu().clone() for n, p in own.items()}
-        if self.sharded and self._is_main:  # what save() on rank 0 writes, while no parameter is written
-            self._gathered.keep(own.values(), state)
-        return state
+        return self._gathered.gather(self._named_trainable(), keep=self.sharded and self._is_main)
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         """Sharded: every rank loads the same full tensors and keeps its own shard (no collective)."""
