@@ -129,3 +129,15 @@ def max_diff(a: dict, b: dict) -> float:
     """The largest absolute difference between two state dicts with the same names."""
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def lora_loss_grads(model, tokens, x, t) -> dict:
+    """The trainable gradients of ``-logp.sum() + mean |v|^2`` (text and image) after every LoRA B
+    is set to 0.1, so that the LoRA A gradients are not vacuous (B = 0 at init)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.1)
+    logp, ctx = model.forward_context(tokens)
+    (-logp.sum() + model.velocity(x, t, ctx).pow(2).mean()).backward()
+    return {n: p.grad for g in model.parameter_groups().values() for n, p in g}

@@ -15,6 +15,7 @@ pytest.importorskip("tokenizers")
 pytest.importorskip("peft")
 from conftest import BAGEL_PROMPTS, bagel_factory, bagel_overrides, tiny_bagel_dir
 from safetensors.torch import load_file, save_file
+from testkit import lora_loss_grads
 
 from unigrpo.algo.schedule import model_timesteps
 from unigrpo.cli import main
@@ -314,15 +315,7 @@ def test_gradient_checkpointing_and_chunked_logits_change_no_gradient():
     plain, ckpt = model_of(4, 4), model_of(4, 4, "model.gradient_checkpointing=true", "model.logits_chunk=3")
     tokens = sampled(plain, BAGEL_PROMPTS[:2])
     x, t = torch.randn((2, *plain.latent_shape), generator=gen(2)), torch.tensor(0.5)
-    out = []
-    for m in (plain, ckpt):
-        with torch.no_grad():  # non-zero LoRA B: the LoRA A gradients are not vacuous either
-            for n, p in m.named_parameters():
-                if "lora_B" in n:
-                    p.copy_(0.1 * torch.ones_like(p))
-        logp, ctx = m.forward_context(tokens)
-        (-logp.sum() + m.velocity(x, t, ctx).pow(2).mean()).backward()
-        out.append({n: p.grad for g in m.parameter_groups().values() for n, p in g})
+    out = [lora_loss_grads(m, tokens, x, t) for m in (plain, ckpt)]
     assert out[0].keys() == out[1].keys() and all(g is not None for g in out[0].values())
     for n in out[0]:
         torch.testing.assert_close(out[1][n], out[0][n], atol=1e-6, rtol=1e-5)

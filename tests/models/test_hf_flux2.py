@@ -15,7 +15,7 @@ pytest.importorskip("peft")
 from conftest import HF_LAYERS, HF_PROMPTS, hf_factory, hf_overrides, tiny_flux2_dir
 from diffusers import Flux2KleinPipeline
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
-from testkit import check_one_lora_step_run, lora_step_then_reference
+from testkit import check_one_lora_step_run, lora_loss_grads, lora_step_then_reference
 
 from unigrpo.algo.schedule import model_timesteps, timesteps
 from unigrpo.cli import main
@@ -223,17 +223,10 @@ def test_gradient_checkpointing_changes_no_gradient():
     tokens = plain.sample_reasoning(plain.encode_prompts(HF_PROMPTS), max_new_tokens=6,
                                     generator=torch.Generator().manual_seed(2))
     x, t = torch.randn((3, *plain.latent_shape), generator=torch.Generator().manual_seed(2)), torch.tensor(0.5)
-    grads, calls = [], []
+    calls = []
     for module in (ckpt.lm.model.layers[0].self_attn, ckpt.dit.transformer_blocks[0].attn):  # recomputed in backward
         module.register_forward_hook(lambda mod, *_: calls.append(type(mod).__name__))
-    for m in (plain, ckpt):
-        with torch.no_grad():  # non-zero LoRA B: the LoRA A gradients are not vacuous either
-            for n, p in m.named_parameters():
-                if "lora_B" in n:
-                    p.copy_(0.1 * torch.ones_like(p))
-        logp, ctx = m.forward_context(tokens)
-        (-logp.sum() + m.velocity(x, t, ctx).pow(2).mean()).backward()
-        grads.append({n: p.grad for g in m.parameter_groups().values() for n, p in g})
+    grads = [lora_loss_grads(m, tokens, x, t) for m in (plain, ckpt)]
     assert len(calls) == 4, calls  # each hooked block ran twice: forward + recompute
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:

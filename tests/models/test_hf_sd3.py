@@ -23,7 +23,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_img2img import (
     retrieve_latents,
 )
-from testkit import check_one_lora_step_run, lora_step_then_reference
+from testkit import check_one_lora_step_run, lora_loss_grads, lora_step_then_reference
 
 from unigrpo.algo.schedule import shift_time, timesteps
 from unigrpo.cli import main
@@ -250,17 +250,10 @@ def test_gradient_checkpointing_changes_no_gradient():
     ckpt = build_model(cfg, checkpoint=None)
     tokens = sampled(plain, seed=2, max_new_tokens=5)
     x, t = torch.randn((3, *plain.latent_shape), generator=torch.Generator().manual_seed(2)), torch.tensor(0.5)
-    calls, grads = [], []
+    calls = []
     for module in (ckpt.lm.model.layers[0].self_attn, ckpt.dit.transformer_blocks[0].attn):  # recomputed in backward
         module.register_forward_hook(lambda mod, *_: calls.append(type(mod).__name__))
-    for m in (plain, ckpt):
-        with torch.no_grad():  # non-zero LoRA B: the LoRA A gradients are not vacuous either
-            for n, p in m.named_parameters():
-                if "lora_B" in n:
-                    p.fill_(0.1)
-        logp, ctx = m.forward_context(tokens)
-        (-logp.sum() + m.velocity(x, t, ctx).pow(2).mean()).backward()
-        grads.append({n: p.grad for g in m.parameter_groups().values() for n, p in g})
+    grads = [lora_loss_grads(m, tokens, x, t) for m in (plain, ckpt)]
     assert len(calls) == 4, calls  # each hooked block ran twice: forward + recompute
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
