@@ -88,7 +88,7 @@ def main():
     grid = 3 * grid / (1 + 2 * grid)
     with torch.no_grad():  # ---- rollout
         t0 = sync(dev)
-        tokens = model.sample_reasoning(model.encode_prompts(prompts), max_new_tokens=a.think_tokens, generator=g)
+        tokens = model.sample_reasoning(model.encode(prompts), max_new_tokens=a.think_tokens, generator=g)
         t1 = sync(dev)
         logp_old, ctx = model.forward_context(tokens)
         for k in range(a.num_steps):

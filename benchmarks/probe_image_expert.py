@@ -33,7 +33,7 @@ ch=tuple(int(x) for x in sys.argv[1].split(",")); mins=float(sys.argv[2])
 torch.manual_seed(0); m=TinyUnifiedModel(TinyConfig(vocab_size=len(W),unet_channels=ch),Tok())
 opt=torch.optim.AdamW(m.parameters(),1e-3); rng=np.random.default_rng(0); t0=time.time(); step=0
 while time.time()-t0<mins*60:
-    x,p=sample(rng,64); tok=m.encode_prompts(p); _,ctx=m.forward_context(tok)
+    x,p=sample(rng,64); tok=m.encode(p); _,ctx=m.forward_context(tok)
     x0=m.encode_images(x); eps=torch.randn_like(x0); t=torch.rand(64); tt=t[:,None,None,None]
     v=m.velocity((1-tt)*x0+tt*eps,t,ctx); loss=F.mse_loss(v,eps-x0)
     opt.zero_grad(); loss.backward(); opt.step(); step+=1
@@ -41,7 +41,7 @@ while time.time()-t0<mins*60:
 m.eval()
 ps=[f"a {c} {s}" for c in COL for s in SH]+[f"two {c} {s}" for c in COL for s in SH]
 with torch.no_grad():
-    _,ctx=m.forward_context(m.encode_prompts(ps*2)); g_=torch.Generator().manual_seed(0); x=torch.randn(len(ps)*2,*m.latent_shape,generator=g_); ts=torch.linspace(1,0,21); ts=3*ts/(1+2*ts)
+    _,ctx=m.forward_context(m.encode(ps*2)); g_=torch.Generator().manual_seed(0); x=torch.randn(len(ps)*2,*m.latent_shape,generator=g_); ts=torch.linspace(1,0,21); ts=3*ts/(1+2*ts)
     for k in range(20): x=x+(ts[k+1]-ts[k])*m.velocity(x,ts[k].expand(x.shape[0]),ctx)
     x=m.decode(x)
 g=x.view(4,12,3,32,32).permute(0,3,1,4,2).reshape(4*32,12*32,3)

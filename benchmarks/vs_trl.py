@@ -112,7 +112,7 @@ class OurGRPO:
                                       max_new_tokens=NEW_TOKENS, temperature=1.0, top_p=1.0)
         # one decode loop for all groups: one generator per row, shared by a group's rows
         gens = [g for s in seeds for g in [torch.Generator().manual_seed(s)] * GROUP]
-        batch = self.reasoner.encode_prompts([p for p in prompts for _ in range(GROUP)])
+        batch = self.reasoner.encode([p for p in prompts for _ in range(GROUP)])
         return self.reasoner.sample_reasoning(batch, max_new_tokens=NEW_TOKENS, temperature=1.0, top_p=1.0,
                                               generator=gens)
 

@@ -52,8 +52,8 @@ def test_batch_gradients_split_text_and_image():
     per_group = gradient_snr.batch_gradients(model, cfg, 0, rewards, d, z, "group")
     rewards.close()
     assert len(g["text"]) == len(g["image"]) == 1 and len(per_group["image"]) == 2  # 2 prompts = 2 groups
-    assert g["text"][0].numel() == sum(p.numel() for p in model.text_parameters())
-    assert g["image"][0].numel() == sum(p.numel() for p in model.image_parameters())
+    assert g["text"][0].numel() == sum(p.numel() for p in (p for _, p in model.parameter_groups()['text']))
+    assert g["image"][0].numel() == sum(p.numel() for p in (p for _, p in model.parameter_groups()['image']))
     assert all(torch.isfinite(v[0]).all() for v in (g["text"], g["image"]))
     assert all(p.grad is None for p in model.parameters())  # left clean for the next unit
     assert g["zero_var"] < 1  # (seeded) some group has reward variance, so both experts get a gradient

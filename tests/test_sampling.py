@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from unigrpo.algo.guidance import guided_velocity
 from unigrpo.algo.schedule import timesteps
 from unigrpo.cli import main
 from unigrpo.config import load_config
 from unigrpo.models import build_model
+from unigrpo.rollout import guided_velocity
 from unigrpo.sampling import generate, ode_sample
 
 SMALL = ["model.d_text=32", "model.text_layers=1", "model.unet_channels=[16,32,32]", "model.image_size=16"]
@@ -31,7 +31,7 @@ def checkpoint(model, tmp_path_factory):
 
 
 def test_ode_sample_is_the_euler_loop(model):
-    tokens = model.with_response(model.encode_prompts(["a red circle"] * 2), ["a red circle"] * 2)
+    tokens = model.with_response(model.encode(["a red circle"] * 2), ["a red circle"] * 2)
     _, ctx = model.forward_context(tokens)
     x1 = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(0))
     out = ode_sample(model, ctx, 4, 3.0, x_init=x1.clone())
@@ -43,7 +43,7 @@ def test_ode_sample_is_the_euler_loop(model):
 
 
 def test_cfg_scale_one_is_one_call_and_scale_mixes(model):
-    tokens = model.with_response(model.encode_prompts(["a red circle"]), ["a red circle"])
+    tokens = model.with_response(model.encode(["a red circle"]), ["a red circle"])
     _, ctx = model.forward_context(tokens)
     x, t = torch.randn(1, *model.latent_shape), torch.tensor([0.7])
     null = model.null_context(1)

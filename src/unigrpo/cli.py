@@ -176,12 +176,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _check_out_dir(Path(args.out).parent)
     cfg = _load(args)
     model = build_model(cfg, checkpoint=args.checkpoint) if args.checkpoint else build_model(cfg)
-    known = getattr(getattr(model, "tokenizer", None), "index", None)  # closed vocabulary (tiny model)
-    unknown = [w for w in args.prompt.split() if known is not None and w not in known]
-    if unknown:
-        words = " ".join(w for w in known if not w.startswith("<"))
-        return _fail(f"words the model does not know: {' '.join(unknown)} (the built-in world's vocabulary, "
-                     f"split on spaces, is: {words})")
+    try:
+        model.validate_prompts([args.prompt])  # e.g. the tiny model's closed vocabulary
+    except ValueError as e:
+        return _fail(str(e))
     gen = generate(model, [args.prompt] * args.n, thinking=cfg.text.thinking,
                    num_steps=cfg.sampler.eval_num_steps, shift=cfg.sampler.shift,
                    cfg_scale=cfg.sampler.eval_cfg_scale, seed=args.seed,

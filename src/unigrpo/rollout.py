@@ -3,12 +3,17 @@
 Batch layout: ``[P, G]`` (prompts x group) flattened prompt-major, ``N = P * G`` trajectories.
 An **episode** is a list of **rounds**; a round is one reasoning segment followed by one image
 (with its SDE window). UniGRPO today has one round per episode; multi-round generation (think ->
-draw -> look -> reflect -> redraw) appends rounds in ``sample_episode`` and the losses already sum
-over rounds (docs/design.md).
+draw -> look -> reflect -> redraw) appends rounds in ``sample_episode``'s rounds loop and the
+losses already sum over rounds (docs/design.md).
 
-1. ``sample_reasoning``: each prompt's group is sampled in one call (KV cache) with a generator
-   seeded by the prompt's *global* index, so the reasoning does not depend on how the batch is
-   chunked or sharded over ranks. The tokens are then right-padded to one common width.
+``sample_episode`` is the whole rollout of one step on one rank: the reasoning of every group, the
+cross-rank width, then the chunks (each: its rounds), handing each finished chunk to a callback
+(the training loop starts its rewards there while the next chunk samples).
+
+1. ``sample_reasoning``: each prompt's group is sampled with a generator seeded by the prompt's
+   *global* index, so the reasoning does not depend on how the batch is chunked or sharded over
+   ranks: one decode loop per group, or (``text.batch_groups``) every group in one loop, each
+   drawing from its own generator. The tokens are then right-padded to one width on every rank.
 2. ``sample_images`` (one round of one chunk of rows): ONE no-grad ``forward_context`` pass gives
    the image context and the behaviour log-probs of the reasoning tokens. The sampling-time
    log-probs of the decode loop are not used: training calls the same function on the same rows
@@ -32,18 +37,18 @@ different steps, which the loop handles row-wise (one model call per step either
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
-from unigrpo.algo.guidance import guided_velocity
-from unigrpo.algo.schedule import model_timesteps
 from unigrpo.algo.sde import gaussian_log_prob, sde_step, sde_window
 from unigrpo.models.protocol import TokenBatch
+from unigrpo.utils import dist
 
-__all__ = ["Episode", "Round", "WindowScores", "derive_seed", "pad_tokens", "sample_episode", "sample_images",
-           "sample_reasoning", "score_window", "window_starts"]
+__all__ = ["Episode", "EpisodeSeeds", "Round", "WindowScores", "derive_seed", "guided_velocity", "sample_episode",
+           "sample_images", "sample_reasoning", "score_window", "window_starts"]
 
 # Streams of independent randomness (the last key of derive_seed).
 REASONING, WINDOW, NOISE, SHUFFLE, TRAJ_WINDOW, GROUP_INIT = 0, 1, 2, 3, 4, 5
@@ -133,41 +138,37 @@ class Episode:
         return Episode([Round.cat(list(rs), pad_id) for rs in zip(*(p.rounds for p in parts))])
 
 
+def guided_velocity(model, x_t: torch.Tensor, t: torch.Tensor, ctx, null_ctx, cfg_scale: float) -> torch.Tensor:
+    """``model.velocity`` at (x_t [B, *latent], t [B]) guided with scale ``cfg_scale`` by the model's
+    own rule (``combine_guidance``); a single call when ``cfg_scale == 1`` or there is no
+    ``null_ctx``. ``model`` is a policy or its reference: rollout, training and evaluation alike."""
+    if cfg_scale == 1.0 or null_ctx is None:
+        return model.velocity(x_t, t, ctx)
+    return model.combine_guidance(model.velocity(x_t, t, ctx), model.velocity(x_t, t, null_ctx), cfg_scale)
+
+
 @torch.no_grad()
-def sample_reasoning(model, prompts: list[str], group_size: int, seeds: list[int], *, thinking: bool,
+def sample_reasoning(model, prompts: list, group_size: int, seeds: list[int], *, thinking: bool,
                      max_new_tokens: int, temperature: float, top_p: float,
                      batch_groups: bool = False) -> TokenBatch:
-    """Prompts [P] -> prompt + sampled reasoning [P * G, L]; group p uses generator ``seeds[p]``.
-    ``batch_groups`` (``text.batch_groups``): all groups in one decode loop, each drawing from its
-    own generator (the model's ``sample_reasoning`` takes one generator per row); equal to the
-    per-group loops up to float rounding (the prompts share one left-padded width)."""
+    """Prompts [P] (``tasks.Prompt`` or str) -> inputs + sampled reasoning [P * G, L]; group p uses
+    generator ``seeds[p]``. ``batch_groups`` (``text.batch_groups``): all groups in one decode loop,
+    each drawing from its own generator (one generator per row); equal to the per-group loops up to
+    float rounding (the prompts share one left-padded width)."""
     if batch_groups and thinking:
-        batch = model.encode_prompts([p for p in prompts for _ in range(group_size)])
+        batch = model.encode([p for p in prompts for _ in range(group_size)])
         gens = [torch.Generator(device=batch.ids.device).manual_seed(s) for s in seeds]
         return model.sample_reasoning(batch, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                       generator=[g for g in gens for _ in range(group_size)])
     parts = []
     for prompt, seed in zip(prompts, seeds):
-        batch = model.encode_prompts([prompt] * group_size)
+        batch = model.encode([prompt] * group_size)
         if thinking:
             gen = torch.Generator(device=batch.ids.device).manual_seed(seed)
             batch = model.sample_reasoning(batch, max_new_tokens=max_new_tokens, temperature=temperature,
                                            top_p=top_p, generator=gen)
         parts.append(batch)
     return TokenBatch.cat(parts, model.pad_id)
-
-
-def pad_tokens(tokens: TokenBatch, width: int, pad_id: int) -> TokenBatch:
-    """Right-pad to ``width`` columns (masked; positions come from the mask, so values are unchanged
-    up to numerics -- which is why rollout and training always use the same width)."""
-    extra = width - tokens.ids.shape[1]
-    if extra < 0:
-        raise ValueError(f"cannot pad width {tokens.ids.shape[1]} down to {width}")
-
-    def pad(x: torch.Tensor, value) -> torch.Tensor:
-        return torch.nn.functional.pad(x, (0, extra), value=value)
-
-    return TokenBatch(pad(tokens.ids, pad_id), pad(tokens.mask, False), pad(tokens.response_mask, False))
 
 
 def window_starts(group_seeds: list[int], traj_seeds: list[int], group_size: int, num_steps: int,
@@ -197,7 +198,7 @@ def sample_images(model, tokens: TokenBatch, noise_seeds: list[int], window_star
     gens = [torch.Generator().manual_seed(s) for s in noise_seeds]  # CPU: device-independent draws
     init = gens if init_seeds is None else [torch.Generator().manual_seed(s) for s in init_seeds]
     x = torch.stack([torch.randn(model.latent_shape, generator=g) for g in init]).to(dev)
-    grid = model_timesteps(model, num_steps, shift).to(dev)  # [num_steps + 1], float32
+    grid = model.timesteps(num_steps, shift).to(dev)  # [num_steps + 1], float32
     start = window_start.to(dev)
     rec = {k: x.new_zeros(b, w, *model.latent_shape) for k in ("x_t", "x_next", "mean_old")}
     rec.update({k: grid.new_zeros(b, w) for k in ("t", "t_next")}, logp_img_old=x.new_zeros(b, w))
@@ -230,13 +231,40 @@ def sample_images(model, tokens: TokenBatch, noise_seeds: list[int], window_star
                  reasoning=model.decode_text(tokens), **rec)
 
 
-def sample_episode(model, tokens: TokenBatch, noise_seeds: list[int], window_start: torch.Tensor,
-                   **sampler) -> Episode:
-    """One chunk's episodes: today one round (``sample_images`` on the sampled reasoning).
+@dataclass
+class EpisodeSeeds:
+    """The randomness of one step's episodes on one rank, keyed by global indices (module docstring)."""
 
-    Multi-round generation goes here: round r + 1 extends round r's tokens with the model's look at
-    round r's image and its new reasoning, then draws again (its own seeds, keyed by the round)."""
-    return Episode([sample_images(model, tokens, noise_seeds, window_start, **sampler)])
+    reasoning: list[int]  # [P_local] one decode generator per group
+    noise: list[int]  # [N_local] initial + window noise of each trajectory
+    window_start: torch.Tensor  # [N_local] first window step of each trajectory
+    init: list[int] | None = None  # [N_local] initial noise instead of ``noise`` (a group's shared start)
+
+
+def sample_episode(model, prompts: list, group_size: int, seeds: EpisodeSeeds, chunks: list[torch.Tensor], ranks,
+                   *, text: dict, sampler: dict, on_chunk: Callable[[Episode, list[int]], None] | None = None
+                   ) -> Episode:
+    """One step's episodes on this rank, ``[P_local * G]`` prompt-major (module docstring).
+
+    ``text``: ``sample_reasoning``'s options; ``sampler``: ``sample_images``'; ``chunks``: the rows
+    of each chunk (rollout chunks are the first PPO epoch's micro-batches: same rows, order, width);
+    ``on_chunk(episodes, rows)`` is called as soon as a chunk is sampled."""
+    tokens = sample_reasoning(model, prompts, group_size, seeds.reasoning, **text)
+    width = dist.all_reduce_max(tokens.ids.shape[1], ranks, model.device)  # one width on every rank
+    tokens = tokens.padded(width, model.pad_id)
+    parts = []
+    for idx in chunks:
+        rows = idx.tolist()
+        rounds = [sample_images(model, tokens.index(idx.to(tokens.ids.device)), [seeds.noise[k] for k in rows],
+                                seeds.window_start[idx], **sampler,
+                                init_seeds=None if seeds.init is None else [seeds.init[k] for k in rows])]
+        # Multi-round generation continues here: round r + 1 extends round r's tokens with the
+        # model's look at round r's image and its new reasoning, then draws again (its own seeds,
+        # keyed by the round); the losses already sum over an episode's rounds.
+        parts.append(Episode(rounds))
+        if on_chunk is not None:
+            on_chunk(parts[-1], rows)
+    return Episode.cat(parts, model.pad_id).index(torch.argsort(torch.cat(chunks)))
 
 
 @dataclass

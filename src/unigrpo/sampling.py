@@ -11,22 +11,19 @@ from dataclasses import dataclass
 
 import torch
 
-from unigrpo.algo.guidance import guided_velocity
-from unigrpo.algo.schedule import model_timesteps
 from unigrpo.models.protocol import TokenBatch
+from unigrpo.rollout import guided_velocity
 
 
 @torch.no_grad()
-def ode_sample(model, ctx, num_steps: int, shift: float, generator: torch.Generator | None = None,
-               cfg_scale: float = 1.0, x_init: torch.Tensor | None = None, velocity=None) -> torch.Tensor:
-    """Euler ODE from noise (t=1) to data (t=0). Returns latents [B, *latent_shape]. ``velocity``
-    (x_t, t) -> v replaces the (guided) model velocity (an adapter's evaluation guidance)."""
-    batch = ctx.mask.shape[0]
-    device = ctx.mask.device
-    x = x_init if x_init is not None else torch.randn(
-        (batch, *model.latent_shape), generator=generator, device=device)
+def ode_sample(model, ctx, num_steps: int, shift: float | None, *, x_init: torch.Tensor, cfg_scale: float = 1.0,
+               velocity=None) -> torch.Tensor:
+    """Euler ODE from the noise ``x_init`` [B, *latent] (t=1) to data (t=0). Returns latents
+    [B, *latent]. ``velocity`` (x_t, t) -> v replaces the (guided) model velocity (an adapter's
+    evaluation guidance)."""
+    batch, x = x_init.shape[0], x_init
     null_ctx = model.null_context(batch) if cfg_scale != 1.0 and velocity is None else None
-    grid = model_timesteps(model, num_steps, shift).to(device)
+    grid = model.timesteps(num_steps, shift).to(x.device)
     for k in range(num_steps):
         t = grid[k].expand(batch)
         v = velocity(x, t) if velocity is not None else guided_velocity(model, x, t, ctx, null_ctx, cfg_scale)
@@ -34,10 +31,11 @@ def ode_sample(model, ctx, num_steps: int, shift: float, generator: torch.Genera
     return x
 
 
-def reasoning_tokens(model, prompts: list[str], reasoning: list[str] | None, thinking: bool,
+def reasoning_tokens(model, prompts: list, reasoning: list[str] | None, thinking: bool,
                      max_new_tokens: int, temperature: float, generator: torch.Generator | None) -> TokenBatch:
-    """Prompt tokens followed by sampled reasoning, given reasoning, or nothing (thinking off)."""
-    batch = model.encode_prompts(prompts)
+    """Inputs (``tasks.Prompt`` or str) followed by sampled reasoning, given reasoning, or nothing
+    (thinking off)."""
+    batch = model.encode(prompts)
     if not thinking:
         return batch
     if reasoning is None:
@@ -53,13 +51,13 @@ class Generation:
 
 
 @torch.no_grad()
-def generate(model, prompts: list[str], *, thinking: bool = True, reasoning: list[str] | None = None,
+def generate(model, prompts: list, *, thinking: bool = True, reasoning: list[str] | None = None,
              num_steps: int = 20, shift: float = 3.0, cfg_scale: float = 1.0, seed: int = 0,
              max_new_tokens: int = 32, temperature: float = 1.0, batch_size: int = 64) -> Generation:
     """Reason (optionally) then draw with the ODE, in batches; deterministic for a seed. With
-    ``cfg_scale != 1`` a model with an ``eval_guidance(tokens, ctx, cfg_scale)`` method (Bagel's
-    two-branch guidance) guides its own way; otherwise ``guided_velocity``. Evaluation only: the
-    rollout (``rollout.sample_images``) never calls this."""
+    ``cfg_scale != 1`` a model's own ``eval_guidance`` (Bagel's two-branch guidance) guides when it
+    has one, else ``guided_velocity``. Evaluation only: the rollout (``rollout.sample_images``)
+    never calls this. ``prompts``: ``tasks.Prompt`` objects or strings."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     images, texts = [], []
     for start in range(0, len(prompts), batch_size):
@@ -68,9 +66,8 @@ def generate(model, prompts: list[str], *, thinking: bool = True, reasoning: lis
         tokens = reasoning_tokens(model, chunk, given, thinking, max_new_tokens, temperature, gen)
         _, ctx = model.forward_context(tokens, temperature)
         noise = torch.randn((len(chunk), *model.latent_shape), generator=gen).to(tokens.ids.device)
-        own = getattr(model, "eval_guidance", None) if cfg_scale != 1.0 else None
-        x0 = ode_sample(model, ctx, num_steps, shift, cfg_scale=cfg_scale, x_init=noise,
-                        velocity=None if own is None else own(tokens, ctx, cfg_scale))
+        own = model.eval_guidance(tokens, ctx, cfg_scale) if cfg_scale != 1.0 else None
+        x0 = ode_sample(model, ctx, num_steps, shift, cfg_scale=cfg_scale, x_init=noise, velocity=own)
         images.append(model.decode(x0).cpu())
         texts.extend(model.decode_text(tokens) if thinking else [""] * len(chunk))
     return Generation(torch.cat(images), texts)

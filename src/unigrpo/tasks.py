@@ -44,8 +44,12 @@ RESERVED = ("reasoning", "prompt_index", "group_index")  # metadata keys the loo
 
 @dataclass(frozen=True)
 class Prompt:
+    """One prompt of a task: its text, its metadata and the images it refers to (the model input
+    is built from it by ``UnifiedModel.encode``)."""
+
     text: str
     metadata: dict[str, Any] = field(default_factory=dict)  # JSON-like; handed to the rewards
+    images: torch.Tensor | None = None  # [n, 3, H, W] in [0, 1]: the prompt's input images (None: none)
 
 
 class Task(Protocol):
@@ -69,6 +73,15 @@ def write_eval_grid(gen: Generation, prompts: list[Prompt], cfg: Config, step: i
               labels=[str(i) for i in range(n)])
     (out / "grids" / f"eval_step{step:06d}.md").write_text("".join(
         f"{i}. `{prompts[i].text}` -> `{gen.reasoning[i]}`\n" for i in range(n)))
+
+
+def _image_metrics(images: torch.Tensor, group_size: int) -> dict[str, float]:
+    """``rollout/*`` image statistics of a step's images [P * G, 3, H, W] (docs/metrics.md)."""
+    from unigrpo.world import group_diversity
+
+    groups = images.reshape(len(images) // group_size, group_size, *images.shape[1:])
+    return {**{f"rollout/{k}": x for k, x in image_stats(images).items()},
+            "rollout/group_diversity": group_diversity(groups)}
 
 
 # ------------------------------------------------------------------------------------ shapes
@@ -109,6 +122,9 @@ class ShapesTask:
 
     def eval_prompts(self) -> list[Prompt]:
         return [shapes_prompt(t) for t in self.eval_world_tasks()]
+
+    def rollout_metrics(self, images: torch.Tensor, group_size: int) -> dict[str, float]:
+        return _image_metrics(images, group_size)
 
     def evaluate(self, model, cfg: Config, rewards, step: int, out: Path | None) -> dict[str, float]:
         start = time.perf_counter()
@@ -173,6 +189,9 @@ class PromptsTask:
 
     def eval_prompts(self) -> list[Prompt]:
         return self.eval[:self.cfg.eval.num_prompts]
+
+    def rollout_metrics(self, images: torch.Tensor, group_size: int) -> dict[str, float]:
+        return _image_metrics(images, group_size)
 
     def evaluate(self, model, cfg: Config, rewards, step: int, out: Path | None) -> dict[str, float]:
         start = time.perf_counter()

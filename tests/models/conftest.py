@@ -239,7 +239,14 @@ ADAPTERS: dict[str, Callable[..., tuple[Any, Any, list[str]]]] = {
     "hf:qwenimage": qwenimage_factory,
     "bagel": bagel_factory,
     "hf:sd3": lambda seed=0: sd3_factory(seed),  # defined at the end of this file
+    "tiny:sees": lambda seed=0: _seeing(seed),  # a test adapter that sees input images (image_adapter.py)
 }
+
+
+def _seeing(seed: int = 0):
+    from image_adapter import seeing_factory
+
+    return seeing_factory(seed)
 
 
 @dataclass

@@ -17,7 +17,6 @@ from conftest import BAGEL_PROMPTS, bagel_factory, bagel_overrides, tiny_bagel_d
 from safetensors.torch import load_file, save_file
 from testkit import lora_loss_grads
 
-from unigrpo.algo.schedule import model_timesteps
 from unigrpo.cli import main
 from unigrpo.config import load_config
 from unigrpo.models import build_model
@@ -40,7 +39,7 @@ def model_of(text_rank=0, image_rank=0, *extra):
 
 
 def sampled(model, prompts=BAGEL_PROMPTS, seed=0, n=8):
-    return model.sample_reasoning(model.encode_prompts(prompts), max_new_tokens=n, generator=gen(seed))
+    return model.sample_reasoning(model.encode(prompts), max_new_tokens=n, generator=gen(seed))
 
 
 # ----------------------------------------------------------------------------- checkpoint layout
@@ -222,13 +221,13 @@ def test_one_euler_ode_sample_is_bagels_flow_loop():
     torch.testing.assert_close(ours, x, atol=1e-6, rtol=1e-6)
     assert (ours - x0).abs().max() > 0.1
     # sampler.shift: null = Bagel's own schedule (timestep_shift 3)
-    torch.testing.assert_close(model_timesteps(model, n_timesteps - 1, None), ts, atol=1e-6, rtol=0)
+    torch.testing.assert_close(model.timesteps(n_timesteps - 1, None), ts, atol=1e-6, rtol=0)
 
 
 # ----------------------------------------------------------------------------- protocol specifics
 def test_prompt_layout_and_thinking_off_context():
     model = model_of()
-    enc = model.encode_prompts(["a red circle"])
+    enc = model.encode(["a red circle"])
     text = model.tokenizer.decode(enc.ids[0].tolist(), skip_special_tokens=False)
     assert text.startswith("<|im_start|>You should first think about the planning process")
     assert text.endswith("<|im_end|><|im_start|>a red circle<|im_end|><|im_start|>")
@@ -242,7 +241,7 @@ def test_prompt_layout_and_thinking_off_context():
         _, ctx2 = model.forward_context(closed)
         torch.testing.assert_close(model.velocity(x, t, ctx), model.velocity(x, t, ctx2), atol=1e-6, rtol=1e-6)
     no_think = model_of(0, 0, "model.think=false")
-    assert no_think.tokenizer.decode(no_think.encode_prompts(["a red circle"]).ids[0].tolist(),
+    assert no_think.tokenizer.decode(no_think.encode(["a red circle"]).ids[0].tolist(),
                                      skip_special_tokens=False) == "<|im_start|>a red circle<|im_end|><|im_start|>"
     null = no_think.null_context(2)  # Bagel's text-CFG context without thinking: an empty cache
     assert null.mask.shape == (2, 0) and null.keys[0].shape[2] == 0
@@ -251,7 +250,7 @@ def test_prompt_layout_and_thinking_off_context():
 
 def test_kv_cache_decode_equals_no_cache_decode():
     model = model_of()
-    enc = model.encode_prompts(BAGEL_PROMPTS)
+    enc = model.encode(BAGEL_PROMPTS)
     a, lp_a = model.sample_reasoning(enc, max_new_tokens=10, generator=gen(4), return_logprobs=True)
     b, lp_b = model.sample_reasoning(enc, max_new_tokens=10, generator=gen(4), return_logprobs=True, use_cache=False)
     assert torch.equal(a.ids, b.ids) and torch.equal(a.mask, b.mask)
@@ -361,7 +360,7 @@ def test_bagel_evaluation_cfg_branches_interval_and_per_row_renorm():
     with torch.no_grad():
         _, ctx = model.forward_context(tokens)
         ctx_text, ctx_img = model.cfg_contexts(tokens)
-        _, ctx_prompt = model.forward_context(model.encode_prompts(BAGEL_PROMPTS[:2]))
+        _, ctx_prompt = model.forward_context(model.encode(BAGEL_PROMPTS[:2]))
         v, v_t, v_i = (model.velocity(x, t, c) for c in (ctx, ctx_text, ctx_img))
         torch.testing.assert_close(v_i, model.velocity(x, t, ctx_prompt), atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(v_t, model.velocity(x, t, model.null_context(2)), atol=0, rtol=0)

@@ -25,6 +25,7 @@ from testkit import max_diff, steps_of, torchrun_env
 from unigrpo.cli import main
 from unigrpo.config import ConfigError, load_config
 from unigrpo.models import build_model
+from unigrpo.models.base import check_unit_dtypes
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -93,7 +94,7 @@ def test_two_sharded_processes_match_one_process_and_resume(tmp_path):
 def test_a_sharded_snapshot_reference_is_refused_in_one_line():
     model = build_model(load_config(None, bagel_overrides(tiny_bagel_dir(), 0, 4)), checkpoint=None)
     model.sharded = True  # as after wrap() on > 1 rank with model.fsdp
-    with pytest.raises(NotImplementedError, match="model.fsdp: the reference of a fully trained expert"):
+    with pytest.raises(NotImplementedError, match="model.fsdp: the reference of a fully trained side"):
         model.reference()
 
 
@@ -102,7 +103,7 @@ def test_mixed_trainable_dtypes_in_one_unit_are_refused_in_one_line():
     would reduce two dtypes (FSDP2 asserts at the first forward); refused before sharding. The same
     experts in float32 pass."""
     ok = build_model(load_config(None, bagel_overrides(tiny_bagel_dir(), 4, 0)), checkpoint=None)
-    ok.check_fsdp_dtypes()
+    check_unit_dtypes(ok.fsdp_plan()[0])
     # the config refuses a trained full expert under bf16 first (test_bagel.py); this is the second
     # line of defence, for a model built past the config
     with pytest.raises(ConfigError, match="model.dtype: bfloat16 weights cannot"):
@@ -111,7 +112,7 @@ def test_mixed_trainable_dtypes_in_one_unit_are_refused_in_one_line():
     cfg.model.dtype = "bfloat16"
     mixed = build_model(cfg, checkpoint=None)
     with pytest.raises(ValueError, match=r"model.fsdp: decoder layer 0 trains tensors of dtypes \['bfloat16', 'float32'\]"):
-        mixed.check_fsdp_dtypes()
+        check_unit_dtypes(mixed.fsdp_plan()[0])
 
 
 def counted_sample(model, prompts, n: int = 6):
@@ -119,7 +120,7 @@ def counted_sample(model, prompts, n: int = 6):
     calls = []
     hook = model.language_model.model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
     try:
-        out = model.sample_reasoning(model.encode_prompts(prompts), max_new_tokens=n,
+        out = model.sample_reasoning(model.encode(prompts), max_new_tokens=n,
                                      generator=torch.Generator().manual_seed(3), return_logprobs=True)
     finally:
         hook.remove()
@@ -130,21 +131,21 @@ def stop_at_once(model) -> None:
     """Every row samples ``<|im_end|>`` first (its logit raised far above the others)."""
     logits, end = model._logits, model.ids["end"]
 
-    def raised(h, temperature):
-        out = logits(h, temperature)
+    def raised(h):
+        out = logits(h)
         return out.index_fill(-1, torch.tensor([end]), 1e4)
     model._logits = raised
 
 
 def test_fixed_step_decode_runs_every_forward_and_returns_the_early_stopping_tokens():
     """Rows that stop early do not change the number of decode passes under fixed steps (1 prefill
-    + max_new_tokens), and the tokens / log-probs are those of the loop that stops early."""
+    + max_new_tokens - 1 steps: no pass after the last token, whose logits nothing reads), and the tokens / log-probs are those of the loop that stops early."""
     model = build_model(load_config(None, bagel_overrides(tiny_bagel_dir(), 4, 4)), checkpoint=None).eval()
     stop_at_once(model)
     (free, lp_free), n_free = counted_sample(model, HF_PROMPTS)
     model.fixed_steps = True
     (fixed, lp_fixed), n_fixed = counted_sample(model, HF_PROMPTS)
-    assert n_free == 1 and n_fixed == 1 + 6
+    assert n_free == 1 and n_fixed == 6
     assert int(free.response_mask.sum(1).max()) == 1
     assert torch.equal(free.ids, fixed.ids) and torch.equal(free.response_mask, fixed.response_mask)
     assert torch.equal(lp_free, lp_fixed)
@@ -177,6 +178,7 @@ from conftest import HF_PROMPTS, bagel_overrides
 from test_bagel_fsdp import counted_sample, stop_at_once
 from unigrpo.config import load_config
 from unigrpo.models import build_model
+from unigrpo.models.base import check_unit_dtypes
 from unigrpo.utils import dist
 
 ranks, _ = dist.init("cpu", timeout_s=60)
@@ -225,7 +227,7 @@ def test_two_sharded_ranks_decode_in_lockstep_and_gather_and_load_the_state(tmp_
     proc = subprocess.run(cmd, check=False, env=env(), capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert r0["calls"] == r1["calls"] == 1 + 6  # the same decoder passes (collectives) on both ranks
+    assert r0["calls"] == r1["calls"] == 6  # the same decoder passes (collectives) on both ranks
     assert r0["same"] and r1["same"]  # sharded tokens == the unsharded loop's
     assert r0["width"] == 1 and r1["width"] > 1
     assert r0["moved"] and r1["moved"] and r0["loaded"] and r1["loaded"]

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ADAPTERS
+from image_adapter import IgnoringTiny, seeing_factory
 
 from unigrpo.models import KINDS, build_model
 from unigrpo.models.protocol import ReferencePolicy, TokenBatch, UnifiedModel
-from unigrpo.rollout import pad_tokens
+from unigrpo.tasks import Prompt
 from unigrpo.utils.dist import Dist
 
 MAX_NEW = 8  # reasoning tokens sampled per row
+TEST_ONLY = {"tiny:sees"}  # adapters of the test suite (image_adapter.py), not model kinds
 TOL = {"atol": 1e-5, "rtol": 1e-5}  # float32 numerics of a different batch layout
 
 
@@ -25,7 +28,7 @@ def gen(seed: int) -> torch.Generator:
 
 
 def sample(model, prompts: list[str], seed: int = 0, max_new_tokens: int = MAX_NEW, **kw):
-    return model.sample_reasoning(model.encode_prompts(prompts), max_new_tokens=max_new_tokens,
+    return model.sample_reasoning(model.encode(prompts), max_new_tokens=max_new_tokens,
                                   generator=gen(seed), **kw)
 
 
@@ -81,15 +84,18 @@ def truncate_responses(tokens: TokenBatch, keep: list[int], pad_id: int) -> Toke
     had stopped there."""
     resp = tokens.response_mask
     drop = resp & (resp.long().cumsum(1) > torch.tensor(keep)[:, None])
-    return TokenBatch(tokens.ids.masked_fill(drop, pad_id), tokens.mask & ~drop, resp & ~drop)
+    return TokenBatch(tokens.ids.masked_fill(drop, pad_id), tokens.mask & ~drop, resp & ~drop, tokens.images,
+                      tokens.image_mask)
 
 
 def row_alone(tokens: TokenBatch, i: int) -> TokenBatch:
-    """Row ``i`` with its left and right padding sliced off (what a batch of one would hold)."""
+    """Row ``i`` with its left and right padding sliced off (what a batch of one would hold), with
+    its own images only (none padded in)."""
     real = tokens.mask[i].nonzero()[:, 0]
     a, b = int(real[0]), int(real[-1]) + 1
     assert tokens.mask[i, a:b].all()  # layout: [left pad | prompt | response | right pad]
-    return TokenBatch(tokens.ids[i:i + 1, a:b], tokens.mask[i:i + 1, a:b], tokens.response_mask[i:i + 1, a:b])
+    alone = TokenBatch(tokens.ids[i:i + 1, a:b], tokens.mask[i:i + 1, a:b], tokens.response_mask[i:i + 1, a:b])
+    return alone.with_images([tokens.row_images(i)])
 
 
 def grads(params) -> list[torch.Tensor | None]:
@@ -112,7 +118,7 @@ def test_text_phase_layout(adapter):
     position is derived from the mask (protocol docstring)."""
     model, prompts = adapter.model, adapter.prompts
     assert isinstance(model, UnifiedModel) and isinstance(model.pad_id, int)
-    enc = model.encode_prompts(prompts)
+    enc = model.encode(prompts)
     b, lp = enc.ids.shape
     assert len(enc) == len(prompts) and enc.mask.shape == enc.response_mask.shape == (b, lp)
     assert enc.ids.dtype == torch.long and enc.mask.dtype == enc.response_mask.dtype == torch.bool
@@ -236,7 +242,7 @@ def test_padded_batch_equals_rows_alone(adapter):
 
     for i in range(b):
         row = row_alone(tokens, i)
-        enc = model.encode_prompts([prompts[i]])  # the prompt re-encoded alone: no padding
+        enc = model.encode([prompts[i]])  # the prompt re-encoded alone: no padding
         n = enc.ids.shape[1]
         assert torch.equal(row.ids[0, :n], enc.ids[0]) and row.response_mask[0, n:].all()
         logp_i, v_i = outputs(model, row, x[i:i + 1], t[i:i + 1])
@@ -244,7 +250,7 @@ def test_padded_batch_equals_rows_alone(adapter):
         torch.testing.assert_close(v_i[0], v[i], **TOL)
 
     width = tokens.ids.shape[1]
-    wide = pad_tokens(tokens, width + 5, model.pad_id)
+    wide = tokens.padded(width + 5, model.pad_id)
     logp_w, v_w = outputs(model, wide, x, t)
     assert (logp_w[:, width:] == 0).all()
     torch.testing.assert_close(logp_w[:, :width], logp, **TOL)
@@ -328,6 +334,8 @@ def test_trainable_state_round_trip(adapter):
 def test_save_then_build_model(adapter, tmp_path):
     """``model.save`` writes what ``build_model(cfg, checkpoint=path)`` (``model.checkpoint``)
     loads: the final policy evaluates and continues exactly as trained, in eval mode."""
+    if adapter.kind in TEST_ONLY:
+        pytest.skip("a test adapter, not a model.kind: build_model does not build it")
     model = adapter.model
     tokens, x, t = setup(adapter, seed=6)
     train_step(model, tokens, x, t)
@@ -379,3 +387,149 @@ def test_wrap_and_reduce_gradients_are_noops_on_one_process(adapter):
     for a, b in zip(g0, grads(params), strict=True):
         assert (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
     assert any(g is not None for g in g0)
+
+
+# ----------------------------------------------------------------------------- 10. the text engine
+def responses(tokens: TokenBatch) -> list[list[int]]:
+    return [row[m].tolist() for row, m in zip(tokens.ids, tokens.response_mask)]
+
+
+def test_cached_decode_equals_recomputing_the_sequence(adapter):
+    """The engine's KV-cache loop samples the same tokens as recomputing the whole sequence at every
+    step (``use_cache=False``: the adapter's ``prefill`` alone)."""
+    model, prompts = adapter.model, adapter.prompts
+    cached, lp = sample(model, prompts, seed=4, return_logprobs=True)
+    full, lp_full = sample(model, prompts, seed=4, return_logprobs=True, use_cache=False)
+    assert responses(cached) == responses(full)
+    torch.testing.assert_close(lp, lp_full, **TOL)
+
+
+def test_one_loop_of_groups_equals_a_loop_per_group(adapter):
+    """``text.batch_groups`` for every kind: groups decoded in ONE loop, each with its own generator
+    (one per row, shared within a group), sample the tokens of each group's own loop."""
+    model, prompts, group, seeds = adapter.model, adapter.prompts, 2, [11, 12, 13]
+    alone = []
+    for prompt, seed in zip(prompts, seeds):
+        alone += responses(model.sample_reasoning(model.encode([prompt] * group), max_new_tokens=MAX_NEW,
+                                                  generator=gen(seed)))
+    gens = [g for s in seeds for g in [gen(s)] * group]
+    together = model.sample_reasoning(model.encode([p for p in prompts for _ in range(group)]),
+                                      max_new_tokens=MAX_NEW, generator=gens)
+    assert responses(together) == alone
+    with pytest.raises(ValueError, match="generators for"):
+        model.sample_reasoning(model.encode(prompts), max_new_tokens=2, generator=gens)
+
+
+def test_decode_samples_the_tokens_of_the_per_adapter_loops():
+    """The engine samples, bit for bit, the tokens (and decode-time log-probs) that each adapter's
+    own decode loop sampled before the engine existed (``fixtures/decode_tokens.json``, recorded on
+    main at 4f22dcd with ``model.sample_reasoning(model.encode_prompts(rows), ...)`` and the
+    arguments below: one generator with top-p 0.9, temperature 1.3; one generator per row only for
+    the HF families, whose loop alone took them). One CPU thread, as when recording: the float
+    reductions of a matrix product depend on the thread count."""
+    import json
+    from pathlib import Path
+
+    recorded = json.loads((Path(__file__).parent / "fixtures" / "decode_tokens.json").read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        check_recorded_tokens(ADAPTERS, recorded)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_recorded_tokens(adapters: dict, recorded: dict) -> None:
+    for kind, factory in sorted(adapters.items()):
+        if kind in TEST_ONLY:
+            continue
+        model, _, prompts = factory(seed=0)
+        rows = [p for p in prompts for _ in range(2)]
+        for case, top_p in (("one_gen", 0.9), ("row_gens", 1.0)):
+            if f"{kind}/{case}" not in recorded:
+                continue
+            want = recorded[f"{kind}/{case}"]
+            g = gen(7) if case == "one_gen" else [x for i in range(len(prompts)) for x in [gen(11 + i)] * 2]
+            toks, logp = model.sample_reasoning(model.encode(rows), max_new_tokens=8, temperature=1.3, top_p=top_p,
+                                                generator=g, return_logprobs=True)
+            assert toks.ids.tolist() == want["ids"], kind
+            assert toks.mask.tolist() == want["mask"] and toks.response_mask.tolist() == want["response_mask"], kind
+            assert torch.equal(logp, torch.tensor(want["logp"], dtype=logp.dtype)), kind
+
+
+# ----------------------------------------------------------------------------- 11. input images
+def image_prompts(adapter) -> list[Prompt]:
+    """The adapter's prompts, the first with one random image and the third with two."""
+    g, side = gen(5), 16
+    return [Prompt(p if isinstance(p, str) else p.text, images=torch.rand(n, 3, side, side, generator=g) if n else None)
+            for n, p in zip((1, 0, 2), adapter.prompts)]
+
+
+def images_reach_the_model(model, prompts: list[Prompt]) -> bool:
+    """Changing a row's images changes its next-token logits and its context (log-probs, velocity)."""
+    other = [Prompt(p.text, images=None if p.images is None else 1 - p.images) for p in prompts]
+    a, b = model.encode(prompts), model.encode(other)
+    with torch.no_grad():
+        la, lb = model.prefill(a)[0], model.prefill(b)[0]
+        ta = model.with_response(a, ["a red circle"] * len(prompts))
+        tb = model.with_response(b, ["a red circle"] * len(prompts))
+        x, t = latents(model, len(prompts)), times(len(prompts))
+        (pa, va), (pb, vb) = outputs(model, ta, x, t), outputs(model, tb, x, t)
+    seen = [i for i, p in enumerate(prompts) if p.images is not None]
+    return all(not torch.equal(u[i], v[i]) for i in seen for u, v in ((la, lb), (pa, pb), (va, vb)))
+
+
+def test_images_reach_the_context_or_are_refused(adapter):
+    """Nothing drops an image silently: a model that sees images lets them change the reasoning and
+    the image context; one that does not refuses a prompt that carries one, in one line."""
+    model, prompts = adapter.model, image_prompts(adapter)
+    if not model.sees_images:
+        with pytest.raises(ValueError, match="does not see input images"):
+            model.encode(prompts)
+        model.encode([Prompt(p.text) for p in prompts])  # the same prompts without images are fine
+        return
+    assert images_reach_the_model(model, prompts)
+
+
+def test_an_adapter_that_ignores_images_is_caught():
+    """The fault injected once: an adapter that declares ``sees_images`` and drops the images fails
+    the check above (its twin that looks passes it)."""
+    seeing, _, prompts = seeing_factory(seed=0)
+    ignoring, _, _ = seeing_factory(seed=0, cls=IgnoringTiny)
+    assert images_reach_the_model(seeing, prompts)
+    assert not images_reach_the_model(ignoring, prompts)
+
+
+def test_input_batch_keeps_each_rows_images():
+    """``TokenBatch`` carries images [B, N, 3, H, W] + mask through index / cat / padding /
+    sampling: any count per row, none included."""
+    a = TokenBatch.left_padded([[1, 2], [3]], 0, "cpu").with_images([torch.ones(2, 3, 4, 4), None])
+    b = TokenBatch.left_padded([[4, 5, 6]], 0, "cpu").with_images([torch.zeros(1, 3, 4, 4)])
+    assert a.images.shape == (2, 2, 3, 4, 4) and a.image_mask.tolist() == [[True, True], [False, False]]
+    assert a.row_images(1) is None and torch.equal(a.row_images(0), torch.ones(2, 3, 4, 4))
+    both = TokenBatch.cat([a, b.padded(4, 0)], 0)
+    assert both.ids.shape == (3, 4) and both.images.shape == (3, 2, 3, 4, 4)
+    assert both.image_mask.tolist() == [[True, True], [False, False], [True, False]]
+    assert torch.equal(both.index(torch.tensor([2])).row_images(0), torch.zeros(1, 3, 4, 4))
+    grown = both.with_responses([[7], [8, 9], [1]], 0).padded(8, 0)
+    assert grown.images is both.images and grown.image_mask is both.image_mask
+    assert TokenBatch.cat([TokenBatch.left_padded([[1]], 0, "cpu")] * 2, 0).images is None
+    with pytest.raises(ValueError, match="resize them"):
+        a.with_images([torch.ones(1, 3, 4, 4), torch.ones(1, 3, 8, 8)])
+
+
+def test_padded_batch_with_images_equals_rows_alone(adapter):
+    """Rows with 0, 1 and 2 images, batched (images padded to 2 per row, tokens padded) == each row
+    alone with only its own images (``test_padded_batch_equals_rows_alone`` with images)."""
+    model = adapter.model
+    if not model.sees_images:
+        pytest.skip("the model does not see images")
+    prompts = image_prompts(adapter)
+    tokens = model.sample_reasoning(model.encode(prompts), max_new_tokens=MAX_NEW, generator=gen(3))
+    x, t = latents(model, len(tokens)), times(len(tokens))
+    logp, v = outputs(model, tokens, x, t)
+    for i in range(len(tokens)):
+        alone = row_alone(tokens, i)
+        lp_i, v_i = outputs(model, alone, x[i:i + 1], t[i:i + 1])
+        torch.testing.assert_close(lp_i[alone.response_mask], logp[i][tokens.response_mask[i]], **TOL)
+        torch.testing.assert_close(v_i[0], v[i], **TOL)

@@ -120,9 +120,9 @@ def counted_sample(model, prompts, fixed: bool, n: int = 6):
     """sample_reasoning with ``fixed_steps`` set, and the number of LM forwards it ran."""
     calls = []
     hook = model.lm.register_forward_pre_hook(lambda *_: calls.append(1))
-    model.reasoner.fixed_steps = fixed
+    model.fixed_steps = fixed
     try:
-        out = model.sample_reasoning(model.encode_prompts(prompts), max_new_tokens=n,
+        out = model.sample_reasoning(model.encode(prompts), max_new_tokens=n,
                                      generator=torch.Generator().manual_seed(3), return_logprobs=True)
     finally:
         hook.remove()
@@ -131,12 +131,12 @@ def counted_sample(model, prompts, fixed: bool, n: int = 6):
 
 def test_fixed_step_decode_runs_every_forward_and_returns_the_early_stopping_tokens():
     """Rows that stop early do not change the number of decode forwards under fixed steps (1 prefill
-    + max_new_tokens), and the tokens / log-probs are those of the loop that stops early."""
+    + max_new_tokens - 1 steps), and the tokens / log-probs are those of the loop that stops early."""
     model = build_model(load_config(None, hf_overrides(tiny_flux2_dir())), checkpoint=None).eval()
     model.reasoner.stop_ids = tuple(range(len(model.tokenizer)))  # every row stops at its first token
     (free, lp_free), n_free = counted_sample(model, HF_PROMPTS, fixed=False)
     (fixed, lp_fixed), n_fixed = counted_sample(model, HF_PROMPTS, fixed=True)
-    assert n_free == 1 and n_fixed == 1 + 6
+    assert n_free == 1 and n_fixed == 6  # 1 prefill + 5 steps: none after the last token
     assert int(free.response_mask.sum(1).max()) == 1
     assert torch.equal(free.ids, fixed.ids) and torch.equal(free.response_mask, fixed.response_mask)
     assert torch.equal(lp_free, lp_fixed)
@@ -194,7 +194,7 @@ def test_two_sharded_ranks_decode_in_lockstep_and_gather_and_load_the_state(tmp_
     proc = subprocess.run(cmd, check=False, env=env(), capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert r0["calls"] == r1["calls"] == 1 + 6  # the same forwards (collectives) on both ranks
+    assert r0["calls"] == r1["calls"] == 6  # the same forwards (collectives) on both ranks
     assert r0["same"] and r1["same"]  # sharded tokens == the unsharded loop's
     assert r0["width"] == 1 and r1["width"] > 1
     assert r0["moved"] and r1["moved"] and r0["loaded"] and r1["loaded"]

@@ -26,12 +26,13 @@ from diffusers.pipelines.qwenimage import pipeline_qwenimage_img2img
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 from testkit import check_one_lora_step_run, lora_step_then_reference
 
-from unigrpo.algo.guidance import guided_velocity
+from unigrpo.algo.guidance import cfg_blend
 from unigrpo.algo.schedule import timesteps
 from unigrpo.cli import main
 from unigrpo.config import load_config
 from unigrpo.models import build_model
 from unigrpo.models.hf_qwenimage import NEGATIVE_PROMPT, QwenImage, qwenimage_schedule
+from unigrpo.rollout import guided_velocity
 from unigrpo.sampling import ode_sample
 
 MAX_TEXT = 128  # model.max_text_tokens of qwen_overrides
@@ -76,7 +77,7 @@ def pipeline_conditioning(pipe, rows: list[torch.Tensor]):
 
 def test_prompt_only_conditioning_equals_the_pipelines_encode_prompt(pipe, model):
     """The pipeline's template (system prompt), prefix dropped, compacted, its mask; bitwise."""
-    tokens = model.encode_prompts(HF_PROMPTS)
+    tokens = model.encode(HF_PROMPTS)
     text = model.tokenizer.decode(tokens.ids[0][tokens.mask[0]].tolist())
     assert text == pipe.prompt_template_encode.format(HF_PROMPTS[0])
     with torch.no_grad():
@@ -93,7 +94,7 @@ def test_prompt_only_conditioning_equals_the_pipelines_encode_prompt(pipe, model
 def test_conditioning_of_prompt_and_reasoning_is_the_pipelines_encoder_on_those_tokens(pipe, model):
     """Sampled reasoning (left-padded prompts + right-padded responses: holes) -> the conditioning
     is the encoder run the pipeline's way on each row's real tokens; also after the cut."""
-    tokens = model.sample_reasoning(model.encode_prompts(HF_PROMPTS), max_new_tokens=12,
+    tokens = model.sample_reasoning(model.encode(HF_PROMPTS), max_new_tokens=12,
                                     generator=torch.Generator().manual_seed(0))
     rows = [tokens.ids[i][tokens.mask[i]] for i in range(3)]
     assert len({len(r) for r in rows}) > 1 and int(tokens.response_mask.sum()) > 0
@@ -109,7 +110,7 @@ def test_conditioning_of_prompt_and_reasoning_is_the_pipelines_encoder_on_those_
 def test_teacher_forced_log_probs_equal_the_decode_loops(model):
     """Qwen2.5-VL through our KV-cache decode loop (2-D positions expanded to the mrope axes) and the
     compacted teacher-forced pass give the same log-probs of the sampled reasoning."""
-    tokens, logp_decode = model.sample_reasoning(model.encode_prompts(HF_PROMPTS), max_new_tokens=10,
+    tokens, logp_decode = model.sample_reasoning(model.encode(HF_PROMPTS), max_new_tokens=10,
                                                  generator=torch.Generator().manual_seed(1), return_logprobs=True)
     with torch.no_grad():
         logp, _ = model.forward_context(tokens)
@@ -137,13 +138,13 @@ def test_schedule_equals_the_pipelines_sigmas(num_steps, seq_len, terminal):
 
 @pytest.mark.parametrize("num_steps", [4, 28])
 def test_shift_null_is_the_pipelines_schedule(pipe, model, num_steps):
-    """``sampler.shift: null`` (``pipeline_timesteps``) == the pipeline's sigmas at the model's
+    """``sampler.shift: null`` (``own_timesteps``) == the pipeline's sigmas at the model's
     resolution, shift_terminal included (the pipeline's own mu from its latents)."""
     seq_len = model.latent_shape[1] * model.latent_shape[2]
     sc = pipe.scheduler.config
     mu = calculate_shift(seq_len, sc["base_image_seq_len"], sc["max_image_seq_len"], sc["base_shift"], sc["max_shift"])
     retrieve_timesteps(pipe.scheduler, num_steps, "cpu", sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
-    grid = model.pipeline_timesteps(num_steps)
+    grid = model.own_timesteps(num_steps)
     assert grid.dtype == torch.float32 and grid[-2].item() == pytest.approx(0.02)
     torch.testing.assert_close(grid, pipe.scheduler.sigmas, atol=1e-6, rtol=0)
 
@@ -171,8 +172,8 @@ def test_ode_sampler_reproduces_the_pipeline(pipe, model, cfg_scale):
     x_init = torch.nn.functional.pixel_unshuffle(z_init, 2)
     assert x_init.shape == (3, *model.latent_shape)
     torch.testing.assert_close(x_init.flatten(2).transpose(1, 2), pack(pipe, z_init), atol=0, rtol=0)
-    with torch.no_grad():  # shift None: the model's own grid (pipeline_timesteps)
-        _, ctx = model.forward_context(model.encode_prompts(HF_PROMPTS))
+    with torch.no_grad():  # shift None: the model's own grid (own_timesteps)
+        _, ctx = model.forward_context(model.encode(HF_PROMPTS))
         x0 = ode_sample(model, ctx, n, None, cfg_scale=cfg_scale, x_init=x_init.clone())
         images = model.decode(x0)
         kw = {"prompt": HF_PROMPTS, "height": 32, "width": 32, "num_inference_steps": n, "true_cfg_scale": cfg_scale,
@@ -188,7 +189,7 @@ def test_ode_sampler_reproduces_the_pipeline(pipe, model, cfg_scale):
     if cfg_scale > 1:  # the rescale matters: the plain combination lands elsewhere
         class Plain:
             latent_shape, velocity, null_context = model.latent_shape, model.velocity, model.null_context
-            pipeline_timesteps = model.pipeline_timesteps
+            timesteps, combine_guidance = model.timesteps, staticmethod(cfg_blend)  # the plain rule
         with torch.no_grad():
             plain = ode_sample(Plain(), ctx, n, None, cfg_scale=cfg_scale, x_init=x_init.clone())
         assert (plain - x0).abs().max() > 1e-3  # 100x the parity tolerance
@@ -200,7 +201,7 @@ def test_guided_velocity_uses_the_family_rule_for_policy_and_reference():
     model = model_of()
     x, t = torch.randn((2, *model.latent_shape), generator=torch.Generator().manual_seed(4)), torch.tensor([0.4, 0.8])
     with torch.no_grad():
-        _, ctx = model.forward_context(model.encode_prompts(HF_PROMPTS[:2]))
+        _, ctx = model.forward_context(model.encode(HF_PROMPTS[:2]))
         null = model.null_context(2)
         g = guided_velocity(model, x, t, ctx, null, 3.0)
         g_ref = guided_velocity(model.reference(), x, t, ctx, null, 3.0)
@@ -230,7 +231,7 @@ def test_encode_images_is_the_pipelines_vae_encode_normalisation(pipe, model, mo
 def test_a_padded_batch_equals_its_rows_alone(model):
     """A row's log-probs, conditioning and velocity do not depend on the rows batched with it
     (the compaction + the text mask; masked text tokens do not reach the image tokens)."""
-    tokens = model.sample_reasoning(model.encode_prompts(HF_PROMPTS), max_new_tokens=10,
+    tokens = model.sample_reasoning(model.encode(HF_PROMPTS), max_new_tokens=10,
                                     generator=torch.Generator().manual_seed(5))
     x = torch.randn((3, *model.latent_shape), generator=torch.Generator().manual_seed(5))
     t = torch.tensor([0.9, 0.5, 0.2])
@@ -259,7 +260,7 @@ def test_lora_step_moves_only_lora_and_reference_is_the_base():
     off) equals a model without LoRA built from the same pipeline."""
     model, _, prompts = qwenimage_factory(seed=0)
     base = model_of(0, 0)
-    tokens = model.sample_reasoning(model.encode_prompts(prompts), max_new_tokens=6,
+    tokens = model.sample_reasoning(model.encode(prompts), max_new_tokens=6,
                                     generator=torch.Generator().manual_seed(1))
     assert not any("visual" in n for n, _ in model.parameter_groups()["text"])  # LoRA on the LM, not the vision tower
     lora_step_then_reference(model, base, tokens)

@@ -10,7 +10,6 @@ transformers = pytest.importorskip("transformers")
 from testkit import tiny_bpe_tokenizer
 
 from unigrpo.models.hf_text import CausalLMReasoner, positions
-from unigrpo.rollout import pad_tokens
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -29,13 +28,13 @@ def reasoner():
 
 
 def sample(reasoner, seed=0, temperature=1.0, n=12):
-    batch = reasoner.encode_prompts(PROMPTS)
+    batch = reasoner.encode(PROMPTS)
     return reasoner.sample_reasoning(batch, max_new_tokens=n, temperature=temperature,
                                      generator=torch.Generator().manual_seed(seed), return_logprobs=True)
 
 
 def test_prompts_use_the_chat_template_and_are_left_padded(reasoner):
-    batch = reasoner.encode_prompts(PROMPTS)
+    batch = reasoner.encode(PROMPTS)
     assert batch.mask[:, -1].all() and not batch.mask[0, 0] and batch.mask[1].all()  # longest row unpadded
     text = reasoner.tokenizer.decode(batch.ids[0][batch.mask[0]].tolist())
     assert text == "<|im_start|>user\na red circle<|im_end|>\n<|im_start|>assistant\n"
@@ -62,7 +61,7 @@ def test_sampling_is_seeded(reasoner):
 def test_a_padded_batch_equals_its_rows_one_at_a_time(reasoner):
     tokens, _ = sample(reasoner)
     logp, ctx = reasoner.forward_context(tokens)
-    wide = pad_tokens(tokens, tokens.ids.shape[1] + 5, reasoner.pad_id)  # extra right padding
+    wide = tokens.padded(tokens.ids.shape[1] + 5, reasoner.pad_id)  # extra right padding
     logp_wide, _ = reasoner.forward_context(wide)
     torch.testing.assert_close(logp_wide[:, :logp.shape[1]], logp, rtol=0, atol=1e-5)
     for i in range(len(tokens)):
@@ -75,7 +74,7 @@ def test_a_padded_batch_equals_its_rows_one_at_a_time(reasoner):
 
 
 def test_with_response_teacher_forces_given_text(reasoner):
-    batch = reasoner.with_response(reasoner.encode_prompts(PROMPTS[:2]), ["a blue circle", "two red squares"])
+    batch = reasoner.with_response(reasoner.encode(PROMPTS[:2]), ["a blue circle", "two red squares"])
     texts = reasoner.decode_text(batch)
     assert texts == ["a blue circle<|im_end|>", "two red squares<|im_end|>"]
     logp, _ = reasoner.forward_context(batch)
@@ -94,16 +93,16 @@ def test_one_loop_with_a_generator_per_row_equals_one_loop_per_group(reasoner):
 
     alone, logp_alone = [], []
     for prompt, seed in zip(PROMPTS, seeds):
-        t, lp = reasoner.sample_reasoning(reasoner.encode_prompts([prompt] * group), max_new_tokens=10,
+        t, lp = reasoner.sample_reasoning(reasoner.encode([prompt] * group), max_new_tokens=10,
                                           generator=torch.Generator().manual_seed(seed), return_logprobs=True)
         alone += responses(t)
         logp_alone += [row[m] for row, m in zip(lp, t.response_mask)]
     gens = [g for s in seeds for g in [torch.Generator().manual_seed(s)] * group]
-    together, logp = reasoner.sample_reasoning(reasoner.encode_prompts([p for p in PROMPTS for _ in range(group)]),
+    together, logp = reasoner.sample_reasoning(reasoner.encode([p for p in PROMPTS for _ in range(group)]),
                                                max_new_tokens=10, generator=gens, return_logprobs=True)
     assert responses(together) == alone
     assert len({len(r) for r in alone}) > 1  # rows stopped at different steps
     for row, m, ref in zip(logp, together.response_mask, logp_alone):
         torch.testing.assert_close(row[m], ref, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="generators for"):
-        reasoner.sample_reasoning(reasoner.encode_prompts(PROMPTS), max_new_tokens=2, generator=gens)
+        reasoner.sample_reasoning(reasoner.encode(PROMPTS), max_new_tokens=2, generator=gens)

@@ -22,13 +22,13 @@ def model():
 
 def test_conforms_to_protocol(model):
     assert isinstance(model, UnifiedModel)
-    text, image = set(map(id, model.text_parameters())), set(map(id, model.image_parameters()))
+    text, image = set(map(id, (p for _, p in model.parameter_groups()['text']))), set(map(id, (p for _, p in model.parameter_groups()['image'])))
     assert text and image and not text & image
     assert text | image == set(map(id, model.parameters()))  # a clean split, nothing left over
 
 
 def test_kv_cache_sampling_equals_uncached(model):
-    prompts = model.encode_prompts(PROMPTS)
+    prompts = model.encode(PROMPTS)
     a = model.sample_reasoning(prompts, max_new_tokens=12, generator=torch.Generator().manual_seed(3))
     b = model.sample_reasoning(prompts, max_new_tokens=12, generator=torch.Generator().manual_seed(3),
                                use_cache=False)
@@ -38,8 +38,8 @@ def test_kv_cache_sampling_equals_uncached(model):
 
 def test_left_padding_does_not_change_a_row(model):
     """A prompt's log-probs and context do not depend on how much its row is padded."""
-    alone = model.with_response(model.encode_prompts(PROMPTS[:1]), ["<think> red . </think> a red circle"])
-    padded = model.with_response(model.encode_prompts(PROMPTS), ["<think> red . </think> a red circle"] * 3)
+    alone = model.with_response(model.encode(PROMPTS[:1]), ["<think> red . </think> a red circle"])
+    padded = model.with_response(model.encode(PROMPTS), ["<think> red . </think> a red circle"] * 3)
     lp_a, ctx_a = model.forward_context(alone)
     lp_p, ctx_p = model.forward_context(padded)
     resp_a = lp_a[0][alone.response_mask[0]]
@@ -50,7 +50,7 @@ def test_left_padding_does_not_change_a_row(model):
 
 
 def test_forward_context_logp_matches_manual_softmax(model):
-    tokens = model.with_response(model.encode_prompts(PROMPTS), ["a red circle"] * 3)
+    tokens = model.with_response(model.encode(PROMPTS), ["a red circle"] * 3)
     logp, _ = model.forward_context(tokens, temperature=0.7)
     hidden = model.text(tokens.ids, tokens.mask)
     for b in range(3):
@@ -61,7 +61,7 @@ def test_forward_context_logp_matches_manual_softmax(model):
 
 
 def test_sampled_rows_stop_at_eos(model):
-    out = model.sample_reasoning(model.encode_prompts(PROMPTS), max_new_tokens=20,
+    out = model.sample_reasoning(model.encode(PROMPTS), max_new_tokens=20,
                                  generator=torch.Generator().manual_seed(0))
     eos = model.tokenizer.eos_id
     for ids, m in zip(out.ids.tolist(), out.response_mask.tolist()):
@@ -72,17 +72,17 @@ def test_sampled_rows_stop_at_eos(model):
 def test_velocity_shapes_context_and_gradients(model):
     model = copy.deepcopy(model)
     torch.nn.init.normal_(model.image.out[-1].weight, std=0.02)  # zero-init head would block all grads
-    tokens = model.with_response(model.encode_prompts(PROMPTS), ["a red circle"] * 3)
+    tokens = model.with_response(model.encode(PROMPTS), ["a red circle"] * 3)
     _, ctx = model.forward_context(tokens)
     x = torch.randn(3, *model.latent_shape)
     v = model.velocity(x, torch.full((3,), 0.5), ctx)
     assert v.shape == x.shape
     v.pow(2).sum().backward(retain_graph=True)
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.text_parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in (p for _, p in model.parameter_groups()['text']))
     model.zero_grad(set_to_none=True)
     v2 = model.velocity(x, torch.full((3,), 0.5), model.detach_context(ctx))
     v2.pow(2).sum().backward()
-    assert all(p.grad is None for p in model.text_parameters())  # detach cuts the text expert
+    assert all(p.grad is None for p in (p for _, p in model.parameter_groups()['text']))  # detach cuts the text expert
     model.zero_grad(set_to_none=True)
     null = model.null_context(3)
     assert model.velocity(x, torch.tensor(0.3), null).shape == x.shape
@@ -105,7 +105,7 @@ def test_save_load_round_trip(model, tmp_path):
 
 
 def test_token_batch_cat_pads_widths(model):
-    a = model.encode_prompts(PROMPTS[:1])
-    b = model.encode_prompts(PROMPTS)
+    a = model.encode(PROMPTS[:1])
+    b = model.encode(PROMPTS)
     c = TokenBatch.cat([a, b], pad_id=model.pad_id)
     assert c.ids.shape == (4, b.ids.shape[1]) and c.mask[:1].sum() == a.mask.sum()

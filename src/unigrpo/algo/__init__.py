@@ -5,14 +5,27 @@ normalisation; guidance: classifier-free guidance; text_loss: GRPO on tokens; im
 """
 
 from unigrpo.algo.advantages import group_advantages, zero_variance_fraction
-from unigrpo.algo.guidance import guided_velocity
+from unigrpo.algo.guidance import cfg_blend
 from unigrpo.algo.image_loss import flow_grpo_loss, latent_kl, ratio_norm_log_ratio, velocity_mse
 from unigrpo.algo.schedule import shift_time, timesteps
 from unigrpo.algo.sde import SDEStepResult, gaussian_log_prob, sde_step, sde_window
 from unigrpo.algo.text_loss import aggregate_tokens, clipped_surrogate, text_grpo_loss
 
 __all__ = [
-    "SDEStepResult", "aggregate_tokens", "clipped_surrogate", "flow_grpo_loss", "gaussian_log_prob",
-    "group_advantages", "guided_velocity", "latent_kl", "ratio_norm_log_ratio", "sde_step", "sde_window", "shift_time",
-    "text_grpo_loss", "timesteps", "velocity_mse", "zero_variance_fraction",
+    "SDEStepResult",
+    "aggregate_tokens",
+    "cfg_blend",
+    "clipped_surrogate",
+    "flow_grpo_loss",
+    "gaussian_log_prob",
+    "group_advantages",
+    "latent_kl",
+    "ratio_norm_log_ratio",
+    "sde_step",
+    "sde_window",
+    "shift_time",
+    "text_grpo_loss",
+    "timesteps",
+    "velocity_mse",
+    "zero_variance_fraction",
 ]

@@ -56,15 +56,3 @@ def timesteps(num_steps: int, shift: float = 3.0, dtype: torch.dtype = torch.flo
         t[0] = 1.0  # exact start (the stretch keeps it up to rounding)
     return t.to(dtype)
 
-
-def model_timesteps(model, num_steps: int, shift: float | None) -> torch.Tensor:
-    """The sampling grid: ``timesteps(num_steps, shift)``, or with ``shift`` None
-    (``sampler.shift: null``) the model's own schedule, ``model.pipeline_timesteps(num_steps)``
-    (a diffusers pipeline's dynamic shift at this resolution and step count: docs/models.md)."""
-    if shift is not None:
-        return timesteps(num_steps, shift)
-    own = getattr(model, "pipeline_timesteps", None)
-    if own is None:
-        raise ValueError(f"sampler.shift: null asks for the model's own schedule, and {type(model).__name__} "
-                         "has none (set a number)")
-    return own(num_steps)

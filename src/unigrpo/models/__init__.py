@@ -15,7 +15,7 @@ from unigrpo.models.protocol import ReferencePolicy, TokenBatch, UnifiedModel
 __all__ = ["KINDS", "ReferencePolicy", "TokenBatch", "UnifiedModel", "build_model"]
 
 KINDS: dict[str, str] = {"tiny": "unigrpo.models.tiny:build", "hf": "unigrpo.models.hf:build",
-                         "bagel": "unigrpo.models.bagel:build"}
+                         "bagel": "unigrpo.models.bagel_io:build"}
 
 FROM_CONFIG = "__from_config__"
 

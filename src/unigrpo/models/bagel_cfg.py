@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from unigrpo.models.bagel import PATCH, BagelContext
-from unigrpo.models.bagel_latent import patchify, unpatchify
+from unigrpo.models.bagel_latent import PATCH, BagelContext, patchify, unpatchify
 from unigrpo.models.protocol import TokenBatch
 
 __all__ = ["cfg_contexts", "cfg_velocity"]

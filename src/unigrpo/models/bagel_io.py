@@ -27,10 +27,11 @@ from pathlib import Path
 
 import torch
 
+from unigrpo.models.bagel import SPECIALS, THINK_SYSTEM_PROMPT, BagelModel
 from unigrpo.models.bagel_mot import LLMConfig
 from unigrpo.models.bagel_vae import AutoEncoder
 
-__all__ = ["IGNORED_PREFIXES", "load_bagel", "write_tiny_bagel"]
+__all__ = ["IGNORED_PREFIXES", "build", "load_bagel", "write_tiny_bagel"]
 
 IGNORED_PREFIXES = ("vit_model.", "connector.", "vit_pos_embed.")  # the ViT path (not used for text-to-image)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -86,8 +87,6 @@ def load_bagel(path: str | Path, *, device="cpu", dtype: str = "float32", **kwar
     The VAE stays float32 (84 M parameters; decoding is not trained)."""
     from tokenizers import Tokenizer
 
-    from unigrpo.models.bagel import BagelModel
-
     folder = Path(path)
     if not str(path) or not folder.is_dir():
         raise FileNotFoundError(f"model.path: {path!r} is not a folder (the BAGEL-7B-MoT checkpoint folder)")
@@ -114,7 +113,6 @@ def _tiny_tokenizer(folder: Path) -> int:
     """A byte-level BPE trained in code on the shapes world's words + BAGEL's special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from unigrpo.models.bagel import SPECIALS, THINK_SYSTEM_PROMPT
     from unigrpo.world.tokenizer import build_world_tokenizer
 
     words = [w for w in build_world_tokenizer().index if w.isalpha()]
@@ -136,8 +134,6 @@ def write_tiny_bagel(folder: str | Path, seed: int = 0, *, hidden: int = 64, lay
     every weight non-zero (the released init zeroes ``llm2vae``: v == 0 would make tests vacuous)."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer
-
-    from unigrpo.models.bagel import BagelModel
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -165,6 +161,21 @@ def write_tiny_bagel(folder: str | Path, seed: int = 0, *, hidden: int = 64, lay
     save_file(state, str(folder / "ema.safetensors"))
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(folder / "ae.safetensors"))
     return folder
+
+
+def build(cfg, checkpoint: str | None) -> BagelModel:
+    """``model.kind: bagel``: the released folder ``model.path`` (``bagel_io.load_bagel``), LoRA per
+    ``model.lora``; the trainable tensors of ``checkpoint`` (``model.save``) if given."""
+    m = cfg.model
+    model = load_bagel(m.path, device=cfg.device, dtype=m.dtype, resolution=m.resolution, think=m.think,
+                       system_prompt=m.system_prompt, train_heads=m.train_heads, logits_chunk=m.logits_chunk)
+    model.add_lora(m.lora.text_rank, m.lora.image_rank, m.lora.text_targets, m.lora.image_targets)
+    model.fsdp = m.fsdp
+    if m.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if checkpoint is not None:
+        model.load_checkpoint(checkpoint)
+    return model
 
 
 if __name__ == "__main__":

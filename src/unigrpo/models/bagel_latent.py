@@ -18,9 +18,25 @@ the architecture; reference: ByteDance-Seed/Bagel ``modeling/bagel/bagel.py``: `
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+PATCH = 2  # latent_patch_size of the released model
+
+
+@dataclass
+class BagelContext:
+    """What the image block attends to: per-layer ``keys`` / ``values`` [B, n_kv, L, D], the key
+    ``mask`` [B, L], the block's RoPE position ``next_pos`` [B]; ``detached``: the image loss must
+    not reach the text parameters (markers included)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    mask: torch.Tensor
+    next_pos: torch.Tensor
+    detached: bool = False
 
 __all__ = ["PositionEmbedding", "TimestepEmbedder", "patchify", "sincos_2d", "timestep_features", "unpatchify"]
 

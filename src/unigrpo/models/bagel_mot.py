@@ -210,7 +210,6 @@ class Qwen2MoTForCausalLM(nn.Module):
         self.model = Qwen2MoTModel(c)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.checkpointing = False  # activation checkpointing per decoder layer (when grads are on)
-        self.overrides: dict[str, torch.Tensor] = {}  # tensors substituted by name (see ``run``)
 
     def run(self, h: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, past=None, gen: slice | None = None,
             detach_und: bool = False):
@@ -224,20 +223,9 @@ class Qwen2MoTForCausalLM(nn.Module):
         kv = []
         for i, layer in enumerate(self.model.layers):
             pk, pv = (None, None) if past is None else past[i]
-            fn = self._layer_fn(i, layer)
             if self.checkpointing and torch.is_grad_enabled():  # recompute in backward: same forward code
-                h, k, v = checkpoint(fn, h, cos, sin, mask, pk, pv, gen, detach_und, use_reentrant=False)
+                h, k, v = checkpoint(layer, h, cos, sin, mask, pk, pv, gen, detach_und, use_reentrant=False)
             else:
-                h, k, v = fn(h, cos, sin, mask, pk, pv, gen, detach_und)
+                h, k, v = layer(h, cos, sin, mask, pk, pv, gen, detach_und)
             kv.append((k, v))
         return h, kv
-
-    def _layer_fn(self, i: int, layer: nn.Module):
-        """Layer ``i`` with the substituted tensors of ``self.overrides`` (names below
-        ``model.layers.{i}.``) bound into the call itself, so that a checkpointed layer recomputes
-        in backward with the same tensors (e.g. detached weights) as in its forward."""
-        prefix = f"model.layers.{i}."
-        sub = {k[len(prefix):]: v for k, v in self.overrides.items() if k.startswith(prefix)}
-        if not sub:
-            return layer
-        return lambda *args: torch.func.functional_call(layer, sub, args)

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from unigrpo.models.hf import HFUnifiedModel, lora_kwargs
+from unigrpo.models.hf_text import packed_rows, unpacked_logprobs
 from unigrpo.models.protocol import TokenBatch
 
 __all__ = ["Flux2Klein", "FluxContext", "flux2_shift"]
@@ -107,42 +108,27 @@ class Flux2Klein(HFUnifiedModel):
                    hidden_layers=tuple(m.hidden_layers) if m.hidden_layers else default_hidden_layers(),
                    max_text_tokens=m.max_text_tokens, enable_thinking=m.enable_thinking, **lora_kwargs(m))
 
-    def _encode(self, lm, tokens: TokenBatch, temperature: float) -> tuple[torch.Tensor, FluxContext]:
-        """The teacher-forced pass of ``forward_context`` with the LM ``lm`` (policy or reference)."""
-        b, width = tokens.ids.shape
-        n = tokens.mask.sum(1)
-        packed_w = max(self.max_text_tokens, int(n.max()))
-        # each row's real tokens first, in order, then pads: the pipeline's right-padded layout
-        order = torch.sort((~tokens.mask).long(), dim=1, stable=True).indices  # [B, width]
-        col = torch.arange(packed_w, device=tokens.ids.device)
-        real = col[None] < n[:, None]  # [B, packed_w]
-        src = torch.zeros(b, packed_w, dtype=torch.long, device=tokens.ids.device)
-        src[:, :min(width, packed_w)] = order[:, :packed_w]
-        ids = torch.where(real, tokens.ids.gather(1, src), torch.full_like(src, self.pad_id))
-        out = lm(input_ids=ids, attention_mask=real.long(), output_hidden_states=True, use_cache=False)
-        logits = out.logits[:, :-1].float() / temperature
-        logp_next = torch.gather(logits.log_softmax(-1), 2, ids[:, 1:, None])[..., 0]
-        logp_packed = torch.nn.functional.pad(logp_next, (1, 0)) * real
-        # back to the caller's layout: packed column j of row i is its column src[i, j]
-        logp = torch.zeros(b, width, dtype=logp_packed.dtype, device=ids.device)
-        logp = logp.scatter_add(1, src[:, :width].clamp(max=width - 1), (logp_packed * real)[:, :width])
-        logp = logp * tokens.response_mask
+    def forward_context(self, tokens: TokenBatch, temperature: float = 1.0) -> tuple[torch.Tensor, FluxContext]:
+        """One teacher-forced pass in the pipeline's layout (module docstring): (log-probs [B, L], context)."""
+        ids, real, src = packed_rows(tokens, self.max_text_tokens, self.pad_id)  # the pipeline's right padding
+        out = self.lm(input_ids=ids, attention_mask=real.long(), output_hidden_states=True, use_cache=False)
+        logp = unpacked_logprobs(out.logits[:, :-1].float() / temperature, ids, real, src, tokens)
         hidden = torch.cat([out.hidden_states[k][:, :self.max_text_tokens] for k in self.hidden_layers], -1)
         return logp, FluxContext(hidden, real[:, :self.max_text_tokens])
 
-    def _null(self, lm, batch_size: int) -> FluxContext:
+    def null_context(self, batch_size: int) -> FluxContext:
         """The pipeline's negative prompt: "" through the pipeline's template (no thinking)."""
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
                                                   add_generation_prompt=True, enable_thinking=False)
         ids = torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]], device=self.device)
         mask = torch.ones_like(ids, dtype=torch.bool)
-        _, ctx = self._encode(lm, TokenBatch(ids, mask, torch.zeros_like(mask)), 1.0)
+        _, ctx = self.forward_context(TokenBatch(ids, mask, torch.zeros_like(mask)), 1.0)
         return FluxContext(ctx.hidden.expand(batch_size, -1, -1), ctx.mask.expand(batch_size, -1))
 
-    def _velocity(self, dit, x_t: torch.Tensor, t: torch.Tensor, ctx: FluxContext) -> torch.Tensor:
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, ctx: FluxContext) -> torch.Tensor:
         b, c, h, w = x_t.shape
         t = t.expand(b) if t.dim() == 0 else t
-        dev, dtype = x_t.device, dit.dtype
+        dev, dtype = x_t.device, self.dit.dtype
         hh, ww = torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev), indexing="ij")
         zero = torch.zeros(h * w, dtype=torch.long, device=dev)
         img_ids = torch.stack([zero, hh.reshape(-1), ww.reshape(-1), zero], -1)  # (T, H, W, L) coordinates
@@ -150,7 +136,7 @@ class Flux2Klein(HFUnifiedModel):
         lz = torch.zeros(length, dtype=torch.long, device=dev)
         txt_ids = torch.stack([lz, lz, lz, torch.arange(length, device=dev)], -1)
         tokens = x_t.reshape(b, c, h * w).transpose(1, 2)  # pack: [B, HW, C]
-        out = dit(hidden_states=tokens.to(dtype), timestep=t.to(dtype), guidance=None,
+        out = self.dit(hidden_states=tokens.to(dtype), timestep=t.to(dtype), guidance=None,
                   encoder_hidden_states=ctx.hidden.to(dtype), txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
         return out.transpose(1, 2).reshape(b, c, h, w).to(x_t.dtype)  # unpack; eps - x0 as is (docstring)
 

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from unigrpo.models.hf import HFUnifiedModel, lora_kwargs
+from unigrpo.models.hf_text import packed_rows, unpacked_logprobs
 from unigrpo.models.protocol import TokenBatch
 
 __all__ = ["NEGATIVE_PROMPT", "QwenContext", "QwenImage", "qwenimage_schedule"]
@@ -126,48 +127,35 @@ class QwenImage(HFUnifiedModel):
                    hidden_layers=tuple(m.hidden_layers) if m.hidden_layers else (-1,),
                    max_text_tokens=m.max_text_tokens, **lora_kwargs(m))
 
-    def encode_prompts(self, prompts: list[str]) -> TokenBatch:
-        """The pipeline's template and tokenizer call (its truncation included), left-padded."""
-        rows = [self.tokenizer(self.template.format(p), max_length=self.tokenizer_max_length + self.drop_idx,
-                               truncation=True)["input_ids"] for p in prompts]
-        return TokenBatch.left_padded(rows, self.pad_id, self.device)
+    def prompt_ids(self, text: str) -> list[int]:
+        """The pipeline's template and tokenizer call (its truncation included)."""
+        return self.tokenizer(self.template.format(text), max_length=self.tokenizer_max_length + self.drop_idx,
+                              truncation=True)["input_ids"]
 
-    def _encode(self, lm, tokens: TokenBatch, temperature: float) -> tuple[torch.Tensor, QwenContext]:
-        """The teacher-forced pass of ``forward_context`` with the LM ``lm`` (policy or reference)."""
-        b, width = tokens.ids.shape
-        dev = tokens.ids.device
-        n = tokens.mask.sum(1)
-        packed_w = int(n.max())
-        # each row's real tokens first, in order, then pads (compacted: module docstring)
-        src = torch.sort((~tokens.mask).long(), dim=1, stable=True).indices[:, :packed_w]  # [B, packed_w]
-        col = torch.arange(packed_w, device=dev)
-        real = col[None] < n[:, None]  # [B, packed_w]
-        ids = torch.where(real, tokens.ids.gather(1, src), torch.full_like(src, self.pad_id))
+    def forward_context(self, tokens: TokenBatch, temperature: float = 1.0) -> tuple[torch.Tensor, QwenContext]:
+        """One teacher-forced pass in the pipeline's layout (module docstring): (log-probs [B, L], context)."""
+        ids, real, src = packed_rows(tokens, 0, self.pad_id)  # compacted (module docstring)
+        col = torch.arange(ids.shape[1], device=ids.device)
         # positions 0..n-1 given explicitly: the mrope axes are all text positions (no image input)
-        out = lm(input_ids=ids, attention_mask=real.long(), position_ids=col.expand(b, -1),
-                 output_hidden_states=True, use_cache=False)
-        logits = out.logits[:, :-1].float() / temperature  # float32 log-softmax
-        logp_next = torch.gather(logits.log_softmax(-1), 2, ids[:, 1:, None])[..., 0]
-        logp_packed = torch.nn.functional.pad(logp_next, (1, 0)) * real
-        # back to the caller's layout: packed column j of row i is its column src[i, j]
-        logp = torch.zeros(b, width, dtype=logp_packed.dtype, device=dev).scatter_add(1, src, logp_packed)
-        logp = logp * tokens.response_mask
+        out = self.lm(input_ids=ids, attention_mask=real.long(), position_ids=col.expand(len(ids), -1),
+                      output_hidden_states=True, use_cache=False)
+        logp = unpacked_logprobs(out.logits[:, :-1].float() / temperature, ids, real, src, tokens)
         keep = slice(self.drop_idx, self.drop_idx + self.max_text_tokens)  # drop the template prefix, cut
         mask = real[:, keep]
         hidden = torch.cat([out.hidden_states[k] for k in self.hidden_layers], -1)[:, keep] * mask[..., None]
         return logp, QwenContext(hidden, mask)
 
-    def _null(self, lm, batch_size: int) -> QwenContext:
+    def null_context(self, batch_size: int) -> QwenContext:
         """``NEGATIVE_PROMPT`` through the pipeline's template (what ``negative_prompt=`` encodes)."""
-        _, ctx = self._encode(lm, self.encode_prompts([NEGATIVE_PROMPT]), 1.0)
+        _, ctx = self.forward_context(self.encode([NEGATIVE_PROMPT]), 1.0)
         return QwenContext(ctx.hidden.expand(batch_size, -1, -1), ctx.mask.expand(batch_size, -1))
 
-    def _velocity(self, dit, x_t: torch.Tensor, t: torch.Tensor, ctx: QwenContext) -> torch.Tensor:
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, ctx: QwenContext) -> torch.Tensor:
         b, c, h, w = x_t.shape
         t = t.expand(b) if t.dim() == 0 else t
-        dtype = dit.dtype
+        dtype = self.dit.dtype
         tokens = x_t.reshape(b, c, h * w).transpose(1, 2)  # pack: [B, HW, 4 z] (pixel_unshuffle order)
-        out = dit(hidden_states=tokens.to(dtype), encoder_hidden_states=ctx.hidden.to(dtype),
+        out = self.dit(hidden_states=tokens.to(dtype), encoder_hidden_states=ctx.hidden.to(dtype),
                   encoder_hidden_states_mask=ctx.mask, timestep=t.to(dtype), img_shapes=[[(1, h, w)]] * b,
                   guidance=None, return_dict=False)[0]
         return out.transpose(1, 2).reshape(b, c, h, w).to(x_t.dtype)  # unpack; eps - x0 as is (docstring)
@@ -202,7 +190,7 @@ class QwenImage(HFUnifiedModel):
     def _schedule(self) -> tuple[float, float | None]:
         return qwenimage_schedule(self.latent_shape[1] * self.latent_shape[2], self.scheduler_config)
 
-    def pipeline_timesteps(self, num_steps: int) -> torch.Tensor:
+    def own_timesteps(self, num_steps: int) -> torch.Tensor:
         """The pipeline's own grid at this resolution (``sampler.shift: null``): the shift of
         ``qwenimage_schedule`` (the same for every step count), stretched to ``shift_terminal``."""
         from unigrpo.algo.schedule import timesteps

@@ -132,10 +132,10 @@ class SD3(SeparateReasonerModel):
         mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         return SD3Context(hidden, torch.cat([p_l, p_g], -1), mask)
 
-    def _velocity(self, dit, x_t: torch.Tensor, t: torch.Tensor, ctx: SD3Context) -> torch.Tensor:
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, ctx: SD3Context) -> torch.Tensor:
         t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
-        dtype = dit.dtype
-        out = dit(hidden_states=x_t.to(dtype), timestep=(1000 * t).to(dtype), encoder_hidden_states=ctx.hidden.to(dtype),
+        dtype = self.dit.dtype
+        out = self.dit(hidden_states=x_t.to(dtype), timestep=(1000 * t).to(dtype), encoder_hidden_states=ctx.hidden.to(dtype),
                   pooled_projections=ctx.pooled.to(dtype), return_dict=False)[0]
         return out.to(x_t.dtype)  # eps - x0 as is (module docstring)
 
@@ -154,7 +154,7 @@ class SD3(SeparateReasonerModel):
             z = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist.mode()  # deterministic: the mode
         return (z.float() - shift) * scale
 
-    def pipeline_timesteps(self, num_steps: int) -> torch.Tensor:
+    def own_timesteps(self, num_steps: int) -> torch.Tensor:
         """``sampler.shift: null``: the grid a plain ``pipe(...)`` call samples on (no ``sigmas``):
         the scheduler's own ``set_timesteps(n)`` sigmas, which shift ``linspace(1, sigma_min, n)``
         and append 0, with the pipeline's ``mu`` under dynamic shifting. No ``timesteps(n, s)``

@@ -21,7 +21,6 @@ as text. What any such pipeline shares lives here; a family (``hf_sd3``) adds ``
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
@@ -91,18 +90,13 @@ class SeparateReasonerModel(HFUnifiedModel):
             texts.append(f"{prompt} {reasoning}" if reasoning else prompt)
         return texts
 
-    def _encode(self, lm, tokens: TokenBatch, temperature: float):
-        """The reasoner's teacher-forced log-probs (``lm``: policy or reference) + the frozen
-        encoders on the joined text (the same for policy and reference)."""
-        reasoner = self.reasoner
-        if lm is not self.lm:  # the reference's frozen copy of a fully trained reasoner
-            reasoner = copy.copy(reasoner)
-            reasoner.lm = lm
-        logp, _ = reasoner.forward_context(tokens, temperature)
+    def forward_context(self, tokens: TokenBatch, temperature: float = 1.0):
+        """The reasoner's teacher-forced log-probs + the frozen encoders on the joined text."""
+        logp, _ = self.reasoner.forward_context(tokens, temperature)
         with torch.no_grad():
             return logp, self.encode_texts(self.joined_texts(tokens))
 
-    def _null(self, lm, batch_size: int):
+    def null_context(self, batch_size: int):
         """The pipeline's negative prompt "" (one row, cached per device), broadcast to the batch."""
         dev = self.device
         if dev not in self._null_cache:

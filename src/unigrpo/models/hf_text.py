@@ -9,15 +9,9 @@ same LM can reason and then (shared mode) condition the image transformer on its
 - **Positions** are ``cumsum(mask) - 1`` everywhere (the prefill, every decode step, the
   teacher-forced pass), the convention of ``generate()``; passing them explicitly keeps rollout and
   training identical for padded rows.
-- **Sampling** is our own KV-cache loop, because ``generate()`` takes no ``torch.Generator``: each
-  group draws from its own seeded generator, so the reasoning does not depend on the batching.
-  ``generator`` may also be one generator per row: the rows of several groups then decode in ONE
-  loop (one model call per token for all of them, instead of one loop per group), each
-  contiguous run of rows sharing a generator drawing exactly the calls its own loop would.
-  Rows stop at any of ``stop_ids`` independently (the stop token is kept: it is an action).
-  With ``fixed_steps`` (a sharded LM, whose every forward is a collective) every call runs all
-  ``max_new_tokens`` decode forwards whatever the rows do, and the result is cut back to the steps
-  the early-stopping loop takes: the same tokens, on every number of ranks.
+- **Sampling** is the text engine's seeded KV-cache loop (``models.decode``; ``generate()`` takes
+  no ``torch.Generator``): this class supplies its ``prefill`` / ``decode_step`` contract. Rows
+  stop at any of ``stop_ids`` independently (the stop token is kept: it is an action).
 - **Scoring** (``forward_context``) is ONE teacher-forced pass with the same mask and positions;
   it returns the response log-probs under temperature-scaled logits (float32 log-softmax) and the
   hidden states of ``hidden_layers`` (index into ``hidden_states``: 0 = embeddings, -1 = the last
@@ -33,10 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
+from unigrpo.models.base import TextSide
+from unigrpo.models.decode import response_logprobs, target_logprobs
 from unigrpo.models.protocol import TokenBatch
-from unigrpo.models.tiny import sample_top_p
 
-__all__ = ["CausalLMReasoner", "LMContext", "sample_rows"]
+__all__ = ["CausalLMReasoner", "LMContext", "packed_rows", "positions", "unpacked_logprobs"]
 
 
 @dataclass
@@ -49,27 +44,37 @@ class LMContext:
     response_mask: torch.Tensor
 
 
-def sample_rows(logits: torch.Tensor, top_p: float, generator) -> torch.Tensor:
-    """``sample_top_p`` with one generator (or None) for all rows, or a sequence of one generator
-    per row: each contiguous run of rows sharing a generator object is one draw. [B, V] -> [B]."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return sample_top_p(logits, top_p, generator)
-    if len(generator) != logits.shape[0]:
-        raise ValueError(f"got {len(generator)} generators for {logits.shape[0]} rows")
-    toks, start = [], 0
-    for end in range(1, len(generator) + 1):
-        if end == len(generator) or generator[end] is not generator[start]:
-            toks.append(sample_top_p(logits[start:end], top_p, generator[start]))
-            start = end
-    return torch.cat(toks)
-
-
 def positions(mask: torch.Tensor) -> torch.Tensor:
     """``cumsum(mask) - 1``, clamped at 0 for the left padding (masked anyway). [B, L] long."""
     return (mask.long().cumsum(1) - 1).clamp(min=0)
 
 
-class CausalLMReasoner:
+def packed_rows(tokens: TokenBatch, min_width: int, pad_id: int):
+    """A pipeline's right-padded layout of ``tokens``: each row's real tokens first, in order, then
+    pads, at least ``min_width`` columns. Returns (ids [B, W], real [B, W] mask, src [B, W]: the
+    caller's column of each packed column)."""
+    b, width = tokens.ids.shape
+    n = tokens.mask.sum(1)
+    packed_w = max(min_width, int(n.max()))
+    order = torch.sort((~tokens.mask).long(), dim=1, stable=True).indices  # [B, width]: real columns first
+    real = torch.arange(packed_w, device=tokens.ids.device)[None] < n[:, None]  # [B, packed_w]
+    src = torch.zeros(b, packed_w, dtype=torch.long, device=tokens.ids.device)
+    src[:, :min(width, packed_w)] = order[:, :packed_w]
+    return torch.where(real, tokens.ids.gather(1, src), torch.full_like(src, pad_id)), real, src
+
+
+def unpacked_logprobs(logits: torch.Tensor, ids: torch.Tensor, real: torch.Tensor, src: torch.Tensor,
+                      tokens: TokenBatch) -> torch.Tensor:
+    """The teacher-forced log-probs of the packed ``ids`` (``logits`` [B, W - 1, V]: float32,
+    temperature applied) back in ``tokens``' layout [B, L], zero outside its response."""
+    logp_packed = response_logprobs(target_logprobs(logits, ids[:, 1:]), real)
+    b, width = tokens.ids.shape
+    logp = torch.zeros(b, width, dtype=logp_packed.dtype, device=ids.device)  # packed column j of row i is src[i, j]
+    logp = logp.scatter_add(1, src[:, :width].clamp(max=width - 1), (logp_packed * real)[:, :width])
+    return logp * tokens.response_mask
+
+
+class CausalLMReasoner(TextSide):
     """Text methods of the protocol for a causal LM (``lm``) and its tokenizer (module docstring)."""
 
     def __init__(self, lm, tokenizer, *, hidden_layers: tuple[int, ...] = (-1,), stop_ids: tuple[int, ...] | None = None,
@@ -94,57 +99,29 @@ class CausalLMReasoner:
         return self.tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt}], tokenize=False,
                                                   add_generation_prompt=True, **self.template_kwargs)
 
-    def encode_prompts(self, prompts: list[str]) -> TokenBatch:
-        rows = [self.tokenizer(self._text(p), add_special_tokens=False)["input_ids"] for p in prompts]
-        return TokenBatch.left_padded(rows, self.pad_id, self.device)
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return self.tokenizer(self._text(prompt), add_special_tokens=False)["input_ids"]
+
+    def response_ids(self, text: str) -> list[int]:
+        """A given response + ``stop_ids[0]`` (by default the EOS), as if sampled."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.stop_ids[0]]
+
+    def token_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def _step(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache):
         out = self.lm(input_ids=ids, attention_mask=mask.long(), position_ids=pos, use_cache=True,
                       **{self.cache_arg: cache})
         return out.logits[:, -1].float(), getattr(out, self.cache_arg)
 
-    @torch.no_grad()
-    def sample_reasoning(self, prompts: TokenBatch, *, max_new_tokens: int, temperature: float = 1.0,
-                         top_p: float = 1.0, generator: torch.Generator | list[torch.Generator] | None = None,
-                         return_logprobs: bool = False):
-        """Seeded KV-cache sampling; rows stop at a stop id independently (module docstring).
-        ``generator``: one for the batch, or one per row (:func:`sample_rows`)."""
+    def prefill(self, tokens: TokenBatch):
+        """The decode engine's prefill (``models.decode``): logits of each row's next token + cache."""
         from transformers import DynamicCache
 
-        ids, mask = prompts.ids, prompts.mask
-        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        stop = torch.tensor(self.stop_ids, device=ids.device)
-        new_ids, new_mask, new_logp = [], [], []
-        logits, cache = self._step(ids, mask, positions(mask), DynamicCache())
-        key_mask, pos = mask, positions(mask)[:, -1:]
-        n_steps = None  # the step after which every row has finished
-        for i in range(max_new_tokens):
-            logits = logits / temperature
-            tok = sample_rows(logits, top_p, generator)
-            tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
-            if return_logprobs:  # of the temperature-scaled distribution, as forward_context scores
-                new_logp.append(logits.log_softmax(-1).gather(1, tok[:, None])[:, 0] * ~done)
-            new_ids.append(tok)
-            new_mask.append(~done)
-            done = done | torch.isin(tok, stop)
-            if n_steps is None and bool(done.all()):
-                n_steps = i + 1
-                if not self.fixed_steps:
-                    break
-            key_mask = torch.cat([key_mask, new_mask[-1][:, None]], 1)  # the token fed now is real iff sampled live
-            pos = pos + new_mask[-1][:, None].long()  # finished rows keep their position (masked)
-            logits, cache = self._step(tok[:, None], key_mask, pos, cache)
-        new_ids, new_mask, new_logp = new_ids[:n_steps], new_mask[:n_steps], new_logp[:n_steps]
-        return prompts.with_sampled(new_ids, new_mask, new_logp if return_logprobs else None)
+        return self._step(tokens.ids, tokens.mask, positions(tokens.mask), DynamicCache())
 
-    def with_response(self, prompts: TokenBatch, responses: list[str]) -> TokenBatch:
-        """Append given response texts (+ ``stop_ids[0]``, by default the EOS) to prompts, as if sampled."""
-        rows = [self.tokenizer(r, add_special_tokens=False)["input_ids"] + [self.stop_ids[0]] for r in responses]
-        return prompts.with_responses(rows, self.pad_id)
-
-    def decode_text(self, tokens: TokenBatch) -> list[str]:
-        return [self.tokenizer.decode([i for i, keep in zip(ids, m) if keep], skip_special_tokens=False)
-                for ids, m in zip(tokens.ids.tolist(), tokens.response_mask.tolist())]
+    def decode_step(self, tok: torch.Tensor, pos: torch.Tensor, key_mask: torch.Tensor, cache):
+        return self._step(tok[:, None], key_mask, pos[:, None], cache)
 
     def forward_context(self, tokens: TokenBatch, temperature: float = 1.0) -> tuple[torch.Tensor, LMContext]:
         """One teacher-forced pass -> (logp [B, L] of response tokens, zero elsewhere; context)."""
@@ -152,11 +129,6 @@ class CausalLMReasoner:
                       output_hidden_states=True, use_cache=False)
         # token i is predicted from position i - 1; float32 log-softmax of temperature-scaled logits
         logits = out.logits[:, :-1].float() / temperature
-        logp_next = torch.gather(logits.log_softmax(-1), 2, tokens.ids[:, 1:, None])[..., 0]
-        logp = torch.nn.functional.pad(logp_next, (1, 0)) * tokens.response_mask
+        logp = response_logprobs(target_logprobs(logits, tokens.ids[:, 1:]), tokens.response_mask)
         hidden = torch.cat([out.hidden_states[k] for k in self.hidden_layers], -1)
         return logp, LMContext(hidden, tokens.mask, tokens.response_mask)
-
-    @staticmethod
-    def detach_context(ctx: LMContext) -> LMContext:
-        return LMContext(ctx.hidden.detach(), ctx.mask, ctx.response_mask)

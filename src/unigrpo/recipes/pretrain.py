@@ -56,7 +56,7 @@ def make_batch(tasks, rng: np.random.Generator, cfg: Config):
 
 def sft_loss(model: TinyUnifiedModel, prompts, responses, specs, modes, seed: int, cfg: Config):
     """Text cross-entropy + flow-matching MSE for one batch. Returns (loss, stats)."""
-    tokens = model.with_response(model.encode_prompts(prompts), responses)
+    tokens = model.with_response(model.encode(prompts), responses)
     logp, ctx = model.forward_context(tokens)
     n_tok = tokens.response_mask.sum().clamp(min=1)
     text_loss = -(logp.sum() / n_tok)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from unigrpo import rollout as R
+from unigrpo import rollout
 from unigrpo.algo.advantages import group_advantages, zero_variance_fraction
 from unigrpo.algo.image_loss import flow_grpo_loss, latent_kl, velocity_mse
 from unigrpo.algo.text_loss import text_grpo_loss
@@ -54,7 +54,6 @@ from unigrpo.utils import dist, rundir
 from unigrpo.utils import resume as resume_policy
 from unigrpo.utils.images import save_grid
 from unigrpo.utils.logging import RunLogger, StatsMean
-from unigrpo.world import group_diversity, image_stats
 
 
 def needs_reference(cfg: Config) -> bool:
@@ -62,10 +61,10 @@ def needs_reference(cfg: Config) -> bool:
     return (algo.train_image and (algo.c_mse > 0 or algo.beta_img > 0)) or (algo.train_text and algo.text_beta > 0)
 
 
-def image_loss(model, ref, rnd: R.Round, ctx, ctx_ref, adv: torch.Tensor, cfg: Config):
+def image_loss(model, ref, rnd: rollout.Round, ctx, ctx_ref, adv: torch.Tensor, cfg: Config):
     """FlowGRPO surrogate + c_mse * velocity MSE (+ beta_img * latent KL) over the window steps."""
     algo, sampler = cfg.algo, cfg.sampler
-    sc = R.score_window(model, rnd, ctx, kind=sampler.kind, noise_level=sampler.noise_level,
+    sc = rollout.score_window(model, rnd, ctx, kind=sampler.kind, noise_level=sampler.noise_level,
                         cfg_scale=sampler.cfg_scale, reduction=algo.logprob_reduction, ref=ref, ctx_ref=ctx_ref)
     logp = torch.stack(sc.logp, 1)  # [B, W]
     loss, st = flow_grpo_loss(logp, rnd.logp_img_old, adv, algo.image_eps, algo.ratio_norm, torch.stack(sc.std, 1),
@@ -82,7 +81,7 @@ def image_loss(model, ref, rnd: R.Round, ctx, ctx_ref, adv: torch.Tensor, cfg: C
     return loss, stats
 
 
-def round_loss(model, ref, rnd: R.Round, adv: torch.Tensor, cfg: Config, w_text: float, w_image: float):
+def round_loss(model, ref, rnd: rollout.Round, adv: torch.Tensor, cfg: Config, w_text: float, w_image: float):
     """L = w_text * L_text + lambda_image * w_image * (L_flow + c_mse * L_mse + beta_img * L_kl)."""
     algo = cfg.algo
     with torch.set_grad_enabled(algo.train_text):  # frozen text expert: its pass needs no graph
@@ -108,7 +107,7 @@ def round_loss(model, ref, rnd: R.Round, adv: torch.Tensor, cfg: Config, w_text:
     return loss, stats
 
 
-def micro_batch_loss(model, ref, mb: R.Episode, adv: torch.Tensor, cfg: Config, w_text: float, w_image: float):
+def micro_batch_loss(model, ref, mb: rollout.Episode, adv: torch.Tensor, cfg: Config, w_text: float, w_image: float):
     """Loss of one micro-batch of episodes, pre-scaled for accumulation (``w_*``: its share of the
     minibatch): the sum of its rounds' losses (statistics: the rounds' mean / min / max)."""
     losses, stats = zip(*(round_loss(model, ref, rnd, adv, cfg, w_text, w_image) for rnd in mb.rounds))
@@ -124,11 +123,11 @@ def micro_batch_loss(model, ref, mb: R.Episode, adv: torch.Tensor, cfg: Config, 
 class StepBatch:
     """One step's episodes on this rank, scored, with their group-relative advantages."""
 
-    roll: R.Episode  # [N_local] episodes, prompt-major
+    roll: rollout.Episode  # [N_local] episodes, prompt-major
     adv: torch.Tensor  # [N_local] one advantage per episode (all its tokens and window steps)
     order0: torch.Tensor  # [N_local] PPO epoch 0's order; its micro-batch blocks were the rollout chunks
     reward: torch.Tensor  # [P, G] rewards of every rank (group statistics need whole groups)
-    gathered: torch.Tensor  # [P * G, 1 + terms] reward and each reward term, every rank
+    reward_terms: torch.Tensor  # [P * G, 1 + terms] reward and each reward term, every rank
     reward_local: torch.Tensor  # [N_local]
     p0: int  # index (within the step) of this rank's first prompt
     n_prompts: int  # prompts on this rank
@@ -141,56 +140,53 @@ class StepBatch:
 
 def rollout_step(model, task, cfg: Config, step: int, rewards: RewardSet, ranks: dist.Dist, sizes: Sizes) -> StepBatch:
     """Steps 1-3 of the loop: sample ``step``'s episodes, score them, compute advantages."""
-    algo, sampler, device = cfg.algo, cfg.sampler, next(model.parameters()).device
+    algo, sampler, device = cfg.algo, cfg.sampler, model.device
     n_prompts_all, group = algo.prompts_per_step, algo.group_size
     p0 = dist.shard(n_prompts_all, ranks).start
     n_local, first_traj = sizes.trajectories_local, p0 * group
     # -------------------------------------------------------------- 1. rollout
     t_start = time.perf_counter()
     prompts = task.train_prompts(step, n_prompts_all)[dist.shard(n_prompts_all, ranks)]
-    texts = [p.text for p in prompts for _ in range(group)]  # [N_local], prompt-major
-    tokens = R.sample_reasoning(model, [p.text for p in prompts], group, seeds(cfg, step, p0, len(prompts), R.REASONING),
-                                thinking=cfg.text.thinking, max_new_tokens=cfg.text.max_reasoning_tokens,
-                                temperature=cfg.text.temperature, top_p=cfg.text.top_p, batch_groups=cfg.text.batch_groups)
-    width = dist.all_reduce_max(tokens.ids.shape[1], ranks, device)  # one width on every rank
-    tokens = R.pad_tokens(tokens, width, model.pad_id)
-    starts = R.window_starts(seeds(cfg, step, p0, len(prompts), R.WINDOW),
-                             seeds(cfg, step, first_traj, n_local, R.TRAJ_WINDOW), group, sampler.num_steps,
-                             sampler.window_size, sampler.window_range, algo.share_window_in_group)  # [N_local]
-    noise = seeds(cfg, step, first_traj, n_local, R.NOISE)
-    init = None  # initial noise from `noise` (one per trajectory) unless the group shares it
+    group_seeds = seeds(cfg, step, p0, len(prompts), rollout.REASONING)
+    starts = rollout.window_starts(seeds(cfg, step, p0, len(prompts), rollout.WINDOW),
+                                   seeds(cfg, step, first_traj, n_local, rollout.TRAJ_WINDOW), group, sampler.num_steps,
+                                   sampler.window_size, sampler.window_range, algo.share_window_in_group)  # [N_local]
+    init = None  # initial noise from the trajectory's own seed unless the group shares it
     if algo.share_initial_noise_in_group:
-        init = [x for x in seeds(cfg, step, p0, len(prompts), R.GROUP_INIT) for _ in range(group)]
+        init = [x for x in seeds(cfg, step, p0, len(prompts), rollout.GROUP_INIT) for _ in range(group)]
+    draws = rollout.EpisodeSeeds(group_seeds, seeds(cfg, step, first_traj, n_local, rollout.NOISE), starts, init)
     order0 = ppo_order(cfg, step, 0, p0, len(prompts), sizes.minibatch_local)  # chunks == epoch 0's micro-batches
-    parts, futures = [], []
-    for idx in order0.split(sizes.micro_local):
-        rows = idx.tolist()
-        parts.append(R.sample_episode(
-            model, tokens.index(idx.to(device)), [noise[k] for k in rows], starts[idx], num_steps=sampler.num_steps,
-            shift=sampler.shift, kind=sampler.kind, noise_level=sampler.noise_level, window_size=sampler.window_size,
-            cfg_scale=sampler.cfg_scale, temperature=cfg.text.temperature, reduction=algo.logprob_reduction,
-            init_seeds=None if init is None else [init[k] for k in rows]))
+    futures = []
+
+    def score(part: rollout.Episode, rows: list[int]) -> None:
+        """This chunk's rewards run (in a thread if reward_workers > 0) while the next chunk samples."""
         meta = [{**prompts[k // group].metadata, "reasoning": text, "prompt_index": p0 + k // group,
-                 "group_index": k % group} for k, text in zip(rows, parts[-1].reasoning)]
-        # this chunk's rewards run (in a thread if reward_workers > 0) while the next chunk samples
-        futures.append(rewards.submit(parts[-1].images, [texts[k] for k in rows], meta))
-    unsort = torch.argsort(order0)
-    roll = R.Episode.cat(parts, model.pad_id).index(unsort)  # back to [P_local * G] prompt-major
+                 "group_index": k % group} for k, text in zip(rows, part.reasoning)]
+        futures.append(rewards.submit(part.images, [prompts[k // group].text for k in rows], meta))
+
+    text = {"thinking": cfg.text.thinking, "max_new_tokens": cfg.text.max_reasoning_tokens,
+            "temperature": cfg.text.temperature, "top_p": cfg.text.top_p, "batch_groups": cfg.text.batch_groups}
+    draw = {"num_steps": sampler.num_steps, "shift": sampler.shift, "kind": sampler.kind,
+            "noise_level": sampler.noise_level, "window_size": sampler.window_size, "cfg_scale": sampler.cfg_scale,
+            "temperature": cfg.text.temperature, "reduction": algo.logprob_reduction}
+    roll = rollout.sample_episode(model, prompts, group, draws, list(order0.split(sizes.micro_local)), ranks,
+                                  text=text, sampler=draw, on_chunk=score)  # [P_local * G] prompt-major
     t_rollout = time.perf_counter()
 
     # -------------------------------------------------------------- 2. reward
     results = [f.result() for f in futures]
     missing = dist.any_flag(any(r.missing for r in results), ranks, device)  # one decision on every rank
-    reward_local = torch.cat([r[0] for r in results])[unsort]  # [N_local]
-    terms_local = torch.stack([torch.cat([r[1][name] for r in results])[unsort] for name in rewards.names], 1)
+    unsort = torch.argsort(order0)  # chunk order -> prompt-major
+    reward_local = torch.cat([r.total for r in results])[unsort]  # [N_local]
+    terms_local = torch.stack([torch.cat([r.per_term[name] for r in results])[unsort] for name in rewards.names], 1)
     t_reward = time.perf_counter()
 
     # -------------------------------------------------------------- 3. advantages
-    gathered = dist.all_gather_cat(torch.cat([reward_local[:, None], terms_local], 1).to(device), ranks).cpu()
-    reward = gathered[:, 0].reshape(n_prompts_all, group)  # [P, G] every group complete, on every rank
+    reward_terms = dist.all_gather_cat(torch.cat([reward_local[:, None], terms_local], 1).to(device), ranks).cpu()
+    reward = reward_terms[:, 0].reshape(n_prompts_all, group)  # [P, G] every group complete, on every rank
     adv = group_advantages(reward, algo.adv_scale, algo.adv_eps, algo.adv_clip)  # [P, G]
     adv = adv.flatten()[first_traj:first_traj + n_local].to(device)  # same A for all tokens and steps
-    return StepBatch(roll, adv, order0, reward, gathered, reward_local, p0, len(prompts), t_rollout - t_start,
+    return StepBatch(roll, adv, order0, reward, reward_terms, reward_local, p0, len(prompts), t_rollout - t_start,
                      t_reward - t_rollout, sum(r.seconds for r in results), missing,
                      RewardResult.merge_metrics(results))
 
@@ -226,21 +222,19 @@ def ppo_epochs(model, ref, opt, batch: StepBatch, cfg: Config, step: int, ranks:
     return {**stats.result(), **first.result(), "perf/updates": float(updates), "perf/skipped_updates": float(skipped)}
 
 
-def step_metrics(batch: StepBatch, cfg: Config, rewards: RewardSet, sizes: Sizes) -> dict:
+def step_metrics(batch: StepBatch, task, cfg: Config, rewards: RewardSet, sizes: Sizes) -> dict:
     """Step 5's rollout and reward statistics (docs/metrics.md)."""
     roll, reward, group = batch.roll, batch.reward, cfg.algo.group_size
     lengths = roll.reasoning_tokens().float()
     return {
         "rollout/reasoning_tokens": float(lengths.mean()), "rollout/reasoning_tokens_max": float(lengths.max()),
         "rollout/truncated_frac": float((lengths >= cfg.text.max_reasoning_tokens).float().mean()),
-        **{f"rollout/{k}": x for k, x in image_stats(roll.images).items()},
-        "rollout/group_diversity": group_diversity(roll.images.reshape(len(roll) // group, group,
-                                                                       *roll.images.shape[1:])),
+        **task.rollout_metrics(roll.images, group),
         "reward/mean": float(reward.mean()), "reward/std": float(reward.std(correction=0)),
         "reward/min": float(reward.min()), "reward/max": float(reward.max()),
         "reward/group_std": float(reward.std(dim=1, correction=0).mean()),
         "reward/zero_variance_frac": zero_variance_fraction(reward),
-        **{f"reward/{name}": float(batch.gathered[:, 1 + i].mean()) for i, name in enumerate(rewards.names)},
+        **{f"reward/{name}": float(batch.reward_terms[:, 1 + i].mean()) for i, name in enumerate(rewards.names)},
         "perf/rollout_s": batch.rollout_s, "perf/reward_s": batch.reward_s, "perf/reward_wait_s": batch.reward_wait_s,
         "perf/rollout_traj_per_s": sizes.trajectories / batch.rollout_s,
     }
@@ -281,7 +275,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
             print(describe(cfg, sizes), flush=True)
         metrics, last_eval = {}, {}
         # a sharded model's forwards are collectives: every rank evaluates (rank 0 writes and logs)
-        evaluates, eval_out = ranks.is_main or getattr(model, "sharded", False), out if ranks.is_main else None
+        evaluates, eval_out = ranks.is_main or model.sharded, out if ranks.is_main else None
         if cfg.eval.at_start and start_step == 0 and evaluates:
             last_eval = task.evaluate(model, cfg, rewards, 0, eval_out)
             log.log(0, last_eval)
@@ -299,7 +293,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
                 extra["skipped_total"] += int(train_stats["perf/skipped_updates"])
             t_train = time.perf_counter()
             # ---------------------------------------------------------- 5. log
-            metrics = {**train_stats, **({} if batch.missing else step_metrics(batch, cfg, rewards, sizes)),
+            metrics = {**train_stats, **({} if batch.missing else step_metrics(batch, task, cfg, rewards, sizes)),
                        **batch.reward_metrics, "reward/skipped_steps": float(extra["reward_skipped_steps"]),
                        "perf/train_s": t_train - t_reward, "perf/step_s": t_train - t_start,
                        "perf/train_traj_per_s": sizes.trajectories * algo.ppo_epochs / (t_train - t_reward)}

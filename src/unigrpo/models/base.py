@@ -1,0 +1,372 @@
+"""The one base of every adapter: the protocol's defaults and the lifecycle they share.
+
+An adapter (``tiny``, each ``hf`` family, ``bagel``) derives from :class:`ModelBase` and writes only
+what is model-specific: how a prompt becomes tokens (``prompt_ids``, ``response_ids``,
+``token_text``), the decode contract of the text engine (``prefill``, ``decode_step``:
+``models.decode``), the teacher-forced pass (``forward_context``), the null context, the velocity,
+the VAE, and ``parameter_groups``. Everything a model CAN do beyond that is a declared member with
+a default here, never probed with ``getattr``:
+
+- capabilities ``sees_images`` (input images enter the reasoning context) and ``edits`` (the
+  denoiser is conditioned on input images' latents); a task that needs one the model lacks is
+  refused at ``validate``, and ``encode`` refuses images the model would drop;
+- ``timesteps`` (the sampling grid; ``sampler.shift: null`` = the model's ``own_timesteps``),
+  ``combine_guidance`` (how CFG blends two velocities), ``eval_guidance`` (a model's own
+  evaluation guidance, e.g. Bagel's two branches), ``sharded`` / ``fixed_steps`` (FSDP2: every
+  forward is a collective), ``validate_prompts`` (a closed vocabulary).
+
+**Lifecycle** (one implementation for every kind): the trainable state is ``parameter_groups``'
+tensors by name (gathered on every rank when sharded); ``save`` writes it with the LoRA ranks in
+the metadata; ``wrap`` broadcasts rank 0's weights and, with ``model.fsdp`` on > 1 rank, shards
+the units of ``fsdp_plan``; the **reference** (:class:`Reference`) is the same model under other
+weights: its LoRA adapters switched off and a snapshot of every other trainable tensor substituted
+by name (``substituted``), never a second copy of the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from unigrpo.algo.guidance import cfg_blend
+from unigrpo.algo.schedule import timesteps
+from unigrpo.models import decode
+from unigrpo.models.fsdp import GatheredState, load_full_state
+from unigrpo.models.protocol import TokenBatch
+from unigrpo.utils import dist
+
+__all__ = ["FSDPRoot", "ModelBase", "Reference", "TextSide", "adapters_disabled", "inject_lora", "read_weights",
+           "substituted"]
+
+
+@contextlib.contextmanager
+def adapters_disabled(*modules: nn.Module | None):
+    """Every peft LoRA layer in ``modules`` switched off inside the block, restored after (diffusers
+    models have ``disable_adapters()`` but no context manager; this one works for any module)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for mod in modules if mod is not None for m in mod.modules() if isinstance(m, BaseTunerLayer)]
+    before = [m.disable_adapters for m in layers]
+    # peft's enable_adapters also sets requires_grad of the adapter weights: restore what the
+    # optimizer set (a frozen side must stay frozen after a reference call)
+    grad = [(p, p.requires_grad) for m in layers for p in m.parameters()]
+    try:
+        for m in layers:
+            m.enable_adapters(False)
+        yield
+    finally:
+        for m, was_disabled in zip(layers, before):
+            m.enable_adapters(not was_disabled)
+        for p, g in grad:
+            p.requires_grad_(g)
+
+
+@contextlib.contextmanager
+def substituted(model: nn.Module, tensors: dict[str, torch.Tensor]):
+    """``model`` with the parameters named in ``tensors`` replaced by those tensors inside the block
+    (every module holding one of them: tied weights stay tied), restored after."""
+    if not tensors:
+        yield
+        return
+    params = dict(model.named_parameters())
+    new = {id(params[n]): t for n, t in tensors.items()}
+    slots = [(m, k, p) for m in model.modules() for k, p in m._parameters.items() if p is not None and id(p) in new]
+    try:
+        for m, k, p in slots:
+            del m._parameters[k]
+            setattr(m, k, new[id(p)])  # a plain tensor attribute: what the forward reads
+        yield
+    finally:
+        for m, k, p in slots:
+            if k in m.__dict__:
+                delattr(m, k)
+            m._parameters[k] = p
+
+
+def inject_lora(module: nn.Module, ranks: dict[str, int]) -> None:
+    """peft LoRA layers on the modules named by the suffixes of ``ranks`` (target -> rank; alpha =
+    rank, no dropout, B = 0: the policy starts as the base). LoRA weights are float32 whatever the
+    model's dtype: they are what the optimizer steps (peft casts the input, returns the layer's dtype)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    rank = max(ranks.values())
+    per_target = {} if len(set(ranks.values())) == 1 else {"rank_pattern": ranks, "alpha_pattern": ranks}
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(ranks),
+                                       **per_target), module)
+    for name, p in module.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+
+
+def read_weights(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors weight file; a missing, unreadable (truncated, empty,
+    another format) or non-finite file is one line naming it."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from unigrpo.utils.checkpoint import nonfinite_tensor
+    from unigrpo.utils.errors import CheckpointError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path), device=device)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__})") from e
+    if (bad := nonfinite_tensor(state)) is not None:
+        raise CheckpointError(f"{path}: tensor {bad} holds NaN/inf; refusing to load broken weights")
+    return state, meta
+
+
+@dataclass
+class FSDPRoot:
+    """One FSDP2 root of ``ModelBase.fsdp_plan``: ``module`` is sharded last, after each of its
+    ``units``; ``ignored`` parameters stay replicated; ``methods`` are called outside ``forward``."""
+
+    module: nn.Module
+    units: list[nn.Module]
+    ignored: set | None = None
+    methods: tuple[str, ...] = ()
+    unit_name: str = "block"  # what a unit is, in messages
+
+
+class TextSide:
+    """The text methods of the protocol, written once over an adapter's ``prompt_ids`` /
+    ``response_ids`` / ``token_text`` and the text engine's contract (``prefill``, ``decode_step``,
+    ``stop_ids``, ``pad_id``, ``fixed_steps``: ``models.decode``). ``ModelBase`` has them; so does
+    ``hf_text.CausalLMReasoner`` (an LM on its own)."""
+
+    sees_images = False  # input images enter the reasoning context (the text can be about them)
+
+    def encode(self, prompts: Sequence[Any]) -> TokenBatch:
+        """The input batch of ``prompts`` (``tasks.Prompt`` objects or plain strings), LEFT-padded,
+        with each row's input images (``Prompt.images``) where the model sees them."""
+        texts = [p if isinstance(p, str) else p.text for p in prompts]
+        images = [None if isinstance(p, str) else p.images for p in prompts]
+        batch = TokenBatch.left_padded([self.prompt_ids(t) for t in texts], self.pad_id, self.device)
+        if all(x is None or x.shape[0] == 0 for x in images):
+            return batch
+        if not self.sees_images:  # never drop an image silently
+            raise ValueError(f"{type(self).__name__} does not see input images (sees_images = False), and a "
+                             "prompt carries some: use a model that sees images, or prompts without images")
+        return batch.with_images(images)
+
+    # what an adapter writes: a prompt's ids (its template, up to where the reasoning starts), a given
+    # response's ids closed by the stop token, ids as text (special tokens kept)
+    def prompt_ids(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def response_ids(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def token_text(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def validate_prompts(self, texts: list[str]) -> None:
+        """Raise ValueError (one line) if the model cannot read a prompt (default: it reads any)."""
+
+    def sample_reasoning(self, prompts: TokenBatch, **options):
+        return decode.sample(self, prompts, **options)
+
+    def with_response(self, prompts: TokenBatch, responses: list[str]) -> TokenBatch:
+        return prompts.with_responses([self.response_ids(r) for r in responses], self.pad_id)
+
+    def decode_text(self, tokens: TokenBatch) -> list[str]:
+        return [self.token_text([i for i, keep in zip(ids, m) if keep])
+                for ids, m in zip(tokens.ids.tolist(), tokens.response_mask.tolist())]
+
+    @staticmethod
+    def detach_context(ctx):
+        """The context with its hidden states cut from the text graph (a dataclass with ``hidden``)."""
+        return dataclasses.replace(ctx, hidden=ctx.hidden.detach())
+
+
+class ModelBase(TextSide, nn.Module):
+    """The protocol's defaults and the shared lifecycle (module docstring)."""
+
+    edits = False  # the denoiser is conditioned on input images' latents
+    context_grad_to_text = True  # the image context carries a gradient to the text side (separate mode: no)
+    pad_id: int
+    stop_ids: tuple[int, ...]
+    latent_shape: tuple[int, ...]
+
+    def __init__(self):
+        super().__init__()
+        self.fsdp = False  # model.fsdp (set by build): shard in wrap when on > 1 rank
+        self.sharded = False  # every forward is a collective: every rank runs the same calls
+        self.fixed_steps = False  # the decode loop runs max_new_tokens steps (set when sharded)
+        self._gathered, self._is_main, self._fsdp_roots = GatheredState(), True, []
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ----------------------------------------------------------------- image phase defaults
+    def timesteps(self, num_steps: int, shift: float | None) -> torch.Tensor:
+        """``timesteps(num_steps, shift)``; ``shift`` None (``sampler.shift: null``): ``own_timesteps``."""
+        return timesteps(num_steps, shift) if shift is not None else self.own_timesteps(num_steps)
+
+    def own_timesteps(self, num_steps: int) -> torch.Tensor:
+        """The model's own flow-time grid ``[1, ..., 0]`` (a pipeline's dynamic shift)."""
+        raise ValueError(f"sampler.shift: null asks for the model's own schedule, and {type(self).__name__} "
+                         "has none (set a number)")
+
+    def combine_guidance(self, v_cond: torch.Tensor, v_uncond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+        return cfg_blend(v_cond, v_uncond, cfg_scale)  # the plain rule
+
+    def eval_guidance(self, tokens: TokenBatch, ctx: Any, cfg_scale: float):
+        return
+
+    # ----------------------------------------------------------------- lifecycle
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        raise NotImplementedError
+
+    def _named_trainable(self) -> dict[str, nn.Parameter]:
+        for root in self._fsdp_roots:  # a root keeps its gathered params after a forward: back to the shards
+            root.reshard()
+        return {n: p for g in self.parameter_groups().values() for n, p in g}
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Full CPU tensors (sharded: every rank gathers, in the same order)."""
+        return self._gathered.gather(self._named_trainable(), keep=self.sharded and self._is_main)
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Sharded: every rank loads the same full tensors and keeps its own shard (no collective)."""
+        load_full_state(self._named_trainable(), state)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """The trainable tensors of a ``save`` file (``model.checkpoint``), checked before anything
+        is copied: readable, finite, every name and shape the model's (one line naming the misfit)."""
+        from unigrpo.utils.checkpoint import check_fits
+
+        state, _ = read_weights(path)
+        check_fits(state, {n: p for g in self.parameter_groups().values() for n, p in g}, path)
+        self.load_trainable_state(state)
+
+    def save_metadata(self) -> dict[str, str]:
+        """What ``save`` records beside the tensors (the LoRA ranks, the tiny model's config)."""
+        return {}
+
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        """The trainable tensors as safetensors (the base weights are named by the config). Sharded:
+        ``save`` runs on rank 0 alone, so it writes the state every rank gathered last
+        (``save_checkpoint`` calls ``trainable_state`` on every rank first); refused if a parameter
+        was written since."""
+        from safetensors.torch import save
+
+        from unigrpo.utils.checkpoint import atomic_save
+
+        meta = {**self.save_metadata(), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
+        own = self.trainable_state() if not self.sharded else self._gathered.take(self._named_trainable().values())
+        state = {k: v.contiguous() for k, v in own.items()}
+        atomic_save(lambda f: f.write(save(state, metadata=meta)), path)  # a crash never leaves half a file
+
+    def fsdp_plan(self) -> tuple[list[FSDPRoot], str]:
+        """The FSDP2 roots (each with its units) and a one-line description for the log."""
+        raise ValueError(f"model.fsdp: {type(self).__name__} cannot be sharded")
+
+    def wrap(self, ranks) -> None:
+        """Every rank starts from rank 0's weights; with ``model.fsdp`` on > 1 rank, then sharded:
+        ``fully_shard`` on every unit of each root of ``fsdp_plan``, then on the root."""
+        dist.broadcast_parameters(self, ranks)
+        if not (self.fsdp and ranks.enabled):
+            return
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        roots, what = self.fsdp_plan()
+        check_unit_dtypes(roots)
+        mesh = init_device_mesh(self.device.type, (ranks.world,))
+        for root in roots:
+            for unit in root.units:
+                fully_shard(unit, mesh=mesh)
+            fully_shard(root.module, mesh=mesh, ignored_params=root.ignored)
+            for method in root.methods:
+                register_fsdp_forward_method(root.module, method)
+        self._fsdp_roots = [r.module for r in roots]
+        self.sharded, self.fixed_steps, self._is_main = True, True, ranks.is_main
+        if ranks.is_main:
+            print(f"[unigrpo] model.fsdp: sharded over {ranks.world} ranks: {what}", flush=True)
+
+    def reduce_gradients(self, params: list[nn.Parameter], ranks) -> None:
+        if not self.sharded:  # sharded: FSDP2 reduce-scattered (averaged) them in backward
+            dist.average_gradients(params, ranks)
+
+    def reference(self) -> Reference:
+        return Reference(self)
+
+
+def check_unit_dtypes(roots: list[FSDPRoot]) -> None:
+    """FSDP2 reduces one unit's gradients in one dtype: the trainable tensors of each unit (and of
+    each root outside its units) must share theirs. LoRA weights are float32, a fully trained side
+    keeps ``model.dtype``: mixing them in a unit is refused here, in one line, rather than by
+    FSDP2's assertion at the first forward."""
+    for root in roots:
+        inner = {id(p) for m in root.units for p in m.parameters()} | {id(p) for p in root.ignored or ()}
+        units = [(f"{root.unit_name} {i}", list(u.named_parameters())) for i, u in enumerate(root.units)]
+        units.append(("the root",
+                      [(n, p) for n, p in root.module.named_parameters() if id(p) not in inner]))
+        for unit, params in units:
+            dtypes = sorted({str(p.dtype).removeprefix("torch.") for _, p in params if p.requires_grad})
+            if len(dtypes) > 1:
+                raise ValueError(f"model.fsdp: {unit} trains tensors of dtypes {dtypes} (LoRA weights are float32, a "
+                                 "fully trained side model.dtype); FSDP2 needs one per unit: use model.dtype=float32, "
+                                 "or LoRA on both sides or on neither")
+
+
+class Reference:
+    """The starting policy as the regularisers read it: the same model with its LoRA adapters off
+    and a snapshot (taken now) of every other trainable tensor substituted by name. Memory: one
+    copy of the fully trained tensors, nothing for LoRA."""
+
+    def __init__(self, model: ModelBase):
+        self.model = model
+        self.snapshot = {n: p.detach().clone() for g in model.parameter_groups().values() for n, p in g
+                         if "lora_" not in n}
+        if model.sharded and self.snapshot:
+            raise NotImplementedError("model.fsdp: the reference of a fully trained side (an expert with lora rank 0) "
+                                      "is a snapshot of its tensors, not sharded yet; use LoRA on that side or no "
+                                      "regulariser (algo.c_mse = algo.beta_img = algo.text_beta = 0)")
+        self.lora = any("lora_" in n for n, _ in model.named_parameters())
+
+    @contextlib.contextmanager
+    def _weights(self):
+        with torch.no_grad(), adapters_disabled(self.model) if self.lora else contextlib.nullcontext(), \
+                substituted(self.model, self.snapshot):
+            yield
+
+    def forward_context(self, tokens: TokenBatch, temperature: float = 1.0):
+        with self._weights():
+            return self.model.forward_context(tokens, temperature)
+
+    def null_context(self, batch_size: int):
+        with self._weights():
+            return self.model.null_context(batch_size)
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, ctx) -> torch.Tensor:
+        with self._weights():
+            return self.model.velocity(x_t, t, ctx)
+
+    def combine_guidance(self, v_cond: torch.Tensor, v_uncond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+        return self.model.combine_guidance(v_cond, v_uncond, cfg_scale)  # the policy's rule
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The snapshot (empty when every side is LoRA: the reference is then the frozen base)."""
+        return {k: v.cpu().clone() for k, v in self.snapshot.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = sorted(self.snapshot.keys() - state.keys()), sorted(state.keys() - self.snapshot.keys())
+        if missing or unexpected:  # checked first: a rejected state leaves the reference untouched
+            raise ValueError(f"reference state does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for k, v in self.snapshot.items():
+            v.copy_(state[k])
