@@ -9,7 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from unigrpo.recipes.evaluate import format_table
+from unigrpo.tasks.shapes import format_table
 
 NAMES = {"think": "(a) own reasoning", "no_think": "(b) no reasoning", "gt": "(c) ground-truth reasoning"}
 

@@ -162,8 +162,8 @@ def test_importing_the_config_imports_no_torch():
 @pytest.mark.parametrize("overrides, message", [
     (["model.image_size=18"], "model.image_size: must be a multiple of 4 in [16, 64]"),
     (["model.max_seq_len=40", "text.max_reasoning_tokens=22"],
-     "text.max_reasoning_tokens: 22 does not fit model.max_seq_len=40 after the longest prompt (19 tokens): "
-     "at most 21"),
+     ("text.max_reasoning_tokens: 22 does not fit model.max_seq_len=40 after the longest prompt (19 tokens): "
+     "at most 21")),
     (["model.kind=hf"], "model.pipeline: a pipeline folder (save_pretrained) or hub id is required"),
     (["model.kind=hf", "model.pipeline=p", "model.reasoner=a b"],
      "model.reasoner: 'a b' is neither 'text_encoder' (shared mode), a causal-LM folder, nor a hub id"),
@@ -175,9 +175,9 @@ def test_importing_the_config_imports_no_torch():
     (["model.kind=bagel", "model.resolution=8"], "model.resolution: must be a positive multiple of 16"),
     (["model.kind=bagel", "model.logits_chunk=0"], "model.logits_chunk: must be >= 1"),
     (["model.kind=bagel", "model.dtype=bfloat16", "model.lora.image_rank=0"],
-     "model.dtype: bfloat16 weights cannot take the small AdamW steps of a fully trained expert "
+     ("model.dtype: bfloat16 weights cannot take the small AdamW steps of a fully trained expert "
      "(model.lora.image_rank=0: the update rounds away, and this adapter keeps no float32 master copy); "
-     "use model.dtype=float32 or LoRA"),
+     "use model.dtype=float32 or LoRA")),
     (["task.prompt_pool=4"], "task.prompt_pool: must be >= algo.prompts_per_step"),
     (["task.kind=prompts"], "task.prompts: a JSONL file of prompts is required for task.kind=prompts"),
     (["pretrain.uncond_frac=-0.1"], "pretrain.uncond_frac: must be in [0, 1], got -0.1"),
