@@ -1,7 +1,7 @@
 """Rewards: callables ``(images, prompts, metadata) -> scores``, combined by a weighted sum.
 
 - ``images`` [B, 3, H, W] float in [0, 1] on the CPU; ``prompts`` [B] str; ``metadata`` [B] dicts:
-  the prompt's metadata from the task (a JSONL line's other fields; ``Task.to_metadata()`` for the
+  the prompt's metadata from the task (a JSONL line's other fields; ``ShapesProblem.to_metadata()`` for the
   built-in world) plus ``"reasoning"`` (the sampled reasoning text), ``"prompt_index"`` (the
   prompt's index in the step, shared by its group) and ``"group_index"`` (0 .. G-1). Scores:
   anything ``torch.as_tensor`` turns into [B] finite numbers (tensor, numpy array, list).

@@ -11,7 +11,7 @@ each prompt's metadata, to which the loop adds ``"reasoning"`` (the sampled reas
 - ``shapes`` (``tasks/shapes.py``): the built-in shapes world (``unigrpo.world``): generated prompts
   with held-out splits; the evaluator reports strict accuracy overall, per category, and whether
   the sampled description was right (``eval/reasoning_ok``). Its metadata is
-  ``world.Task.to_metadata()`` with the ground-truth reasoning under ``"target_reasoning"``.
+  ``world.ShapesProblem.to_metadata()`` with the ground-truth reasoning under ``"target_reasoning"``.
 - ``prompts`` (``tasks/prompts.py``): JSONL files (``task.prompts``, ``task.eval_prompts``), one
   object per line with at least ``"prompt"``; every other field is passed through. The evaluator
   reports the configured rewards on the evaluation prompts, overall and per ``"tag"`` /

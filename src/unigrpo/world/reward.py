@@ -91,7 +91,7 @@ def score_images(images, specs) -> ScoreResult:
     """Score a batch against ground-truth specs.
 
     images: torch float [B, 3, H, W] in [0, 1] (or numpy uint8 [B, H, W, 3]); specs: [B] Spec or
-    spec dicts (``Spec.to_dict`` / ``Task.to_metadata()["spec"]``).
+    spec dicts (``Spec.to_dict`` / ``ShapesProblem.to_metadata()["spec"]``).
     """
     specs = [s if isinstance(s, Spec) else Spec.from_dict(s) for s in specs]
     img = to_numpy_images(images)
@@ -132,7 +132,7 @@ def score_images(images, specs) -> ScoreResult:
 def shapes_reward(images, prompts, metadata) -> torch.Tensor:
     """Reward protocol: (images [B, 3, H, W], prompts [B], metadata [B] dicts) -> [B] float32.
 
-    ``metadata[i]`` is ``Task.to_metadata()`` (only its ``"spec"`` is read); ``prompts`` is unused
+    ``metadata[i]`` is ``ShapesProblem.to_metadata()`` (only its ``"spec"`` is read); ``prompts`` is unused
     because the spec is the prompt's ground truth.
     """
     del prompts
@@ -143,7 +143,7 @@ def shapes_reward(images, prompts, metadata) -> torch.Tensor:
 def evaluate_images(images, tasks, responses: list[str] | None = None) -> dict:
     """Strict accuracy and mean score, overall, by direct/reasoning and per category.
 
-    tasks: [B] ``Task`` or ``Task.to_metadata()`` dicts. With the sampled ``responses`` (reasoning
+    tasks: [B] ``ShapesProblem`` or ``ShapesProblem.to_metadata()`` dicts. With the sampled ``responses`` (reasoning
     + description), also ``reasoning_ok`` (``description_correct``: the description is right) and
     ``accuracy_given_reasoning_ok`` (the image expert's accuracy on those prompts), overall, by
     direct/reasoning and per category. Returns a plain dict of built-ins.
