@@ -1,4 +1,4 @@
-"""Texture the reward does not see: `high_freq` (world.image_stats) of evaluation images per checkpoint.
+"""Texture the reward does not see: `high_freq` (world.shapes_image_stats) of evaluation images per checkpoint.
 
     python benchmarks/image_texture.py builtin:sft runs/long/weights_step150.safetensors ...
 
@@ -14,8 +14,8 @@ import torch
 
 from unigrpo.config import load_config
 from unigrpo.models import build_model
-from unigrpo.recipes.evaluate import eval_tasks, evaluate_model
-from unigrpo.world import image_stats
+from unigrpo.tasks.shapes import eval_tasks, evaluate_model
+from unigrpo.world import shapes_image_stats
 
 
 def main(checkpoints: list[str]) -> None:
@@ -26,7 +26,7 @@ def main(checkpoints: list[str]) -> None:
     for path in checkpoints:
         model = build_model(cfg, checkpoint=path)
         metrics, gen = evaluate_model(model, tasks, cfg, "think")
-        out[path] = {**image_stats(gen.images), "accuracy": metrics["accuracy"]}
+        out[path] = {**shapes_image_stats(gen.images), "accuracy": metrics["accuracy"]}
         print(f"{path}: high_freq {out[path]['high_freq']:.4f}  accuracy {metrics['accuracy']:.3f}")
     Path("benchmarks/results/image_texture.json").write_text(json.dumps(out, indent=2))
 

@@ -9,7 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from unigrpo.recipes.evaluate import format_table
+from unigrpo.tasks.shapes import format_table
 
 NAMES = {"think": "(a) own reasoning", "no_think": "(b) no reasoning", "gt": "(c) ground-truth reasoning"}
 
@@ -18,7 +18,7 @@ def main(eval_dir: str, out: str = "docs/sft_checkpoint.md") -> None:
     src, docs = Path(eval_dir), Path(out).parent
     r = {NAMES[m]: json.loads((src / f"{m}.json").read_text()) for m in NAMES}
     for m in NAMES:
-        shutil.copy(src / f"{m}.png", docs / f"sft_{m}.png")
+        shutil.copy(src / f"{m}.png", docs / "assets" / f"sft_{m}.png")
     a, b, c = (r[NAMES[m]] for m in NAMES)
     template = (Path(__file__).with_name("sft_checkpoint_template.md")).read_text()
     text = template.format(

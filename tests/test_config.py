@@ -14,7 +14,7 @@ from unigrpo.config import (
     to_dict,
     validate,
 )
-from unigrpo.utils.typed_config import from_dict
+from unigrpo.utils.typed_config import from_dict, kind_of
 
 
 def test_defaults_are_valid_and_round_trip(tmp_path):
@@ -145,3 +145,89 @@ def test_every_model_kind_has_a_builder_and_a_config_section():
 
     sections = typing.get_args(config.ModelConfig) or (config.ModelConfig,)
     assert set(KINDS) == {kind_of(s) for s in sections}
+
+
+def test_importing_the_config_imports_no_torch():
+    """The config (and each kind's section) is light: `unigrpo configs` and an hf / bagel config
+    load without torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from unigrpo.config import load_config; "
+            "load_config(None, ['model.kind=hf', 'model.pipeline=p']); print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.image_size=18"], "model.image_size: must be a multiple of 4 in [16, 64]"),
+    (["model.max_seq_len=40", "text.max_reasoning_tokens=22"],
+     ("text.max_reasoning_tokens: 22 does not fit model.max_seq_len=40 after the longest prompt (19 tokens): "
+     "at most 21")),
+    (["model.kind=hf"], "model.pipeline: a pipeline folder (save_pretrained) or hub id is required"),
+    (["model.kind=hf", "model.pipeline=p", "model.reasoner=a b"],
+     "model.reasoner: 'a b' is neither 'text_encoder' (shared mode), a causal-LM folder, nor a hub id"),
+    (["model.kind=hf", "model.pipeline=p", "model.lora.image_rank=-1"], "model.lora.text_rank: ranks must be >= 0"),
+    (["model.kind=hf", "model.pipeline=p", "model.resolution=100"],
+     "model.resolution: must be a positive multiple of 16"),
+    (["model.kind=hf", "model.pipeline=p", "model.max_text_tokens=0"], "model.max_text_tokens: must be >= 1"),
+    (["model.kind=bagel", "model.lora.text_rank=-1"], "model.lora.text_rank: ranks must be >= 0"),
+    (["model.kind=bagel", "model.resolution=8"], "model.resolution: must be a positive multiple of 16"),
+    (["model.kind=bagel", "model.logits_chunk=0"], "model.logits_chunk: must be >= 1"),
+    (["model.kind=bagel", "model.dtype=bfloat16", "model.lora.image_rank=0"],
+     ("model.dtype: bfloat16 weights cannot take the small AdamW steps of a fully trained expert "
+     "(model.lora.image_rank=0: the update rounds away, and this adapter keeps no float32 master copy); "
+     "use model.dtype=float32 or LoRA")),
+    (["task.prompt_pool=4"], "task.prompt_pool: must be >= algo.prompts_per_step"),
+    (["task.kind=prompts"], "task.prompts: a JSONL file of prompts is required for task.kind=prompts"),
+    (["pretrain.uncond_frac=-0.1"], "pretrain.uncond_frac: must be in [0, 1], got -0.1"),
+])
+def test_each_section_refuses_its_bad_input_in_one_line(overrides, message):
+    """Each kind's section checks its own keys (``check(cfg)``, called by validate), with the same
+    one-line messages as when validate held a branch per kind."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert str(e.value) == message
+
+
+def test_each_kind_checks_only_its_own_section():
+    """The tiny model's context check is the tiny model's: a bagel config with the same text
+    settings is valid; and each section's check is a method of its dataclass."""
+    load_config(None, ["model.kind=bagel", "text.max_reasoning_tokens=200"])
+    with pytest.raises(ConfigError, match="^text.max_reasoning_tokens: 200 does not fit"):
+        load_config(None, ["text.max_reasoning_tokens=200"])
+    cfg = load_config(None, [])
+    cfg.model.image_size = 7  # validate is not the one who knows: the section's check refuses it
+    with pytest.raises(ConfigError, match="^model.image_size: "):
+        cfg.model.check(cfg)
+
+
+def test_a_null_shift_needs_a_model_with_its_own_schedule():
+    """``sampler.shift: null`` asks ``model.own_schedule`` (declared by each kind), not a kind name."""
+    import typing
+
+    from unigrpo import config
+
+    own = {kind_of(m): m.own_schedule for m in typing.get_args(config.ModelConfig)}
+    assert own == {"tiny": False, "hf": True, "bagel": True}
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["sampler.shift=null"])
+    assert str(e.value) == ("sampler.shift: null (the model's own schedule) needs a model that has one, "
+                            "e.g. model.kind=hf; set a number")
+    assert load_config(None, ["model.kind=bagel", "sampler.shift=null"]).sampler.shift is None
+
+
+def test_batch_groups_is_valid_for_every_model_kind():
+    """``text.batch_groups`` is no longer refused by model kind (every kind decodes groups in one loop)."""
+    assert load_config(None, ["text.batch_groups=true"]).text.batch_groups is True
+    assert load_config(None, ["model.kind=bagel", "text.batch_groups=true"]).text.batch_groups is True
+
+
+def test_validate_names_no_kind():
+    """Per-kind and per-task knowledge lives in the sections' ``check``: validate's source names none."""
+    import inspect
+
+    from unigrpo import config
+
+    source = inspect.getsource(config.validate)
+    assert not any(f'"{k}"' in source or f"'{k}'" in source for k in ("tiny", "hf", "bagel", "shapes", "prompts"))

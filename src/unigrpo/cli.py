@@ -72,13 +72,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     model = pretrain(cfg, out, log_path=str(out) + ".log.jsonl")
     print(f"saved {out}")
     if args.eval:
-        from unigrpo.recipes.evaluate import (
-            MODES,
-            eval_tasks,
-            evaluate_model,
-            format_table,
-            write_eval,
-        )
+        from unigrpo.tasks.shapes import MODES, eval_tasks, evaluate_model, format_table, write_eval
 
         tasks = eval_tasks(cfg)
         results = {}
@@ -90,54 +84,15 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from unigrpo.models import build_model
-    from unigrpo.recipes.evaluate import (
-        MODES,
-        eval_tasks,
-        evaluate_model,
-        format_decomposition,
-        format_table,
-        write_eval,
-    )
+    from unigrpo.tasks import build_task
 
     cfg = _load(args)
     _check_out_dir(args.out)
     model = build_model(cfg, checkpoint=args.checkpoint) if args.checkpoint else build_model(cfg)
-    if cfg.task.kind != "shapes":
-        return _eval_task(model, cfg, args)
-    tasks = eval_tasks(cfg)
-    modes = MODES if args.mode == "all" else (args.mode,)
-    results = {}
-    for mode in modes:
-        results[mode], gen = evaluate_model(model, tasks, cfg, mode)
-        if args.out:
-            write_eval(args.out, mode, results[mode], gen, tasks, cfg.eval.grid_prompts)
-    print(f"{cfg.eval.split} split, {len(tasks)} prompts, {cfg.sampler.eval_num_steps} ODE steps, "
-          f"CFG {cfg.sampler.eval_cfg_scale}; strict accuracy:")
-    print(format_table(results))
-    print("mean partial-credit score:")
-    print(format_table(results, metric="score"))
-    if decomposition := format_decomposition(results):
-        print("which expert fails (a sampled description is right when, drawn exactly, it passes the strict check):")
-        print(decomposition)
-    return 0
-
-
-def _eval_task(model, cfg, args: argparse.Namespace) -> int:
-    """`unigrpo eval` of a task other than the shapes world: its evaluator, scored by the rewards."""
-    from pathlib import Path
-
-    from unigrpo.rewards import RewardSet
-    from unigrpo.tasks import build_task
-
-    if args.mode not in ("think", "no_think"):
-        return _fail(f"--mode {args.mode} needs ground-truth reasoning, which only task.kind=shapes has")
-    cfg.eval.thinking = args.mode == "think"
-    rewards = RewardSet(cfg.rewards)
-    metrics = build_task(cfg).evaluate(model, cfg, rewards, 0, Path(args.out) if args.out else None)
-    print(f"task {cfg.task.kind}, {cfg.eval.num_prompts} prompts at most, {cfg.sampler.eval_num_steps} ODE steps, "
-          f"CFG {cfg.sampler.eval_cfg_scale}, thinking {'on' if cfg.eval.thinking else 'off'}:")
-    print("\n".join(f"{k:<40} {v:.4f}" for k, v in metrics.items()))
+    print(build_task(cfg).report(model, cfg, args.mode, Path(args.out) if args.out else None))
     return 0
 
 

@@ -4,102 +4,37 @@ Every field has a one-line doc. Batch sizes name their unit: *prompts* (distinct
 *trajectories* (one reasoning chain + one image), always **per optimisation step, over all ranks**
 unless the name says ``per_rank``. Paper values (UniGRPO, arXiv 2603.23500) are noted where ours
 differ because the built-in world is tiny. ``validate(cfg)`` checks the combinations that typing
-alone cannot.
+alone cannot; a section told apart by its ``kind`` (``model``, ``task``) checks its own keys
+(``check(cfg)``), so ``validate`` names no kind. The model sections live beside their adapters
+(``unigrpo/models/*_config.py``, light: no torch) and are re-exported here.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from unigrpo.utils.typed_config import ConfigError, load, to_dict
+from unigrpo.models.bagel_config import (
+    BAGEL_GEN_TARGETS,
+    BAGEL_UND_TARGETS,
+    BagelLoRAConfig,
+    BagelModelConfig,
+)
+from unigrpo.models.hf_config import HFModelConfig, LoRAConfig
+from unigrpo.models.tiny_config import PretrainConfig, TinyModelConfig
+from unigrpo.utils.typed_config import ConfigError, kind_of, load, require, to_dict
 
-__all__ = ["Config", "ConfigError", "builtin_configs", "load_config", "resolve_config_path", "resolve_rewards", "to_dict",
-           "validate"]
-
-
-@dataclass
-class TinyModelConfig:
-    """``model.kind: tiny``: the built-in tiny unified model (text transformer + UNet image expert)."""
-
-    kind: Literal["tiny"] = "tiny"  # model adapter (unigrpo.models.KINDS); each kind has its own keys
-    checkpoint: str | None = "builtin:sft"  # safetensors path, "builtin:sft", or null = random init
-    d_text: int = 128  # text expert width
-    text_layers: int = 3  # text expert transformer blocks
-    text_heads: int = 4  # attention heads of the text expert
-    unet_channels: tuple[int, int, int] = (48, 96, 96)  # UNet widths per level
-    image_size: int = 32  # RGB canvas side in pixels
-    max_seq_len: int = 64  # prompt + reasoning tokens (positional table size)
+__all__ = ["BAGEL_GEN_TARGETS", "BAGEL_UND_TARGETS", "BagelLoRAConfig", "BagelModelConfig", "Config", "ConfigError",
+           "HFModelConfig", "LoRAConfig", "PretrainConfig", "PromptsTaskConfig", "ShapesTaskConfig", "TinyModelConfig",
+           "builtin_configs", "load_config", "resolve_config_path", "resolve_rewards", "to_dict", "validate"]
 
 
-@dataclass
-class LoRAConfig:
-    """LoRA of the HF adapter (peft; alpha = rank, no dropout). Rank 0 = full fine-tune of that side."""
-
-    text_rank: int = 16  # LoRA rank on the LM (reasoner + text encoder); 0 = train every LM weight
-    image_rank: int = 16  # LoRA rank on the image transformer; 0 = train every transformer weight
-    text_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # LM module names
-    image_targets: list[str] = field(default_factory=lambda: [
-        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-        "to_qkv_mlp_proj"])  # transformer module names (FLUX.2: double- and single-stream attention)
-
-
-@dataclass
-class HFModelConfig:
-    """``model.kind: hf``: a diffusers pipeline + a transformers LM (FLUX.2 [klein], Qwen-Image, SD3; docs/models.md)."""
-
-    kind: Literal["hf"] = "hf"  # model adapter (unigrpo.models.KINDS); each kind has its own keys
-    pipeline: str = ""  # a save_pretrained folder of a supported pipeline (docs/models.md), or a hub id
-    reasoner: str = "text_encoder"  # who reasons: the pipeline's text encoder (shared), or a causal-LM folder / hub id (separate)
-    checkpoint: str | None = None  # trainable weights written by model.save (LoRA or whole sides); null = the pipeline's
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights dtype (bf16 / fp16: GPUs only)
-    resolution: int = 512  # image side in pixels (a multiple of 2 * the VAE's scale factor)
-    gradient_checkpointing: bool = False  # recompute activations in backward (LM and transformer, in train mode)
-    fsdp: bool = False  # under torchrun with > 1 rank: shard LM + transformer with FSDP2 (False: a replica per rank)
-    hidden_layers: list[int] | None = None  # LM hidden states conditioning the image; null = the pipeline's (FLUX.2 (9, 18, 27), Qwen-Image (-1,))
-    max_text_tokens: int = 512  # conditioning length (the pipeline's max_sequence_length); longer rows are cut
-    enable_thinking: bool = True  # chat template: True = the reasoning opens a <think> block; False = the pipeline's template
-
-
-BAGEL_UND_TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-BAGEL_GEN_TARGETS = ["q_proj_moe_gen", "k_proj_moe_gen", "v_proj_moe_gen", "o_proj_moe_gen",
-                     "mlp_moe_gen.gate_proj", "mlp_moe_gen.up_proj", "mlp_moe_gen.down_proj"]
-
-
-@dataclass
-class BagelLoRAConfig:
-    """LoRA of the Bagel adapter (peft; alpha = rank, no dropout). Rank 0 = that expert trains in full."""
-
-    text_rank: int = 64  # LoRA rank on the understanding expert's projections; 0 = train every und weight
-    image_rank: int = 64  # LoRA rank on the generation expert's 7 *_moe_gen projections; 0 = train every gen weight
-    text_targets: list[str] = field(default_factory=lambda: list(BAGEL_UND_TARGETS))  # und module-name suffixes
-    image_targets: list[str] = field(default_factory=lambda: list(BAGEL_GEN_TARGETS))  # gen module-name suffixes
-
-
-@dataclass
-class BagelModelConfig:
-    """``model.kind: bagel``: BAGEL-7B-MoT from its released folder (docs/models.md, Bagel section)."""
-
-    kind: Literal["bagel"] = "bagel"  # model adapter (unigrpo.models.KINDS); each kind has its own keys
-    path: str = ""  # folder with llm_config.json, ema.safetensors, ae.safetensors, tokenizer.json
-    checkpoint: str | None = None  # trainable tensors written by model.save (LoRA / whole experts); null = the release's
-    lora: BagelLoRAConfig = field(default_factory=BagelLoRAConfig)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights dtype (VAE: float32); bf16 on GPUs
-    resolution: int = 512  # image side in pixels (multiple of 16; at most 16 * max_latent_size = 1024)
-    think: bool = True  # think mode: Bagel's planning system prompt before the prompt (its T2I thinking recipe)
-    system_prompt: str | None = None  # think-mode system prompt; null = Bagel's GEN_THINK_SYSTEM_PROMPT
-    train_heads: bool = False  # also train time_embedder, vae2llm, llm2vae with the image expert
-    gradient_checkpointing: bool = False  # recompute every decoder layer in backward (text pass and velocity)
-    logits_chunk: int = 1024  # lm_head + log-softmax over this many positions at a time (recomputed in backward)
-    fsdp: bool = False  # under torchrun with > 1 rank: FSDP2, one unit per MoT decoder layer (False: a replica per rank)
-
-
-# The ``model`` section, told apart by ``model.kind`` (one dataclass per kind; adapters add theirs).
+# The ``model`` section, told apart by ``model.kind``: one dataclass per kind, in a light module beside
+# its adapter (unigrpo/models/*_config.py), with ``own_schedule`` and ``check(cfg)`` (its own checks).
 ModelConfig = TinyModelConfig | HFModelConfig | BagelModelConfig
 
 
@@ -109,6 +44,10 @@ class ShapesTaskConfig:
 
     kind: Literal["shapes"] = "shapes"  # prompt source + evaluator (unigrpo.tasks.TASKS)
     prompt_pool: int = 4096  # training prompts generated per data epoch (new seed each epoch)
+
+    def check(self, cfg: Config) -> None:
+        """The checks typing cannot make; ConfigError naming the key."""
+        require(self.prompt_pool >= cfg.algo.prompts_per_step, "task.prompt_pool", "must be >= algo.prompts_per_step")
 
 
 @dataclass
@@ -120,7 +59,12 @@ class PromptsTaskConfig:
     prompts: str = ""  # JSONL file of training prompts
     eval_prompts: str | None = None  # JSONL file of evaluation prompts; null = the training file
 
+    def check(self, cfg: Config) -> None:
+        """The file is required (its lines are checked when the task reads it: ``tasks.load_prompt_file``)."""
+        require(bool(self.prompts), "task.prompts", "a JSONL file of prompts is required for task.kind=prompts")
 
+
+# The ``task`` section, told apart by ``task.kind``; each has ``check(cfg)`` (its own checks).
 TaskConfig = ShapesTaskConfig | PromptsTaskConfig
 
 
@@ -132,8 +76,8 @@ class TextSamplingConfig:
     top_p: float = 1.0  # nucleus sampling mass; 1 = full distribution (on-policy log-probs)
     max_reasoning_tokens: int = 32  # hard cap on generated reasoning tokens (incl. </think>, <eos>)
     thinking: bool = True  # False: skip reasoning and draw from the prompt alone
-    # True: every group of a rank decodes in ONE loop (a generator per group; model.kind=hf only):
-    # ~3.5x faster sampling (docs/performance.md), but the tokens then equal the per-group loop's
+    # True: every group of a rank decodes in ONE loop (a generator per group): faster sampling
+    # (docs/performance.md), but the tokens then equal the per-group loop's
     # only up to float rounding, so they may depend on the chunking / ranks. False: one loop per group
     batch_groups: bool = False
 
@@ -217,19 +161,6 @@ class EvalConfig:
 
 
 @dataclass
-class PretrainConfig:
-    """Supervised (SFT) training of the tiny model from scratch on generated data."""
-
-    steps: int = 6000  # optimizer steps
-    batch_size: int = 64  # samples per step
-    lr: float = 1e-3  # AdamW learning rate (cosine decay, short warm-up)
-    wrong_reasoning_frac: float = 0.3  # fraction of reasoning-required samples with wrong reasoning
-    no_think_frac: float = 0.15  # fraction of samples drawn without reasoning (prompt only)
-    uncond_frac: float = 0.1  # fraction with an empty context for the image loss (enables CFG)
-    image_loss_weight: float = 1.0  # flow-matching loss weight vs text loss
-
-
-@dataclass
 class Config:
     """The whole run: `unigrpo train|eval|pretrain CONFIG [key=value ...]`."""
 
@@ -254,16 +185,6 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
-# The longest prompt of the built-in shapes world, in tokens (with <bos>): prompt + reasoning must fit
-# the tiny model's positional table (model.max_seq_len), or sampling crashes mid-rollout.
-SHAPES_MAX_PROMPT_TOKENS = 19
-
-
-def _check(ok: bool, key: str, msg: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {msg}")
-
-
 def _nonfinite(obj, prefix: str = ""):
     """The first dotted key holding a NaN / inf float (a NaN weight skips every update silently)."""
     if isinstance(obj, float):
@@ -276,106 +197,78 @@ def _nonfinite(obj, prefix: str = ""):
     return None
 
 
+def _scheduled_kind() -> str:
+    """A model kind with a timestep grid of its own (the example of the ``sampler.shift: null`` error)."""
+    return next(kind_of(m) for m in typing.get_args(ModelConfig) if m.own_schedule)
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks; raises ConfigError naming the key. Returns ``cfg`` for chaining."""
     s, a, t, o = cfg.sampler, cfg.algo, cfg.text, cfg.optim
     bad = _nonfinite(to_dict(cfg))
-    _check(bad is None, bad or "", "must be a finite number (NaN / inf are not allowed)")
-    _check(a.group_size >= 2, "algo.group_size", f"must be >= 2 for group advantages, got {a.group_size}")
-    _check(a.prompts_per_step >= 1, "algo.prompts_per_step", "must be >= 1")
-    _check(a.ppo_epochs >= 1, "algo.ppo_epochs", "must be >= 1")
+    require(bad is None, bad or "", "must be a finite number (NaN / inf are not allowed)")
+    require(a.group_size >= 2, "algo.group_size", f"must be >= 2 for group advantages, got {a.group_size}")
+    require(a.prompts_per_step >= 1, "algo.prompts_per_step", "must be >= 1")
+    require(a.ppo_epochs >= 1, "algo.ppo_epochs", "must be >= 1")
     total = a.prompts_per_step * a.group_size
-    _check(a.trajectories_per_minibatch >= 1 and total % a.trajectories_per_minibatch == 0,
-           "algo.trajectories_per_minibatch",
-           f"must divide prompts_per_step * group_size = {total}, got {a.trajectories_per_minibatch}")
-    _check(a.micro_batch_trajectories >= 1
-           and a.trajectories_per_minibatch % a.micro_batch_trajectories == 0,
-           "algo.micro_batch_trajectories",
-           f"must divide trajectories_per_minibatch = {a.trajectories_per_minibatch}")
-    _check(a.train_text or a.train_image, "algo.train_text", "train_text and train_image are both false")
-    _check(s.num_steps >= 1, "sampler.num_steps", "must be >= 1")
-    _check(s.eval_num_steps >= 1, "sampler.eval_num_steps", "must be >= 1")
-    _check(s.shift is None or s.shift > 0, "sampler.shift", "must be > 0 (or null: the model's own schedule)")
-    _check(s.shift is not None or cfg.model.kind != "tiny", "sampler.shift",
-           "null (the model's own schedule) needs a model that has one, e.g. model.kind=hf; set a number")
+    require(a.trajectories_per_minibatch >= 1 and total % a.trajectories_per_minibatch == 0,
+            "algo.trajectories_per_minibatch",
+            f"must divide prompts_per_step * group_size = {total}, got {a.trajectories_per_minibatch}")
+    require(a.micro_batch_trajectories >= 1
+            and a.trajectories_per_minibatch % a.micro_batch_trajectories == 0,
+            "algo.micro_batch_trajectories",
+            f"must divide trajectories_per_minibatch = {a.trajectories_per_minibatch}")
+    require(a.train_text or a.train_image, "algo.train_text", "train_text and train_image are both false")
+    require(s.num_steps >= 1, "sampler.num_steps", "must be >= 1")
+    require(s.eval_num_steps >= 1, "sampler.eval_num_steps", "must be >= 1")
+    require(s.shift is None or s.shift > 0, "sampler.shift", "must be > 0 (or null: the model's own schedule)")
+    require(s.shift is not None or cfg.model.own_schedule, "sampler.shift",
+            f"null (the model's own schedule) needs a model that has one, e.g. model.kind={_scheduled_kind()}; "
+            "set a number")
     lo, hi = s.window_range
-    _check(0 <= lo < hi <= s.num_steps, "sampler.window_range",
-           f"must satisfy 0 <= lo < hi <= num_steps ({s.num_steps}), got {list(s.window_range)}")
-    _check(1 <= s.window_size <= hi - lo, "sampler.window_size",
-           f"must be in [1, window_range width {hi - lo}] (num_steps={s.num_steps}), got {s.window_size}")
-    _check(s.noise_level >= 0, "sampler.noise_level", "must be >= 0")
-    _check(s.kind != "ode" or not a.train_image, "sampler.kind",
-           "'ode' has no log-probs; the image policy needs flow_sde or cps (or algo.train_image=false)")
-    _check(s.noise_level > 0 or not a.train_image, "sampler.noise_level",
-           "must be > 0 to train the image policy (a deterministic step has no log-prob)")
-    _check(s.cfg_scale >= 1 and s.eval_cfg_scale >= 1, "sampler.cfg_scale", "must be >= 1 (1 = no CFG)")
-    _check(t.temperature > 0, "text.temperature", "must be > 0")
-    _check(0 < t.top_p <= 1, "text.top_p", "must be in (0, 1]")
-    _check(1 <= t.max_reasoning_tokens, "text.max_reasoning_tokens", "must be >= 1")
-    _check(0 <= a.text_eps_low < 1 and a.text_eps_high >= 0, "algo.text_eps_low", "clip range must be in [0, 1)")
-    _check(a.image_eps > 0, "algo.image_eps", "must be > 0")
-    _check(a.adv_clip is None or a.adv_clip > 0, "algo.adv_clip", "must be > 0 or null")
+    require(0 <= lo < hi <= s.num_steps, "sampler.window_range",
+            f"must satisfy 0 <= lo < hi <= num_steps ({s.num_steps}), got {list(s.window_range)}")
+    require(1 <= s.window_size <= hi - lo, "sampler.window_size",
+            f"must be in [1, window_range width {hi - lo}] (num_steps={s.num_steps}), got {s.window_size}")
+    require(s.noise_level >= 0, "sampler.noise_level", "must be >= 0")
+    require(s.kind != "ode" or not a.train_image, "sampler.kind",
+            "'ode' has no log-probs; the image policy needs flow_sde or cps (or algo.train_image=false)")
+    require(s.noise_level > 0 or not a.train_image, "sampler.noise_level",
+            "must be > 0 to train the image policy (a deterministic step has no log-prob)")
+    require(s.cfg_scale >= 1 and s.eval_cfg_scale >= 1, "sampler.cfg_scale", "must be >= 1 (1 = no CFG)")
+    require(t.temperature > 0, "text.temperature", "must be > 0")
+    require(0 < t.top_p <= 1, "text.top_p", "must be in (0, 1]")
+    require(1 <= t.max_reasoning_tokens, "text.max_reasoning_tokens", "must be >= 1")
+    require(0 <= a.text_eps_low < 1 and a.text_eps_high >= 0, "algo.text_eps_low", "clip range must be in [0, 1)")
+    require(a.image_eps > 0, "algo.image_eps", "must be > 0")
+    require(a.adv_clip is None or a.adv_clip > 0, "algo.adv_clip", "must be > 0 or null")
     if cfg.optim.image_params is not None:
         try:
             re.compile(cfg.optim.image_params)
         except re.error as e:
-            _check(False, "optim.image_params", f"not a valid regular expression: {e}")
-    _check(bool(cfg.rewards), "rewards", "at least one reward is required")
+            require(False, "optim.image_params", f"not a valid regular expression: {e}")
+    require(bool(cfg.rewards), "rewards", "at least one reward is required")
     for i, r in enumerate(cfg.rewards):
-        _check(bool(r.name.strip()), f"rewards[{i}].name", "must not be empty")
-    if cfg.task.kind == "shapes":
-        _check(cfg.task.prompt_pool >= a.prompts_per_step, "task.prompt_pool", "must be >= algo.prompts_per_step")
-    else:
-        _check(bool(cfg.task.prompts), "task.prompts", "a JSONL file of prompts is required for task.kind=prompts")
-    _check(cfg.reward_workers >= 0, "reward_workers", "must be >= 0")
-    _check(cfg.steps >= 0, "steps", "must be >= 0")
-    _check(cfg.threads >= 0, "threads", f"must be >= 0 (0 = torch default), got {cfg.threads}")
-    _check(cfg.log_every >= 1, "log_every", f"must be >= 1, got {cfg.log_every}")
+        require(bool(r.name.strip()), f"rewards[{i}].name", "must not be empty")
+    cfg.task.check(cfg)
+    require(cfg.reward_workers >= 0, "reward_workers", "must be >= 0")
+    require(cfg.steps >= 0, "steps", "must be >= 0")
+    require(cfg.threads >= 0, "threads", f"must be >= 0 (0 = torch default), got {cfg.threads}")
+    require(cfg.log_every >= 1, "log_every", f"must be >= 1, got {cfg.log_every}")
     for k in ("eval_every", "save_every"):
-        _check(getattr(cfg, k) >= 0, k, f"must be >= 0 (0 = only at the end), got {getattr(cfg, k)}")
-    _check(cfg.dist_timeout_s > 0, "dist_timeout_s", f"must be > 0 seconds, got {cfg.dist_timeout_s}")
-    _check(o.lr_text >= 0, "optim.lr_text", f"must be >= 0, got {o.lr_text}")
-    _check(o.lr_image >= 0, "optim.lr_image", f"must be >= 0, got {o.lr_image}")
-    _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    _check(all(0 <= b < 1 for b in o.betas), "optim.betas", f"each must be in [0, 1), got {list(o.betas)}")
-    _check(a.adv_eps >= 0, "algo.adv_eps", f"must be >= 0, got {a.adv_eps}")
-    _check(a.lambda_image >= 0 and a.c_mse >= 0 and a.beta_img >= 0 and a.text_beta >= 0, "algo.lambda_image",
-           "the loss weights lambda_image, c_mse, beta_img, text_beta must be >= 0")
-    _check(cfg.eval.grid_prompts >= 0, "eval.grid_prompts", "must be >= 0")
-    _check(cfg.eval.num_prompts >= 1, "eval.num_prompts", "must be >= 1")
-    for k in ("wrong_reasoning_frac", "no_think_frac", "uncond_frac"):
-        v = getattr(cfg.pretrain, k)
-        _check(0.0 <= v <= 1.0, f"pretrain.{k}", f"must be in [0, 1], got {v}")
-    _check(not t.batch_groups or cfg.model.kind == "hf", "text.batch_groups",
-           f"needs a model whose decode loop takes a generator per row (model.kind=hf), not {cfg.model.kind!r}")
-    if cfg.model.kind == "tiny":
-        _check(cfg.model.image_size % 4 == 0 and 16 <= cfg.model.image_size <= 64, "model.image_size",
-               "must be a multiple of 4 in [16, 64]")
-        if cfg.task.kind == "shapes":
-            room = cfg.model.max_seq_len - SHAPES_MAX_PROMPT_TOKENS
-            _check(t.max_reasoning_tokens <= room, "text.max_reasoning_tokens",
-                   f"{t.max_reasoning_tokens} does not fit model.max_seq_len={cfg.model.max_seq_len} after the "
-                   f"longest prompt ({SHAPES_MAX_PROMPT_TOKENS} tokens): at most {room}")
-    elif cfg.model.kind == "hf":
-        m = cfg.model
-        _check(bool(m.pipeline), "model.pipeline", "a pipeline folder (save_pretrained) or hub id is required")
-        _check(m.reasoner == "text_encoder" or Path(m.reasoner).expanduser().is_dir()
-               or re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", m.reasoner) is not None, "model.reasoner",
-               f"{m.reasoner!r} is neither 'text_encoder' (shared mode), a causal-LM folder, nor a hub id")
-        _check(m.lora.text_rank >= 0 and m.lora.image_rank >= 0, "model.lora.text_rank", "ranks must be >= 0")
-        _check(m.resolution > 0 and m.resolution % 16 == 0, "model.resolution", "must be a positive multiple of 16")
-        _check(m.max_text_tokens >= 1, "model.max_text_tokens", "must be >= 1")
-    elif cfg.model.kind == "bagel":
-        m = cfg.model
-        _check(m.lora.text_rank >= 0 and m.lora.image_rank >= 0, "model.lora.text_rank", "ranks must be >= 0")
-        _check(m.resolution > 0 and m.resolution % 16 == 0, "model.resolution", "must be a positive multiple of 16")
-        _check(m.logits_chunk >= 1, "model.logits_chunk", "must be >= 1")
-        full = [side for side, rank in (("text", m.lora.text_rank), ("image", m.lora.image_rank)) if rank == 0]
-        trained = [s for s in full if getattr(cfg.algo, f"train_{s}")]
-        _check(m.dtype == "float32" or not trained, "model.dtype",
-               f"{m.dtype} weights cannot take the small AdamW steps of a fully trained expert "
-               f"({', '.join(f'model.lora.{s}_rank=0' for s in trained)}: the update rounds away, and this "
-               "adapter keeps no float32 master copy); use model.dtype=float32 or LoRA")
+        require(getattr(cfg, k) >= 0, k, f"must be >= 0 (0 = only at the end), got {getattr(cfg, k)}")
+    require(cfg.dist_timeout_s > 0, "dist_timeout_s", f"must be > 0 seconds, got {cfg.dist_timeout_s}")
+    require(o.lr_text >= 0, "optim.lr_text", f"must be >= 0, got {o.lr_text}")
+    require(o.lr_image >= 0, "optim.lr_image", f"must be >= 0, got {o.lr_image}")
+    require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    require(all(0 <= b < 1 for b in o.betas), "optim.betas", f"each must be in [0, 1), got {list(o.betas)}")
+    require(a.adv_eps >= 0, "algo.adv_eps", f"must be >= 0, got {a.adv_eps}")
+    require(a.lambda_image >= 0 and a.c_mse >= 0 and a.beta_img >= 0 and a.text_beta >= 0, "algo.lambda_image",
+            "the loss weights lambda_image, c_mse, beta_img, text_beta must be >= 0")
+    require(cfg.eval.grid_prompts >= 0, "eval.grid_prompts", "must be >= 0")
+    require(cfg.eval.num_prompts >= 1, "eval.num_prompts", "must be >= 1")
+    cfg.pretrain.check(cfg)
+    cfg.model.check(cfg)
     return cfg
 
 

@@ -331,5 +331,3 @@ def test_batch_groups_samples_each_groups_own_tokens_in_one_loop():
     assert model.decode_text(alone) == model.decode_text(together)
     assert len(set(model.decode_text(alone))) > 3  # groups (and rows within them) differ
     assert len(calls) - n_alone < n_alone / 2  # one loop instead of three
-    with pytest.raises(ConfigError, match="text.batch_groups: needs a model whose decode loop"):
-        load_config(None, ["text.batch_groups=true"])

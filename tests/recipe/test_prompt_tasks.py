@@ -119,9 +119,9 @@ def test_run_on_a_prompt_file_with_a_reward_reading_metadata_and_reasoning(tiny_
 
 def test_eval_grid_prompts_zero_writes_no_grid(tmp_path):
     """``eval.grid_prompts=0`` (valid) writes metrics only: no grid, no crash in the grid writer."""
-    from unigrpo.recipes.evaluate import write_eval
     from unigrpo.sampling import Generation
     from unigrpo.tasks import Prompt, write_eval_grid
+    from unigrpo.tasks.shapes import write_eval
 
     cfg = load_config(None, ["eval.grid_prompts=0"])
     gen = Generation(images=torch.rand(2, 3, 8, 8), reasoning=["a", "b"])
@@ -129,3 +129,36 @@ def test_eval_grid_prompts_zero_writes_no_grid(tmp_path):
     write_eval(tmp_path / "eval", "after", {"acc": 1.0}, gen, [], grid_prompts=0)
     assert not (tmp_path / "grids").exists() and (tmp_path / "eval" / "after.json").is_file()
     assert not (tmp_path / "eval" / "after.png").exists()
+
+
+def test_each_task_logs_its_own_rollout_image_statistics(tmp_path):
+    """``rollout_metrics``: the shapes task logs the keys the loop always logged (generic statistics,
+    the world's off-palette fraction, the within-group RMS distance); the prompts task the same keys
+    but the shapes world's own, with the same values."""
+    from unigrpo.utils.images import group_rms_distance, image_stats
+
+    images = torch.rand(12, 3, 16, 16, generator=torch.Generator().manual_seed(0)) ** 3  # [P * G], G = 4
+    shapes = build_task(load_config(None, [])).rollout_metrics(images, 4)
+    assert list(shapes) == [f"rollout/{k}" for k in ("saturation", "background_fraction", "brightness",
+                                                     "unknown_color_fraction", "high_freq", "group_diversity")]
+    assert shapes["rollout/group_diversity"] == group_rms_distance(images.reshape(3, 4, 3, 16, 16)) > 0
+    assert all(shapes[f"rollout/{k}"] == v for k, v in image_stats(images).items())
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a red circle"}])
+    prompts = build_task(load_config(None, ["task.kind=prompts", f"task.prompts={path}"])).rollout_metrics(images, 4)
+    assert prompts == {k: v for k, v in shapes.items() if k != "rollout/unknown_color_fraction"}
+
+
+def test_cli_eval_asks_the_task_for_its_report(tiny_checkpoint, tmp_path, capsys):
+    """`unigrpo eval` prints the task's ``report``: the prompts task's metrics, and no ``gt`` mode
+    (one line, exit 2) since its prompts carry no ground-truth reasoning."""
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a red circle", "tag": "a"}, {"prompt": "a blue square"}])
+    args = ["eval", *tiny_overrides(tiny_checkpoint, tmp_path / "run", "task.kind=prompts", f"task.prompts={path}")]
+    args = [a for a in args if not a.startswith("task.prompt_pool")]  # a shapes-only key
+    assert main([*args, "--mode", "no_think", "--out", str(tmp_path / "eval")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("task prompts, 2 prompts at most, 2 ODE steps, CFG 1.0, thinking off:\n")
+    assert "eval/category/a/reward" in out and "eval/unknown_color_fraction" not in out
+    assert (tmp_path / "eval" / "grids" / "eval_step000000.png").is_file()
+    assert main([*args, "--mode", "gt"]) == 2
+    assert capsys.readouterr().err == ("unigrpo: --mode gt needs ground-truth reasoning, which only "
+                                       "task.kind=shapes has\n")

@@ -19,14 +19,16 @@ def test_builtin_and_dotted_path():
 
     assert resolve_reward("smooth_reward:brightness") is smooth_reward.brightness
     images, prompts, meta = batch()
-    total, _, seconds = RewardSet([("shapes", 1.0)])(images, prompts, meta)
+    res = RewardSet([("shapes", 1.0)])(images, prompts, meta)
+    total, seconds = res.total, res.seconds
     assert total.shape == (4,) and (total == 1.0).all() and seconds >= 0  # rendered ground truth is correct
 
 
 def test_weighted_sum_and_per_term_values():
     images, prompts, meta = batch()
     rs = RewardSet([("smooth_reward:brightness", 2.0), ("smooth_reward:redness", -0.5)])
-    total, terms, _ = rs(images, prompts, meta)
+    res = rs(images, prompts, meta)
+    total, terms = res.total, res.per_term
     torch.testing.assert_close(total, 2.0 * terms["smooth_reward:brightness"] - 0.5 * terms["smooth_reward:redness"])
     torch.testing.assert_close(terms["smooth_reward:brightness"], images.mean(dim=(1, 2, 3)))
     assert rs.names == ["smooth_reward:brightness", "smooth_reward:redness"]
@@ -55,8 +57,8 @@ def test_background_thread_gives_the_same_result_and_errors():
     images, prompts, meta = batch()
     inline, threaded = RewardSet([("shapes", 1.0)]), RewardSet([("shapes", 1.0)], workers=1)
     try:
-        assert torch.equal(inline.submit(images, prompts, meta).result()[0],
-                           threaded.submit(images, prompts, meta).result()[0])
+        assert torch.equal(inline.submit(images, prompts, meta).result().total,
+                           threaded.submit(images, prompts, meta).result().total)
         bad = RewardSet([("smooth_reward:wrong_shape", 1.0)], workers=1)
         with pytest.raises(ValueError, match="expected"):
             bad.submit(images, prompts, meta).result()

@@ -6,17 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from unigrpo.utils.images import group_rms_distance
 from unigrpo.world import (
     ObjectGroup,
     Spec,
     all_categories,
     description_correct,
     evaluate_images,
-    group_diversity,
-    image_stats,
     parse_description,
     render_batch,
     score_images,
+    shapes_image_stats,
     shapes_reward,
     wrong_reasoning,
 )
@@ -232,23 +232,23 @@ def test_evaluate_images_reasoning_decomposition(split_tasks):
 def test_image_stats_and_group_diversity(split_tasks):
     tasks = split_tasks["val"][:16]
     imgs = render_batch([t.target for t in tasks], seed=0)
-    st = image_stats(imgs)
+    st = shapes_image_stats(imgs)
     assert (
         0.6 < st["background_fraction"] < 1.0
         and st["saturation"] > 0.99
         and st["unknown_color_fraction"] == 0
     )
-    assert image_stats(torch.zeros(2, 3, 32, 32))["background_fraction"] == 1.0
-    assert image_stats(torch.zeros(2, 3, 32, 32))["high_freq"] == 0.0
+    assert shapes_image_stats(torch.zeros(2, 3, 32, 32))["background_fraction"] == 1.0
+    assert shapes_image_stats(torch.zeros(2, 3, 32, 32))["high_freq"] == 0.0
     checker = ((torch.arange(32)[:, None] + torch.arange(32)[None, :]) % 2).float()  # [H, W]
     textured = (imgs + 0.06 * checker).clamp(0, 1)  # dim enough to stay "background" for the detector
     np.testing.assert_array_equal(score_images(textured, [t.spec for t in tasks]).correct,
                                   score_images(imgs, [t.spec for t in tasks]).correct)
-    assert image_stats(textured)["high_freq"] > st["high_freq"] + 0.02
+    assert shapes_image_stats(textured)["high_freq"] > st["high_freq"] + 0.02
     same = imgs[:4].unsqueeze(1).expand(4, 6, 3, 32, 32)  # [P, G, 3, H, W], collapsed groups
-    assert group_diversity(same) == 0.0
+    assert group_rms_distance(same) == 0.0
     varied = render_batch([tasks[0].target] * 24, seed=1).reshape(4, 6, 3, 32, 32)
-    assert group_diversity(varied) > 0.1
+    assert group_rms_distance(varied) > 0.1
 
 
 def test_reward_speed_sanity(split_tasks):

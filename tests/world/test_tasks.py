@@ -6,8 +6,8 @@ import pytest
 
 from unigrpo.world import (
     ObjectGroup,
+    ShapesProblem,
     Spec,
-    Task,
     all_categories,
     describe,
     make_tasks,
@@ -156,7 +156,7 @@ def test_round_trips_on_generated_tasks(all_tasks):
         if t.category in DIRECT:
             assert parse_description(t.prompt) == t.spec
         meta = t.to_metadata()
-        assert Task.from_metadata(json.loads(json.dumps(meta))) == t
+        assert ShapesProblem.from_metadata(json.loads(json.dumps(meta))) == t
         assert Spec.from_dict(meta["spec"]) == t.spec
 
 

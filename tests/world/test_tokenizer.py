@@ -53,3 +53,12 @@ def test_save_load_and_dict_round_trip(tmp_path):
     loaded = WordTokenizer.load(tmp_path / "tok.json")
     assert loaded.vocab == tok.vocab and loaded.vocab_size == tok.vocab_size
     assert WordTokenizer.from_dict(tok.to_dict()).vocab == tok.vocab
+
+
+def test_max_prompt_tokens_bounds_every_generated_prompt(all_tasks):
+    """``knowledge.MAX_PROMPT_TOKENS`` (what the tiny model's config check leaves room for) is the
+    longest prompt of 9,000 generated tasks, <bos> included."""
+    from unigrpo.world.knowledge import MAX_PROMPT_TOKENS
+
+    tok = build_world_tokenizer()
+    assert max(len(tok.encode(t.prompt, add_bos=True)) for t in all_tasks) == MAX_PROMPT_TOKENS

@@ -3,14 +3,20 @@
 ``KINDS`` maps ``model.kind`` to the adapter's builder, ``"module:function"``, imported only when
 that kind is used (an HF or Bagel adapter pulls in heavy packages). A builder takes
 ``(cfg, checkpoint)`` and returns a ``UnifiedModel``; its config section is the dataclass of that
-kind in ``unigrpo.config`` (``model.kind`` selects it).
+kind in the light module beside it (``tiny_config.py``, ``hf_config.py``, ``bagel_config.py``;
+``model.kind`` selects it from ``unigrpo.config.ModelConfig``).
+
+The protocol names are imported on first use: ``unigrpo.config`` imports the config modules of
+this package, and importing it must not import torch.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from unigrpo.models.protocol import ReferencePolicy, TokenBatch, UnifiedModel
+if TYPE_CHECKING:
+    from unigrpo.models.protocol import UnifiedModel
 
 __all__ = ["KINDS", "ReferencePolicy", "TokenBatch", "UnifiedModel", "build_model"]
 
@@ -18,6 +24,13 @@ KINDS: dict[str, str] = {"tiny": "unigrpo.models.tiny:build", "hf": "unigrpo.mod
                          "bagel": "unigrpo.models.bagel_io:build"}
 
 FROM_CONFIG = "__from_config__"
+_PROTOCOL = ("ReferencePolicy", "TokenBatch", "UnifiedModel")  # defined in unigrpo.models.protocol
+
+
+def __getattr__(name: str):
+    if name in _PROTOCOL:
+        return getattr(importlib.import_module("unigrpo.models.protocol"), name)
+    raise AttributeError(f"module 'unigrpo.models' has no attribute {name!r}")
 
 
 def build_model(cfg, device: str | None = None, checkpoint: str | None = FROM_CONFIG) -> UnifiedModel:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from unigrpo.config import Config
 from unigrpo.models import build_model
-from unigrpo.recipes.evaluate import (
+from unigrpo.tasks.shapes import (
     eval_tasks,
     evaluate_model,
     format_decomposition,

@@ -1,7 +1,7 @@
 """Rewards: callables ``(images, prompts, metadata) -> scores``, combined by a weighted sum.
 
 - ``images`` [B, 3, H, W] float in [0, 1] on the CPU; ``prompts`` [B] str; ``metadata`` [B] dicts:
-  the prompt's metadata from the task (a JSONL line's other fields; ``Task.to_metadata()`` for the
+  the prompt's metadata from the task (a JSONL line's other fields; ``ShapesProblem.to_metadata()`` for the
   built-in world) plus ``"reasoning"`` (the sampled reasoning text), ``"prompt_index"`` (the
   prompt's index in the step, shared by its group) and ``"group_index"`` (0 .. G-1). Scores:
   anything ``torch.as_tensor`` turns into [B] finite numbers (tensor, numpy array, list).
@@ -167,7 +167,8 @@ def _check_scores(name: str, scores, batch: int) -> torch.Tensor:
 
 @dataclass
 class RewardResult:
-    """One call's scores. Unpacks as ``total, per_term, seconds`` (the tuple it used to be).
+    """One call's scores: ``total`` [B] (the weighted sum), ``per_term`` (name -> [B]) and the
+    ``seconds`` the call took.
 
     ``missing`` names the terms that raised ``RewardUnavailable`` (their scores and the total are
     NaN: never train on them); ``metrics`` are the terms' own counters for this call (summed, except
@@ -178,12 +179,6 @@ class RewardResult:
     seconds: float
     missing: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
-
-    def __iter__(self):
-        return iter((self.total, self.per_term, self.seconds))
-
-    def __getitem__(self, i):
-        return (self.total, self.per_term, self.seconds)[i]
 
     @staticmethod
     def merge_metrics(results) -> dict[str, float]:

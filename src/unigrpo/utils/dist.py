@@ -138,8 +138,8 @@ def init(device: str, timeout_s: float = 1800.0) -> tuple[Dist, torch.device]:
     else:
         dev, backend = torch.device("cpu"), "gloo"
     # torch 2.13: torch._dynamo imported AFTER the group exists (AdamW imports it lazily) keeps a
-    # reference to the group, so its gloo threads outlive destroy_process_group and the process
-    # aborted at exit ("terminate called without an active exception") in ~1 run out of 4.
+    # reference to the group, so its gloo threads outlive destroy_process_group and the process may
+    # abort at exit ("terminate called without an active exception"; how often: docs/training.md).
     importlib.import_module("torch._dynamo")
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))

@@ -1,4 +1,5 @@
-"""Image grids as PNG (Pillow only): what people look at to judge samples."""
+"""Images of any task: grids as PNG (what people look at to judge samples), and the statistics
+outside every reward that a run logs to spot reward hacking (``rollout/*``, ``eval/*``)."""
 
 from __future__ import annotations
 
@@ -32,3 +33,56 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int 
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
+
+
+# A pixel whose brightest channel is below this is background (dark); the shapes world's detector
+# draws the same line (unigrpo.world.detect).
+DARK = 0.5
+
+
+def to_numpy_images(images) -> np.ndarray:
+    """torch/numpy [B, 3, H, W] or [B, H, W, 3], float in [0, 1] or uint8 -> float32 [B, H, W, 3]
+    clipped to [0, 1]."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    arr = np.asarray(images)
+    if arr.ndim != 4:
+        raise ValueError(f"expected images [B, 3, H, W] or [B, H, W, 3], got {arr.shape}")
+    if arr.shape[-1] != 3 and arr.shape[1] == 3:
+        arr = arr.transpose(0, 2, 3, 1)
+    arr = arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float32)
+    return np.clip(arr, 0.0, 1.0)  # model outputs can overshoot [0, 1]
+
+
+def image_stats(images) -> dict[str, float]:
+    """Statistics outside the reward, to spot reward hacking (saturation drift, blank images).
+
+    saturation: mean HSV saturation of non-background pixels; background_fraction: pixels darker
+    than ``DARK``; brightness: mean pixel value; high_freq: mean |pixel - its 3x3 neighbourhood
+    mean| in [0, 1] units, which rises with periodic texture that a detector of objects ignores
+    (docs/metrics.md: what it read before and after a run that added such a texture).
+    """
+    img = to_numpy_images(images)
+    x = torch.from_numpy(img).permute(0, 3, 1, 2)  # float [B, 3, H, W] in [0, 1]
+    local = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    peak, low = img.max(-1), img.min(-1)
+    fg = ~(peak < DARK)  # not "peak >= DARK": a NaN pixel counts as foreground, as the detector's does
+    sat = np.where(fg, (peak - low) / np.maximum(peak, 1e-6), 0.0)
+    return {"saturation": float(sat.sum() / max(fg.sum(), 1)),
+            "background_fraction": float(1 - fg.mean()), "brightness": float(img.mean()),
+            "high_freq": float((x - local).abs().mean())}
+
+
+def group_rms_distance(images) -> float:
+    """Mean pairwise RMS pixel distance between images of the same group (logged as
+    ``rollout/group_diversity``; 0 means every group collapsed to one image).
+
+    images: [P, G, 3, H, W] (torch or numpy, [0, 1]).
+    """
+    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    p, g = x.shape[:2]
+    if g < 2:
+        return 0.0
+    flat = x.reshape(p, g, -1).double()
+    d = torch.cdist(flat, flat) / flat.shape[-1] ** 0.5  # [P, G, G] RMS distances
+    return float(d.sum() / (p * g * (g - 1)))  # diagonal is 0: average over the off-diagonal pairs

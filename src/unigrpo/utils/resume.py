@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from unigrpo.config import ConfigError
+from unigrpo.utils.typed_config import ConfigError, to_dict
 
 __all__ = ["FREE", "OPTIMIZER", "TRANSPORT", "apply_optimizer", "config_changes", "plan", "resume_run"]
 
@@ -83,7 +83,6 @@ def resume_run(out, model, ref, opt, cfg, device, verbose: bool) -> tuple[int, d
     """Restore the checkpoint in ``out`` (verified), check what the new config changes, apply the
     optimizer's new hyper-parameters; returns (steps done, the checkpoint's ``extra`` with this
     resume recorded under ``"resumes"``). Reads only: nothing in ``out`` is written here."""
-    from unigrpo.config import to_dict
     from unigrpo.utils import checkpoint as ckpt
 
     state = ckpt.resume(out, model, ref, opt, device)

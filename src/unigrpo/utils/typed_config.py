@@ -16,11 +16,17 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-__all__ = ["ConfigError", "apply_overrides", "from_dict", "kind_of", "load", "parse_override", "to_dict"]
+__all__ = ["ConfigError", "apply_overrides", "from_dict", "kind_of", "load", "parse_override", "require", "to_dict"]
 
 
 class ConfigError(ValueError):
     """A bad configuration; the message starts with the offending dotted key."""
+
+
+def require(ok: bool, key: str, msg: str) -> None:
+    """A cross-field check of ``validate`` (or of a section's ``check``): ConfigError ``key: msg`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
 
 
 def _type_name(tp: Any) -> str:

@@ -22,31 +22,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
+from unigrpo.utils.images import DARK, to_numpy_images
 from unigrpo.world.knowledge import COLORS, SHAPES
 from unigrpo.world.render import PALETTE
 
-DARK = 0.5
 MAX_CHROMA_DIST = 0.45
 MIN_AREA = 4
 UNKNOWN_COLOR = len(COLORS)  # colour index of bright pixels far from every palette colour
 UNKNOWN_SHAPE = len(SHAPES)
 _NORM_PALETTE = np.array([np.array(PALETTE[c]) / max(PALETTE[c]) for c in COLORS], dtype=np.float32)
-
-
-def to_numpy_images(images) -> np.ndarray:
-    """torch/numpy [B, 3, H, W] or [B, H, W, 3], float in [0, 1] or uint8 -> float32 [B, H, W, 3]
-    clipped to [0, 1]."""
-    if isinstance(images, torch.Tensor):
-        images = images.detach().cpu().numpy()
-    arr = np.asarray(images)
-    if arr.ndim != 4:
-        raise ValueError(f"expected images [B, 3, H, W] or [B, H, W, 3], got {arr.shape}")
-    if arr.shape[-1] != 3 and arr.shape[1] == 3:
-        arr = arr.transpose(0, 2, 3, 1)
-    arr = arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float32)
-    return np.clip(arr, 0.0, 1.0)  # model outputs can overshoot [0, 1]
 
 
 def classify_pixels(img: np.ndarray) -> np.ndarray:

@@ -14,6 +14,9 @@ COLORS = ("red", "green", "blue", "yellow", "purple")
 RELATIONS = ("left of", "right of", "above", "below")  # "A <relation> B", A is group 0
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 MAX_OBJECTS = 4  # total objects in one image (layouts are built for at most a 2x2 grid)
+# The longest prompt the generator writes, in world tokens with <bos>: a model reading the world's
+# tokens must fit it + the reasoning in its context (the tiny model's config check reads it).
+MAX_PROMPT_TOKENS = 19
 
 # Colour knowledge: "a square the color of a lemon" -> yellow. Phrases carry their determiner.
 COLOR_ITEMS: dict[str, str] = {

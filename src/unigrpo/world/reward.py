@@ -1,4 +1,4 @@
-"""GenEval-like rule-based reward of the shapes world, plus image statistics for hacking checks.
+"""GenEval-like rule-based reward of the shapes world, plus its image statistics for hacking checks.
 
 Detected objects (``detect.py``) are matched to the prompt's ground-truth ``Spec`` (never to the
 model's reasoning). For group j with required count n_j, ``found_j`` counts detected objects of its
@@ -21,12 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from unigrpo.world.detect import (
-    UNKNOWN_COLOR,
-    classify_pixels,
-    detect,
-    to_numpy_images,
-)
+from unigrpo.utils.images import image_stats, to_numpy_images
+from unigrpo.world.detect import UNKNOWN_COLOR, classify_pixels, detect
 from unigrpo.world.knowledge import COLORS, MAX_OBJECTS, RELATIONS, SHAPES
 from unigrpo.world.render import render_batch
 from unigrpo.world.spec import Spec, parse_description, split_response
@@ -95,7 +91,7 @@ def score_images(images, specs) -> ScoreResult:
     """Score a batch against ground-truth specs.
 
     images: torch float [B, 3, H, W] in [0, 1] (or numpy uint8 [B, H, W, 3]); specs: [B] Spec or
-    spec dicts (``Spec.to_dict`` / ``Task.to_metadata()["spec"]``).
+    spec dicts (``Spec.to_dict`` / ``ShapesProblem.to_metadata()["spec"]``).
     """
     specs = [s if isinstance(s, Spec) else Spec.from_dict(s) for s in specs]
     img = to_numpy_images(images)
@@ -136,7 +132,7 @@ def score_images(images, specs) -> ScoreResult:
 def shapes_reward(images, prompts, metadata) -> torch.Tensor:
     """Reward protocol: (images [B, 3, H, W], prompts [B], metadata [B] dicts) -> [B] float32.
 
-    ``metadata[i]`` is ``Task.to_metadata()`` (only its ``"spec"`` is read); ``prompts`` is unused
+    ``metadata[i]`` is ``ShapesProblem.to_metadata()`` (only its ``"spec"`` is read); ``prompts`` is unused
     because the spec is the prompt's ground truth.
     """
     del prompts
@@ -147,7 +143,7 @@ def shapes_reward(images, prompts, metadata) -> torch.Tensor:
 def evaluate_images(images, tasks, responses: list[str] | None = None) -> dict:
     """Strict accuracy and mean score, overall, by direct/reasoning and per category.
 
-    tasks: [B] ``Task`` or ``Task.to_metadata()`` dicts. With the sampled ``responses`` (reasoning
+    tasks: [B] ``ShapesProblem`` or ``ShapesProblem.to_metadata()`` dicts. With the sampled ``responses`` (reasoning
     + description), also ``reasoning_ok`` (``description_correct``: the description is right) and
     ``accuracy_given_reasoning_ok`` (the image expert's accuracy on those prompts), overall, by
     direct/reasoning and per category. Returns a plain dict of built-ins.
@@ -200,38 +196,12 @@ def description_correct(responses: list[str], specs, size: int = 32) -> np.ndarr
     return ok
 
 
-def image_stats(images) -> dict[str, float]:
-    """Statistics outside the reward, to spot reward hacking (saturation drift, blank images).
-
-    saturation: mean HSV saturation of non-background pixels; background_fraction: pixels the
-    detector calls background; brightness: mean pixel value; unknown_color_fraction: bright pixels
-    off the palette (blur, blends, artefacts); high_freq: mean |pixel - its 3x3 neighbourhood mean|
-    in [0, 1] units, which rises with periodic texture that the detector ignores (a dim checkerboard
-    is still "background"): measured 0.022 for the SFT checkpoint, 0.043 after image-only RL at a
-    large image learning rate that added such a texture (docs/demo.md).
-    """
+def shapes_image_stats(images) -> dict[str, float]:
+    """The image statistics a shapes run logs: the generic ones (``utils.images.image_stats``) and
+    the world's own, unknown_color_fraction: pixels bright enough to be an object but off the
+    world's palette (blur, blends, artefacts)."""
     img = to_numpy_images(images)
-    x = torch.from_numpy(img).permute(0, 3, 1, 2)  # float [B, 3, H, W] in [0, 1]
-    local = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-    peak, low = img.max(-1), img.min(-1)
-    cls = classify_pixels(img)
-    fg = cls > 0
-    sat = np.where(fg, (peak - low) / np.maximum(peak, 1e-6), 0.0)
-    return {"saturation": float(sat.sum() / max(fg.sum(), 1)),
-            "background_fraction": float(1 - fg.mean()), "brightness": float(img.mean()),
-            "unknown_color_fraction": float((cls == UNKNOWN_COLOR + 1).mean()),
-            "high_freq": float((x - local).abs().mean())}
-
-
-def group_diversity(images) -> float:
-    """Mean pairwise RMS pixel distance between images of the same group.
-
-    images: [P, G, 3, H, W] (torch or numpy, [0, 1]). 0 means every group collapsed to one image.
-    """
-    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
-    p, g = x.shape[:2]
-    if g < 2:
-        return 0.0
-    flat = x.reshape(p, g, -1).double()
-    d = torch.cdist(flat, flat) / flat.shape[-1] ** 0.5  # [P, G, G] RMS distances
-    return float(d.sum() / (p * g * (g - 1)))  # diagonal is 0: average over the off-diagonal pairs
+    stats = image_stats(img)
+    high_freq = stats.pop("high_freq")  # keeps the order the metrics have always had
+    return {**stats, "unknown_color_fraction": float((classify_pixels(img) == UNKNOWN_COLOR + 1).mean()),
+            "high_freq": high_freq}

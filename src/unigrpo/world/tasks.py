@@ -1,4 +1,4 @@
-"""Task generator of the shapes world: prompts, ground-truth reasoning, held-out splits.
+"""Problem generator of the shapes world: prompts, ground-truth reasoning, held-out splits.
 
 Categories (``all_categories()``): six direct ones mirroring GenEval and four that need world
 knowledge (``requires_reasoning``):
@@ -48,8 +48,9 @@ class Clue:
 
 
 @dataclass(frozen=True)
-class Task:
-    """One prompt with its ground truth. ``reasoning`` is the full response text."""
+class ShapesProblem:
+    """One prompt of the shapes world with its ground truth (what the shapes task serves; a task in
+    ``unigrpo.tasks`` is a whole prompt source). ``reasoning`` is the full response text."""
 
     prompt: str
     category: str
@@ -63,7 +64,7 @@ class Task:
     clues: tuple[Clue, ...] = ()
 
     def to_metadata(self) -> dict[str, Any]:
-        """Plain dict of built-ins (JSON-serialisable); ``Task.from_metadata`` inverts it."""
+        """Plain dict of built-ins (JSON-serialisable); ``ShapesProblem.from_metadata`` inverts it."""
         return {"prompt": self.prompt, "category": self.category, "spec": self.spec.to_dict(),
                 "target": self.target.to_dict(), "reasoning": self.reasoning,
                 "description": self.description, "requires_reasoning": self.requires_reasoning,
@@ -71,8 +72,8 @@ class Task:
                 "clues": [[c.kind, c.item, c.group] for c in self.clues]}
 
     @staticmethod
-    def from_metadata(d: dict[str, Any]) -> Task:
-        return Task(d["prompt"], d["category"], Spec.from_dict(d["spec"]),
+    def from_metadata(d: dict[str, Any]) -> ShapesProblem:
+        return ShapesProblem(d["prompt"], d["category"], Spec.from_dict(d["spec"]),
                     Spec.from_dict(d["target"]), d["reasoning"], d["description"],
                     d["requires_reasoning"], d["key"], d["split"],
                     tuple(Clue(k, i, int(g)) for k, i, g in d["clues"]))
@@ -120,7 +121,7 @@ def _other_object(rng, first: tuple[str, str], distinct_both: bool) -> tuple[str
             return s, c
 
 
-def _direct(category: str, rng: np.random.Generator) -> Task:
+def _direct(category: str, rng: np.random.Generator) -> ShapesProblem:
     """Prompt = canonical description of the spec; free colours are picked by the reasoning."""
     s, c = _pick(rng, K.SHAPES), _pick(rng, K.COLORS)
     relation, split, key = None, "all", s
@@ -147,7 +148,7 @@ def _direct(category: str, rng: np.random.Generator) -> Task:
     target = Spec(tuple(g if g.color else replace(g, color=_pick(rng, K.COLORS)) for g in groups),
                   relation)
     think = K.THINK_EXPLICIT if spec.concrete else K.THINK_FREE_COLOR
-    return Task(describe(spec), category, spec, target, _response([think], target),
+    return ShapesProblem(describe(spec), category, spec, target, _response([think], target),
                 describe(target), False, key, split)
 
 
@@ -181,7 +182,7 @@ def _reason_split(category: str, clues: list[Clue], shape: str, color: str) -> t
     return f"{clues[0].item}|{other}", _split((idx[0] + j) % modulus == 0, idx[0])
 
 
-def _reasoning(category: str, rng: np.random.Generator) -> Task:
+def _reasoning(category: str, rng: np.random.Generator) -> ShapesProblem:
     """Group 0 carries the indirect attribute(s); others (if any) are explicit."""
     items = {k: _pick(rng, table) for k, table in _TABLES.items()}
     combos = [("shape", "color"), ("color", "count"), ("shape", "count")]
@@ -205,10 +206,10 @@ def _reasoning(category: str, rng: np.random.Generator) -> Task:
     key, split = _reason_split(category, clues, shape, color)
     spec, clues_t = Spec(tuple(groups), relation), tuple(clues)
     response = _response(_facts(clues_t, spec), spec)
-    return Task(prompt, category, spec, spec, response, describe(spec), True, key, split, clues_t)
+    return ShapesProblem(prompt, category, spec, spec, response, describe(spec), True, key, split, clues_t)
 
 
-def sample_task(category: str, rng: np.random.Generator) -> Task:
+def sample_task(category: str, rng: np.random.Generator) -> ShapesProblem:
     """One random task of ``category`` (any split)."""
     if category in DIRECT:
         return _direct(category, rng)
@@ -217,7 +218,7 @@ def sample_task(category: str, rng: np.random.Generator) -> Task:
     raise ValueError(f"unknown category {category!r}; known: {all_categories()}")
 
 
-def in_split(task: Task, split: str) -> bool:
+def in_split(task: ShapesProblem, split: str) -> bool:
     """Whether ``task`` belongs to ``split`` ('valtest' combos are in both val and test)."""
     return task.split in ("all", split) or (task.split == "valtest" and split != "train")
 
@@ -236,7 +237,7 @@ def _allocate(n: int, weights: dict[str, float]) -> list[str]:
 
 
 def make_tasks(split: str, n: int, seed: int = 0,
-               weights: dict[str, float] | None = None) -> list[Task]:
+               weights: dict[str, float] | None = None) -> list[ShapesProblem]:
     """``n`` tasks of ``split`` ('train' | 'val' | 'test'), deterministic given (split, n, seed).
 
     Categories are allocated exactly in proportion to ``weights`` (default: uniform over
@@ -261,7 +262,7 @@ def make_tasks(split: str, n: int, seed: int = 0,
     return tasks
 
 
-def wrong_reasoning(task: Task, rng: np.random.Generator) -> tuple[str, Spec]:
+def wrong_reasoning(task: ShapesProblem, rng: np.random.Generator) -> tuple[str, Spec]:
     """Plausible but wrong reasoning for a reasoning-required task: one fact is corrupted
     ("a lemon is green .", "a triangle has four corners .", "two plus one is four .") and the
     description follows the wrong fact. Returns (response text, wrong target spec).

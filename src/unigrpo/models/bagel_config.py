@@ -1,0 +1,62 @@
+"""The config section of the Bagel adapter, ``model.kind: bagel`` (docs/models.md, Bagel section).
+
+Light on purpose (no torch): ``unigrpo.config`` imports it to load a config. ``check`` holds the
+adapter's own cross-field checks; ``config.validate`` calls it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+from unigrpo.utils.typed_config import require
+
+# LoRA targets (module-name suffixes) of BAGEL-7B-MoT's two experts, the same 7 projections each.
+BAGEL_UND_TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+BAGEL_GEN_TARGETS = ["q_proj_moe_gen", "k_proj_moe_gen", "v_proj_moe_gen", "o_proj_moe_gen",
+                     "mlp_moe_gen.gate_proj", "mlp_moe_gen.up_proj", "mlp_moe_gen.down_proj"]
+
+
+@dataclass
+class BagelLoRAConfig:
+    """LoRA of the Bagel adapter (peft; alpha = rank, no dropout). Rank 0 = that expert trains in full."""
+
+    text_rank: int = 64  # LoRA rank on the understanding expert's projections; 0 = train every und weight
+    image_rank: int = 64  # LoRA rank on the generation expert's 7 *_moe_gen projections; 0 = train every gen weight
+    text_targets: list[str] = field(default_factory=lambda: list(BAGEL_UND_TARGETS))  # und module-name suffixes
+    image_targets: list[str] = field(default_factory=lambda: list(BAGEL_GEN_TARGETS))  # gen module-name suffixes
+
+
+@dataclass
+class BagelModelConfig:
+    """``model.kind: bagel``: BAGEL-7B-MoT from its released folder (docs/models.md, Bagel section)."""
+
+    own_schedule: ClassVar[bool] = True  # Bagel's timestep shift is its own grid: sampler.shift may be null
+
+    kind: Literal["bagel"] = "bagel"  # model adapter (unigrpo.models.KINDS); each kind has its own keys
+    path: str = ""  # folder with llm_config.json, ema.safetensors, ae.safetensors, tokenizer.json
+    checkpoint: str | None = None  # trainable tensors written by model.save (LoRA / whole experts); null = the release's
+    lora: BagelLoRAConfig = field(default_factory=BagelLoRAConfig)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights dtype (VAE: float32); bf16 on GPUs
+    resolution: int = 512  # image side in pixels (multiple of 16; at most 16 * max_latent_size = 1024)
+    think: bool = True  # think mode: Bagel's planning system prompt before the prompt (its T2I thinking recipe)
+    system_prompt: str | None = None  # think-mode system prompt; null = Bagel's GEN_THINK_SYSTEM_PROMPT
+    train_heads: bool = False  # also train time_embedder, vae2llm, llm2vae with the image expert
+    gradient_checkpointing: bool = False  # recompute every decoder layer in backward (text pass and velocity)
+    logits_chunk: int = 1024  # lm_head + log-softmax over this many positions at a time (recomputed in backward)
+    fsdp: bool = False  # under torchrun with > 1 rank: FSDP2, one unit per MoT decoder layer (False: a replica per rank)
+
+    def check(self, cfg) -> None:
+        """The checks typing cannot make (``cfg``: the whole Config); ConfigError naming the key."""
+        lora = self.lora
+        require(lora.text_rank >= 0 and lora.image_rank >= 0, "model.lora.text_rank", "ranks must be >= 0")
+        require(self.resolution > 0 and self.resolution % 16 == 0, "model.resolution",
+                "must be a positive multiple of 16")
+        require(self.logits_chunk >= 1, "model.logits_chunk", "must be >= 1")
+        full = [side for side, rank in (("text", lora.text_rank), ("image", lora.image_rank)) if rank == 0]
+        trained = [s for s in full if getattr(cfg.algo, f"train_{s}")]
+        require(self.dtype == "float32" or not trained, "model.dtype",
+                f"{self.dtype} weights cannot take the small AdamW steps of a fully trained expert "
+                f"({', '.join(f'model.lora.{s}_rank=0' for s in trained)}: the update rounds away, and this "
+                "adapter keeps no float32 master copy); use model.dtype=float32 or LoRA")

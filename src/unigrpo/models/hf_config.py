@@ -1,0 +1,57 @@
+"""The config section of the HF adapter, ``model.kind: hf`` (docs/models.md).
+
+Light on purpose (no torch, no transformers): ``unigrpo.config`` imports it to load a config.
+``check`` holds the adapter's own cross-field checks; ``config.validate`` calls it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from unigrpo.utils.typed_config import require
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA of the HF adapter (peft; alpha = rank, no dropout). Rank 0 = full fine-tune of that side."""
+
+    text_rank: int = 16  # LoRA rank on the LM (reasoner + text encoder); 0 = train every LM weight
+    image_rank: int = 16  # LoRA rank on the image transformer; 0 = train every transformer weight
+    text_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # LM module names
+    image_targets: list[str] = field(default_factory=lambda: [
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+        "to_qkv_mlp_proj"])  # transformer module names (FLUX.2: double- and single-stream attention)
+
+
+@dataclass
+class HFModelConfig:
+    """``model.kind: hf``: a diffusers pipeline + a transformers LM (FLUX.2 [klein], Qwen-Image, SD3; docs/models.md)."""
+
+    own_schedule: ClassVar[bool] = True  # the pipeline's scheduler has a timestep grid: sampler.shift may be null
+
+    kind: Literal["hf"] = "hf"  # model adapter (unigrpo.models.KINDS); each kind has its own keys
+    pipeline: str = ""  # a save_pretrained folder of a supported pipeline (docs/models.md), or a hub id
+    reasoner: str = "text_encoder"  # who reasons: the pipeline's text encoder (shared), or a causal-LM folder / hub id (separate)
+    checkpoint: str | None = None  # trainable weights written by model.save (LoRA or whole sides); null = the pipeline's
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights dtype (bf16 / fp16: GPUs only)
+    resolution: int = 512  # image side in pixels (a multiple of 2 * the VAE's scale factor)
+    gradient_checkpointing: bool = False  # recompute activations in backward (LM and transformer, in train mode)
+    fsdp: bool = False  # under torchrun with > 1 rank: shard LM + transformer with FSDP2 (False: a replica per rank)
+    hidden_layers: list[int] | None = None  # LM hidden states conditioning the image; null = the pipeline's (FLUX.2 (9, 18, 27), Qwen-Image (-1,))
+    max_text_tokens: int = 512  # conditioning length (the pipeline's max_sequence_length); longer rows are cut
+    enable_thinking: bool = True  # chat template: True = the reasoning opens a <think> block; False = the pipeline's template
+
+    def check(self, cfg) -> None:
+        """The checks typing cannot make (``cfg``: the whole Config); ConfigError naming the key."""
+        require(bool(self.pipeline), "model.pipeline", "a pipeline folder (save_pretrained) or hub id is required")
+        require(self.reasoner == "text_encoder" or Path(self.reasoner).expanduser().is_dir()
+                or re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", self.reasoner) is not None, "model.reasoner",
+                f"{self.reasoner!r} is neither 'text_encoder' (shared mode), a causal-LM folder, nor a hub id")
+        require(self.lora.text_rank >= 0 and self.lora.image_rank >= 0, "model.lora.text_rank", "ranks must be >= 0")
+        require(self.resolution > 0 and self.resolution % 16 == 0, "model.resolution",
+                "must be a positive multiple of 16")
+        require(self.max_text_tokens >= 1, "model.max_text_tokens", "must be >= 1")

@@ -1,0 +1,62 @@
+"""The config sections of the tiny built-in model: ``model.kind: tiny`` and ``pretrain`` (its SFT).
+
+Light on purpose (no torch): ``unigrpo.config`` imports it to load a config. ``check`` holds the
+tiny model's own cross-field checks; ``config.validate`` calls it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from unigrpo.utils.typed_config import require
+
+
+@dataclass
+class TinyModelConfig:
+    """``model.kind: tiny``: the built-in tiny unified model (text transformer + UNet image expert)."""
+
+    own_schedule: ClassVar[bool] = False  # no timestep grid of its own: sampler.shift must be a number
+
+    kind: Literal["tiny"] = "tiny"  # model adapter (unigrpo.models.KINDS); each kind has its own keys
+    checkpoint: str | None = "builtin:sft"  # safetensors path, "builtin:sft", or null = random init
+    d_text: int = 128  # text expert width
+    text_layers: int = 3  # text expert transformer blocks
+    text_heads: int = 4  # attention heads of the text expert
+    unet_channels: tuple[int, int, int] = (48, 96, 96)  # UNet widths per level
+    image_size: int = 32  # RGB canvas side in pixels
+    max_seq_len: int = 64  # prompt + reasoning tokens (positional table size)
+
+    def check(self, cfg) -> None:
+        """The checks typing cannot make (``cfg``: the whole Config); ConfigError naming the key."""
+        require(self.image_size % 4 == 0 and 16 <= self.image_size <= 64, "model.image_size",
+                "must be a multiple of 4 in [16, 64]")
+        if cfg.task.kind == "shapes":  # the tiny model reads the shapes world's tokens
+            # imported here, not on top: unigrpo.world imports torch (its renderer); unigrpo.config does not
+            from unigrpo.world.knowledge import MAX_PROMPT_TOKENS
+
+            t = cfg.text
+            room = self.max_seq_len - MAX_PROMPT_TOKENS
+            # past the positional table, sampling would crash mid-rollout
+            require(t.max_reasoning_tokens <= room, "text.max_reasoning_tokens",
+                    f"{t.max_reasoning_tokens} does not fit model.max_seq_len={self.max_seq_len} after the "
+                    f"longest prompt ({MAX_PROMPT_TOKENS} tokens): at most {room}")
+
+
+@dataclass
+class PretrainConfig:
+    """Supervised (SFT) training of the tiny model from scratch on generated data."""
+
+    steps: int = 6000  # optimizer steps
+    batch_size: int = 64  # samples per step
+    lr: float = 1e-3  # AdamW learning rate (cosine decay, short warm-up)
+    wrong_reasoning_frac: float = 0.3  # fraction of reasoning-required samples with wrong reasoning
+    no_think_frac: float = 0.15  # fraction of samples drawn without reasoning (prompt only)
+    uncond_frac: float = 0.1  # fraction with an empty context for the image loss (enables CFG)
+    image_loss_weight: float = 1.0  # flow-matching loss weight vs text loss
+
+    def check(self, cfg) -> None:
+        """Each fraction is a probability; ConfigError naming the key."""
+        for k in ("wrong_reasoning_frac", "no_think_frac", "uncond_frac"):
+            v = getattr(self, k)
+            require(0.0 <= v <= 1.0, f"pretrain.{k}", f"must be in [0, 1], got {v}")

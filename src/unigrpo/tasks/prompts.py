@@ -1,0 +1,115 @@
+"""``task.kind: prompts``: prompts from JSONL files, evaluated by the configured rewards.
+
+One object per line with at least ``"prompt"``; every other field is passed through to the
+rewards (GenEval's ``evaluation_metadata.jsonl`` loads as it is). The evaluation reports the
+rewards on the evaluation prompts, overall and per ``"tag"`` / ``"category"`` field when the lines
+have one. A run logs the generic image statistics only (``utils.images``): these prompts are not
+the shapes world's.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from unigrpo.config import Config, ConfigError
+from unigrpo.rollout import derive_seed
+from unigrpo.tasks.base import (
+    RESERVED,
+    Prompt,
+    generate_eval,
+    rollout_image_metrics,
+    write_eval_grid,
+)
+from unigrpo.utils.errors import InputError
+from unigrpo.utils.images import image_stats
+
+
+def load_prompt_file(path: str | Path, key: str = "task.prompts") -> list[Prompt]:
+    """JSONL -> prompts; blank lines are skipped. A bad file is one ConfigError naming file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{key}: prompt file not found: {p}")
+    prompts = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{key}: {p}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where}: not JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+            raise ConfigError(f"{where}: expected a JSON object with a non-empty \"prompt\" string")
+        taken = [k for k in RESERVED if k in obj]
+        if taken:
+            raise ConfigError(f"{where}: field {taken[0]!r} is set by the training loop (the sampled "
+                              f"reasoning / indices); rename it")
+        meta = {k: v for k, v in obj.items() if k != "prompt"}
+        prompts.append(Prompt(obj["prompt"], {**meta, "line": n}))
+    if not prompts:
+        raise ConfigError(f"{key}: {p} holds no prompts")
+    return prompts
+
+
+class PromptsTask:
+    """Prompts from JSONL files: each data epoch is a new permutation of the training file (seeded
+    by ``seed`` and the epoch); evaluation on the first ``eval.num_prompts`` evaluation prompts."""
+
+    def __init__(self, cfg: Config):
+        t = cfg.task
+        self.seed, self.cfg, self.orders = cfg.seed, cfg, {}
+        self.train = load_prompt_file(t.prompts)
+        self.eval = self.train if t.eval_prompts is None else load_prompt_file(t.eval_prompts, "task.eval_prompts")
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self.orders:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, epoch) % 2**63)
+            self.orders = {epoch: torch.randperm(len(self.train), generator=g).tolist()}  # keep one epoch
+        return self.orders[epoch]
+
+    def train_prompts(self, step: int, count: int) -> list[Prompt]:
+        n = len(self.train)
+        return [self.train[self._order(i // n)[i % n]] for i in range(step * count, (step + 1) * count)]
+
+    def eval_prompts(self) -> list[Prompt]:
+        return self.eval[:self.cfg.eval.num_prompts]
+
+    def evaluate(self, model, cfg: Config, rewards, step: int, out: Path | None) -> dict[str, float]:
+        start = time.perf_counter()
+        prompts = self.eval_prompts()
+        gen = generate_eval(model, [p.text for p in prompts], cfg, thinking=cfg.eval.thinking)
+        meta = [{**p.metadata, "reasoning": gen.reasoning[i], "prompt_index": i, "group_index": 0}
+                for i, p in enumerate(prompts)]
+        res = rewards(gen.images, [p.text for p in prompts], meta)
+        total, per_term = res.total, res.per_term
+        write_eval_grid(gen, prompts, cfg, step, out)
+        m = {} if res.missing else {"eval/reward": float(total.mean()),  # missing (on_failure: skip): none
+                                    **{f"eval/reward/{k}": float(v.mean()) for k, v in per_term.items()}}
+        cats = [str(p.metadata.get("tag", p.metadata.get("category", ""))) for p in prompts]
+        for cat in [] if res.missing else sorted(set(cats) - {""}):
+            sel = torch.tensor([c == cat for c in cats])
+            m[f"eval/category/{cat}/reward"] = float(total[sel].mean())
+        m.update({f"eval/{k}": v for k, v in image_stats(gen.images).items()})
+        m["perf/eval_s"] = time.perf_counter() - start
+        return m
+
+    def report(self, model, cfg: Config, mode: str, out: Path | None) -> str:
+        """``evaluate``'s metrics, one per line, with thinking on (``think``) or off (``no_think``);
+        the grid under ``out``. Without ground-truth reasoning there is no ``gt`` mode."""
+        from unigrpo.rewards import RewardSet
+
+        if mode not in ("think", "no_think"):
+            raise InputError(f"--mode {mode} needs ground-truth reasoning, which only task.kind=shapes has")
+        cfg = replace(cfg, eval=replace(cfg.eval, thinking=mode == "think"))
+        metrics = self.evaluate(model, cfg, RewardSet(cfg.rewards), 0, out)
+        head = (f"task {cfg.task.kind}, {cfg.eval.num_prompts} prompts at most, {cfg.sampler.eval_num_steps} ODE "
+                f"steps, CFG {cfg.sampler.eval_cfg_scale}, thinking {'on' if cfg.eval.thinking else 'off'}:")
+        return "\n".join([head, *(f"{k:<40} {v:.4f}" for k, v in metrics.items())])
+
+    def rollout_metrics(self, images: torch.Tensor, group_size: int) -> dict[str, float]:
+        return rollout_image_metrics(image_stats(images), images, group_size)
