@@ -10,7 +10,8 @@
   imported with the current directory on ``sys.path`` (as ``uvicorn main:app`` does), so
   ``my_rewards.py`` beside the config just works. With ``kwargs`` the named object is a *factory*:
   ``obj(**kwargs)`` returns the reward (a class whose instances are callable works). A built-in
-  marked ``@reward_factory`` (``remote``, ``judge``, ``ocr``, ``reasoning_format``) is always
+  marked ``@reward_factory`` (``remote``, ``judge``, ``ocr``, ``reasoning_format``, ``clip_score``,
+  ``pickscore``, ``aesthetic``) is always
   called with the kwargs (possibly none). No registration, no import-time magic.
 - A term with ``groupwise = True`` scores whole groups: the RewardSet calls it once per prompt
   (the rows sharing a ``prompt_index``) with those rows only. Rewards are computed per rollout
@@ -85,6 +86,30 @@ def ocr(**kwargs):
     return OcrReward(**kwargs)
 
 
+@reward_factory
+def clip_score(**kwargs):
+    """CLIP image-prompt cosine (transformers, extra ``hf``); ``unigrpo.rewards.clip.ClipScoreReward``."""
+    from unigrpo.rewards.clip import ClipScoreReward
+
+    return ClipScoreReward(**kwargs)
+
+
+@reward_factory
+def pickscore(**kwargs):
+    """PickScore's per-pair score (a CLIP checkpoint); ``unigrpo.rewards.clip.PickScoreReward``."""
+    from unigrpo.rewards.clip import PickScoreReward
+
+    return PickScoreReward(**kwargs)
+
+
+@reward_factory
+def aesthetic(**kwargs):
+    """The LAION aesthetic predictor (CLIP + MLP head); ``unigrpo.rewards.clip.AestheticReward``."""
+    from unigrpo.rewards.clip import AestheticReward
+
+    return AestheticReward(**kwargs)
+
+
 def group_diversity(images, prompts, metadata):
     """Group-wise: each image's mean absolute pixel distance to the other images of its group."""
     del prompts, metadata
@@ -97,7 +122,8 @@ group_diversity.groupwise = True
 
 BUILTIN: dict[str, RewardFn] = {"shapes": shapes_reward, "remote": remote, "judge": judge, "ocr": ocr,
                                 "reasoning_format": reward_factory(reasoning_format),
-                                "group_diversity": group_diversity}
+                                "group_diversity": group_diversity, "clip_score": clip_score,
+                                "pickscore": pickscore, "aesthetic": aesthetic}
 
 
 def _lookup(name: str):
