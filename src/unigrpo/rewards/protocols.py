@@ -1,6 +1,8 @@
 """Wire protocols of the ``remote`` term (kwarg ``protocol``; docs/rewards.md, "Other reward servers").
 
-- ``unigrpo``: ``unigrpo serve-reward``'s ``POST /score`` (``unigrpo.rewards.wire``).
+- ``unigrpo``: ``unigrpo serve-reward``'s ``POST /score`` (``unigrpo.rewards.wire``): JSON, or a
+  binary safetensors body when the server's ``GET /info`` lists ``safetensors`` in ``transports``
+  (asked once, at the first call; a server without it, an older one, gets JSON).
 - ``flow_grpo``: the reward servers of flow_grpo (github.com/yifan123/reward-server, ``app_geneval.py``,
   ``app_deqa.py``; client ``flow_grpo/rewards.py: geneval_score``): ``POST /`` with a pickled dict
   ``{"images": [JPEG bytes], "meta_datas": [dict], "only_strict": bool, "prompts": [str]}``, answered
@@ -25,6 +27,7 @@ import io
 import ipaddress
 import json
 import pickle
+import threading
 import urllib.parse
 
 import numpy as np
@@ -32,7 +35,13 @@ import torch
 from PIL import Image
 
 from unigrpo.rewards.remote import _Failure, check_scores_answer, json_answer
-from unigrpo.rewards.wire import encode_request, png_bytes, to_json
+from unigrpo.rewards.wire import (
+    BINARY_TYPE,
+    encode_binary_request,
+    encode_request,
+    png_bytes,
+    to_json,
+)
 
 __all__ = ["PROTOCOLS", "FlowFactoryProtocol", "FlowGrpoProtocol", "UnigrpoProtocol", "safe_unpickle"]
 
@@ -75,13 +84,31 @@ def jpeg_bytes(image: torch.Tensor, quality: int = 75) -> bytes:
 
 
 class UnigrpoProtocol:
-    name, path, content_type = "unigrpo", "/score", "application/json"
+    name, path = "unigrpo", "/score"
     decode = staticmethod(json_answer)
 
-    def __init__(self, image_format: str = "npy", **unused):
-        self.image_format = image_format
+    def __init__(self, image_format: str = "npy", transport: str = "auto", **unused):
+        if transport not in ("auto", "json", "binary"):
+            raise ValueError(f"transport={transport!r}: expected 'auto', 'json' or 'binary'")
+        self.image_format, self.transport, self._lock = image_format, transport, threading.Lock()
+
+    @property
+    def content_type(self) -> str:
+        return BINARY_TYPE if self.transport == "binary" else "application/json"
+
+    def prepare(self, client) -> None:
+        """``auto``: settle on binary or JSON from the server's ``/info`` (until then: JSON)."""
+        with self._lock:
+            if self.transport != "auto":
+                return
+            info, answered = client.probe("/info")
+            if answered:  # a server that is down is asked again at the next call
+                offers = isinstance(info, dict) and "safetensors" in (info.get("transports") or [])
+                self.transport = "binary" if offers else "json"
 
     def encode(self, images, prompts, metadata) -> bytes:
+        if self.transport == "binary":
+            return encode_binary_request(images, prompts, metadata, self.image_format)
         return encode_request(images, prompts, metadata, self.image_format)
 
     def scores(self, answer, n: int) -> list[float]:
@@ -91,6 +118,9 @@ class UnigrpoProtocol:
 class FlowGrpoProtocol:
     name, path, content_type = "flow_grpo", "/", "application/octet-stream"
     decode = staticmethod(safe_unpickle)
+
+    def prepare(self, client) -> None:
+        pass
 
     def __init__(self, url: str, score_key: str = "scores", only_strict: bool = False, jpeg_quality: int = 75,
                  trusted_hosts: list | None = None, **unused):
@@ -119,6 +149,9 @@ class FlowFactoryProtocol:
     decode = staticmethod(json_answer)
 
     def __init__(self, **unused):
+        pass
+
+    def prepare(self, client) -> None:
         pass
 
     def encode(self, images, prompts, metadata) -> bytes:

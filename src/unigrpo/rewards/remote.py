@@ -120,6 +120,13 @@ class ServiceClient:
                 f.retries = retries
                 raise
 
+    def probe(self, path: str):
+        """One GET, no retry, not counted by the breaker -> (JSON answer or None, the server answered)."""
+        try:
+            return self._attempt(path, None, "application/json", json_answer), True
+        except _Failure as f:
+            return None, not f.retryable or f.fatal  # an HTTP 4xx / non-JSON answer: it is up, lacks it
+
     def give_up(self, failure: _Failure):
         """Apply ``on_failure`` to a request that failed for good (never returns)."""
         from unigrpo.rewards import RewardUnavailable
@@ -193,13 +200,16 @@ class RemoteReward:
     (Flow-Factory's reward server); ``unigrpo.rewards.protocols``. Each chunk is split into requests
     of at most ``batch_size`` images (0: one request; flow_grpo: 64, its client's chunk size) sent
     concurrently, behind the same timeouts, retries, breaker and ``on_failure``.
-    ``image_format`` (unigrpo): ``npy`` (lossless float32, default) or ``png`` (8-bit)."""
+    ``image_format`` (unigrpo): ``npy`` (lossless float32, default) or ``png`` (8-bit); ``transport``
+    (unigrpo): ``auto`` (binary safetensors when the server's ``/info`` offers it, else JSON),
+    ``json`` or ``binary``."""
 
     def __init__(self, url: str, protocol: str = "unigrpo", timeout_s: float = 30.0, retries: int = 2,
                  backoff_s: float = 0.5, backoff_max_s: float = 8.0, max_concurrency: int = 4, batch_size: int = 0,
                  image_format: str = "npy", on_failure: Literal["fail", "skip"] = "fail",
                  breaker_failures: int = 3, breaker_reset_s: float = 30.0, headers: dict | None = None,
-                 score_key: str = "scores", only_strict: bool = False, trusted_hosts: list | None = None):
+                 score_key: str = "scores", only_strict: bool = False, trusted_hosts: list | None = None,
+                 transport: Literal["auto", "json", "binary"] = "auto"):
         from unigrpo.rewards.protocols import PROTOCOLS
 
         if protocol not in PROTOCOLS:
@@ -211,7 +221,8 @@ class RemoteReward:
         base = url.rstrip("/")
         base = base.removesuffix("/score" if protocol == "unigrpo" else "/compute")
         self.protocol = PROTOCOLS[protocol](url=base, image_format=image_format, score_key=score_key,
-                                            only_strict=only_strict, trusted_hosts=trusted_hosts)
+                                            only_strict=only_strict, trusted_hosts=trusted_hosts,
+                                            transport=transport)
         self.client = ServiceClient(base, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s,
                                     backoff_max_s=backoff_max_s, max_concurrency=max_concurrency,
                                     breaker_failures=breaker_failures, breaker_reset_s=breaker_reset_s,
@@ -227,6 +238,7 @@ class RemoteReward:
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
         n, proto = len(prompts), self.protocol
+        proto.prepare(self.client)  # unigrpo: asks /info once whether the server takes binary bodies
         size = self.batch_size or n
         spans = [(i, min(i + size, n)) for i in range(0, n, size)]
         bodies = [proto.encode(images[a:b], prompts[a:b], metadata[a:b]) for a, b in spans]
