@@ -230,6 +230,20 @@ class PretrainConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Experiment trackers beside metrics.jsonl and TensorBoard, rank 0 only (docs/metrics.md, "Trackers")."""
+
+    wandb: bool = False  # log to Weights & Biases (extra `wandb`; WANDB_MODE=offline needs no account)
+    trackio: bool = False  # log to trackio (extra `trackio`; a local SQLite file under $TRACKIO_DIR)
+    project: str = "unigrpo"  # the trackers' project
+    run_name: str | None = None  # the tracker run's display name; null = the output directory's name
+    entity: str | None = None  # wandb entity (team or user); null = the account's default
+    group: str | None = None  # the trackers' run group
+    tags: list[str] = field(default_factory=list)  # wandb tags
+    images: bool = True  # also send the evaluation and rollout grids as images
+
+
+@dataclass
 class Config:
     """The whole run: `unigrpo train|eval|pretrain CONFIG [key=value ...]`."""
 
@@ -252,6 +266,7 @@ class Config:
     rewards: list[RewardTerm] = field(default_factory=lambda: [RewardTerm()])
     eval: EvalConfig = field(default_factory=EvalConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 # The longest prompt of the built-in shapes world, in tokens (with <bos>): prompt + reasoning must fit
