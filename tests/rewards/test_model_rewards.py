@@ -64,6 +64,9 @@ def test_dtype_and_batching(clip_dir):
     assert next(bf16.model.parameters()).dtype == torch.bfloat16
     got = bf16(imgs, PROMPTS[:3], [{}] * 3)
     assert got.dtype == torch.float32 and torch.allclose(got, ref, atol=0.05)
+    # `unigrpo train` builds each term twice (config check, then the run): one copy of the weights
+    again = resolve_reward("clip_score", {"model": clip_dir, "dtype": "bfloat16", "batch_size": 4})
+    assert again.model is bf16.model and again.batch_size == 4
 
 
 def test_aesthetic_equals_the_reference_head_on_normalised_image_embeddings(clip_dir, tmp_path):

@@ -19,13 +19,15 @@ through the checkpoint's own processor (resize, crop, normalise). Every term run
 (``batch_size`` images per forward) on ``device`` in ``dtype``, in eval mode and under
 ``torch.inference_mode`` (no gradient ever reaches the reward model). ``model`` is a local folder
 written by ``save_pretrained`` or a hub id already in the local cache; nothing is downloaded that the
-user did not ask for.
+user did not ask for. A checkpoint is loaded once per process (the CLI builds each term once to
+check the config and once to train).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import threading
 
 import numpy as np
 import torch
@@ -59,9 +61,22 @@ def _dtype(term: str, name) -> torch.dtype:
     return dt
 
 
+_LOADED: dict[tuple, tuple] = {}  # one copy per process: `unigrpo train` builds each term twice (check, run)
+_LOCK = threading.Lock()
+
+
 def load_clip(term: str, model: str, processor: str | None, device: str, dtype, image_only: bool = False):
-    """-> (model in eval mode on ``device``/``dtype``, processor); one-line errors for a missing
-    folder, a non-CLIP checkpoint or a checkpoint transformers cannot read."""
+    """-> (model in eval mode on ``device``/``dtype``, processor), loaded once per process and
+    shared (read-only: eval mode, no gradient); one-line errors for a missing folder, a non-CLIP
+    checkpoint or a checkpoint transformers cannot read."""
+    key = (term, str(model), str(processor), str(device), str(dtype), image_only)
+    with _LOCK:
+        if key not in _LOADED:
+            _LOADED[key] = _load_clip(term, model, processor, device, dtype, image_only)
+        return _LOADED[key]
+
+
+def _load_clip(term: str, model: str, processor: str | None, device: str, dtype, image_only: bool):
     try:
         import transformers
     except ImportError as e:
