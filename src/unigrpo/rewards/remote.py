@@ -77,7 +77,10 @@ class ServiceClient:
             with self._slots, urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
-            detail = e.read()[:200].decode("utf-8", "replace").replace("\n", " ")
+            detail = e.read()[:65536].decode("utf-8", "replace").strip()
+            if detail.startswith("Traceback (most recent call last)"):  # a Flask 500 (flow_grpo's servers):
+                detail = detail.splitlines()[-1]  # the exception is the last line
+            detail = detail[:200].replace("\n", " ")
             retryable = e.code >= 500 or e.code == 429
             raise _Failure(f"HTTP {e.code} {detail}".strip(), retryable, fatal=not retryable) from None
         except TimeoutError:
