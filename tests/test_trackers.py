@@ -143,3 +143,4 @@ def test_a_missing_extra_is_a_one_line_error(offline, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
     with pytest.raises(RuntimeError, match=r"logging.wandb: needs the 'wandb' extra: pip install 'unigrpo\[wandb\]'"):
         RunLogger(offline / "run", True, 2, trackers=LoggingConfig(wandb=True))
+    assert not (offline / "run" / "trackers.json").exists() and not (offline / "run" / "metrics.jsonl").exists()

@@ -92,6 +92,10 @@ class RunLogger:
         if not enabled:
             return
         self.out.mkdir(parents=True, exist_ok=True)
+        if trackers is not None:  # first: a tracker that cannot start leaves no file handle open
+            from unigrpo.utils.trackers import open_trackers
+
+            self.trackers = open_trackers(trackers, config or {}, self.out, append)
         path = self.out / "metrics.jsonl"
         if append and path.is_file():  # resume: drop lines of steps after the checkpoint (redone now)
             keep = kept_lines(path.read_text(), start_step, path)
@@ -105,10 +109,6 @@ class RunLogger:
             self.tb = SummaryWriter(str(self.out / "tb"), purge_step=start_step + 1 if append else None)
         except ImportError as e:  # tensorboard is an optional extra (pip install unigrpo[viz])
             warnings.warn(f"TensorBoard logging disabled ({e}); metrics.jsonl is still written")
-        if trackers is not None:
-            from unigrpo.utils.trackers import open_trackers
-
-            self.trackers = open_trackers(trackers, config or {}, self.out, append)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="unigrpo", dynamic_ncols=True)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:

@@ -82,7 +82,6 @@ def open_trackers(cfg, config: dict, out: str | Path, resume: bool) -> list:
     state = json.loads(state_path.read_text()) if resume and state_path.is_file() else {}
     run_id = str(state.get("run_id") or uuid.uuid4().hex[:8])
     name = str(state.get("name") or cfg.run_name or out.resolve().name)  # a resume keeps the first name
-    state_path.write_text(json.dumps({"run_id": run_id, "name": name, "trackers": kinds}) + "\n")
     trackers = []
     try:
         for kind in kinds:
@@ -92,4 +91,5 @@ def open_trackers(cfg, config: dict, out: str | Path, resume: bool) -> list:
         for t in trackers:
             t.finish()
         raise
+    state_path.write_text(json.dumps({"run_id": run_id, "name": name, "trackers": kinds}) + "\n")
     return trackers
