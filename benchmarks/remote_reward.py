@@ -3,11 +3,11 @@
 Usage: python benchmarks/remote_reward.py [--repeats 7] [--steps 5] [--out benchmarks/results/remote_reward.json]
 
 1. Per call: a near-free reward (mean brightness) scored in-process and through the service, at a
-   few batch sizes / image sides and both image formats (npy lossless, png 8-bit); the median
-   over ``--repeats`` calls after a warm-up. The difference is the transport cost (encode, HTTP,
-   decode, JSON).
+   few batch sizes / image sides, both image formats (npy lossless, png 8-bit) and both transports
+   (JSON + base64, and the binary safetensors body); the median over ``--repeats`` calls after a
+   warm-up. The difference is the transport cost (encode, HTTP, decode).
 2. Per training step: the tiny random model of the tests (2 prompts x 4, chunks of 2, 16 px)
-   for ``--steps`` steps with the in-process and the served reward, with and without a reward
+   for ``--steps`` steps with the in-process and the served reward (JSON and binary transport), with and without a reward
    thread (``reward_workers``); the median ``perf/step_s`` and ``perf/reward_wait_s`` over the
    steps after the first.
 Needs the ``serve`` extra. Writes JSON to benchmarks/results/ and prints a table.
@@ -71,9 +71,11 @@ def per_call(url: str, repeats: int) -> list[dict]:
         local = median_s(lambda images=images, prompts=prompts, meta=meta: brightness(images, prompts, meta), repeats)
         row = {"batch": batch, "side": side, "in_process_ms": 1e3 * local}
         for fmt in ("npy", "png"):
-            client = RemoteReward(url, image_format=fmt, timeout_s=60)
-            row[f"remote_{fmt}_ms"] = 1e3 * median_s(lambda c=client, i=images, p=prompts, m=meta: c(i, p, m), repeats)
-            client.close()
+            for transport, suffix in (("json", ""), ("binary", "_binary")):
+                client = RemoteReward(url, image_format=fmt, timeout_s=60, transport=transport)
+                row[f"remote_{fmt}{suffix}_ms"] = 1e3 * median_s(
+                    lambda c=client, i=images, p=prompts, m=meta: c(i, p, m), repeats)
+                client.close()
         rows.append(row)
     return rows
 
@@ -92,7 +94,8 @@ def per_step(url: str, steps: int) -> list[dict]:
     rows = []
     for workers in (0, 1):
         for label, reward in (("in_process", "{name: 'remote_reward:brightness'}"),
-                              ("remote", f"{{name: remote, kwargs: {{url: '{url}'}}}}")):
+                              ("remote", f"{{name: remote, kwargs: {{url: '{url}', transport: json}}}}"),
+                              ("remote_binary", f"{{name: remote, kwargs: {{url: '{url}', transport: binary}}}}")):
             with tempfile.TemporaryDirectory() as out:
                 train(load_config(None, [*model, *sizes, f"output_dir={out}", f"reward_workers={workers}",
                                          f"rewards=[{reward}]"]))
@@ -127,13 +130,13 @@ def main() -> None:
               "repeats": args.repeats, "per_call": calls, "per_step": steps}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print("per call (median ms): batch x side | in-process | remote npy | remote png")
+    print("per call (median ms): batch x side | in-process | npy json | npy binary | png json | png binary")
     for r in calls:
         print(f"  {r['batch']:>3} x {r['side']:>3} px | {r['in_process_ms']:8.3f} | {r['remote_npy_ms']:8.2f} | "
-              f"{r['remote_png_ms']:8.2f}")
+              f"{r['remote_npy_binary_ms']:8.2f} | {r['remote_png_ms']:8.2f} | {r['remote_png_binary_ms']:8.2f}")
     print("per training step (median s): reward, reward_workers | step_s | reward_wait_s | reward_s")
     for r in steps:
-        print(f"  {r['reward']:<10} {r['reward_workers']} | {r['step_s']:.3f} | {r['reward_wait_s']:.4f} | "
+        print(f"  {r['reward']:<13} {r['reward_workers']} | {r['step_s']:.3f} | {r['reward_wait_s']:.4f} | "
               f"{r['reward_s']:.4f}")
     print(f"wrote {args.out}")
 

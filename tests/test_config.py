@@ -231,3 +231,17 @@ def test_validate_names_no_kind():
 
     source = inspect.getsource(config.validate)
     assert not any(f'"{k}"' in source or f"'{k}'" in source for k in ("tiny", "hf", "bagel", "shapes", "prompts"))
+
+
+def test_a_task_that_needs_a_capability_the_model_lacks_is_one_line(monkeypatch):
+    """A task whose episodes need input images seen (or edited) refuses a model kind that cannot,
+    at validate, naming both; the same task with a kind that can passes."""
+    from unigrpo.config import ShapesTaskConfig
+    from unigrpo.models.tiny_config import TinyModelConfig
+
+    monkeypatch.setattr(ShapesTaskConfig, "needs", lambda self: frozenset({"sees_images"}))
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [])
+    assert str(e.value) == ("task.kind: 'shapes' needs a model with sees_images; model.kind='tiny' has neither")
+    monkeypatch.setattr(TinyModelConfig, "capabilities", frozenset({"sees_images", "edits"}))
+    load_config(None, [])

@@ -34,7 +34,8 @@ __all__ = ["BAGEL_GEN_TARGETS", "BAGEL_UND_TARGETS", "BagelLoRAConfig", "BagelMo
 
 
 # The ``model`` section, told apart by ``model.kind``: one dataclass per kind, in a light module beside
-# its adapter (unigrpo/models/*_config.py), with ``own_schedule`` and ``check(cfg)`` (its own checks).
+# its adapter (unigrpo/models/*_config.py), with ``own_schedule``, ``capabilities`` (what its models can
+# do: sees_images, edits) and ``check(cfg)`` (its own checks).
 ModelConfig = TinyModelConfig | HFModelConfig | BagelModelConfig
 
 
@@ -48,6 +49,10 @@ class ShapesTaskConfig:
     def check(self, cfg: Config) -> None:
         """The checks typing cannot make; ConfigError naming the key."""
         require(self.prompt_pool >= cfg.algo.prompts_per_step, "task.prompt_pool", "must be >= algo.prompts_per_step")
+
+    def needs(self) -> frozenset[str]:
+        """The model capabilities (``sees_images``, ``edits``) the task's episodes need: none."""
+        return frozenset()
 
 
 @dataclass
@@ -63,8 +68,13 @@ class PromptsTaskConfig:
         """The file is required (its lines are checked when the task reads it: ``tasks.load_prompt_file``)."""
         require(bool(self.prompts), "task.prompts", "a JSONL file of prompts is required for task.kind=prompts")
 
+    def needs(self) -> frozenset[str]:
+        """The model capabilities the task's episodes need: none (prompt images are not read yet)."""
+        return frozenset()
 
-# The ``task`` section, told apart by ``task.kind``; each has ``check(cfg)`` (its own checks).
+
+# The ``task`` section, told apart by ``task.kind``; each has ``check(cfg)`` (its own checks) and
+# ``needs()`` (the model capabilities its episodes need).
 TaskConfig = ShapesTaskConfig | PromptsTaskConfig
 
 
@@ -161,6 +171,20 @@ class EvalConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Experiment trackers beside metrics.jsonl and TensorBoard, rank 0 only (docs/metrics.md, "Trackers")."""
+
+    wandb: bool = False  # log to Weights & Biases (extra `wandb`; WANDB_MODE=offline needs no account)
+    trackio: bool = False  # log to trackio (extra `trackio`; a local SQLite file under $TRACKIO_DIR)
+    project: str = "unigrpo"  # the trackers' project
+    run_name: str | None = None  # the tracker run's display name; null = the output directory's name
+    entity: str | None = None  # wandb entity (team or user); null = the account's default
+    group: str | None = None  # the trackers' run group
+    tags: list[str] = field(default_factory=list)  # wandb tags
+    images: bool = True  # also send the evaluation and rollout grids as images
+
+
+@dataclass
 class Config:
     """The whole run: `unigrpo train|eval|pretrain CONFIG [key=value ...]`."""
 
@@ -183,6 +207,7 @@ class Config:
     rewards: list[RewardTerm] = field(default_factory=lambda: [RewardTerm()])
     eval: EvalConfig = field(default_factory=EvalConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def _nonfinite(obj, prefix: str = ""):
@@ -222,6 +247,9 @@ def validate(cfg: Config) -> Config:
     require(s.num_steps >= 1, "sampler.num_steps", "must be >= 1")
     require(s.eval_num_steps >= 1, "sampler.eval_num_steps", "must be >= 1")
     require(s.shift is None or s.shift > 0, "sampler.shift", "must be > 0 (or null: the model's own schedule)")
+    lacking = sorted(cfg.task.needs() - cfg.model.capabilities)
+    require(not lacking, "task.kind", f"{cfg.task.kind!r} needs a model with {', '.join(lacking)}; "
+            f"model.kind={cfg.model.kind!r} has {', '.join(sorted(cfg.model.capabilities)) or 'neither'}")
     require(s.shift is not None or cfg.model.own_schedule, "sampler.shift",
             f"null (the model's own schedule) needs a model that has one, e.g. model.kind={_scheduled_kind()}; "
             "set a number")

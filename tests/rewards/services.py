@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import os
 import socket
 import subprocess
@@ -151,10 +152,13 @@ def png_brightness(data_url: str) -> float:
 
 class FakeJudge(_Server):
     """An OpenAI-compatible ``/v1/chat/completions``: decodes the data-URL PNG and answers
-    ``"Score: <10 x brightness>"`` (or ``answer`` verbatim when set); records the request texts."""
+    ``"Score: <10 x brightness>"`` (or ``answer`` verbatim when set); records the request texts.
+    A request with ``logprobs`` gets one token and ``top_logprobs`` candidates (the OpenAI schema)
+    with P(yes) = brightness spread over "Yes" / " yes" and P(no) over "No" / "no", plus an
+    unrelated token; ``top_tokens`` replaces the candidates verbatim."""
 
-    def __init__(self, answer: str | None = None):
-        self.answer, self.texts = answer, []
+    def __init__(self, answer: str | None = None, top_tokens: list[dict] | None = None):
+        self.answer, self.top_tokens, self.texts, self.bodies = answer, top_tokens, [], []
         self.handler = JudgeHandler
         super().__init__()
 
@@ -170,6 +174,18 @@ class JudgeHandler(_Handler):
         with svc.lock:
             svc.requests += 1
             svc.texts.append(next(p["text"] for p in parts if p["type"] == "text"))
+            svc.bodies.append(req)
+        if req.get("logprobs"):
+            b = png_brightness(url)
+            top = svc.top_tokens or [{"token": t, "logprob": math.log(p), "bytes": list(t.encode())} for t, p in
+                                     [("Yes", 0.7 * b), ("No", 0.5 * (1 - b)), (" yes", 0.3 * b),
+                                      ("no", 0.4 * (1 - b)), ("Maybe", 0.1 * (1 - b))]]
+            top = top[:req["top_logprobs"]]
+            choice = {"index": 0, "message": {"role": "assistant", "content": top[0]["token"]},
+                      "logprobs": {"content": [{"token": top[0]["token"], "logprob": top[0]["logprob"],
+                                                "top_logprobs": top}]}, "finish_reason": "length"}
+            return self.send(200, json.dumps({"id": "x", "object": "chat.completion", "model": req["model"],
+                                              "choices": [choice]}).encode())
         answer = svc.answer if svc.answer is not None else f"Score: {10 * png_brightness(url)!r}"
         self.send(200, json.dumps({"id": "x", "object": "chat.completion", "model": req["model"],
                                    "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},

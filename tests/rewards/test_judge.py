@@ -66,3 +66,35 @@ def test_parse_score():
     assert parse_score("rating 3", re.compile(r"\d"), 0, 5) == 0.6  # no group: the whole match
     with pytest.raises(Exception, match="not a number"):
         parse_score("yes", re.compile(r"yes"), 0, 1)
+
+
+def test_yes_no_mode_is_p_yes_over_p_yes_plus_p_no():
+    with FakeJudge() as judge:
+        rs = RewardSet([("judge", 1.0, {"url": judge.url + "/v1", "model": "unified-reward", "mode": "yes_no"})])
+        images, prompts, meta = batch()
+        res = rs(images, prompts, meta)
+        # the fake spreads P(yes) = b over "Yes" / " yes" and 1 - b (less "Maybe") over "No" / "no"
+        b = quantised_brightness(images).double()
+        expected = b / (b + 0.9 * (1 - b))
+        torch.testing.assert_close(res.total, expected.float(), rtol=0, atol=1e-6)
+        body = judge.bodies[0]
+        assert body["max_tokens"] == 1 and body["logprobs"] is True and body["top_logprobs"] == 20
+        assert "Answer Yes or No." in judge.texts[0]
+        rs.close()
+
+
+def test_yes_no_mode_with_neither_word_is_a_failure_not_a_zero():
+    top = [{"token": "Maybe", "logprob": -0.1}, {"token": "Perhaps", "logprob": -2.0}]
+    with FakeJudge(top_tokens=top) as judge:
+        kwargs = {"url": judge.url + "/v1", "model": "m", "mode": "yes_no", "retries": 0}
+        with pytest.raises(RewardServiceError, match=r"neither 'yes' nor 'no' among the judge's top tokens"):
+            RewardSet([("judge", 1.0, kwargs)])(*batch(n=1))
+        with pytest.raises(RewardUnavailable):
+            RewardSet([("judge", 1.0, {**kwargs, "on_failure": "skip"})]).terms[0][2](*batch(n=1))
+    with FakeJudge(answer="Yes") as judge, pytest.raises(RewardServiceError,  # a server that ignores logprobs
+                                                        match="not a chat completion with top_logprobs"):
+        RewardSet([("judge", 1.0, {"url": judge.url + "/v1", "model": "m", "mode": "yes_no", "retries": 0,
+                                   "extra_body": {"logprobs": False}})])(*batch(n=1))
+    with pytest.raises(ValueError, match="top_logprobs must be in 1..20"):
+        RewardSet([("judge", 1.0, {"url": "http://127.0.0.1:9/v1", "model": "m", "mode": "yes_no",
+                                   "top_logprobs": 50})])

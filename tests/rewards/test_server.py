@@ -141,3 +141,70 @@ def test_a_served_reward_in_a_reward_set(brightness):
     assert res.metrics["reward/remote_retries"] == 0 and res.metrics["reward/remote_failures"] == 0
     assert res.metrics["reward/remote_latency_s"] > 0
     rs.close()
+
+
+def test_binary_transport_is_negotiated_and_lossless(brightness):
+    from unigrpo.rewards.wire import BINARY_TYPE, encode_binary_request
+
+    images, prompts, meta = batch()
+    client = RemoteReward(brightness.url)
+    assert client.protocol.transport == "auto"
+    assert torch.equal(client(images, prompts, meta), images.mean(dim=(1, 2, 3)))  # float32: bitwise
+    assert client.protocol.transport == "binary" and client.protocol.content_type == BINARY_TYPE
+    client.close()
+    # 8-bit: the binary body carries exactly the PNG's levels, so the scores equal the JSON png ones
+    png_json, png_bin = RemoteReward(brightness.url, image_format="png", transport="json"), \
+        RemoteReward(brightness.url, image_format="png")
+    assert torch.equal(png_json(images, prompts, meta), png_bin(images, prompts, meta))
+    assert png_bin.protocol.transport == "binary" and png_json.protocol.transport == "json"
+    assert len(encode_binary_request(images, prompts, meta, "png")) < len(encode_binary_request(images, prompts, meta)) / 3
+    png_json.close()
+    png_bin.close()
+
+
+def test_a_server_without_the_binary_transport_gets_json():
+    from services import FakeService
+
+    # FakeService answers any GET (also /info) without "transports", as an older server does
+
+    images, prompts, meta = batch()
+    with FakeService() as srv:
+        client = RemoteReward(srv.url)
+        assert torch.equal(client(images, prompts, meta), images.mean(dim=(1, 2, 3)))
+        assert client.protocol.transport == "json"
+        client.close()
+    down = RemoteReward("http://127.0.0.1:9", retries=0, on_failure="skip")
+    down.protocol.prepare(down.client)
+    assert down.protocol.transport == "auto"  # not answered: asked again at the next call
+    down.close()
+
+
+def _binary(images, prompts, meta, drop=()):
+    from safetensors.torch import save
+
+    md = {"prompts": json.dumps(prompts), "metadata": json.dumps(meta)}
+    return save({"images": images.contiguous()}, metadata={k: v for k, v in md.items() if k not in drop})
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda i, p, m: b"\x00" * 4, "not a safetensors file"),
+    (lambda i, p, m: b"garbage body that is long enough", "not a safetensors file"),
+    (lambda i, p, m: _binary(i, p, m, drop=("prompts",)), r"__metadata__ \{prompts, metadata\}"),
+    (lambda i, p, m: _binary(i, p[:2], m), "length mismatch: 3 images, 2 prompts, 3 metadata"),
+    (lambda i, p, m: _binary(i.double(), p, m), r"expected float32 or uint8 \[B, 3, H, W\], got torch.float64"),
+    (lambda i, p, m: _binary(i[:, :2], p, m), r"got torch.float32 \[3, 2, 8, 8\]"),
+    (lambda i, p, m: _binary(i, p, [1, 2, 3]), "metadata: expected a list of objects"),
+])
+def test_bad_binary_payloads_are_clear_400s(brightness, make, message):
+    import re
+    import urllib.error
+    import urllib.request
+
+    from unigrpo.rewards.wire import BINARY_TYPE
+
+    images, prompts, meta = batch()
+    req = urllib.request.Request(brightness.url + "/score", data=make(images, prompts, meta), method="POST",
+                                 headers={"Content-Type": BINARY_TYPE})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 400 and re.search(message, json.loads(e.value.read())["error"])

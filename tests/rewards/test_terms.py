@@ -84,3 +84,69 @@ def test_unavailable_term_makes_the_result_missing():
     ok = RewardSet([("smooth_reward:brightness", 1.0)])(images, prompts, meta)
     assert ok.missing == [] and ok.metrics == {}
     assert torch.isfinite(ok.total).all() and ok.seconds >= 0
+
+
+def chunk_orders(prompts: int, group: int, chunk: int) -> list[list[int]]:
+    """The training loop's rollout chunks (recipes/batches.py ``ppo_order``): each group's members
+    permuted, each chunk an equal share (chunk / prompts rows) of every group (prompt-major row k =
+    prompt k // group, member k % group)."""
+    per, g = chunk // prompts, torch.Generator().manual_seed(chunk)
+    perms = [torch.randperm(group, generator=g).tolist() for _ in range(prompts)]
+    return [[p * group + perms[p][j] for p in range(prompts) for j in range(i * per, (i + 1) * per)]
+            for i in range(group // per)]
+
+
+def step_result(rs, images, prompts, meta, chunk):
+    """Score a step chunk by chunk through RewardSet.step(); back to prompt-major order."""
+    scoring, order = rs.step(), []
+    for rows in chunk_orders(2, 4, chunk):
+        scoring.submit(images[rows], [prompts[i] for i in rows], [meta[i] for i in rows])
+        order += rows
+    res = scoring.result()
+    unsort = torch.argsort(torch.tensor(order))
+    return res, res.total[unsort], {k: v[unsort] for k, v in res.per_term.items()}
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_step_scores_groupwise_terms_on_whole_groups_whatever_the_chunk_size(workers):
+    images, prompts, meta = batch(n=8, group=4)  # 2 prompts x 4, prompt-major
+    terms = [("group_diversity", 0.5), ("slow_rewards:count_calls", 0.25), ("smooth_reward:brightness", 1.0)]
+    rs = RewardSet(terms, workers=workers)
+    whole = rs(images, prompts, meta)  # the reference: one call over the whole step
+    for chunk in (2, 4, 8):  # algo.micro_batch_trajectories
+        res, total, per_term = step_result(rs, images, prompts, meta, chunk)
+        assert per_term["slow_rewards:count_calls"].tolist() == [4.0] * 8  # every call saw a whole group
+        for name in rs.names:
+            assert torch.equal(per_term[name], whole.per_term[name]), (chunk, name)
+        assert torch.equal(total, whole.total) and res.missing == []
+    # what per-chunk scoring gives instead (chunks of 2: each call sees 2 of the group's 4 rows)
+    rows = chunk_orders(2, 4, 2)[0]
+    part = rs.submit(images[rows], [prompts[i] for i in rows], [meta[i] for i in rows]).result()
+    assert part.per_term["slow_rewards:count_calls"].tolist() == [1.0, 1.0]
+    assert not torch.equal(part.per_term["group_diversity"], whole.per_term["group_diversity"][rows])
+    rs.close()
+
+
+def test_step_without_groupwise_terms_keeps_no_images_and_missing_terms_propagate():
+    import sys
+
+    images, prompts, meta = batch(n=8, group=4)
+    rs = RewardSet([("smooth_reward:brightness", 1.0)])
+    scoring = rs.step()
+    for rows in chunk_orders(2, 4, 4):
+        scoring.submit(images[rows], [prompts[i] for i in rows], [meta[i] for i in rows])
+    assert scoring.chunks == []  # nothing kept for a group-wise pass
+    order = [i for rows in chunk_orders(2, 4, 4) for i in rows]
+    torch.testing.assert_close(scoring.result().total, images[order].mean(dim=(1, 2, 3)), rtol=0, atol=0)
+
+    def down(images, prompts, metadata):
+        raise RewardUnavailable("reward service http://127.0.0.1:9: cannot connect")
+
+    down.groupwise = True
+    sys.modules["slow_rewards"].down_groupwise = down
+    rs = RewardSet([("smooth_reward:brightness", 1.0), ("slow_rewards:down_groupwise", 1.0)])
+    scoring = rs.step()
+    scoring.submit(images, prompts, meta)
+    res = scoring.result()
+    assert res.missing == ["slow_rewards:down_groupwise"] and torch.isnan(res.total).all()
+    assert torch.isfinite(res.per_term["smooth_reward:brightness"]).all()

@@ -33,6 +33,7 @@ class BagelModelConfig:
     """``model.kind: bagel``: BAGEL-7B-MoT from its released folder (docs/models.md, Bagel section)."""
 
     own_schedule: ClassVar[bool] = True  # Bagel's timestep shift is its own grid: sampler.shift may be null
+    capabilities: ClassVar[frozenset[str]] = frozenset()  # of sees_images / edits: none yet (docs/design.md)
 
     kind: Literal["bagel"] = "bagel"  # model adapter (unigrpo.models.KINDS); each kind has its own keys
     path: str = ""  # folder with llm_config.json, ema.safetensors, ae.safetensors, tokenizer.json

@@ -31,6 +31,7 @@ class HFModelConfig:
     """``model.kind: hf``: a diffusers pipeline + a transformers LM (FLUX.2 [klein], Qwen-Image, SD3; docs/models.md)."""
 
     own_schedule: ClassVar[bool] = True  # the pipeline's scheduler has a timestep grid: sampler.shift may be null
+    capabilities: ClassVar[frozenset[str]] = frozenset()  # of sees_images / edits: none yet (docs/design.md)
 
     kind: Literal["hf"] = "hf"  # model adapter (unigrpo.models.KINDS); each kind has its own keys
     pipeline: str = ""  # a save_pretrained folder of a supported pipeline (docs/models.md), or a hub id

@@ -17,6 +17,7 @@ class TinyModelConfig:
     """``model.kind: tiny``: the built-in tiny unified model (text transformer + UNet image expert)."""
 
     own_schedule: ClassVar[bool] = False  # no timestep grid of its own: sampler.shift must be a number
+    capabilities: ClassVar[frozenset[str]] = frozenset()  # of sees_images / edits: none yet (docs/design.md)
 
     kind: Literal["tiny"] = "tiny"  # model adapter (unigrpo.models.KINDS); each kind has its own keys
     checkpoint: str | None = "builtin:sft"  # safetensors path, "builtin:sft", or null = random init

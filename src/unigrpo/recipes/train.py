@@ -156,13 +156,13 @@ def rollout_step(model, task, cfg: Config, step: int, rewards: RewardSet, ranks:
         init = [x for x in seeds(cfg, step, p0, len(prompts), rollout.GROUP_INIT) for _ in range(group)]
     draws = rollout.EpisodeSeeds(group_seeds, seeds(cfg, step, first_traj, n_local, rollout.NOISE), starts, init)
     order0 = ppo_order(cfg, step, 0, p0, len(prompts), sizes.minibatch_local)  # chunks == epoch 0's micro-batches
-    futures = []
+    scoring = rewards.step()  # point-wise terms per chunk, group-wise terms once on whole groups
 
     def score(part: rollout.Episode, rows: list[int]) -> None:
         """This chunk's rewards run (in a thread if reward_workers > 0) while the next chunk samples."""
         meta = [{**prompts[k // group].metadata, "reasoning": text, "prompt_index": p0 + k // group,
                  "group_index": k % group} for k, text in zip(rows, part.reasoning)]
-        futures.append(rewards.submit(part.images, [prompts[k // group].text for k in rows], meta))
+        scoring.submit(part.images, [prompts[k // group].text for k in rows], meta)
 
     text = {"thinking": cfg.text.thinking, "max_new_tokens": cfg.text.max_reasoning_tokens,
             "temperature": cfg.text.temperature, "top_p": cfg.text.top_p, "batch_groups": cfg.text.batch_groups}
@@ -174,7 +174,7 @@ def rollout_step(model, task, cfg: Config, step: int, rewards: RewardSet, ranks:
     t_rollout = time.perf_counter()
 
     # -------------------------------------------------------------- 2. reward
-    results = [f.result() for f in futures]
+    results = [scoring.result()]  # every row, in chunk order
     missing = dist.any_flag(any(r.missing for r in results), ranks, device)  # one decision on every rank
     unsort = torch.argsort(order0)  # chunk order -> prompt-major
     reward_local = torch.cat([r.total for r in results])[unsort]  # [N_local]
@@ -270,7 +270,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     with rundir.open_run(out, ranks, resume, overwrite, start_step) as run:
         if not resume and ref is not None and ranks.is_main:
             ckpt.save_reference(out, ref)
-        log = RunLogger(out, ranks.is_main, cfg.steps, start_step, append=resume)
+        log = RunLogger(out, ranks.is_main, cfg.steps, start_step, append=resume, trackers=cfg.logging,
+                        config=to_dict(cfg))
         if ranks.is_main:
             print(describe(cfg, sizes), flush=True)
         metrics, last_eval = {}, {}
@@ -279,6 +280,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         if cfg.eval.at_start and start_step == 0 and evaluates:
             last_eval = task.evaluate(model, cfg, rewards, 0, eval_out)
             log.log(0, last_eval)
+            log.log_image(0, "grids/eval", out / "grids" / "eval_step000000.png")
 
         for step in range(start_step, cfg.steps):
             # ---------------------------------------------------------- 1-3. rollout, reward, advantages
@@ -305,12 +307,14 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
                 # ------------------------------------------------------ 6. evaluate
                 last_eval = task.evaluate(model, cfg, rewards, step + 1, eval_out)
                 log.log(step + 1, last_eval)
+                log.log_image(step + 1, "grids/eval", out / "grids" / f"eval_step{step + 1:06d}.png")
                 if ranks.is_main:
                     shown = min(4, batch.n_prompts) * algo.group_size
                     labels = [f"p{batch.p0 + i // algo.group_size} {float(batch.reward_local[i]):.2f}"
                               for i in range(shown)]
                     save_grid(batch.roll.images[:shown], out / "grids" / f"rollout_step{step + 1:06d}.png",
                               nrow=algo.group_size, scale=4, labels=labels)
+                    log.log_image(step + 1, "grids/rollout", out / "grids" / f"rollout_step{step + 1:06d}.png")
             log.progress(metrics.get("reward/mean", float("nan")), {"acc": last_eval.get("eval/accuracy", float("nan"))})
             run.step = step + 1
             if _due(cfg.save_every, step + 1, cfg.steps):

@@ -8,12 +8,20 @@ answer is the raw score, rescaled from ``score_range`` to [0, 1]; an answer with
 out of the range, is a failure that quotes the answer (no retry: the judge answered). Timeouts,
 retries, concurrency, breaker and ``on_failure`` are those of the ``remote`` term; the metrics are
 ``reward/judge_retries``, ``reward/judge_failures``, ``reward/judge_latency_s``.
+
+``mode: yes_no`` is the form Flow-Factory's ``vllm_evaluate`` uses for UnifiedReward / Qwen-VL
+judges: one generated token with its ``top_logprobs``; the score is P(yes) / (P(yes) + P(no)),
+each probability summed over the candidate tokens that read "yes" (resp. "no") once stripped and
+lower-cased ("Yes", " yes", "YES" are distinct tokens). When neither word is among the top
+candidates the answer is a failure under ``on_failure`` (Flow-Factory returns 0.0, which biases
+training), not a score.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import re
 import threading
@@ -24,11 +32,13 @@ import torch
 from unigrpo.rewards.remote import ServiceClient, _Failure
 from unigrpo.rewards.wire import png_bytes
 
-__all__ = ["DEFAULT_TEMPLATE", "JudgeReward", "parse_score"]
+__all__ = ["DEFAULT_TEMPLATE", "YES_NO_TEMPLATE", "JudgeReward", "parse_score", "parse_yes_no"]
 
 DEFAULT_TEMPLATE = ("You are shown an image generated for the prompt: \"{prompt}\".{reasoning}\n"
                     "Rate how well the image matches the prompt, from 0 (not at all) to 10 (perfectly). "
                     "Answer with the number only.")
+YES_NO_TEMPLATE = ("You are shown an image generated for the prompt: \"{prompt}\".{reasoning}\n"
+                   "Does the image match the prompt? Answer Yes or No.")
 REASONING_LINE = "\nBefore drawing, the model reasoned: \"{reasoning}\"."
 
 
@@ -47,10 +57,30 @@ def parse_score(answer: str, pattern: re.Pattern, lo: float, hi: float) -> float
     return (raw - lo) / (hi - lo)
 
 
-class JudgeReward:
-    """``{name: judge, kwargs: {url: http://HOST:PORT/v1, model: NAME, ...}}``."""
+def parse_yes_no(answer, yes: str = "yes", no: str = "no") -> float:
+    """A chat completion with ``logprobs`` -> P(yes) / (P(yes) + P(no)) at the first generated
+    position (``choices[0].logprobs.content[0].top_logprobs``)."""
+    try:
+        top = answer["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        cands = [(str(c["token"]), float(c["logprob"])) for c in top]
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise _Failure(f"answered {str(answer)[:80]!r}, not a chat completion with top_logprobs "
+                       f"(does the server support logprobs?)", False) from None
+    p_yes = sum(math.exp(lp) for tok, lp in cands if tok.strip().lower() == yes)
+    p_no = sum(math.exp(lp) for tok, lp in cands if tok.strip().lower() == no)
+    if p_yes + p_no == 0.0:
+        seen = [tok for tok, _ in cands[:8]]
+        raise _Failure(f"neither {yes!r} nor {no!r} among the judge's top tokens {seen}", False)
+    return p_yes / (p_yes + p_no)
 
-    def __init__(self, url: str, model: str, prompt_template: str = DEFAULT_TEMPLATE,
+
+class JudgeReward:
+    """``{name: judge, kwargs: {url: http://HOST:PORT/v1, model: NAME, ...}}``; ``mode``: ``score``
+    (parse a number from the answer) or ``yes_no`` (P(yes) from the top log-probs)."""
+
+    def __init__(self, url: str, model: str, prompt_template: str | None = None,
+                 mode: Literal["score", "yes_no"] = "score", top_logprobs: int = 20,
+                 yes_no_words: tuple[str, str] | list = ("yes", "no"),
                  include_reasoning: bool = False, reasoning_template: str = REASONING_LINE,
                  system_prompt: str | None = None, score_pattern: str = r"(-?\d+(?:\.\d+)?)",
                  score_range: tuple[float, float] | list = (0.0, 10.0), max_tokens: int = 32,
@@ -58,6 +88,14 @@ class JudgeReward:
                  timeout_s: float = 60.0, retries: int = 2, backoff_s: float = 0.5, max_concurrency: int = 8,
                  on_failure: Literal["fail", "skip"] = "fail", breaker_failures: int = 3,
                  breaker_reset_s: float = 30.0):
+        if mode not in ("score", "yes_no"):
+            raise ValueError(f"mode={mode!r}: expected 'score' or 'yes_no'")
+        if mode == "yes_no" and not 1 <= top_logprobs <= 20:
+            raise ValueError("top_logprobs must be in 1..20 (the OpenAI API's and vLLM's default limit)")
+        if prompt_template is None:
+            prompt_template = YES_NO_TEMPLATE if mode == "yes_no" else DEFAULT_TEMPLATE
+        self.mode, self.top_logprobs = mode, int(top_logprobs)
+        self.yes, self.no = (str(w).strip().lower() for w in yes_no_words)
         lo, hi = (float(v) for v in score_range)
         if not hi > lo:
             raise ValueError(f"score_range={list(score_range)}: expected [low, high] with high > low")
@@ -91,10 +129,15 @@ class JudgeReward:
         messages = [] if self.system_prompt is None else [{"role": "system", "content": self.system_prompt}]
         messages.append({"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                      {"type": "text", "text": self.text(prompt, meta)}]})
-        return json.dumps({"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
-                           "temperature": self.temperature, **self.extra_body}).encode()
+        req = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
+               "temperature": self.temperature}
+        if self.mode == "yes_no":  # one token, and the candidates at its position
+            req.update(max_tokens=1, logprobs=True, top_logprobs=self.top_logprobs)
+        return json.dumps({**req, **self.extra_body}).encode()
 
     def _validate(self, answer) -> float:
+        if self.mode == "yes_no":
+            return parse_yes_no(answer, self.yes, self.no)
         try:
             content = answer["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):

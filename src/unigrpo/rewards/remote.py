@@ -30,7 +30,7 @@ from typing import Literal
 
 import torch
 
-from unigrpo.rewards.wire import FORMATS, encode_request
+from unigrpo.rewards.wire import FORMATS
 
 __all__ = ["RemoteReward", "RewardServiceError", "ServiceClient"]
 
@@ -70,14 +70,17 @@ class ServiceClient:
         self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="reward-http")
 
     # ------------------------------------------------------------------ one request
-    def _attempt(self, path: str, body: bytes):
-        req = urllib.request.Request(self.url + path, data=body, method="POST",
-                                     headers={"Content-Type": "application/json", **self.headers})
+    def _attempt(self, path: str, body: bytes | None, content_type: str, decode):
+        req = urllib.request.Request(self.url + path, data=body, method="GET" if body is None else "POST",
+                                     headers={"Content-Type": content_type, **self.headers})
         try:
             with self._slots, urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
-            detail = e.read()[:200].decode("utf-8", "replace").replace("\n", " ")
+            detail = e.read()[:65536].decode("utf-8", "replace").strip()
+            if detail.startswith("Traceback (most recent call last)"):  # a Flask 500 (flow_grpo's servers):
+                detail = detail.splitlines()[-1]  # the exception is the last line
+            detail = detail[:200].replace("\n", " ")
             retryable = e.code >= 500 or e.code == 429
             raise _Failure(f"HTTP {e.code} {detail}".strip(), retryable, fatal=not retryable) from None
         except TimeoutError:
@@ -89,14 +92,12 @@ class ServiceClient:
             raise _Failure(f"cannot connect ({reason})", True) from None
         except (ConnectionError, http.client.HTTPException, OSError) as e:
             raise _Failure(f"connection lost ({type(e).__name__}: {e})", True) from None
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            snippet = raw[:80].decode("utf-8", "replace").replace("\n", " ")
-            raise _Failure(f"answered with a body that is not JSON: {snippet!r}", False) from None
+        return decode(raw)
 
-    def post(self, path: str, body: bytes, validate=None) -> tuple[object, int, float]:
-        """-> (validated answer, retries used, seconds incl. retries); raises _Failure when it gives up."""
+    def post(self, path: str, body: bytes | None, validate=None, content_type: str = "application/json",
+             decode=None) -> tuple[object, int, float]:
+        """-> (validated answer, retries used, seconds incl. retries); raises _Failure when it gives up.
+        ``body`` None is a GET; ``decode`` turns the raw answer into an object (default: JSON)."""
         start, retries = time.perf_counter(), 0
         with self._lock:
             if self._consecutive >= self.breaker_failures and time.monotonic() < self._open_until:
@@ -104,7 +105,7 @@ class ServiceClient:
                                f"(tries again {self.breaker_reset_s:g} s after the last one)", False)
         while True:
             try:
-                out = self._attempt(path, body)
+                out = self._attempt(path, body, content_type, decode or json_answer)
                 if validate is not None:
                     out = validate(out)
                 with self._lock:
@@ -121,6 +122,13 @@ class ServiceClient:
                         self._open_until = time.monotonic() + self.breaker_reset_s
                 f.retries = retries
                 raise
+
+    def probe(self, path: str):
+        """One GET, no retry, not counted by the breaker -> (JSON answer or None, the server answered)."""
+        try:
+            return self._attempt(path, None, "application/json", json_answer), True
+        except _Failure as f:
+            return None, not f.retryable or f.fatal  # an HTTP 4xx / non-JSON answer: it is up, lacks it
 
     def give_up(self, failure: _Failure):
         """Apply ``on_failure`` to a request that failed for good (never returns)."""
@@ -139,10 +147,11 @@ class ServiceClient:
         hint = "" if failure.fatal else "; on_failure=skip would skip the step instead"
         raise RewardServiceError(msg + hint)
 
-    def map(self, path: str, bodies: list[bytes], validators: list) -> tuple[list, dict]:
+    def map(self, path: str, bodies: list[bytes], validators: list, **post_kwargs) -> tuple[list, dict]:
         """POST every body (concurrently, at most max_concurrency in flight), each answer checked by
-        its validator; -> (answers, {"retries", "failures", "latency_s", "failed": first _Failure or None})."""
-        futures = [self._pool.submit(self._post_counted, path, b, v) for b, v in zip(bodies, validators)]
+        its validator; -> (answers, {"retries", "failures", "latency_s", "failed": first _Failure or None}).
+        ``post_kwargs``: ``content_type``, ``decode`` (as for ``post``)."""
+        futures = [self._pool.submit(self._post_counted, path, b, v, post_kwargs) for b, v in zip(bodies, validators)]
         answers, retries, failures, latency, failed = [], 0, 0, 0.0, None
         for f in futures:
             ok, value, n, seconds = f.result()
@@ -154,16 +163,24 @@ class ServiceClient:
         return answers, {"retries": float(retries), "failures": float(failures), "latency_s": latency,
                          "failed": failed}
 
-    def _post_counted(self, path, body, validate):
+    def _post_counted(self, path, body, validate, post_kwargs):
         start = time.perf_counter()
         try:
-            out, n, seconds = self.post(path, body, validate)
+            out, n, seconds = self.post(path, body, validate, **post_kwargs)
             return True, out, n, seconds
         except _Failure as f:
             return False, f, getattr(f, "retries", 0), time.perf_counter() - start
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def json_answer(raw: bytes):
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        snippet = raw[:80].decode("utf-8", "replace").replace("\n", " ")
+        raise _Failure(f"answered with a body that is not JSON: {snippet!r}", False) from None
 
 
 def check_scores_answer(answer, n: int, kind: str = "reward service"):
@@ -178,32 +195,44 @@ def check_scores_answer(answer, n: int, kind: str = "reward service"):
     return [float(s) for s in scores]
 
 
-def _scores_validator(n: int):
-    return lambda answer: check_scores_answer(answer, n)
-
-
 class RemoteReward:
     """The ``remote`` reward term: ``{name: remote, kwargs: {url: http://HOST:PORT, ...}}``.
 
-    Sends each chunk to ``url/score`` (``unigrpo serve-reward`` or any server speaking the API of
-    docs/rewards.md), split into requests of at most ``batch_size`` images (0: one request) sent
-    concurrently. ``image_format``: ``npy`` (lossless float32, default) or ``png`` (8-bit)."""
+    ``protocol``: ``unigrpo`` (default: ``unigrpo serve-reward`` or any server speaking the API of
+    docs/rewards.md), ``flow_grpo`` (flow_grpo's GenEval / DeQA reward servers) or ``flow_factory``
+    (Flow-Factory's reward server); ``unigrpo.rewards.protocols``. Each chunk is split into requests
+    of at most ``batch_size`` images (0: one request; flow_grpo: 64, its client's chunk size) sent
+    concurrently, behind the same timeouts, retries, breaker and ``on_failure``.
+    ``image_format`` (unigrpo): ``npy`` (lossless float32, default) or ``png`` (8-bit); ``transport``
+    (unigrpo): ``auto`` (binary safetensors when the server's ``/info`` offers it, else JSON),
+    ``json`` or ``binary``."""
 
-    def __init__(self, url: str, timeout_s: float = 30.0, retries: int = 2, backoff_s: float = 0.5,
-                 backoff_max_s: float = 8.0, max_concurrency: int = 4, batch_size: int = 0,
+    def __init__(self, url: str, protocol: str = "unigrpo", timeout_s: float = 30.0, retries: int = 2,
+                 backoff_s: float = 0.5, backoff_max_s: float = 8.0, max_concurrency: int = 4, batch_size: int = 0,
                  image_format: str = "npy", on_failure: Literal["fail", "skip"] = "fail",
-                 breaker_failures: int = 3, breaker_reset_s: float = 30.0, headers: dict | None = None):
+                 breaker_failures: int = 3, breaker_reset_s: float = 30.0, headers: dict | None = None,
+                 score_key: str = "scores", only_strict: bool = False, trusted_hosts: list | None = None,
+                 transport: Literal["auto", "json", "binary"] = "auto"):
+        from unigrpo.rewards.protocols import PROTOCOLS
+
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol={protocol!r}: expected one of {sorted(PROTOCOLS)}")
         if image_format not in FORMATS:
             raise ValueError(f"image_format={image_format!r}: expected one of {FORMATS}")
         if batch_size < 0:
             raise ValueError("batch_size must be >= 0 (0: the whole chunk in one request)")
         base = url.rstrip("/")
-        base = base.removesuffix("/score")
+        base = base.removesuffix("/score" if protocol == "unigrpo" else "/compute")
+        self.protocol = PROTOCOLS[protocol](url=base, image_format=image_format, score_key=score_key,
+                                            only_strict=only_strict, trusted_hosts=trusted_hosts,
+                                            transport=transport)
         self.client = ServiceClient(base, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s,
                                     backoff_max_s=backoff_max_s, max_concurrency=max_concurrency,
                                     breaker_failures=breaker_failures, breaker_reset_s=breaker_reset_s,
-                                    on_failure=on_failure, headers=headers)
-        self.url, self.batch_size, self.image_format = base, int(batch_size), image_format
+                                    on_failure=on_failure, headers=headers,
+                                    kind="reward service" if protocol == "unigrpo" else f"{protocol} reward server")
+        self.url, self.image_format = base, image_format
+        self.batch_size = int(batch_size) or (64 if protocol == "flow_grpo" else 0)
         self._local = threading.local()
 
     def call_metrics(self) -> dict[str, float]:
@@ -211,11 +240,14 @@ class RemoteReward:
         return dict(getattr(self._local, "metrics", {}))
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
-        n = len(prompts)
+        n, proto = len(prompts), self.protocol
+        proto.prepare(self.client)  # unigrpo: asks /info once whether the server takes binary bodies
         size = self.batch_size or n
         spans = [(i, min(i + size, n)) for i in range(0, n, size)]
-        bodies = [encode_request(images[a:b], prompts[a:b], metadata[a:b], self.image_format) for a, b in spans]
-        answers, m = self.client.map("/score", bodies, [_scores_validator(b - a) for a, b in spans])
+        bodies = [proto.encode(images[a:b], prompts[a:b], metadata[a:b]) for a, b in spans]
+        validators = [lambda answer, k=b - a: proto.scores(answer, k) for a, b in spans]
+        answers, m = self.client.map(proto.path, bodies, validators, content_type=proto.content_type,
+                                     decode=proto.decode)
         self._local.metrics = {"reward/remote_retries": m["retries"], "reward/remote_failures": m["failures"],
                                "reward/remote_latency_s": m["latency_s"]}
         if m["failed"] is not None:

@@ -3,12 +3,14 @@
 Needs the ``serve`` extra (FastAPI + uvicorn). The API (docs/rewards.md, "The HTTP API"):
 
 - ``POST /score`` JSON ``{"format": "npy" | "png", "images": [base64...], "prompts": [...],
-  "metadata": [...]}`` -> ``{"scores": [...], "seconds": float}``. 400 for a bad payload (bad base64,
+  "metadata": [...]}``, or a binary safetensors body (``Content-Type: application/x-safetensors``,
+  ``unigrpo.rewards.wire``) -> ``{"scores": [...], "seconds": float}``. 400 for a bad payload (bad base64,
   not an .npy / PNG, lengths that differ, a missing field, a batch over ``max_batch``), 413 for a
   body over ``max_body_mb``, 503 with
   ``Retry-After`` when ``max_queue`` requests are already waiting or running, 500 when the reward
   itself fails. Errors are ``{"error": "one line"}``.
-- ``GET /health`` -> ``{"status": "ok"}``; ``GET /info`` -> what is served and the server's limits.
+- ``GET /health`` -> ``{"status": "ok"}``; ``GET /info`` -> what is served, the server's limits and
+  its ``transports`` (``json``, ``safetensors``): a client sends binary only to a server listing it.
 
 Scoring runs in ``workers`` threads (1 by default: a judge model is usually not thread-safe); the
 event loop only parses and queues requests.
@@ -21,7 +23,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from unigrpo.rewards.wire import FORMATS, PayloadError, decode_request
+from unigrpo.rewards.wire import (
+    BINARY_TYPE,
+    FORMATS,
+    PayloadError,
+    decode_binary_request,
+    decode_request,
+)
 
 __all__ = ["build_app", "serve"]
 
@@ -57,6 +65,7 @@ def build_app(reward: str, kwargs: dict | None = None, *, max_batch: int = 256, 
     def info():
         return {"api": 1, "unigrpo": __version__, "reward": reward, "kwargs": dict(kwargs or {}),
                 "groupwise": bool(getattr(fn, "groupwise", False)), "formats": list(FORMATS),
+                "transports": ["json", "safetensors"],
                 "max_batch": max_batch, "max_queue": max_queue, "workers": workers, "max_body_mb": max_body_mb,
                 **state}
 
@@ -79,8 +88,9 @@ def build_app(reward: str, kwargs: dict | None = None, *, max_batch: int = 256, 
             if size.isdigit() and int(size) > max_body_mb * 2**20:
                 return error(413, f"body of {int(size) / 2**20:.0f} MB is larger than max_body_mb {max_body_mb:g}")
             body = await request.body()
+            binary = request.headers.get("content-type", "").split(";")[0].strip() == BINARY_TYPE
             try:
-                images, prompts, metadata = decode_request(body, max_batch)
+                images, prompts, metadata = (decode_binary_request if binary else decode_request)(body, max_batch)
             except PayloadError as e:
                 return error(400, str(e))
             try:

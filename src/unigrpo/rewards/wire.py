@@ -1,9 +1,15 @@
 """The reward service's wire format (docs/rewards.md, "The HTTP API"), shared by client and server.
 
-A request is JSON ``{"format": "npy" | "png", "images": [base64, ...], "prompts": [...],
+Two transports. A JSON request is ``{"format": "npy" | "png", "images": [base64, ...], "prompts": [...],
 "metadata": [...]}``. ``npy`` (the default) is each image's float32 array [3, H, W] in [0, 1] as an
 ``.npy`` file: lossless, the served reward sees exactly the trainer's pixels. ``png`` is an 8-bit
 RGB PNG: 4x smaller, but it quantises to 1/255 (what off-the-shelf judges read anyway).
+
+A binary request (``Content-Type: application/x-safetensors``, offered by servers whose ``/info``
+lists it in ``transports``) is one safetensors file: the tensor ``images`` [B, 3, H, W], float32
+(``npy``: the same lossless pixels) or uint8 (``png``: the same 8-bit levels as the PNG, no
+compression), and in the header's ``__metadata__`` the JSON strings ``prompts`` and ``metadata``.
+No base64, no per-image files, no JSON over pixels: the bytes are the tensor's memory.
 """
 
 from __future__ import annotations
@@ -18,10 +24,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["FORMATS", "PayloadError", "decode_images", "decode_request", "encode_images", "encode_request",
-           "png_bytes", "to_json"]
+__all__ = ["BINARY_TYPE", "FORMATS", "PayloadError", "decode_binary_request", "decode_images", "decode_request",
+           "encode_binary_request", "encode_images", "encode_request", "png_bytes", "to_json"]
 
 FORMATS = ("npy", "png")
+BINARY_TYPE = "application/x-safetensors"
 MAX_SIDE = 4096
 
 
@@ -71,7 +78,8 @@ def _decode_one(data, fmt: str, i: int) -> np.ndarray:
             raise
         except Exception as e:  # noqa: BLE001 -- PIL raises many types for a corrupt file
             raise PayloadError(f"images[{i}]: corrupt PNG ({e})") from None
-        return arr.transpose(2, 0, 1)
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))  # [3, H, W] in the usual layout: a reward's
+        # reductions then sum in the same order whatever the transport (a channels-last view would not)
     if not raw.startswith(b"\x93NUMPY"):
         raise PayloadError(f"images[{i}]: not an .npy array (format 'npy')")
     try:
@@ -111,6 +119,63 @@ def encode_request(images: torch.Tensor, prompts: list[str], metadata: list[dict
                        "metadata": to_json(list(metadata))}).encode()
 
 
+def _check_lists(prompts, metadata, n: int, max_batch: int) -> list[dict]:
+    if metadata is None:
+        metadata = [{} for _ in prompts]
+    if not isinstance(metadata, list) or not all(isinstance(m, dict) for m in metadata):
+        raise PayloadError("metadata: expected a list of objects")
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise PayloadError("prompts: expected a list of strings")
+    if not (n == len(prompts) == len(metadata)):
+        raise PayloadError(f"length mismatch: {n} images, {len(prompts)} prompts, {len(metadata)} metadata")
+    if not n:
+        raise PayloadError("images: empty batch")
+    if n > max_batch:
+        raise PayloadError(f"images: batch of {n} is larger than the server's max_batch {max_batch}")
+    return metadata
+
+
+def u8_levels(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [0, 1] -> uint8, the levels ``png_bytes`` writes (x * 255 + 0.5, floored)."""
+    return (images.detach().float().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8)
+
+
+def encode_binary_request(images: torch.Tensor, prompts: list[str], metadata: list[dict], fmt: str = "npy") -> bytes:
+    from safetensors.torch import save
+
+    if fmt not in FORMATS:
+        raise ValueError(f"image format {fmt!r}: expected one of {FORMATS}")
+    x = images.detach().cpu()
+    x = u8_levels(x) if fmt == "png" else x.float()
+    return save({"images": x.contiguous()}, metadata={"prompts": json.dumps(list(prompts)),
+                                                        "metadata": json.dumps(to_json(list(metadata)))})
+
+
+def decode_binary_request(body: bytes, max_batch: int) -> tuple[torch.Tensor, list[str], list[dict]]:
+    """The server's parser of a binary request: every malformed part is a PayloadError naming it."""
+    from safetensors.torch import load
+
+    if len(body) < 8 or int.from_bytes(body[:8], "little") > min(len(body) - 8, 100 * 2**20):
+        raise PayloadError("body: not a safetensors file (bad header length)")
+    size = int.from_bytes(body[:8], "little")
+    try:
+        meta = json.loads(body[8:8 + size]).get("__metadata__") or {}
+        prompts, metadata = json.loads(meta["prompts"]), json.loads(meta.get("metadata", "null"))
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
+        raise PayloadError("body: the safetensors header needs __metadata__ {prompts, metadata} as JSON") from None
+    try:
+        tensors = load(body)
+    except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types
+        raise PayloadError(f"body: corrupt safetensors ({str(e).splitlines()[0][:120]})") from None
+    x = tensors.get("images")
+    if x is None or x.ndim != 4 or x.shape[1] != 3 or max(x.shape[2:]) > MAX_SIDE or x.dtype not in (
+            torch.float32, torch.uint8):
+        got = "no tensor 'images'" if x is None else f"{x.dtype} {list(x.shape)}"
+        raise PayloadError(f"images: expected float32 or uint8 [B, 3, H, W], got {got}")
+    metadata = _check_lists(prompts, metadata, len(x), max_batch)
+    return (x.float() / 255.0 if x.dtype == torch.uint8 else x), prompts, metadata
+
+
 def decode_request(body: bytes, max_batch: int) -> tuple[torch.Tensor, list[str], list[dict]]:
     """The server's parser: every malformed field is a PayloadError naming it."""
     try:
@@ -128,17 +193,5 @@ def decode_request(body: bytes, max_batch: int) -> tuple[torch.Tensor, list[str]
     images, prompts, metadata = req["images"], req["prompts"], req.get("metadata")
     if not isinstance(images, list) or not isinstance(prompts, list):
         raise PayloadError("images and prompts must be lists")
-    if metadata is None:
-        metadata = [{} for _ in prompts]
-    if not isinstance(metadata, list) or not all(isinstance(m, dict) for m in metadata):
-        raise PayloadError("metadata: expected a list of objects")
-    if not all(isinstance(p, str) for p in prompts):
-        raise PayloadError("prompts: expected a list of strings")
-    if not (len(images) == len(prompts) == len(metadata)):
-        raise PayloadError(f"length mismatch: {len(images)} images, {len(prompts)} prompts, "
-                           f"{len(metadata)} metadata")
-    if not images:
-        raise PayloadError("images: empty batch")
-    if len(images) > max_batch:
-        raise PayloadError(f"images: batch of {len(images)} is larger than the server's max_batch {max_batch}")
+    metadata = _check_lists(prompts, metadata, len(images), max_batch)
     return decode_images(images, fmt), prompts, metadata

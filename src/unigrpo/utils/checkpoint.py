@@ -24,9 +24,12 @@ pointer: it is never behind the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -70,25 +73,46 @@ def check_fits(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], sou
                                   f"{list(own[k].shape)} (check the model.* size keys)")
 
 
+@contextlib.contextmanager
+def _ctrl_c_deferred():
+    """Ctrl-C (SIGINT) inside the block is held and raised as KeyboardInterrupt when it ends: a
+    KeyboardInterrupt raised inside torch.save's C++ writer comes out as a RuntimeError ("unexpected
+    pos"), so a Ctrl-C during a save would end the run with exit 1 instead of the one-line exit 130
+    (docs/reliability.md). Only in the main thread, the only one that receives signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
+
+
 def atomic_save(write, path: str | Path) -> Path:
-    """``write(file)`` to ``path`` atomically (tmp file + fsync + os.replace + directory fsync)."""
+    """``write(file)`` to ``path`` atomically (tmp file + fsync + os.replace + directory fsync); a
+    Ctrl-C waits for the file to be complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())  # data on disk before the rename makes it visible
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():  # only if something failed before the replace
-            tmp.unlink()
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself survives a power loss
-    finally:
-        os.close(fd)
+    with _ctrl_c_deferred():
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())  # data on disk before the rename makes it visible
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():  # only if something failed before the replace
+                tmp.unlink()
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself survives a power loss
+        finally:
+            os.close(fd)
     return path
 
 

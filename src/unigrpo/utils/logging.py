@@ -1,4 +1,5 @@
-"""Run logging (rank 0 only): metrics.jsonl, TensorBoard, a progress bar.
+"""Run logging (rank 0 only): metrics.jsonl, TensorBoard, a progress bar, and the trackers of the
+config's ``logging`` section (wandb, trackio: ``unigrpo.utils.trackers``) when given.
 
 Every key written here must be defined in docs/metrics.md (a test parses the doc).
 TensorBoard is an optional extra: without it the run logs a warning and keeps metrics.jsonl.
@@ -76,16 +77,25 @@ class StatsMean:
 
 
 class RunLogger:
-    """metrics.jsonl + TensorBoard events + tqdm bar with reward and ETA. Inert when not ``enabled``."""
+    """metrics.jsonl + TensorBoard events + tqdm bar with reward and ETA. Inert when not ``enabled``.
+
+    ``trackers``: the config's ``logging`` section (``LoggingConfig``) and ``config`` the whole
+    config as a dict: the enabled trackers get the config, every ``log`` and the ``log_image``s;
+    with ``append`` (a resume) they continue the run's tracker runs."""
 
     def __init__(self, out_dir: str | Path, enabled: bool, total_steps: int, start_step: int = 0,
-                 append: bool = False):
+                 append: bool = False, trackers=None, config: dict | None = None):
         self.enabled = enabled
         self.out = Path(out_dir)
         self.jsonl = self.tb = self.bar = None
+        self.trackers, self.tracker_images = [], bool(trackers is not None and trackers.images)
         if not enabled:
             return
         self.out.mkdir(parents=True, exist_ok=True)
+        if trackers is not None:  # first: a tracker that cannot start leaves no file handle open
+            from unigrpo.utils.trackers import open_trackers
+
+            self.trackers = open_trackers(trackers, config or {}, self.out, append)
         path = self.out / "metrics.jsonl"
         if append and path.is_file():  # resume: drop lines of steps after the checkpoint (redone now)
             keep = kept_lines(path.read_text(), start_step, path)
@@ -112,6 +122,17 @@ class RunLogger:
             for k, v in clean.items():
                 self.tb.add_scalar(k, v, step)
             self.tb.flush()
+        for t in self.trackers:
+            t.log(step, clean)
+
+    def log_image(self, step: int, key: str, path: str | Path, caption: str | None = None) -> None:
+        """Send an image file (a grid written under ``out/grids``) to the trackers as ``key``; nothing
+        when there are none, ``logging.images`` is off, or the file was not written (no grid)."""
+        path = Path(path)
+        if not (self.enabled and self.trackers and self.tracker_images and path.is_file()):
+            return
+        for t in self.trackers:
+            t.log_images(step, {key: (str(path), caption)})
 
     def progress(self, reward: float, extra: dict[str, float] | None = None) -> None:
         if not self.enabled:
@@ -125,4 +146,7 @@ class RunLogger:
         for h in (self.bar, self.tb, self.jsonl):
             if h is not None:
                 h.close()
+        for t in self.trackers:
+            t.finish()
+        self.trackers = []
 
