@@ -13,7 +13,8 @@ from conftest import ADAPTERS
 from image_adapter import IgnoringTiny, seeing_factory
 
 from unigrpo.models import KINDS, build_model
-from unigrpo.models.protocol import ReferencePolicy, TokenBatch, UnifiedModel
+from unigrpo.models.base import ReferencePolicy, UnifiedModel
+from unigrpo.models.protocol import TokenBatch
 from unigrpo.tasks import Prompt
 from unigrpo.utils.dist import Dist
 

@@ -7,7 +7,8 @@ import torch
 
 from unigrpo.config import load_config
 from unigrpo.models import build_model
-from unigrpo.models.protocol import TokenBatch, UnifiedModel
+from unigrpo.models.base import UnifiedModel
+from unigrpo.models.protocol import TokenBatch
 from unigrpo.models.tiny import TinyUnifiedModel
 
 SMALL = ["model.d_text=32", "model.text_layers=2", "model.unet_channels=[16,32,32]", "model.image_size=16"]

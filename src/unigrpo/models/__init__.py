@@ -16,7 +16,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from unigrpo.models.protocol import UnifiedModel
+    from unigrpo.models.base import UnifiedModel
 
 __all__ = ["KINDS", "ReferencePolicy", "TokenBatch", "UnifiedModel", "build_model"]
 
@@ -24,12 +24,12 @@ KINDS: dict[str, str] = {"tiny": "unigrpo.models.tiny:build", "hf": "unigrpo.mod
                          "bagel": "unigrpo.models.bagel_io:build"}
 
 FROM_CONFIG = "__from_config__"
-_PROTOCOL = ("ReferencePolicy", "TokenBatch", "UnifiedModel")  # defined in unigrpo.models.protocol
+_PROTOCOL = {"ReferencePolicy": "base", "TokenBatch": "protocol", "UnifiedModel": "base"}  # where each is defined
 
 
 def __getattr__(name: str):
     if name in _PROTOCOL:
-        return getattr(importlib.import_module("unigrpo.models.protocol"), name)
+        return getattr(importlib.import_module(f"unigrpo.models.{_PROTOCOL[name]}"), name)
     raise AttributeError(f"module 'unigrpo.models' has no attribute {name!r}")
 
 

@@ -32,11 +32,11 @@ sampled after it and ends at ``<|im_end|>`` (an action, scored). Positions are `
   experts of one layer), then the whole model the root (embeddings, lm_head, the final norms,
   the latent heads; the VAE stays replicated: frozen, ignored). Every phase runs through
   ``forward`` (``self(phase, ...)``: the decode engine's prefill and steps too), so no other method
-  needs ``register_fsdp_forward_method``. The lifecycle (``ModelBase``): ``sharded`` tells the
+  needs ``register_fsdp_forward_method``. The lifecycle (``UnifiedModel``): ``sharded`` tells the
   recipe that every forward is a collective (the decode engine runs ``max_new_tokens`` steps on
   every rank, every rank evaluates); gradients are reduce-scattered in backward;
   ``trainable_state`` gathers on every rank, ``save`` (rank 0) writes that gather.
-- **Reference** (``ModelBase.reference``): LoRA sides with adapters disabled, fully trained sides
+- **Reference** (``UnifiedModel.reference``): LoRA sides with adapters disabled, fully trained sides
   (and ``train_heads``' heads) a snapshot of their tensors substituted by name (never a second copy).
 - **Unclosed reasoning**: a row that hits ``max_new_tokens`` before ``<|im_end|>`` stays open (the
   official inferencer closes every segment; a closing token would be an unscored token).
@@ -58,7 +58,7 @@ from unigrpo.models.bagel_latent import (
     unpatchify,
 )
 from unigrpo.models.bagel_mot import LLMConfig, Qwen2MoTForCausalLM, attention_mask
-from unigrpo.models.base import FSDPRoot, ModelBase, inject_lora
+from unigrpo.models.base import FSDPRoot, UnifiedModel, inject_lora
 from unigrpo.models.decode import response_logprobs
 from unigrpo.models.hf_text import positions
 from unigrpo.models.protocol import TokenBatch
@@ -73,7 +73,7 @@ SPECIALS = {"start": "<|im_start|>", "end": "<|im_end|>", "vision_start": "<|vis
             "vision_end": "<|vision_end|>", "pad": "<|endoftext|>"}
 
 
-class BagelModel(ModelBase):
+class BagelModel(UnifiedModel):
     """BAGEL-7B-MoT for text-to-image with thinking (module docstring). Submodules carry the
     checkpoint's names: ``language_model``, ``time_embedder``, ``vae2llm``, ``llm2vae``,
     ``latent_pos_embed``; ``vae`` holds ``ae.safetensors``."""

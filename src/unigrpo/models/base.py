@@ -1,6 +1,7 @@
-"""The one base of every adapter: the protocol's defaults and the lifecycle they share.
+"""``UnifiedModel``: the interface the recipe uses and the one base of every adapter, with the
+protocol's defaults and the lifecycle every kind shares (``models.protocol`` has the overview).
 
-An adapter (``tiny``, each ``hf`` family, ``bagel``) derives from :class:`ModelBase` and writes only
+An adapter (``tiny``, each ``hf`` family, ``bagel``) derives from :class:`UnifiedModel` and writes only
 what is model-specific: how a prompt becomes tokens (``prompt_ids``, ``response_ids``,
 ``token_text``), the decode contract of the text engine (``prefill``, ``decode_step``:
 ``models.decode``), the teacher-forced pass (``forward_context``), the null context, the velocity,
@@ -18,7 +19,7 @@ a default here, never probed with ``getattr``:
 **Lifecycle** (one implementation for every kind): the trainable state is ``parameter_groups``'
 tensors by name (gathered on every rank when sharded); ``save`` writes it with the LoRA ranks in
 the metadata; ``wrap`` broadcasts rank 0's weights and, with ``model.fsdp`` on > 1 rank, shards
-the units of ``fsdp_plan``; the **reference** (:class:`Reference`) is the same model under other
+the units of ``fsdp_plan``; the **reference** (:class:`ReferencePolicy`) is the same model under other
 weights: its LoRA adapters switched off and a snapshot of every other trainable tensor substituted
 by name (``substituted``), never a second copy of the model.
 """
@@ -43,7 +44,7 @@ from unigrpo.models.fsdp import GatheredState, load_full_state
 from unigrpo.models.protocol import TokenBatch
 from unigrpo.utils import dist
 
-__all__ = ["FSDPRoot", "ModelBase", "Reference", "TextSide", "adapters_disabled", "inject_lora", "read_weights",
+__all__ = ["FSDPRoot", "ReferencePolicy", "TextSide", "UnifiedModel", "adapters_disabled", "inject_lora", "read_weights",
            "substituted"]
 
 
@@ -130,7 +131,7 @@ def read_weights(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch
 
 @dataclass
 class FSDPRoot:
-    """One FSDP2 root of ``ModelBase.fsdp_plan``: ``module`` is sharded last, after each of its
+    """One FSDP2 root of ``UnifiedModel.fsdp_plan``: ``module`` is sharded last, after each of its
     ``units``; ``ignored`` parameters stay replicated; ``methods`` are called outside ``forward``."""
 
     module: nn.Module
@@ -143,7 +144,7 @@ class FSDPRoot:
 class TextSide:
     """The text methods of the protocol, written once over an adapter's ``prompt_ids`` /
     ``response_ids`` / ``token_text`` and the text engine's contract (``prefill``, ``decode_step``,
-    ``stop_ids``, ``pad_id``, ``fixed_steps``: ``models.decode``). ``ModelBase`` has them; so does
+    ``stop_ids``, ``pad_id``, ``fixed_steps``: ``models.decode``). ``UnifiedModel`` has them; so does
     ``hf_text.CausalLMReasoner`` (an LM on its own)."""
 
     sees_images = False  # input images enter the reasoning context (the text can be about them)
@@ -191,14 +192,15 @@ class TextSide:
         return dataclasses.replace(ctx, hidden=ctx.hidden.detach())
 
 
-class ModelBase(TextSide, nn.Module):
-    """The protocol's defaults and the shared lifecycle (module docstring)."""
+class UnifiedModel(TextSide, nn.Module):
+    """What the recipe needs from a reason-then-draw model: the members an adapter writes (below,
+    raising NotImplementedError), the declared capabilities with their defaults, the lifecycle."""
 
     edits = False  # the denoiser is conditioned on input images' latents
     context_grad_to_text = True  # the image context carries a gradient to the text side (separate mode: no)
     pad_id: int
     stop_ids: tuple[int, ...]
-    latent_shape: tuple[int, ...]
+    latent_shape: tuple[int, ...]  # shape of one image latent, e.g. (12, 16, 16)
 
     def __init__(self):
         super().__init__()
@@ -211,7 +213,35 @@ class ModelBase(TextSide, nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    # ----------------------------------------------------------------- image phase defaults
+    # ----------------------------------------------------------------- what an adapter writes
+    def forward_context(self, tokens: TokenBatch, temperature: float = 1.0) -> tuple[torch.Tensor, Any]:
+        """One teacher-forced pass: (log-probs [B, L] of ``tokens.ids`` under temperature-scaled
+        logits, zero outside ``response_mask``; the image context for ``velocity``)."""
+        raise NotImplementedError
+
+    def null_context(self, batch_size: int) -> Any:
+        """The unconditional context (no prompt, no reasoning) for classifier-free guidance."""
+        raise NotImplementedError
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, ctx: Any) -> torch.Tensor:
+        """Predicted velocity ``v = eps - x0`` at state ``x_t`` [B, *latent], flow time ``t`` [B]
+        (one time per row; a 0-dim ``t`` is broadcast to all rows)."""
+        raise NotImplementedError
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Latents [B, *latent] -> RGB images [B, 3, H, W] in [0, 1]."""
+        raise NotImplementedError
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """RGB images [B, 3, H, W] in [0, 1] -> latents (supervised flow matching, edits)."""
+        raise NotImplementedError
+
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """``{"text": [(name, parameter), ...], "image": [...]}``: what each expert may train.
+        Names are those of ``trainable_state`` (``optim.image_params`` matches them)."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- declared defaults
     def timesteps(self, num_steps: int, shift: float | None) -> torch.Tensor:
         """``timesteps(num_steps, shift)``; ``shift`` None (``sampler.shift: null``): ``own_timesteps``."""
         return timesteps(num_steps, shift) if shift is not None else self.own_timesteps(num_steps)
@@ -228,9 +258,6 @@ class ModelBase(TextSide, nn.Module):
         return
 
     # ----------------------------------------------------------------- lifecycle
-    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        raise NotImplementedError
-
     def _named_trainable(self) -> dict[str, nn.Parameter]:
         for root in self._fsdp_roots:  # a root keeps its gathered params after a forward: back to the shards
             root.reshard()
@@ -302,8 +329,9 @@ class ModelBase(TextSide, nn.Module):
         if not self.sharded:  # sharded: FSDP2 reduce-scattered (averaged) them in backward
             dist.average_gradients(params, ranks)
 
-    def reference(self) -> Reference:
-        return Reference(self)
+    def reference(self) -> ReferencePolicy:
+        """The frozen starting policy (:class:`ReferencePolicy`); call before the first update."""
+        return ReferencePolicy(self)
 
 
 def check_unit_dtypes(roots: list[FSDPRoot]) -> None:
@@ -324,12 +352,13 @@ def check_unit_dtypes(roots: list[FSDPRoot]) -> None:
                                  "or LoRA on both sides or on neither")
 
 
-class Reference:
-    """The starting policy as the regularisers read it: the same model with its LoRA adapters off
+class ReferencePolicy:
+    """The starting policy as the regularisers read it (``forward_context``, ``null_context``,
+    ``velocity``, ``combine_guidance`` of the model under its starting weights): the same model with its LoRA adapters off
     and a snapshot (taken now) of every other trainable tensor substituted by name. Memory: one
     copy of the fully trained tensors, nothing for LoRA."""
 
-    def __init__(self, model: ModelBase):
+    def __init__(self, model: UnifiedModel):
         self.model = model
         self.snapshot = {n: p.detach().clone() for g in model.parameter_groups().values() for n, p in g
                          if "lora_" not in n}

@@ -10,7 +10,7 @@ class) is a subclass in its own module, listed in ``FAMILIES``:
 
 Shared here: the text phase (``CausalLMReasoner`` over the LM that reasons supplies the text
 engine's contract), LoRA via peft on either side, gradient checkpointing and the FSDP2 plan; the
-trainable state, ``save``, ``wrap`` and the reference are ``ModelBase``'s. A family implements the
+trainable state, ``save``, ``wrap`` and the reference are ``UnifiedModel``'s. A family implements the
 pipeline-specific part: ``forward_context(tokens, temperature)`` (the teacher-forced pass:
 log-probs + the transformer's text input), ``null_context(batch)`` (the unconditional context),
 ``velocity(x_t, t, ctx)`` (time, sign and packing mapped onto our ``v = eps - x0`` at flow time t),
@@ -39,7 +39,7 @@ import importlib
 import torch
 from torch import nn
 
-from unigrpo.models.base import FSDPRoot, ModelBase, inject_lora
+from unigrpo.models.base import FSDPRoot, UnifiedModel, inject_lora
 from unigrpo.models.hf_text import CausalLMReasoner
 from unigrpo.models.protocol import TokenBatch
 
@@ -59,7 +59,7 @@ def lora_kwargs(m) -> dict:
             "text_targets": m.lora.text_targets, "image_targets": m.lora.image_targets}
 
 
-class HFUnifiedModel(ModelBase):
+class HFUnifiedModel(UnifiedModel):
     """What every pipeline family shares (module docstring). Submodules: ``lm`` (the LM that
     reasons), ``dit`` (the image transformer), ``vae``."""
 

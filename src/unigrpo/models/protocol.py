@@ -1,4 +1,6 @@
-"""The model protocol shared by the recipe and every adapter (tiny model, HF LM + diffusers, Bagel).
+"""The model protocol shared by the recipe and every adapter (tiny model, HF LM + diffusers, Bagel):
+the model input ``TokenBatch`` here, the interface ``UnifiedModel`` (``models.base``: every adapter
+derives from it; its members and their defaults are documented there).
 
 A unified model is used in two phases of one MDP:
 
@@ -18,14 +20,14 @@ positions are derived from the mask.
 
 What a model can do beyond that is declared, never probed: ``sees_images``, ``edits``, its own
 time grid (``timesteps``), its guidance rule (``combine_guidance``, ``eval_guidance``),
-``sharded``, ``validate_prompts``. Adapters derive from ``models.base.ModelBase``, which holds the
-defaults and the lifecycle every kind shares.
+``sharded``, ``validate_prompts``, each with a default in ``UnifiedModel``, which also holds the
+lifecycle every kind shares.
 
 Besides the two phases, a model owns its **lifecycle**, so that the training loop never has to know
 what kind of model it trains (docs/design.md):
 
 - ``reference()``: the frozen starting policy: the same model with its LoRA adapters off and a
-  snapshot of its other trainable tensors substituted (``base.Reference``; never a second model);
+  snapshot of its other trainable tensors substituted (``base.ReferencePolicy``; never a second model);
 - ``parameter_groups()``: the trainable parameters of the text and the image expert, by name;
 - ``trainable_state()`` / ``load_trainable_state()``: what a checkpoint must hold to resume (written
   as safetensors); ``save()``: a standalone file ``build_model`` loads (``model.checkpoint``);
@@ -41,12 +43,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["ReferencePolicy", "TokenBatch", "UnifiedModel"]
+__all__ = ["TokenBatch"]
 
 
 @dataclass(frozen=True)
@@ -175,117 +175,3 @@ class TokenBatch:
         if all(b.images is None for b in batches):
             return out
         return out.with_images([b.row_images(i) for b in batches for i in range(len(b))])
-
-
-@runtime_checkable
-class ReferencePolicy(Protocol):
-    """The frozen starting policy, as the regularisers read it (``UnifiedModel.reference()``)."""
-
-    def forward_context(self, tokens: TokenBatch, temperature: float = 1.0) -> tuple[torch.Tensor, Any]:
-        """As ``UnifiedModel.forward_context``, under the reference weights (no gradient needed)."""
-
-    def null_context(self, batch_size: int) -> Any:
-        """As ``UnifiedModel.null_context``, under the reference weights."""
-
-    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, ctx: Any) -> torch.Tensor:
-        """As ``UnifiedModel.velocity``, under the reference weights."""
-
-    def combine_guidance(self, v_cond: torch.Tensor, v_uncond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-        """The policy's guidance rule."""
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """What must be saved so that a resumed run regularises against the SAME reference (the
-        snapshot of the fully trained tensors; nothing for LoRA, whose reference is the frozen base)."""
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> Any:
-        """Restore ``state_dict()``."""
-
-
-@runtime_checkable
-class UnifiedModel(Protocol):
-    """What the recipe needs from a reason-then-draw model. Adapters implement exactly this."""
-
-    latent_shape: tuple[int, ...]  # shape of one image latent, e.g. (12, 16, 16)
-    pad_id: int
-    sees_images: bool  # input images enter the reasoning context (the text can be about them)
-    edits: bool  # the denoiser is conditioned on input images' latents
-    sharded: bool  # every forward is a collective (FSDP2): every rank runs the same calls
-
-    def encode(self, prompts: list) -> TokenBatch:
-        """The input batch of prompts (``tasks.Prompt`` or str): tokens LEFT-padded, no response
-        yet, and each prompt's images (a model that does not see images refuses them: never drops)."""
-
-    def validate_prompts(self, texts: list[str]) -> None:
-        """Raise ValueError (one line) when the model cannot read a prompt text."""
-
-    def sample_reasoning(self, prompts: TokenBatch, *, max_new_tokens: int, temperature: float = 1.0,
-                         top_p: float = 1.0, generator: torch.Generator | None = None,
-                         return_logprobs: bool = False) -> TokenBatch | tuple[TokenBatch, torch.Tensor]:
-        """Sample reasoning tokens after each prompt (KV cache); returns prompt + response. With
-        ``return_logprobs`` also the decode-time log-probs [B, L] of the sampled tokens under the
-        temperature-scaled distribution (not renormalised to the top-p nucleus; 0 outside the
-        response): the conformance suite checks they equal ``forward_context``'s (training never
-        uses them: its behaviour log-probs come from ``forward_context``)."""
-
-    def with_response(self, prompts: TokenBatch, responses: list[str]) -> TokenBatch:
-        """Append given response texts to prompts as if sampled (teacher forcing, SFT, evaluation)."""
-
-    def decode_text(self, tokens: TokenBatch) -> list[str]:
-        """The generated response of each row as text."""
-
-    def forward_context(self, tokens: TokenBatch, temperature: float = 1.0) -> tuple[torch.Tensor, Any]:
-        """One teacher-forced pass: (log-probs [B, L] of ``tokens.ids`` under temperature-scaled
-        logits, zero outside ``response_mask``; image context for ``velocity``)."""
-
-    def null_context(self, batch_size: int) -> Any:
-        """The unconditional context (no prompt, no reasoning) for classifier-free guidance."""
-
-    def detach_context(self, ctx: Any) -> Any:
-        """The context with gradients to the text expert cut."""
-
-    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, ctx: Any) -> torch.Tensor:
-        """Predicted velocity ``v = eps - x0`` at state ``x_t`` [B, *latent], flow time ``t`` [B]
-        (one time per row; a 0-dim ``t`` is broadcast to all rows)."""
-
-    def timesteps(self, num_steps: int, shift: float | None) -> torch.Tensor:
-        """The sampling grid ``[1, ..., 0]`` [num_steps + 1]; ``shift`` None: the model's own."""
-
-    def combine_guidance(self, v_cond: torch.Tensor, v_uncond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-        """How CFG combines the conditional and unconditional velocities."""
-
-    def eval_guidance(self, tokens: TokenBatch, ctx: Any, cfg_scale: float):
-        """The model's own evaluation guidance ``(x_t, t) -> v``, or None (plain CFG)."""
-
-    def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """Latents [B, *latent] -> RGB images [B, 3, H, W] in [0, 1]."""
-
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """RGB images [B, 3, H, W] in [0, 1] -> latents (for supervised flow matching)."""
-
-    # ----------------------------------------------------------------- lifecycle
-    def reference(self) -> ReferencePolicy:
-        """The frozen starting policy; call before the first update."""
-
-    def parameter_groups(self) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
-        """``{"text": [(name, parameter), ...], "image": [...]}``: what each expert may train.
-        Names are those of ``trainable_state`` (``optim.image_params`` matches them)."""
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Every parameter training can change, by name, as full CPU tensors (a sharded adapter
-        gathers here: every rank calls it)."""
-
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore ``trainable_state()`` (missing or unexpected names are an error, raised before
-        anything is copied)."""
-
-    def save(self, path: str | Path, extra: dict | None = None) -> None:
-        """A standalone checkpoint that ``build_model`` loads via ``model.checkpoint`` (rank 0)."""
-
-    def wrap(self, ranks: Any) -> None:
-        """Prepare for data parallelism over ``ranks`` (``unigrpo.utils.dist.Dist``); no-op on 1 rank."""
-
-    def reduce_gradients(self, params: list[torch.nn.Parameter], ranks: Any) -> None:
-        """Average the gradients of ``params`` over ranks (after the last micro-batch of an update)."""
-
-    def named_parameters(self) -> Iterable[tuple[str, torch.nn.Parameter]]:
-        """All parameters by name (``torch.nn.Module``)."""

@@ -4,7 +4,7 @@
 - Image expert (``tiny_image.ImageExpert``): its own weights, flow-time embedding, velocity head;
   reads the text expert's final hidden states of prompt + reasoning at every denoising step.
 
-Implements ``unigrpo.models.protocol.UnifiedModel``. It is both the CPU demo model and the test
+Implements ``unigrpo.models.base.UnifiedModel``. It is both the CPU demo model and the test
 fixture every adapter's conformance tests are modelled on.
 """
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unigrpo.models.base import ModelBase, read_weights
+from unigrpo.models.base import UnifiedModel, read_weights
 from unigrpo.models.decode import response_logprobs, target_logprobs
 from unigrpo.models.protocol import TokenBatch
 from unigrpo.models.tiny_image import ImageExpert
@@ -47,7 +47,7 @@ class TextContext:
     mask: torch.Tensor
 
 
-class TinyUnifiedModel(ModelBase):
+class TinyUnifiedModel(UnifiedModel):
     """Tiny reason-then-draw model over the shapes world (see module docstring)."""
 
     def __init__(self, cfg: TinyConfig, tokenizer):
