@@ -86,9 +86,8 @@ class TextSamplingConfig:
     top_p: float = 1.0  # nucleus sampling mass; 1 = full distribution (on-policy log-probs)
     max_reasoning_tokens: int = 32  # hard cap on generated reasoning tokens (incl. </think>, <eos>)
     thinking: bool = True  # False: skip reasoning and draw from the prompt alone
-    # True: every group of a rank decodes in ONE loop (a generator per group): faster sampling
-    # (docs/performance.md), but the tokens then equal the per-group loop's
-    # only up to float rounding, so they may depend on the chunking / ranks. False: one loop per group
+    # True: every group of a rank decodes in ONE loop (a generator per group; docs/performance.md);
+    # False: one loop per group, whose tokens depend on nothing but the group (docs/reliability.md)
     batch_groups: bool = False
 
 

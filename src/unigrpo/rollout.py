@@ -150,13 +150,17 @@ def guided_velocity(model, x_t: torch.Tensor, t: torch.Tensor, ctx, null_ctx, cf
 @torch.no_grad()
 def sample_reasoning(model, prompts: list, group_size: int, seeds: list[int], *, thinking: bool,
                      max_new_tokens: int, temperature: float, top_p: float,
-                     batch_groups: bool = False) -> TokenBatch:
+                     batch_groups: bool = False, ranks=None) -> TokenBatch:
     """Prompts [P] (``tasks.Prompt`` or str) -> inputs + sampled reasoning [P * G, L]; group p uses
-    generator ``seeds[p]``. ``batch_groups`` (``text.batch_groups``): all groups in one decode loop,
-    each drawing from its own generator (one generator per row); equal to the per-group loops up to
-    float rounding (the prompts share one left-padded width)."""
+    generator ``seeds[p]``. ``batch_groups`` (``text.batch_groups``): all groups in one
+    decode loop, each drawing from its own generator (one generator per row), the prompts
+    left-padded to the widest prompt of every rank (``ranks``), so a row's layout does not depend on
+    how the prompts are sharded; equal to the per-group loops up to float rounding
+    (docs/reliability.md, "Determinism")."""
     if batch_groups and thinking:
         batch = model.encode([p for p in prompts for _ in range(group_size)])
+        if ranks is not None:  # the widest prompt of every rank: a row's layout does not depend on the sharding
+            batch = batch.left_padded_to(dist.all_reduce_max(batch.ids.shape[1], ranks, model.device), model.pad_id)
         gens = [torch.Generator(device=batch.ids.device).manual_seed(s) for s in seeds]
         return model.sample_reasoning(batch, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                       generator=[g for g in gens for _ in range(group_size)])
@@ -249,7 +253,7 @@ def sample_episode(model, prompts: list, group_size: int, seeds: EpisodeSeeds, c
     ``text``: ``sample_reasoning``'s options; ``sampler``: ``sample_images``'; ``chunks``: the rows
     of each chunk (rollout chunks are the first PPO epoch's micro-batches: same rows, order, width);
     ``on_chunk(episodes, rows)`` is called as soon as a chunk is sampled."""
-    tokens = sample_reasoning(model, prompts, group_size, seeds.reasoning, **text)
+    tokens = sample_reasoning(model, prompts, group_size, seeds.reasoning, **text, ranks=ranks)
     width = dist.all_reduce_max(tokens.ids.shape[1], ranks, model.device)  # one width on every rank
     tokens = tokens.padded(width, model.pad_id)
     parts = []

@@ -534,3 +534,22 @@ def test_padded_batch_with_images_equals_rows_alone(adapter):
         lp_i, v_i = outputs(model, alone, x[i:i + 1], t[i:i + 1])
         torch.testing.assert_close(lp_i[alone.response_mask], logp[i][tokens.response_mask[i]], **TOL)
         torch.testing.assert_close(v_i[0], v[i], **TOL)
+
+
+def test_a_groups_tokens_do_not_depend_on_the_groups_decoded_beside_it(adapter):
+    """The promise of the default one-loop decode (``text.batch_groups``): with the prompts
+    left-padded to one width (the widest of every rank: ``rollout.sample_reasoning``), a group's
+    tokens are the same whichever other groups share its loop -- so they do not depend on how a
+    step's prompts are sharded over ranks (docs/reliability.md, "Determinism")."""
+    model, prompts, group, seeds = adapter.model, adapter.prompts, 2, [21, 22, 23]
+    rows = [p for p in prompts for _ in range(group)]
+    width = model.encode(rows).ids.shape[1]
+
+    def decode(idx: list[int]) -> list[list[int]]:
+        batch = model.encode([rows[i] for i in idx]).left_padded_to(width, model.pad_id)
+        gens = {p: gen(seeds[p]) for p in sorted({i // group for i in idx})}
+        return responses(model.sample_reasoning(batch, max_new_tokens=MAX_NEW, generator=[gens[i // group] for i in idx]))
+
+    together = decode(list(range(len(rows))))
+    split = decode(list(range(group))) + decode(list(range(group, len(rows))))  # as if on two ranks
+    assert together == split

@@ -127,6 +127,17 @@ class TokenBatch:
             mask[i, width - len(r):] = True
         return TokenBatch(ids.to(device), mask.to(device), torch.zeros_like(mask).to(device))
 
+    def left_padded_to(self, width: int, pad_id: int) -> TokenBatch:
+        """These prompts (no response yet) LEFT-padded to ``width`` columns."""
+        extra = width - self.ids.shape[1]
+        if extra < 0 or self.response_mask.any():
+            raise ValueError(f"cannot left-pad width {self.ids.shape[1]} to {width} (or a batch with responses)")
+
+        def pad(x: torch.Tensor, value) -> torch.Tensor:
+            return torch.nn.functional.pad(x, (extra, 0), value=value)
+
+        return self._tokens(pad(self.ids, pad_id), pad(self.mask, False), pad(self.response_mask, False))
+
     def with_responses(self, rows: list[list[int]], pad_id: int) -> TokenBatch:
         """These prompts followed by the responses ``rows`` (token id lists, RIGHT-padded), marked
         as responses: teacher forcing of given texts."""
