@@ -170,12 +170,7 @@ def build(cfg, checkpoint: str | None) -> BagelModel:
     model = load_bagel(m.path, device=cfg.device, dtype=m.dtype, resolution=m.resolution, think=m.think,
                        system_prompt=m.system_prompt, train_heads=m.train_heads, logits_chunk=m.logits_chunk)
     model.add_lora(m.lora.text_rank, m.lora.image_rank, m.lora.text_targets, m.lora.image_targets)
-    model.fsdp = m.fsdp
-    if m.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    if checkpoint is not None:
-        model.load_checkpoint(checkpoint)
-    return model
+    return model.configured(m, checkpoint)
 
 
 if __name__ == "__main__":

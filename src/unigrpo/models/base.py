@@ -271,6 +271,16 @@ class UnifiedModel(TextSide, nn.Module):
         """Sharded: every rank loads the same full tensors and keeps its own shard (no collective)."""
         load_full_state(self._named_trainable(), state)
 
+    def configured(self, m, checkpoint: str | Path | None) -> UnifiedModel:
+        """The end of every builder: the model section ``m``'s ``fsdp`` and ``gradient_checkpointing``
+        applied, the trainable tensors of ``checkpoint`` (a ``save`` file) loaded if given."""
+        self.fsdp = m.fsdp
+        if m.gradient_checkpointing:
+            self.enable_gradient_checkpointing()
+        if checkpoint is not None:
+            self.load_checkpoint(checkpoint)
+        return self
+
     def load_checkpoint(self, path: str | Path) -> None:
         """The trainable tensors of a ``save`` file (``model.checkpoint``), checked before anything
         is copied: readable, finite, every name and shape the model's (one line naming the misfit)."""

@@ -200,10 +200,4 @@ def build(cfg, checkpoint: str | None) -> HFUnifiedModel:
     if family.mode == "separate" and m.reasoner == "text_encoder":
         raise ValueError(f"model.reasoner: {name}'s text encoders cannot write text; set it to a transformers "
                          "causal-LM folder or hub id (separate mode)")
-    model = family.from_pipeline(pipe, m)
-    model.fsdp = m.fsdp
-    if m.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    if checkpoint is not None:
-        model.load_checkpoint(checkpoint)
-    return model
+    return family.from_pipeline(pipe, m).configured(m, checkpoint)
