@@ -290,5 +290,13 @@ class BagelModel(UnifiedModel):
         return [FSDPRoot(self, layers, ignored=set(self.vae.parameters()), unit_name="decoder layer")], \
             f"{len(layers)} MoT decoder layers, the model as root (VAE replicated)"
 
+    def export_formats(self) -> tuple[str, ...]:
+        return ("merged",)  # the released layout with the trained weights merged (bagel_io.write_export)
+
+    def write_export(self, folder, fmt: str, extra: dict) -> str:
+        from unigrpo.models.bagel_io import write_export
+
+        return write_export(self, folder)
+
     def save_metadata(self) -> dict[str, str]:
-        return {"text_rank": str(self.text_rank), "image_rank": str(self.image_rank)}
+        return {**super().save_metadata(), "text_rank": str(self.text_rank), "image_rank": str(self.image_rank)}
