@@ -183,6 +183,31 @@ def test_bagel_export_loads_with_build_model_and_reproduces_the_policy(tmp_path)
         build_model(load_config(None, [*cfg_overrides(cfg), f"model.path={out}", "model.lora.image_rank=0"]))
 
 
+def test_bagel_lora_export_is_a_peft_folder_for_the_mot(tmp_path):
+    """Both experts LoRA: ``--format lora`` writes ``language_model/``, which peft loads onto the
+    released model (built with LoRA ranks 0) to reproduce the policy."""
+    from conftest import bagel_overrides, tiny_bagel_dir
+
+    model, _, prompts = bagel_factory(seed=0, text_rank=4, image_rank=4)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    model.save(tmp_path / "final.safetensors")
+    out = tmp_path / "lora"
+    assert main(["export", str(tmp_path), "--out", str(out), "--format", "lora"]) == 0
+    base = build_model(load_config(None, bagel_overrides(tiny_bagel_dir(), 0, 0)), checkpoint=None)
+    PeftModel.from_pretrained(base.language_model, str(out / "language_model"))
+    tokens = model.sample_reasoning(model.encode(prompts), max_new_tokens=6, generator=torch.Generator().manual_seed(0))
+    x = torch.randn((3, *model.latent_shape), generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.9, 0.5, 0.2])
+    with torch.no_grad():
+        (lp1, c1), (lp2, c2) = model.forward_context(tokens), base.forward_context(tokens)
+        e_lp, e_v = (lp1 - lp2).abs().max().item(), (model.velocity(x, t, c1) - base.velocity(x, t, c2)).abs().max().item()
+    print(f"bagel lora export: log-probs max|diff| {e_lp:.3g}, velocity {e_v:.3g}")
+    assert e_lp <= TOL and e_v <= TOL and lp1.abs().max() > 0
+
+
 def cfg_overrides(cfg) -> list[str]:
     m = cfg.model
     return ["model.kind=bagel", f"model.lora.text_rank={m.lora.text_rank}", f"model.resolution={m.resolution}",

@@ -33,7 +33,7 @@ from unigrpo.models.bagel_vae import AutoEncoder
 from unigrpo.utils.checkpoint import verify_sums
 from unigrpo.utils.errors import CheckpointError
 
-__all__ = ["IGNORED_PREFIXES", "build", "load_bagel", "write_export", "write_tiny_bagel"]
+__all__ = ["IGNORED_PREFIXES", "build", "load_bagel", "write_export", "write_lora_export", "write_tiny_bagel"]
 
 IGNORED_PREFIXES = ("vit_model.", "connector.", "vit_pos_embed.")  # the ViT path (not used for text-to-image)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -195,6 +195,18 @@ def write_export(model, folder: Path) -> str:
         if item.is_file() and item.name != "ema.safetensors":
             shutil.copy2(item, folder / item.name)
     return "# unigrpo: model.kind=bagel model.path=DIR\n# Bagel's own inference code: its model_path=DIR (same files, same key names)\n"
+
+
+def write_lora_export(model, folder: Path) -> str:
+    """``unigrpo export --format lora`` of a Bagel policy: ``folder/language_model/``, a peft adapter
+    folder of the MoT's LoRA (both experts) under the release's module names, for
+    ``PeftModel.from_pretrained(<Bagel>.language_model, folder)`` (it injects in place)."""
+    from unigrpo.models.lora_io import write_peft_folder
+
+    write_peft_folder(model.language_model, folder / "language_model", model.config_section["path"], task_type=None)
+    return ("from peft import PeftModel\n\n# bagel: the released model (Bagel's own code, or unigrpo's build_model "
+            "with model.lora ranks 0)\nPeftModel.from_pretrained(bagel.language_model, \"DIR/language_model\")"
+            "  # injected in place\n")
 
 
 def build(cfg, checkpoint: str | None) -> BagelModel:
