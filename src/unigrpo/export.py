@@ -114,9 +114,11 @@ def export(source: str | Path, out: str | Path, fmt: str | None = None, *, overw
         how = model.write_export(tmp, fmt, extra)
         (tmp / "README.md").write_text(_readme(cfg_section(cfg), fmt, extra, how, path))
         write_sums(tmp)
-        if out.exists():
-            shutil.rmtree(out)
+        old = tmp.with_name(tmp.name + ".old")
+        if out.exists():  # --overwrite: the old export moves aside first, and goes once the new one is in place
+            os.replace(out, old)
         os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

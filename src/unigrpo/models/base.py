@@ -17,8 +17,10 @@ a default here, never probed with ``getattr``:
   forward is a collective), ``validate_prompts`` (a closed vocabulary).
 
 **Lifecycle** (one implementation for every kind): the trainable state is ``parameter_groups``'
-tensors by name (gathered on every rank when sharded); ``save`` writes it with the LoRA ranks in
-the metadata; ``wrap`` broadcasts rank 0's weights and, with ``model.fsdp`` on > 1 rank, shards
+tensors by name (gathered on every rank when sharded); ``save`` writes it with the LoRA ranks, the
+model section it was built from and the sha256 of the tensors in the metadata (every load,
+``read_weights``, verifies the hash; ``unigrpo export`` rebuilds the model from the section and
+calls ``export_formats`` / ``write_export``, what each kind writes for its ecosystem); ``wrap`` broadcasts rank 0's weights and, with ``model.fsdp`` on > 1 rank, shards
 the units of ``fsdp_plan``; the **reference** (:class:`ReferencePolicy`) is the same model under other
 weights: its LoRA adapters switched off and a snapshot of every other trainable tensor substituted
 by name (``substituted``), never a second copy of the model.
