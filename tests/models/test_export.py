@@ -244,3 +244,19 @@ def test_a_checkpoint_of_another_base_is_refused_in_one_line(tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("unigrpo: ")]
     assert rc == 2 and len(err) == 1 and "has shape" in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_fully_trained_side_exports_merged_only(tmp_path, capsys):
+    """Text side trained in full (rank 0): the default is merged, whose text encoder holds exactly
+    the trained weights; --format lora is refused in one line."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    model = build_model(load_config(None, hf_overrides(tiny_flux2_dir(), 0, 4)), checkpoint=None)
+    with torch.no_grad():
+        for _, p in model.parameter_groups()["text"]:
+            p.add_(0.01 * torch.randn_like(p))
+    model.save(tmp_path / "final.safetensors")
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "lora"), "--format", "lora"]) == 2
+    assert "--format lora: not available" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "merged")]) == 0
+    enc = DiffusionPipeline.from_pretrained(str(tmp_path / "merged")).text_encoder.state_dict()
+    assert all(torch.equal(enc[k], v) for k, v in model.lm.state_dict().items())
