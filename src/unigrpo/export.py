@@ -78,7 +78,9 @@ def write_sums(folder: Path) -> None:
 def _readme(section: dict, fmt: str, extra: dict, how: str, source: Path) -> str:
     base = {k: section[k] for k in ("pipeline", "reasoner", "path") if section.get(k)}
     steps = extra.get("rl_step", "unknown")
-    return (f"# unigrpo export ({section['kind']}, {fmt})\n\nA policy trained with unigrpo (UniGRPO), exported "
+    hub = [v for v in base.values() if v != "text_encoder" and not Path(v).expanduser().exists()]  # hub ids
+    card = {"tags": ["unigrpo", "grpo", "reinforcement-learning"], **({"base_model": hub} if hub else {})}
+    return ("---\n" + yaml.safe_dump(card, sort_keys=False) + "---\n\n" + f"# unigrpo export ({section['kind']}, {fmt})\n\nA policy trained with unigrpo (UniGRPO), exported "
             f"from `{source.name}` after {steps} RL steps.\n\nBase: "
             + (", ".join(f"{k} `{v}`" for k, v in base.items()) or "none (a standalone model)")
             + f"\n\n## Load it\n\n```python\n{how.replace('DIR', '<this folder>')}```\n\n"
