@@ -219,7 +219,8 @@ def save_checkpoint(out_dir: str | Path, *, model, optimizer: torch.optim.Optimi
 
 
 def save_reference(out_dir: str | Path, reference) -> Path:
-    return atomic_torch_save({"model": _cpu_state(reference)}, Path(out_dir) / REFERENCE)
+    state = _cpu_state(reference)
+    return atomic_torch_save({"model": state, "sha256": state_hash(state)}, Path(out_dir) / REFERENCE)
 
 
 def _read_pointer(path: Path, device) -> dict:
@@ -277,9 +278,12 @@ def load_reference(out_dir: str | Path, device: torch.device | str = "cpu") -> d
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location=device, weights_only=True)["model"]
+        saved = torch.load(path, map_location=device, weights_only=True)
+        state = saved["model"]
     except Exception as e:
         raise CheckpointError(f"{path}: unreadable reference policy ({type(e).__name__})") from e
+    verify_hash(state, saved, path)  # written before hashes: no "sha256", accepted
+    return state
 
 
 def resume(out_dir: str | Path, model, ref, optimizer: torch.optim.Optimizer, device) -> dict:
