@@ -19,7 +19,11 @@ of its tensors (names, dtypes, shapes, bytes); ``checkpoint.pt`` repeats the has
 both, refuses non-finite weights and names the first tensor whose shape does not fit the model, so
 a torn, swapped or corrupted checkpoint is one line, never a silently wrong run. ``final.safetensors``
 (plain weights for eval/sample) is written with the same atomic rule, at the same step, before the
-pointer: it is never behind the checkpoint.
+pointer: it is never behind the checkpoint. Every other weight file carries its hash too
+(``hashed_metadata``: ``model.save``; ``reference.pt``) and every load verifies it (``verify_hash``);
+a file from before hashes (none recorded) loads as it is. Foreign weights have no hash: they are
+checked for NaN / inf at load (``check_finite``), and a folder ``unigrpo export`` wrote against its
+``SHA256SUMS`` (``verify_sums``).
 """
 
 from __future__ import annotations
