@@ -80,7 +80,8 @@ def _readme(section: dict, fmt: str, extra: dict, how: str, source: Path) -> str
     steps = extra.get("rl_step", "unknown")
     hub = [v for v in base.values() if v != "text_encoder" and not Path(v).expanduser().exists()]  # hub ids
     card = {"tags": ["unigrpo", "grpo", "reinforcement-learning"], **({"base_model": hub} if hub else {})}
-    return ("---\n" + yaml.safe_dump(card, sort_keys=False) + "---\n\n" + f"# unigrpo export ({section['kind']}, {fmt})\n\nA policy trained with unigrpo (UniGRPO), exported "
+    return ("---\n" + yaml.safe_dump(card, sort_keys=False) + "---\n\n"
+            f"# unigrpo export ({section['kind']}, {fmt})\n\nA policy trained with unigrpo (UniGRPO), exported "
             f"from `{source.name}` after {steps} RL steps.\n\nBase: "
             + (", ".join(f"{k} `{v}`" for k, v in base.items()) or "none (a standalone model)")
             + f"\n\n## Load it\n\n```python\n{how.replace('DIR', '<this folder>')}```\n\n"
@@ -104,11 +105,14 @@ def export(source: str | Path, out: str | Path, fmt: str | None = None, *, overw
     except ValueError as e:  # the base refuses the recorded section: another pipeline, other sizes
         raise CheckpointError(f"{path}: does not match its base model: {str(e).splitlines()[0]}") from e
     formats = model.export_formats()
+    if not formats:
+        raise InputError(f"{path}: model.kind={section['kind']} has no export format")
     fmt = fmt or formats[0]
-    if fmt not in formats:
-        raise InputError(f"--format {fmt}: not available for this policy (model.kind={section['kind']}, LoRA ranks "
-                         f"text {section.get('lora', {}).get('text_rank', '-')} / image "
-                         f"{section.get('lora', {}).get('image_rank', '-')}); it exports as: {', '.join(formats)}")
+    if fmt not in formats:  # e.g. lora for a side trained in full (LoRA rank 0)
+        lora = section.get("lora", {})
+        ranks = f", LoRA ranks text {lora['text_rank']} / image {lora['image_rank']}" if lora else ""
+        raise InputError(f"--format {fmt}: not available for this policy (model.kind={section['kind']}{ranks}); "
+                         f"it exports as: {', '.join(formats)}")
     tmp = out.resolve().parent / f".{out.name}.export-tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
