@@ -175,6 +175,31 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from unigrpo.export import export
+
+    out = export(args.source, args.out, args.format, overwrite=args.overwrite, overrides=args.overrides,
+                 device=args.device)
+    print(f"exported {args.source} to {out} (README.md says how to load it)")
+    return 0
+
+
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a trained policy in the formats diffusers / transformers / peft / "
+                                      "Bagel load (docs/after_training.md)")
+    p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory (its final.safetensors) or a "
+                                                                   "weight file written by unigrpo")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="change the recorded model section, e.g. model.pipeline=/new/place of the base")
+    p.add_argument("--out", required=True, help="folder to write (must be empty or absent)")
+    p.add_argument("--format", default=None, choices=["lora", "merged"],
+                   help="lora: adapters in diffusers / peft format; merged: whole weights (default: lora for "
+                        "a LoRA run, merged otherwise)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--device", default="cpu", help="where to load and merge (default cpu)")
+    p.set_defaults(func=cmd_export)
+
+
 def _add_serve_reward_parser(sub) -> None:
     p = sub.add_parser("serve-reward", help="serve a reward over HTTP (POST /score, GET /health, /info; "
                                             "docs/rewards.md; needs the 'serve' extra)")
@@ -215,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_configs)
     _add_train_parser(sub)
     _add_serve_reward_parser(sub)
+    _add_export_parser(sub)
 
     p = sub.add_parser("pretrain", help="supervised (SFT) training of the tiny model from scratch")
     _add_config_args(p, required=False)

@@ -20,6 +20,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 from conftest import HF_PROMPTS, hf_overrides, qwen_overrides, tiny_flux2_dir, tiny_qwenimage_dir
+from safetensors import safe_open
 from safetensors.torch import load_file
 from testkit import max_diff, steps_of, torchrun_env
 
@@ -82,6 +83,11 @@ def test_two_sharded_processes_match_one_process_and_resume(tmp_path):
     base = build_model(load_config(None, hf_overrides(tiny_flux2_dir())), checkpoint=None).trainable_state()
     assert any(not torch.equal(a[k], base[k]) for k in a if "lora_B" in k)  # training moved the LoRA weights
     assert max_diff(a, b) <= 1e-6  # measured 0.0
+    # the sharded run's file is the 1-process layout: same model section, same content hash; it exports
+    (m1, m2) = (safe_open(str(d / "final.safetensors"), framework="pt").metadata() for d in (one, two))
+    (s1, s2) = ({**json.loads(m["model"]), "fsdp": None} for m in (m1, m2))  # model.fsdp: what differs
+    assert s1 == s2 and m1["sha256"] == m2["sha256"]
+    assert main(["export", str(two), "--out", str(tmp_path / "export")]) == 0
     s1, s2 = steps_of(one), steps_of(two)
     assert s1.keys() == s2.keys() == {1, 2}
     for step in (1, 2):

@@ -129,6 +129,21 @@ def test_a_tampered_policy_file_is_refused_on_resume(tiny_ckpt, tmp_path, capsys
     assert code == 2 and len(lines) == 1 and "content hash does not match" in lines[0] and policy.name in lines[0]
 
 
+def test_a_tampered_reference_is_refused_on_resume(tiny_ckpt, tmp_path, capsys):
+    """reference.pt carries the sha256 of its tensors too: an altered one is one line, exit 2."""
+    import torch
+
+    out = tmp_path / "r"
+    assert main(["train", *overrides(tiny_ckpt, out, "steps=1")]) == 0
+    saved = torch.load(out / "reference.pt", weights_only=True)
+    assert len(saved["sha256"]) == 64
+    k = min(saved["model"])
+    saved["model"][k] = saved["model"][k] + 1e-3
+    torch.save(saved, out / "reference.pt")
+    code, lines = run_cli(["train", *overrides(tiny_ckpt, out, "steps=2"), "--resume"], capsys)
+    assert code == 2 and len(lines) == 1 and "reference.pt: content hash does not match" in lines[0], lines
+
+
 def test_demo_twice_in_a_row(tiny_ckpt, tmp_path, capsys, monkeypatch):
     """`bash scripts/demo.sh` twice: the demo replaces its previous run itself, and says so."""
     monkeypatch.chdir(tmp_path)

@@ -43,4 +43,7 @@ def build_model(cfg, device: str | None = None, checkpoint: str | None = FROM_CO
     module, _, name = KINDS[kind].partition(":")
     builder = getattr(importlib.import_module(module), name)
     model = builder(cfg, cfg.model.checkpoint if checkpoint == FROM_CONFIG else checkpoint)
+    from unigrpo.utils.typed_config import to_dict
+
+    model.config_section = to_dict(cfg.model)  # recorded by model.save (what `unigrpo export` rebuilds)
     return model.to(device or cfg.device).eval()

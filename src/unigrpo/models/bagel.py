@@ -290,5 +290,16 @@ class BagelModel(UnifiedModel):
         return [FSDPRoot(self, layers, ignored=set(self.vae.parameters()), unit_name="decoder layer")], \
             f"{len(layers)} MoT decoder layers, the model as root (VAE replicated)"
 
+    def export_formats(self) -> tuple[str, ...]:
+        """``merged`` (default): the released layout, trained weights merged; ``lora`` (both experts
+        LoRA, heads frozen): a peft adapter folder for ``language_model`` (bagel_io.write_export)."""
+        lora = self.text_rank and self.image_rank and not self.train_heads
+        return ("merged", "lora") if lora else ("merged",)
+
+    def write_export(self, folder, fmt: str, extra: dict) -> str:
+        from unigrpo.models.bagel_io import write_export, write_lora_export
+
+        return (write_lora_export if fmt == "lora" else write_export)(self, folder)
+
     def save_metadata(self) -> dict[str, str]:
-        return {"text_rank": str(self.text_rank), "image_rank": str(self.image_rank)}
+        return {**super().save_metadata(), "text_rank": str(self.text_rank), "image_rank": str(self.image_rank)}

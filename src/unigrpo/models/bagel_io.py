@@ -16,7 +16,7 @@ Sizes not in ``llm_config.json`` come from tensor shapes: ``max_latent_size`` fr
 ``latent_pos_embed`` (64 for the release), the timestep features from ``time_embedder.mlp.0``, the
 VAE's architecture from ``ae.safetensors``. The model is built on the meta device and every tensor
 is read from the file straight to ``device`` (one tensor at a time: no full CPU copy per rank).
-A missing or unexpected key is a one-line error listing them.
+A missing or unexpected key is a one-line error listing them; a NaN / inf tensor is one line naming it.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ import torch
 from unigrpo.models.bagel import SPECIALS, THINK_SYSTEM_PROMPT, BagelModel
 from unigrpo.models.bagel_mot import LLMConfig
 from unigrpo.models.bagel_vae import AutoEncoder
+from unigrpo.utils.checkpoint import verify_sums
+from unigrpo.utils.errors import CheckpointError
 
-__all__ = ["IGNORED_PREFIXES", "build", "load_bagel", "write_tiny_bagel"]
+__all__ = ["IGNORED_PREFIXES", "build", "load_bagel", "write_export", "write_lora_export", "write_tiny_bagel"]
 
 IGNORED_PREFIXES = ("vit_model.", "connector.", "vit_pos_embed.")  # the ViT path (not used for text-to-image)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,6 +73,8 @@ def load_into(module: torch.nn.Module, path: Path, device, dtype: torch.dtype | 
                 t = f.get_tensor(k)
                 if tuple(t.shape) != tuple(p.shape):
                     raise ValueError(f"{path}: {k} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
+                if t.is_floating_point() and not torch.isfinite(t).all():  # before any run directory exists
+                    raise CheckpointError(f"{path}: tensor {k} holds NaN/inf; refusing to load broken weights")
                 p.copy_(t.to(dtype or t.dtype))
 
 
@@ -90,6 +94,7 @@ def load_bagel(path: str | Path, *, device="cpu", dtype: str = "float32", **kwar
     folder = Path(path)
     if not str(path) or not folder.is_dir():
         raise FileNotFoundError(f"model.path: {path!r} is not a folder (the BAGEL-7B-MoT checkpoint folder)")
+    verify_sums(folder)  # a unigrpo export: its SHA256SUMS
     llm = read_llm_config(folder)
     ema, ae = _require(folder, "ema.safetensors"), _require(folder, "ae.safetensors")
     shapes = _shapes(ema)
@@ -161,6 +166,47 @@ def write_tiny_bagel(folder: str | Path, seed: int = 0, *, hidden: int = 64, lay
     save_file(state, str(folder / "ema.safetensors"))
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(folder / "ae.safetensors"))
     return folder
+
+
+def write_export(model, folder: Path) -> str:
+    """``unigrpo export`` of a Bagel policy: the released layout of ``model.path`` in ``folder``,
+    every file copied but ``ema.safetensors``, which holds the trained weights (LoRA merged) under
+    the release's key names and dtypes, and the release's other tensors (the ViT path) as they were.
+    Returns the loading snippet for the README."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from unigrpo.models.lora_io import merge_lora
+
+    src = Path(model.config_section["path"])
+    merge_lora(model.language_model)
+    own = {k: v.detach().cpu() for k, v in model.named_parameters() if not k.startswith("vae.")}
+    state = {}
+    with safe_open(str(src / "ema.safetensors"), framework="pt") as f:
+        for k in f.keys():  # noqa: SIM118 - safe_open is not iterable
+            t = f.get_tensor(k)
+            state[k] = own.pop(k).to(t.dtype) if k in own else t  # the release's dtype
+    if own:  # a trained tensor the release has no key for would be lost
+        raise ValueError(f"{src / 'ema.safetensors'}: has no key for {sorted(own)[:3]}")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "ema.safetensors"))
+    for item in src.iterdir():
+        if item.is_file() and item.name != "ema.safetensors":
+            shutil.copy2(item, folder / item.name)
+    return "# unigrpo: model.kind=bagel model.path=DIR\n# Bagel's own inference code: its model_path=DIR (same files, same key names)\n"
+
+
+def write_lora_export(model, folder: Path) -> str:
+    """``unigrpo export --format lora`` of a Bagel policy: ``folder/language_model/``, a peft adapter
+    folder of the MoT's LoRA (both experts) under the release's module names, for
+    ``PeftModel.from_pretrained(<Bagel>.language_model, folder)`` (it injects in place)."""
+    from unigrpo.models.lora_io import write_peft_folder
+
+    write_peft_folder(model.language_model, folder / "language_model", model.config_section["path"], task_type=None)
+    return ("from peft import PeftModel\n\n# bagel: the released model (Bagel's own code, or unigrpo's build_model "
+            "with model.lora ranks 0)\nPeftModel.from_pretrained(bagel.language_model, \"DIR/language_model\")"
+            "  # injected in place\n")
 
 
 def build(cfg, checkpoint: str | None) -> BagelModel:

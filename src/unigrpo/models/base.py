@@ -17,8 +17,10 @@ a default here, never probed with ``getattr``:
   forward is a collective), ``validate_prompts`` (a closed vocabulary).
 
 **Lifecycle** (one implementation for every kind): the trainable state is ``parameter_groups``'
-tensors by name (gathered on every rank when sharded); ``save`` writes it with the LoRA ranks in
-the metadata; ``wrap`` broadcasts rank 0's weights and, with ``model.fsdp`` on > 1 rank, shards
+tensors by name (gathered on every rank when sharded); ``save`` writes it with the LoRA ranks, the
+model section it was built from and the sha256 of the tensors in the metadata (every load,
+``read_weights``, verifies the hash; ``unigrpo export`` rebuilds the model from the section and
+calls ``export_formats`` / ``write_export``, what each kind writes for its ecosystem); ``wrap`` broadcasts rank 0's weights and, with ``model.fsdp`` on > 1 rank, shards
 the units of ``fsdp_plan``; the **reference** (:class:`ReferencePolicy`) is the same model under other
 weights: its LoRA adapters switched off and a snapshot of every other trainable tensor substituted
 by name (``substituted``), never a second copy of the model.
@@ -109,11 +111,12 @@ def inject_lora(module: nn.Module, ranks: dict[str, int]) -> None:
 
 def read_weights(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors weight file; a missing, unreadable (truncated, empty,
-    another format) or non-finite file is one line naming it."""
+    another format), altered (its recorded sha256 differs: ``verify_hash``) or non-finite file is one
+    line naming it."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from unigrpo.utils.checkpoint import nonfinite_tensor
+    from unigrpo.utils.checkpoint import nonfinite_tensor, verify_hash
     from unigrpo.utils.errors import CheckpointError
 
     if not Path(path).is_file():
@@ -124,6 +127,7 @@ def read_weights(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch
         state = load_file(str(path), device=device)
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__})") from e
+    verify_hash(state, meta, path)
     if (bad := nonfinite_tensor(state)) is not None:
         raise CheckpointError(f"{path}: tensor {bad} holds NaN/inf; refusing to load broken weights")
     return state, meta
@@ -208,6 +212,7 @@ class UnifiedModel(TextSide, nn.Module):
         self.sharded = False  # every forward is a collective: every rank runs the same calls
         self.fixed_steps = False  # the decode loop runs max_new_tokens steps (set when sharded)
         self._gathered, self._is_main, self._fsdp_roots = GatheredState(), True, []
+        self.config_section: dict | None = None  # the model section it was built from (build_model): saved with it
 
     @property
     def device(self) -> torch.device:
@@ -291,8 +296,10 @@ class UnifiedModel(TextSide, nn.Module):
         self.load_trainable_state(state)
 
     def save_metadata(self) -> dict[str, str]:
-        """What ``save`` records beside the tensors (the LoRA ranks, the tiny model's config)."""
-        return {}
+        """What ``save`` records beside the tensors: the model section it was built from (``model``:
+        base pipeline / reasoner / path, LoRA ranks and targets, dtype, kind; what ``unigrpo export``
+        rebuilds it from) + an adapter's own (the LoRA ranks)."""
+        return {} if self.config_section is None else {"model": json.dumps({**self.config_section, "checkpoint": None})}
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         """The trainable tensors as safetensors (the base weights are named by the config). Sharded:
@@ -301,12 +308,22 @@ class UnifiedModel(TextSide, nn.Module):
         was written since."""
         from safetensors.torch import save
 
-        from unigrpo.utils.checkpoint import atomic_save
+        from unigrpo.utils.checkpoint import atomic_save, hashed_metadata
 
         meta = {**self.save_metadata(), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
         own = self.trainable_state() if not self.sharded else self._gathered.take(self._named_trainable().values())
         state = {k: v.contiguous() for k, v in own.items()}
+        meta = hashed_metadata(state, meta)  # verified by every load (read_weights)
         atomic_save(lambda f: f.write(save(state, metadata=meta)), path)  # a crash never leaves half a file
+
+    def export_formats(self) -> tuple[str, ...]:
+        """What ``unigrpo export`` writes for this model (``lora``, ``merged``), the default first."""
+        return ()
+
+    def write_export(self, folder: Path, fmt: str, extra: dict) -> str:
+        """The policy written to the empty ``folder`` in format ``fmt`` (one of ``export_formats``;
+        ``extra``: what ``save`` was given, e.g. the step); returns how to load it (README code)."""
+        raise NotImplementedError
 
     def fsdp_plan(self) -> tuple[list[FSDPRoot], str]:
         """The FSDP2 roots (each with its units) and a one-line description for the log."""

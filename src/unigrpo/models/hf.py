@@ -35,6 +35,7 @@ plain ``v_u + s (v_c - v_u)``). docs/models.md has the mapping of each family.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -42,6 +43,7 @@ from torch import nn
 from unigrpo.models.base import FSDPRoot, UnifiedModel, inject_lora
 from unigrpo.models.hf_text import CausalLMReasoner
 from unigrpo.models.protocol import TokenBatch
+from unigrpo.utils.checkpoint import check_finite, verify_sums
 
 __all__ = ["FAMILIES", "HFUnifiedModel", "build", "lora_kwargs"]
 
@@ -177,8 +179,17 @@ class HFUnifiedModel(UnifiedModel):
         return roots, (f"{len(units['lm'])} LM blocks, {len(units['dit'])} transformer blocks, the LM and the "
                        "transformer as roots")
 
+    def export_formats(self) -> tuple[str, ...]:
+        """``lora`` (default) when both sides are LoRA, else ``merged`` only (``hf_export``)."""
+        return ("lora", "merged") if self.text_rank and self.image_rank else ("merged",)
+
+    def write_export(self, folder, fmt: str, extra: dict) -> str:
+        from unigrpo.models import hf_export
+
+        return (hf_export.write_lora if fmt == "lora" else hf_export.write_merged)(self, folder)
+
     def save_metadata(self) -> dict[str, str]:
-        return {"text_rank": str(self.text_rank), "image_rank": str(self.image_rank)}
+        return {**super().save_metadata(), "text_rank": str(self.text_rank), "image_rank": str(self.image_rank)}
 
 
 def build(cfg, checkpoint: str | None) -> HFUnifiedModel:
@@ -188,7 +199,10 @@ def build(cfg, checkpoint: str | None) -> HFUnifiedModel:
     from diffusers import DiffusionPipeline
 
     m = cfg.model
+    if Path(m.pipeline).is_dir():
+        verify_sums(m.pipeline)  # a unigrpo export: its SHA256SUMS
     pipe = DiffusionPipeline.from_pretrained(m.pipeline, dtype=DTYPES[m.dtype])
+    check_finite({k: v for k, v in pipe.components.items() if isinstance(v, nn.Module)}, f"model.pipeline {m.pipeline}")
     name = type(pipe).__name__
     if name not in FAMILIES:
         raise ValueError(f"model.pipeline: {name} is not supported; supported pipelines: {', '.join(sorted(FAMILIES))}")

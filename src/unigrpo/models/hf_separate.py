@@ -29,6 +29,7 @@ from torch import nn
 from unigrpo.models.hf import DTYPES, HFUnifiedModel
 from unigrpo.models.protocol import TokenBatch
 from unigrpo.utils import dist
+from unigrpo.utils.checkpoint import check_finite
 
 __all__ = ["SeparateReasonerModel", "load_reasoner"]
 
@@ -45,6 +46,7 @@ def load_reasoner(name: str, dtype: str):
     except (OSError, ValueError) as e:  # missing folder, unknown / unreachable hub id, not a causal LM
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"model.reasoner: cannot load a transformers causal LM from {name!r}: {first}") from None
+    check_finite({"reasoner": lm}, f"model.reasoner {name}")
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
         raise ValueError(f"model.reasoner: the tokenizer of {name!r} has neither a pad nor an eos token")
     return lm.eval(), tokenizer

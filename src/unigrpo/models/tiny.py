@@ -119,13 +119,22 @@ class TinyUnifiedModel(UnifiedModel):
         """Weights as safetensors; config and tokenizer vocabulary in its metadata (one file)."""
         from safetensors.torch import save
 
-        from unigrpo.utils.checkpoint import atomic_save
+        from unigrpo.utils.checkpoint import atomic_save, hashed_metadata
 
         meta = {"config": json.dumps(asdict(self.cfg)), "tokenizer": json.dumps(self.tokenizer.to_dict()),
-                **{k: json.dumps(v) for k, v in (extra or {}).items()}}
+                **self.save_metadata(), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        meta = hashed_metadata(state, meta)  # verified by every load (read_weights)
         # atomic (tmp + fsync + rename): a crash mid-save never leaves a half-written file at `path`
         atomic_save(lambda f: f.write(save(state, metadata=meta)), path)
+
+    def export_formats(self) -> tuple[str, ...]:
+        return ("merged",)  # the standalone checkpoint (weights + config + vocabulary)
+
+    def write_export(self, folder, fmt: str, extra: dict) -> str:
+        self.save(Path(folder) / "model.safetensors", extra)
+        return ("unigrpo sample \"a red circle\" --checkpoint DIR/model.safetensors\n"
+                "unigrpo eval --checkpoint DIR/model.safetensors\n")
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> TinyUnifiedModel:

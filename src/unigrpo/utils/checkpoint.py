@@ -19,7 +19,11 @@ of its tensors (names, dtypes, shapes, bytes); ``checkpoint.pt`` repeats the has
 both, refuses non-finite weights and names the first tensor whose shape does not fit the model, so
 a torn, swapped or corrupted checkpoint is one line, never a silently wrong run. ``final.safetensors``
 (plain weights for eval/sample) is written with the same atomic rule, at the same step, before the
-pointer: it is never behind the checkpoint.
+pointer: it is never behind the checkpoint. Every other weight file carries its hash too
+(``hashed_metadata``: ``model.save``; ``reference.pt``) and every load verifies it (``verify_hash``);
+a file from before hashes (none recorded) loads as it is. Foreign weights have no hash: they are
+checked for NaN / inf at load (``check_finite``), and a folder ``unigrpo export`` wrote against its
+``SHA256SUMS`` (``verify_sums``).
 """
 
 from __future__ import annotations
@@ -38,9 +42,9 @@ import torch
 from unigrpo.utils import dist
 from unigrpo.utils.errors import CheckpointError
 
-__all__ = ["CHECKPOINT", "FORMAT", "REFERENCE", "atomic_save", "atomic_torch_save", "capture_rng", "check_fits",
-           "load_checkpoint", "load_reference", "nonfinite_tensor", "pointed_policy", "restore_rng", "resume",
-           "save_checkpoint", "save_reference", "state_hash"]
+__all__ = ["CHECKPOINT", "FORMAT", "REFERENCE", "atomic_save", "atomic_torch_save", "capture_rng", "check_finite",
+           "check_fits", "file_sha256", "hashed_metadata", "load_checkpoint", "load_reference", "nonfinite_tensor", "pointed_policy",
+           "restore_rng", "resume", "save_checkpoint", "save_reference", "state_hash", "verify_hash", "verify_sums"]
 
 CHECKPOINT, REFERENCE = "checkpoint.pt", "reference.pt"
 FORMAT = "1"  # checkpoint format version, in the policy metadata; loading refuses any other
@@ -60,6 +64,56 @@ def nonfinite_tensor(state: dict[str, torch.Tensor]) -> str | None:
     """The first tensor (name order) holding NaN / inf, or None."""
     return next((k for k in sorted(state) if state[k].is_floating_point() and not torch.isfinite(state[k]).all()),
                 None)
+
+
+def hashed_metadata(state: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, str]:
+    """``meta`` + the format version and the sha256 of ``state``: what every weight file unigrpo
+    writes carries (``verify_hash`` checks it on load)."""
+    return {**meta, "format": FORMAT, "sha256": state_hash(state)}
+
+
+def verify_hash(state: dict[str, torch.Tensor], meta: dict[str, str], source) -> None:
+    """The tensors read from ``source`` against the sha256 in its metadata; a file without one
+    (written before hashes were recorded) is accepted as it is."""
+    if "sha256" in meta and state_hash(state) != meta["sha256"]:
+        raise CheckpointError(f"{source}: content hash does not match the one recorded in the file (corrupted or "
+                              "modified since unigrpo wrote it); refusing to load it")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_sums(folder: str | Path) -> None:
+    """The files of a folder ``unigrpo export`` wrote against its ``SHA256SUMS`` (the ``sha256sum``
+    format); a folder without one (a release, a hub download) is accepted as it is, and so is a
+    listed file that is absent (a partial download fails where the file is read)."""
+    folder = Path(folder)
+    sums = folder / "SHA256SUMS"
+    if not sums.is_file():
+        return
+    for line in sums.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        f = folder / name
+        if len(digest) == 64 and name and f.is_file() and file_sha256(f) != digest:
+            raise CheckpointError(f"{f}: content hash does not match {sums} (corrupted or modified since unigrpo "
+                                  "exported it); refusing to load it")
+
+
+def check_finite(modules: dict, source) -> None:
+    """Every floating parameter and buffer of ``modules`` (name -> nn.Module) is finite: foreign
+    weights (a pipeline folder, a released checkpoint) are checked once at load, so a NaN in them
+    is one line naming the tensor before a run starts, not a failure mid-rollout."""
+    for name, module in modules.items():
+        if module is None:
+            continue
+        for k, t in [*module.named_parameters(), *module.named_buffers()]:
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise CheckpointError(f"{source}: {name}.{k} holds NaN/inf; refusing to load broken weights")
 
 
 def check_fits(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], source) -> None:
@@ -169,7 +223,8 @@ def save_checkpoint(out_dir: str | Path, *, model, optimizer: torch.optim.Optimi
 
 
 def save_reference(out_dir: str | Path, reference) -> Path:
-    return atomic_torch_save({"model": _cpu_state(reference)}, Path(out_dir) / REFERENCE)
+    state = _cpu_state(reference)
+    return atomic_torch_save({"model": state, "sha256": state_hash(state)}, Path(out_dir) / REFERENCE)
 
 
 def _read_pointer(path: Path, device) -> dict:
@@ -227,9 +282,12 @@ def load_reference(out_dir: str | Path, device: torch.device | str = "cpu") -> d
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location=device, weights_only=True)["model"]
+        saved = torch.load(path, map_location=device, weights_only=True)
+        state = saved["model"]
     except Exception as e:
         raise CheckpointError(f"{path}: unreadable reference policy ({type(e).__name__})") from e
+    verify_hash(state, saved, path)  # written before hashes: no "sha256", accepted
+    return state
 
 
 def resume(out_dir: str | Path, model, ref, optimizer: torch.optim.Optimizer, device) -> dict:
