@@ -18,9 +18,11 @@ from conftest import (
     HF_PROMPTS,
     TINY,
     bagel_factory,
+    bagel_overrides,
     hf_overrides,
     qwen_overrides,
     sd3_overrides,
+    tiny_bagel_dir,
     tiny_flux2_dir,
     tiny_qwenimage_dir,
     tiny_sd3_dirs,
@@ -186,7 +188,6 @@ def test_bagel_export_loads_with_build_model_and_reproduces_the_policy(tmp_path)
 def test_bagel_lora_export_is_a_peft_folder_for_the_mot(tmp_path):
     """Both experts LoRA: ``--format lora`` writes ``language_model/``, which peft loads onto the
     released model (built with LoRA ranks 0) to reproduce the policy."""
-    from conftest import bagel_overrides, tiny_bagel_dir
 
     model, _, prompts = bagel_factory(seed=0, text_rank=4, image_rank=4)
     with torch.no_grad():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, bagel_overrides, hf_overrides, tiny_bagel_dir, tiny_flux2_dir
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -61,7 +61,6 @@ def test_a_file_without_a_hash_still_loads(tmp_path):
 def test_an_hf_lora_checkpoint_is_verified(tmp_path):
     pytest.importorskip("diffusers")
     pytest.importorskip("peft")
-    from conftest import hf_overrides, tiny_flux2_dir
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     cfg = load_config(None, hf_overrides(tiny_flux2_dir()))
@@ -85,7 +84,6 @@ def nan_into(path: Path, key_part: str) -> str:
 
 def test_nan_in_a_bagel_release_is_one_line_at_load(tmp_path):
     pytest.importorskip("tokenizers")
-    from conftest import bagel_overrides, tiny_bagel_dir
 
     folder = Path(shutil.copytree(tiny_bagel_dir(), tmp_path / "bagel"))
     key = nan_into(folder / "ema.safetensors", "moe_gen")
@@ -95,7 +93,6 @@ def test_nan_in_a_bagel_release_is_one_line_at_load(tmp_path):
 
 def test_nan_in_a_pipeline_folder_is_one_line_at_load(tmp_path):
     pytest.importorskip("diffusers")
-    from conftest import hf_overrides, tiny_flux2_dir
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     folder = Path(shutil.copytree(tiny_flux2_dir(), tmp_path / "flux2"))
