@@ -169,7 +169,7 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
         if not isinstance(kwargs, dict):
             return _fail(f"--kwargs: expected a mapping such as '{{threshold: 0.5}}', got {args.kwargs!r}")
         serve(args.reward, kwargs, host=args.host, port=args.port, max_batch=args.max_batch,
-              max_queue=args.max_queue, workers=args.workers, max_body_mb=args.max_body_mb)
+              max_queue=args.max_queue, workers=args.workers, max_body_mb=args.max_body_mb, token=args.token)
     except (ValueError, TypeError, RuntimeError, yaml.YAMLError) as e:
         return _fail(str(e).splitlines()[0])
     return 0
@@ -186,6 +186,8 @@ def _add_serve_reward_parser(sub) -> None:
     p.add_argument("--max-queue", type=int, default=8, help="requests waiting or running (more: 503)")
     p.add_argument("--workers", type=int, default=1, help="threads running the reward")
     p.add_argument("--max-body-mb", type=float, default=1024.0, help="largest request body (larger: 413)")
+    p.add_argument("--token", default=None, help="shared secret the client must send (default: "
+                                                 "$UNIGRPO_REWARD_TOKEN; none: anyone who reaches the port)")
     p.set_defaults(func=cmd_serve_reward)
 
 
