@@ -132,7 +132,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     cfg = _load(args)
     model = build_model(cfg, checkpoint=args.checkpoint) if args.checkpoint else build_model(cfg)
     try:
-        model.validate_prompts([args.prompt])  # e.g. the tiny model's closed vocabulary
+        model.validate_prompts([args.prompt], cfg.text.max_reasoning_tokens)  # e.g. the tiny model's vocabulary
     except ValueError as e:
         return _fail(str(e))
     gen = generate(model, [args.prompt] * args.n, thinking=cfg.text.thinking,

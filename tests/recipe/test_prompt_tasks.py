@@ -192,3 +192,24 @@ def test_cli_eval_asks_the_task_for_its_report(tiny_checkpoint, tmp_path, capsys
     assert main([*args, "--mode", "gt"]) == 2
     assert capsys.readouterr().err == ("unigrpo: --mode gt needs ground-truth reasoning, which only "
                                        "task.kind=shapes has\n")
+
+
+@pytest.mark.parametrize("line, says", [
+    ({"prompt": "a red zebra"}, "task.prompts: {path}:2: words the model does not know: zebra"),
+    ({"prompt": " ".join(["red"] * 70)}, ("task.prompts: {path}:2: a prompt of 71 tokens does not fit "
+                                         "model.max_seq_len=64 with 6 reasoning tokens")),
+])
+def test_a_prompt_the_model_cannot_read_stops_the_run_before_its_directory(tiny_checkpoint, tmp_path, capsys,
+                                                                            line, says):
+    """Unknown words (which would become <unk>) and a prompt past the context (which would crash
+    mid-rollout) are one line naming file and line, exit 2, and the run directory is not created."""
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a red circle"}, line])
+    out = tmp_path / "run"
+    args = [a for a in tiny_overrides(tiny_checkpoint, out, "task.kind=prompts", f"task.prompts={path}")
+            if not a.startswith("task.prompt_pool")]
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("unigrpo: " + says.format(path=path)), err
+    assert not out.exists()
+    assert main(["sample", line["prompt"], *args, "--out", str(tmp_path / "s.png")]) == 2
+    assert "does not" in capsys.readouterr().err and not (tmp_path / "s.png").exists()

@@ -259,6 +259,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     task, rewards = build_task(cfg), RewardSet(cfg.rewards, cfg.reward_workers)
     torch.manual_seed(cfg.seed)  # makes a random init (model.checkpoint: null) reproducible
     model = build_model(cfg, device)  # eval mode: no dropout, ever
+    task.check(model, cfg)  # every prompt readable and fitting the context, before the first write
     model.wrap(ranks)
     ref = model.reference() if needs_reference(cfg) else None  # the starting policy, frozen
     opt = build_optimizer(model, cfg)

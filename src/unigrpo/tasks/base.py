@@ -48,6 +48,10 @@ class Task(Protocol):
     def rollout_metrics(self, images: torch.Tensor, group_size: int) -> dict[str, float]:
         """``rollout/*`` statistics of a step's images [P * G, 3, H, W] (groups contiguous)."""
 
+    def check(self, model, cfg: Config) -> None:
+        """InputError (one line naming the prompt) for a prompt ``model`` cannot read, or cannot fit
+        with ``text.max_reasoning_tokens`` of reasoning: called before a run writes anything."""
+
 
 def reward_metadata(meta: dict[str, Any], reasoning: str, prompt_index: int, group_index: int) -> dict[str, Any]:
     """What a reward sees of one episode: the prompt's ``meta`` as written plus the sampled
@@ -57,6 +61,23 @@ def reward_metadata(meta: dict[str, Any], reasoning: str, prompt_index: int, gro
     if taken:
         raise ValueError(f"prompt metadata already holds {taken[0]!r}, which unigrpo sets for the rewards")
     return {**meta, "reasoning": reasoning, "prompt_index": prompt_index, "group_index": group_index}
+
+
+def check_prompts(model, prompts: list[Prompt], max_new_tokens: int, where) -> None:
+    """``model.validate_prompts`` over ``prompts``; the first refused one is an InputError
+    ``where(prompt): why`` (``where`` names its file and line)."""
+    from unigrpo.utils.errors import InputError
+
+    try:
+        model.validate_prompts([p.text for p in prompts], max_new_tokens)
+        return
+    except ValueError:
+        pass
+    for p in prompts:  # the batch failed: name the first prompt that does
+        try:
+            model.validate_prompts([p.text], max_new_tokens)
+        except ValueError as e:
+            raise InputError(f"{where(p)}: {e}") from None
 
 
 def generate_eval(model, prompts: list[str], cfg: Config, thinking: bool, reasoning: list[str] | None = None,

@@ -21,6 +21,7 @@ from unigrpo.rollout import derive_seed
 from unigrpo.tasks.base import (
     RESERVED,
     Prompt,
+    check_prompts,
     generate_eval,
     reward_metadata,
     rollout_image_metrics,
@@ -85,6 +86,14 @@ class PromptsTask:
         self.train = load_prompt_file(t.prompts)
         self.eval = self.train if t.eval_prompts is None else load_prompt_file(t.eval_prompts, "task.eval_prompts")
 
+    def check(self, model, cfg: Config) -> None:
+        """Every training and evaluation prompt is one ``model`` reads and fits with
+        ``text.max_reasoning_tokens`` (the tiny model: its words, its ``max_seq_len``)."""
+        t, n = cfg.task, cfg.text.max_reasoning_tokens
+        check_prompts(model, self.train, n, lambda p: f"task.prompts: {t.prompts}:{p.metadata['line']}")
+        if self.eval is not self.train:
+            check_prompts(model, self.eval, n, lambda p: f"task.eval_prompts: {t.eval_prompts}:{p.metadata['line']}")
+
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self.orders:
             g = torch.Generator().manual_seed(derive_seed(self.seed, epoch) % 2**63)
@@ -123,6 +132,7 @@ class PromptsTask:
 
         if mode not in ("think", "no_think"):
             raise InputError(f"--mode {mode} needs ground-truth reasoning, which only task.kind=shapes has")
+        self.check(model, cfg)
         cfg = replace(cfg, eval=replace(cfg.eval, thinking=mode == "think"))
         metrics = self.evaluate(model, cfg, RewardSet(cfg.rewards), 0, out)
         head = (f"task {cfg.task.kind}, {cfg.eval.num_prompts} prompts at most, {cfg.sampler.eval_num_steps} ODE "
