@@ -16,14 +16,14 @@ from unigrpo.models.hf_config import PIPELINES
 from unigrpo.utils.folders import is_hub_id
 
 
-def pipeline(root):
+def pipeline(root, cls="Flux2KleinPipeline"):
     """A folder shaped like a save_pretrained FLUX.2 [klein] pipeline (tiny weights)."""
     p = root / "pipe"
     parts = {"scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": ["transformers", "Qwen3"],
              "tokenizer": ["transformers", "Qwen2TokenizerFast"], "transformer": ["diffusers", "Flux2"],
              "vae": ["diffusers", "AutoencoderKLFlux2"], "image_encoder": [None, None]}
     p.mkdir()
-    (p / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinPipeline", **parts}))
+    (p / "model_index.json").write_text(json.dumps({"_class_name": cls, **parts}))
     for name in ("text_encoder", "transformer", "vae"):
         (p / name).mkdir()
         (p / name / "config.json").write_text("{}")
@@ -67,10 +67,12 @@ def test_a_broken_pipeline_folder_is_one_line_at_validate(tmp_path, capsys, case
 
 
 def test_a_separate_reasoner_folder_is_checked_and_a_hub_id_is_not(tmp_path, capsys):
-    p, lm = pipeline(tmp_path), tmp_path / "lm"
+    p, lm = pipeline(tmp_path, "StableDiffusion3Pipeline"), tmp_path / "lm"  # separate mode
     lm.mkdir()
     save_file({"w": torch.ones(8)}, str(lm / "model.safetensors"))
     args = ["validate", "model.kind=hf", f"model.pipeline={p}"]
+    code, lines = run_cli(args, capsys)
+    assert code == 2 and "model.reasoner: StableDiffusion3Pipeline's text encoders cannot write text" in lines[0]
     code, lines = run_cli([*args, f"model.reasoner={lm}"], capsys)
     assert code == 2 and f"model.reasoner: {lm} has no config.json" in lines[0]
     code, lines = run_cli([*args, f"model.reasoner={tmp_path / 'gone'}"], capsys)
@@ -101,6 +103,18 @@ def test_a_broken_bagel_folder_is_one_line_at_validate(tmp_path, capsys):
 
 
 def test_the_config_check_knows_every_adapted_pipeline():
+    import importlib
+
     from unigrpo.models.hf import FAMILIES
+    from unigrpo.models.hf_config import SEPARATE
 
     assert sorted(PIPELINES) == sorted(FAMILIES)
+    modes = {name: getattr(importlib.import_module(m), c).mode for name, (m, c) in
+             ((n, v.split(":")) for n, v in FAMILIES.items())}
+    assert sorted(SEPARATE) == sorted(n for n, mode in modes.items() if mode == "separate")
+
+
+def test_a_reasoner_the_pipeline_cannot_use_is_refused_at_validate(tmp_path, capsys):
+    p = pipeline(tmp_path)  # FLUX.2 [klein]: shared mode
+    code, lines = run_cli(["validate", "model.kind=hf", f"model.pipeline={p}", "model.reasoner=Qwen/Qwen3-0.6B"], capsys)
+    assert code == 2 and "model.reasoner: Flux2KleinPipeline reasons with its own text encoder" in lines[0], lines
