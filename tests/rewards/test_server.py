@@ -251,11 +251,9 @@ def test_a_chunked_body_over_the_limit_is_a_413_counted_on_the_bytes_read():
     with AppThread(build_app("smooth_reward:brightness", max_body_mb=0.05)) as srv:
         u = urllib.parse.urlsplit(srv.url)
         conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
-        sent = []
 
-        def chunks():  # no Content-Length: 2 MB in 64 KB chunks, or until the server answers
+        def chunks():  # no Content-Length: 2 MB in 64 KB chunks
             for _ in range(32):
-                sent.append(1)
                 yield b" " * 65536
 
         try:
@@ -263,8 +261,6 @@ def test_a_chunked_body_over_the_limit_is_a_413_counted_on_the_bytes_read():
                          headers={"Content-Type": "application/json"})
             resp = conn.getresponse()
             status, out = resp.status, json.loads(resp.read())
-        except (BrokenPipeError, ConnectionResetError):  # the server may close before reading it all
-            status, out = 413, {"error": "larger than max_body_mb"}
         finally:
             conn.close()
         assert status == 413 and "larger than max_body_mb 0.05" in out["error"]
