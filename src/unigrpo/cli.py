@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 import yaml
@@ -293,12 +294,15 @@ def _one_line(text: str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_CONFIG_KEY = re.compile(r"^(model|task|text|sampler|algo|eval|rewards)(\[\d+\])?\.[\w.\[\]]+: ")
+
+
 def _exit_code(e: BaseException) -> tuple[int, str]:
     """The error -> (exit status, one-line message) mapping of every sub-command."""
     from unigrpo.utils import dist
 
-    if isinstance(e, ConfigError):
-        return 2, f"config error: {e}"
+    if isinstance(e, ConfigError) or isinstance(e, (ValueError, NotImplementedError)) and _CONFIG_KEY.match(str(e)):
+        return 2, f"config error: {e}"  # an adapter's check at build time names the key it refuses: bad input
     if isinstance(e, (InputError, RunError)):
         return e.exit_code, str(e)
     if isinstance(e, KeyboardInterrupt):

@@ -43,3 +43,15 @@ def test_skipped_steps_end_with_a_summary_and_exit_1_above_the_share(tiny_ckpt, 
     assert (tmp_path / "a" / "final.safetensors").is_file()
     code, lines = run_cli([*args, "max_skipped_share=0.5", "--overwrite"], capsys)
     assert code == 0 and lines[-1] == "[unigrpo] 1 of 2 steps skipped (rewards missing, on_failure=skip): step(s) 1"
+
+
+def test_a_build_time_error_naming_a_config_key_is_bad_input():
+    """An adapter refuses a key only when the model is built (e.g. ``model.hidden_layers`` the LM
+    lacks): exit 2 like any config error, not 1; other errors stay 1."""
+    from unigrpo.cli import _exit_code
+
+    assert _exit_code(ValueError("model.hidden_layers: [40] out of range")) == (
+        2, "config error: model.hidden_layers: [40] out of range")
+    assert _exit_code(NotImplementedError("model.pipeline: this scheduler is not one shift"))[0] == 2
+    assert _exit_code(ValueError("rewards[0].kwargs: bad"))[0] == 2
+    assert _exit_code(ValueError("the judge model ran out of memory"))[0] == 1
