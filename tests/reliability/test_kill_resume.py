@@ -145,6 +145,7 @@ def test_a_stopped_rank_ends_the_job_naming_it(tiny_ckpt, tmp_path):
     assert t_end - t_stop < 30
 
 
+@pytest.mark.slow
 def test_a_killed_rank_is_named_by_the_others(tiny_ckpt, tmp_path):
     """kill -9 of rank 1 under torchrun: rank 0's collective fails (gloo: connection reset) or the
     launcher SIGTERMs it; either way it names the rank that went silent in one ``unigrpo:`` line
