@@ -167,24 +167,17 @@ def _skipped_summary(cfg) -> int:
     """After a run that skipped steps (``on_failure: skip``): one line saying how many and which;
     exit 1 when more than ``max_skipped_share`` of the steps were skipped (the run finished and
     saved, but trained on too little to be trusted)."""
-    import json
     from pathlib import Path
 
-    path, skipped, last = Path(cfg.output_dir) / "metrics.jsonl", [], 0.0
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    for row in rows:  # reward/skipped_steps counts skipped steps so far (kept across --resume)
-        count = row.get("reward/skipped_steps")
-        if isinstance(count, (int, float)) and count > last:
-            skipped.append(row.get("step"))
-            last = count
-    if not skipped:
+    from unigrpo.utils.logging import skipped_steps
+
+    count, steps = skipped_steps(Path(cfg.output_dir) / "metrics.jsonl")
+    if not count:
         return 0
-    share = last / max(cfg.steps, 1)
-    which = ", ".join(str(s) for s in skipped[:20]) + (", ..." if len(skipped) > 20 else "")
-    line = (f"{int(last)} of {cfg.steps} steps skipped (rewards missing, on_failure=skip): step(s) {which}"
-            if len(skipped) == int(last) else f"{int(last)} of {cfg.steps} steps skipped (rewards missing, "
-            f"on_failure=skip; not every step is logged: log_every={cfg.log_every})")
-    failed = share > cfg.max_skipped_share
+    which = (f": step(s) {', '.join(map(str, steps[:20]))}{', ...' if len(steps) > 20 else ''}"
+             if len(steps) == count else f"; not every step is logged (log_every={cfg.log_every})")
+    line = f"{count} of {cfg.steps} steps skipped (rewards missing, on_failure=skip){which}"
+    failed = count / max(cfg.steps, 1) > cfg.max_skipped_share
     if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 speaks, every rank exits alike
         print(f"unigrpo: {line}: more than max_skipped_share={cfg.max_skipped_share:g}; the run is saved, but "
               "check the reward service" if failed else f"[unigrpo] {line}", file=sys.stderr)
