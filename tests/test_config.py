@@ -166,7 +166,7 @@ def test_importing_the_config_imports_no_torch():
      "at most 21")),
     (["model.kind=hf"], "model.pipeline: a pipeline folder (save_pretrained) or hub id is required"),
     (["model.kind=hf", "model.pipeline=p", "model.reasoner=a b"],
-     "model.reasoner: 'a b' is neither 'text_encoder' (shared mode), a causal-LM folder, nor a hub id"),
+     "model.reasoner: a b is not a folder (it does not exist)"),  # not a hub id: a path, and none exists
     (["model.kind=hf", "model.pipeline=p", "model.lora.image_rank=-1"], "model.lora.text_rank: ranks must be >= 0"),
     (["model.kind=hf", "model.pipeline=p", "model.resolution=100"],
      "model.resolution: must be a positive multiple of 16"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 import yaml
@@ -132,7 +133,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     cfg = _load(args)
     model = build_model(cfg, checkpoint=args.checkpoint) if args.checkpoint else build_model(cfg)
     try:
-        model.validate_prompts([args.prompt])  # e.g. the tiny model's closed vocabulary
+        model.validate_prompts([args.prompt], cfg.text.max_reasoning_tokens)  # e.g. the tiny model's vocabulary
     except ValueError as e:
         return _fail(str(e))
     gen = generate(model, [args.prompt] * args.n, thinking=cfg.text.thinking,
@@ -157,8 +158,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from unigrpo.recipes.train import train
 
-    train(_load(args), resume=args.resume, overwrite=args.overwrite)
-    return 0
+    cfg = _load(args)
+    train(cfg, resume=args.resume, overwrite=args.overwrite)
+    return _skipped_summary(cfg)
+
+
+def _skipped_summary(cfg) -> int:
+    """After a run that skipped steps (``on_failure: skip``): one line saying how many and which;
+    exit 1 when more than ``max_skipped_share`` of the steps were skipped (the run finished and
+    saved, but trained on too little to be trusted)."""
+    from pathlib import Path
+
+    from unigrpo.utils.logging import skipped_steps
+
+    count, steps = skipped_steps(Path(cfg.output_dir) / "metrics.jsonl")
+    if not count:
+        return 0
+    which = (f": step(s) {', '.join(map(str, steps[:20]))}{', ...' if len(steps) > 20 else ''}"
+             if len(steps) == count else f"; not every step is logged (log_every={cfg.log_every})")
+    line = f"{count} of {cfg.steps} steps skipped (rewards missing, on_failure=skip){which}"
+    failed = count / max(cfg.steps, 1) > cfg.max_skipped_share
+    if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 speaks, every rank exits alike
+        print(f"unigrpo: {line}: more than max_skipped_share={cfg.max_skipped_share:g}; the run is saved, but "
+              "check the reward service" if failed else f"[unigrpo] {line}", file=sys.stderr)
+    return int(failed)
 
 
 def cmd_serve_reward(args: argparse.Namespace) -> int:
@@ -169,7 +192,7 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
         if not isinstance(kwargs, dict):
             return _fail(f"--kwargs: expected a mapping such as '{{threshold: 0.5}}', got {args.kwargs!r}")
         serve(args.reward, kwargs, host=args.host, port=args.port, max_batch=args.max_batch,
-              max_queue=args.max_queue, workers=args.workers, max_body_mb=args.max_body_mb)
+              max_queue=args.max_queue, workers=args.workers, max_body_mb=args.max_body_mb, token=args.token)
     except (ValueError, TypeError, RuntimeError, yaml.YAMLError) as e:
         return _fail(str(e).splitlines()[0])
     return 0
@@ -211,6 +234,8 @@ def _add_serve_reward_parser(sub) -> None:
     p.add_argument("--max-queue", type=int, default=8, help="requests waiting or running (more: 503)")
     p.add_argument("--workers", type=int, default=1, help="threads running the reward")
     p.add_argument("--max-body-mb", type=float, default=1024.0, help="largest request body (larger: 413)")
+    p.add_argument("--token", default=None, help="shared secret the client must send (default: "
+                                                 "$UNIGRPO_REWARD_TOKEN; none: anyone who reaches the port)")
     p.set_defaults(func=cmd_serve_reward)
 
 
@@ -288,12 +313,15 @@ def _one_line(text: str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_CONFIG_KEY = re.compile(r"^(model|task|text|sampler|algo|eval|rewards)(\[\d+\])?\.[\w.\[\]]+: ")
+
+
 def _exit_code(e: BaseException) -> tuple[int, str]:
     """The error -> (exit status, one-line message) mapping of every sub-command."""
     from unigrpo.utils import dist
 
-    if isinstance(e, ConfigError):
-        return 2, f"config error: {e}"
+    if isinstance(e, ConfigError) or isinstance(e, (ValueError, NotImplementedError)) and _CONFIG_KEY.match(str(e)):
+        return 2, f"config error: {e}"  # an adapter's check at build time names the key it refuses: bad input
     if isinstance(e, (InputError, RunError)):
         return e.exit_code, str(e)
     if isinstance(e, KeyboardInterrupt):

@@ -197,6 +197,7 @@ class Config:
     save_every: int = 10  # steps between checkpoints; 0 = only at the end
     reward_workers: int = 0  # background threads computing rewards during the next rollout chunk; 0 = inline
     dist_timeout_s: float = 1800.0  # torchrun: a collective waiting longer ends the job naming the silent rank
+    max_skipped_share: float = 0.25  # on_failure: skip: a run that skipped more of its steps than this exits 1
     model: ModelConfig = field(default_factory=TinyModelConfig)
     task: TaskConfig = field(default_factory=ShapesTaskConfig)
     text: TextSamplingConfig = field(default_factory=TextSamplingConfig)
@@ -285,6 +286,7 @@ def validate(cfg: Config) -> Config:
     for k in ("eval_every", "save_every"):
         require(getattr(cfg, k) >= 0, k, f"must be >= 0 (0 = only at the end), got {getattr(cfg, k)}")
     require(cfg.dist_timeout_s > 0, "dist_timeout_s", f"must be > 0 seconds, got {cfg.dist_timeout_s}")
+    require(0 <= cfg.max_skipped_share <= 1, "max_skipped_share", f"must be in [0, 1], got {cfg.max_skipped_share}")
     require(o.lr_text >= 0, "optim.lr_text", f"must be >= 0, got {o.lr_text}")
     require(o.lr_image >= 0, "optim.lr_image", f"must be >= 0, got {o.lr_image}")
     require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")

@@ -331,3 +331,48 @@ def test_batch_groups_samples_each_groups_own_tokens_in_one_loop():
     assert model.decode_text(alone) == model.decode_text(together)
     assert len(set(model.decode_text(alone))) > 3  # groups (and rows within them) differ
     assert len(calls) - n_alone < n_alone / 2  # one loop instead of three
+
+
+@pytest.fixture(scope="module")
+def left_dir(tmp_path_factory):
+    """The tiny pipeline saved with a tokenizer that pads on the LEFT (as after generation)."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("left") / "pipe"
+    shutil.copytree(tiny_flux2_dir(), folder)
+    conf = folder / "tokenizer" / "tokenizer_config.json"
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), "padding_side": "left"}))
+    return str(folder)
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_a_left_padding_tokenizer_gives_what_the_pipeline_computes_with_it(left_dir, thinking):
+    """The pipeline pads on the tokenizer's side as saved: with left padding its conditioning holds
+    the pads first. Ours equals ``encode_prompt`` of that pipeline (prompts only), its text encoder
+    on the left-padded prompt + reasoning rows, and the log-probs do not depend on the side."""
+    left = Flux2KleinPipeline.from_pretrained(left_dir)
+    assert left.tokenizer.padding_side == "left"
+    cfg = load_config(None, [*hf_overrides(left_dir), f"model.enable_thinking={str(thinking).lower()}"])
+    torch.manual_seed(0)
+    model = build_model(cfg, checkpoint=None)
+    if not thinking:
+        with torch.no_grad():
+            _, ctx = model.forward_context(model.encode(HF_PROMPTS))
+            ref, _ = left.encode_prompt(HF_PROMPTS, max_sequence_length=MAX_TEXT, text_encoder_out_layers=HF_LAYERS)
+        assert (ctx.hidden - ref).abs().max().item() <= 1e-6
+        return
+    tokens = model.sample_reasoning(model.encode(HF_PROMPTS), max_new_tokens=8,
+                                    generator=torch.Generator().manual_seed(0))
+    ids = torch.full((3, MAX_TEXT), model.pad_id)
+    mask = torch.zeros(3, MAX_TEXT, dtype=torch.long)
+    for i in range(3):
+        real = tokens.ids[i][tokens.mask[i]]
+        ids[i, MAX_TEXT - len(real):], mask[i, MAX_TEXT - len(real):] = real, 1
+    right = model_of()  # the same weights (seed 0, LoRA B = 0) with the right-padding tokenizer
+    with torch.no_grad():
+        logp, ctx = model.forward_context(tokens)
+        logp_right, _ = right.forward_context(tokens)
+        out = left.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    ref = torch.cat([out.hidden_states[k] for k in HF_LAYERS], -1)
+    assert (ctx.hidden - ref).abs().max().item() <= 1e-6
+    assert (logp != 0).any() and (logp - logp_right).abs().max().item() <= 1e-5

@@ -303,3 +303,38 @@ def test_cli_train_one_lora_step_ratio_exactly_one(tmp_path, cfg_scale):
     loaded = build_model(load_config(None, qwen_overrides(tiny_qwenimage_dir())),
                          checkpoint=str(out / "final.safetensors"))
     assert all(torch.equal(loaded.trainable_state()[k], v) for k, v in saved.items())
+
+
+def test_a_left_padding_tokenizer_gives_what_the_pipeline_computes_with_it(tmp_path):
+    """A pipeline saved with a tokenizer that pads on the LEFT: its ``encode_prompt`` (Qwen2.5-VL
+    positions from the mask, then compaction) is the right-padded one, and so is ours, built from
+    that folder -- prompts only and with sampled reasoning rows padded on the left."""
+    import shutil
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(tiny_qwenimage_dir(), folder)
+    conf = folder / "tokenizer" / "tokenizer_config.json"
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), "padding_side": "left"}))
+    left = QwenImagePipeline.from_pretrained(folder)
+    assert left.tokenizer.padding_side == "left"
+    cfg = load_config(None, [*qwen_overrides(str(folder), 0, 0)])
+    torch.manual_seed(0)
+    model = build_model(cfg, checkpoint=None)
+    with torch.no_grad():
+        _, ctx = model.forward_context(model.encode(HF_PROMPTS))
+        ref, ref_mask = left.encode_prompt(HF_PROMPTS, max_sequence_length=MAX_TEXT)
+    assert torch.equal(ctx.mask.long(), ref_mask) and (ctx.hidden - ref).abs().max().item() <= 1e-5
+    tokens = model.sample_reasoning(model.encode(HF_PROMPTS), max_new_tokens=12,
+                                    generator=torch.Generator().manual_seed(0))
+    rows = [tokens.ids[i][tokens.mask[i]] for i in range(3)]
+    width = max(map(len, rows))
+    ids = torch.full((3, width), left.tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):  # the left-padding tokenizer's layout
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    with torch.no_grad():
+        _, ctx = model.forward_context(tokens)
+        hidden = left.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    split = [e[left.prompt_template_encode_start_idx:] for e in left._extract_masked_hidden(hidden, mask)]
+    for i, e in enumerate(split):
+        assert (ctx.hidden[i, :len(e)] - e[:MAX_TEXT]).abs().max().item() <= 1e-5

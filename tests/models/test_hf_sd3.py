@@ -62,15 +62,15 @@ def test_config_checks(tmp_path, monkeypatch):
     import huggingface_hub
 
     base = sd3_overrides()
-    with pytest.raises(ConfigError, match=r"^model.reasoner: '/no/such/lm' is neither"):
+    with pytest.raises(ConfigError, match=r"^model.reasoner: /no/such/lm is not a folder \(it does not exist\)"):
         load_config(None, [*base, "model.reasoner=/no/such/lm"])
     # a hub-id-shaped name that is not cached: one line naming the key (offline: the hub reads its
     # HF_HUB_OFFLINE once, at import, so the environment variable alone would not stop a lookup)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ValueError, match=r"^model.reasoner: cannot load a transformers causal LM from 'nobody/no-lm'"):
         build_model(load_config(None, [*base, "model.reasoner=nobody/no-lm"]))
-    with pytest.raises(ValueError, match=r"^model.reasoner: cannot load .* from '" + str(tmp_path)):
-        build_model(load_config(None, [*base, f"model.reasoner={tmp_path}"]))  # a folder without a model
+    with pytest.raises(ConfigError, match=r"^model.reasoner: " + str(tmp_path) + " has no config.json"):
+        load_config(None, [*base, f"model.reasoner={tmp_path}"])  # a folder without a model: refused at validate
     with pytest.raises(ValueError, match="model.reasoner: StableDiffusion3Pipeline's text encoders cannot write"):
         build_model(load_config(None, [*base, "model.reasoner=text_encoder"]))
     with pytest.raises(ValueError, match="model.hidden_layers: not used in separate mode"):
@@ -256,3 +256,31 @@ def test_gradient_checkpointing_changes_no_gradient():
     assert len(calls) == 4, calls  # each hooked block ran twice: forward + recompute
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
+
+
+def test_left_padding_tokenizers_give_what_the_pipeline_computes_with_them(model, tmp_path):
+    """Every tokenizer saved padding on the LEFT (the pipeline's CLIP-L/G + T5 and the reasoner's):
+    the conditioning is still the pipeline's own ``encode_prompt`` with those tokenizers, and the
+    reasoner's log-probs are those of the right-padding folders (the engine lays out its own batch)."""
+    import json
+    import shutil
+
+    src_pipe, src_lm = tiny_sd3_dirs()
+    folder, lm = tmp_path / "pipe", tmp_path / "lm"
+    shutil.copytree(src_pipe, folder)
+    shutil.copytree(src_lm, lm)
+    for conf in [*folder.glob("tokenizer*/tokenizer_config.json"), lm / "tokenizer_config.json"]:
+        conf.write_text(json.dumps({**json.loads(conf.read_text()), "padding_side": "left"}))
+    left_pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+    assert {t.padding_side for t in (left_pipe.tokenizer, left_pipe.tokenizer_2, left_pipe.tokenizer_3)} == {"left"}
+    overrides = [o for o in sd3_overrides() if not o.startswith(("model.pipeline", "model.reasoner"))]
+    torch.manual_seed(0)
+    left = build_model(load_config(None, [*overrides, f"model.pipeline={folder}", f"model.reasoner={lm}"]), None)
+    tokens = sampled(model)
+    with torch.no_grad():
+        _, ctx = left.forward_context(left.encode(HF_PROMPTS))
+        ref, _, pooled, _ = encode(left_pipe, HF_PROMPTS)
+        logp, _ = left.forward_context(tokens)
+        logp_right, _ = model.forward_context(tokens)
+    assert (ctx.hidden - ref).abs().max().item() == 0.0 and (ctx.pooled - pooled).abs().max().item() == 0.0
+    assert torch.equal(logp, logp_right)

@@ -12,7 +12,7 @@ from conftest import tiny_overrides
 
 from unigrpo.cli import main
 from unigrpo.config import ConfigError, load_config
-from unigrpo.tasks import PromptsTask, ShapesTask, build_task, load_prompt_file
+from unigrpo.tasks import PromptsTask, ShapesTask, build_task, load_prompt_file, reward_metadata
 
 GENEVAL = {"tag": "counting", "include": [{"class": "bench", "count": 2}], "exclude": [{"class": "bench", "count": 3}],
            "prompt": "a photo of two benches"}
@@ -36,7 +36,10 @@ def test_geneval_metadata_lines_load_as_they_are(tmp_path):
     ([{"text": "a red circle"}], "bad.jsonl:1: expected a JSON object with a non-empty \"prompt\""),
     ([["a red circle"]], "bad.jsonl:1: expected a JSON object"),
     ([{"prompt": "  "}], "bad.jsonl:1: expected a JSON object"),
-    ([{"prompt": "a red circle", "reasoning": "x"}], "bad.jsonl:1: field 'reasoning' is set by the training loop"),
+    ([{"prompt": "a red circle", "reasoning": "x"}], "bad.jsonl:1: field 'reasoning' is set by unigrpo"),
+    ([{"prompt": "a red circle", "line": "x"}], "bad.jsonl:1: field 'line' is set by unigrpo"),
+    ([{"prompt": "a red circle", "group_index": 3}], "bad.jsonl:1: field 'group_index' is set by unigrpo"),
+    (["[" * 100_000], "bad.jsonl:1: not JSON"),
     (["", "  "], "holds no prompts"),
 ])
 def test_bad_prompt_files_are_one_line_errors_naming_file_and_line(tmp_path, rows, message):
@@ -44,6 +47,33 @@ def test_bad_prompt_files_are_one_line_errors_naming_file_and_line(tmp_path, row
     with pytest.raises(ConfigError, match="^task.prompts: ") as e:
         load_prompt_file(path)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_json_line_separators_inside_strings_and_a_bom_are_valid_jsonl(tmp_path):
+    """U+2028 / U+2029 / U+0085 are legal inside a JSON string (str.splitlines would cut there);
+    a UTF-8 BOM and CRLF line ends are what editors write."""
+    text = "a red\u2028circle\u2029on\x85grey"
+    rows = [json.dumps({"prompt": text, "note": "x\u2028y"}, ensure_ascii=False), json.dumps({"prompt": "b"})]
+    path = tmp_path / "sep.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(rows).encode() + b"\r\n")
+    prompts = load_prompt_file(path)
+    assert [p.text for p in prompts] == [text, "b"]
+    assert prompts[0].metadata == {"note": "x\u2028y", "line": 1} and prompts[1].metadata == {"line": 2}
+
+
+def test_not_utf8_is_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"prompt": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.jsonl: not UTF-8"):
+        load_prompt_file(path)
+
+
+def test_reward_metadata_keeps_user_fields_and_refuses_to_overwrite():
+    meta = {"target": 0.5, "tag": "x", "line": 4}
+    assert reward_metadata(meta, "r", 2, 1) == {**meta, "reasoning": "r", "prompt_index": 2, "group_index": 1}
+    for key in ("reasoning", "prompt_index", "group_index"):
+        with pytest.raises(ValueError, match=f"already holds '{key}'"):
+            reward_metadata({key: 0}, "r", 0, 0)
 
 
 def test_bad_prompt_file_through_the_cli(tmp_path, capsys):
@@ -162,3 +192,24 @@ def test_cli_eval_asks_the_task_for_its_report(tiny_checkpoint, tmp_path, capsys
     assert main([*args, "--mode", "gt"]) == 2
     assert capsys.readouterr().err == ("unigrpo: --mode gt needs ground-truth reasoning, which only "
                                        "task.kind=shapes has\n")
+
+
+@pytest.mark.parametrize("line, says", [
+    ({"prompt": "a red zebra"}, "task.prompts: {path}:2: words the model does not know: zebra"),
+    ({"prompt": " ".join(["red"] * 70)}, ("task.prompts: {path}:2: a prompt of 71 tokens does not fit "
+                                         "model.max_seq_len=64 with 6 reasoning tokens")),
+])
+def test_a_prompt_the_model_cannot_read_stops_the_run_before_its_directory(tiny_checkpoint, tmp_path, capsys,
+                                                                            line, says):
+    """Unknown words (which would become <unk>) and a prompt past the context (which would crash
+    mid-rollout) are one line naming file and line, exit 2, and the run directory is not created."""
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a red circle"}, line])
+    out = tmp_path / "run"
+    args = [a for a in tiny_overrides(tiny_checkpoint, out, "task.kind=prompts", f"task.prompts={path}")
+            if not a.startswith("task.prompt_pool")]
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("unigrpo: " + says.format(path=path)), err
+    assert not out.exists()
+    assert main(["sample", line["prompt"], *args, "--out", str(tmp_path / "s.png")]) == 2
+    assert "does not" in capsys.readouterr().err and not (tmp_path / "s.png").exists()

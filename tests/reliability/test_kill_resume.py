@@ -143,3 +143,29 @@ def test_a_stopped_rank_ends_the_job_naming_it(tiny_ckpt, tmp_path):
     print(f"stopped rank: job ended {t_end - t_stop:.1f} s after SIGSTOP (dist_timeout_s=4), "
           f"{time.time() - t0:.1f} s in all")
     assert t_end - t_stop < 30
+
+
+@pytest.mark.slow
+def test_a_killed_rank_is_named_by_the_others(tiny_ckpt, tmp_path):
+    """kill -9 of rank 1 under torchrun: rank 0's collective fails (gloo: connection reset) or the
+    launcher SIGTERMs it; either way it names the rank that went silent in one ``unigrpo:`` line
+    (it said "failed: RuntimeError: ... pair.cc ... Connection reset by peer", or nothing)."""
+    out = tmp_path / "dist"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "unigrpo.cli",
+           "train", *overrides(tiny_ckpt, out, "steps=200", "save_every=0", "eval.num_prompts=1",
+                               "algo.micro_batch_trajectories=4")]
+    job = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        assert wait_for(lambda: (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size, 120)
+        ranks = {_rank_of(p): p for p in _children(job.pid)}
+        os.kill(ranks[1], signal.SIGKILL)
+        _, err = job.communicate(timeout=90)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    named = [ln for ln in error_lines(err) if ln.startswith("unigrpo: rank 0:")]
+    assert job.returncode != 0 and named, err[-3000:]
+    print(named[0])
+    # rank 0 learns it first from gloo (connection reset) or from the launcher's SIGTERM
+    assert "rank 1 (no heartbeat for" in named[0] and ("ended (killed or crashed)" in named[0]
+                                                       or "stopped by the launcher (SIGTERM)" in named[0]), named

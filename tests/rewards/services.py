@@ -244,9 +244,9 @@ class ServeRewardProcess:
         self.stop()
 
 
-def post(url: str, body: bytes | dict, timeout: float = 10.0) -> tuple[int, dict]:
+def post(url: str, body: bytes | dict, timeout: float = 10.0, content_type: str = "application/json") -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())

@@ -14,6 +14,11 @@ def boom(images, prompts, metadata):
     raise RuntimeError("the judge model ran out of memory")
 
 
+def needs_target(images, prompts, metadata):
+    """Reads a metadata key: a request without it is the client's fault (422)."""
+    return torch.tensor([float(m["target"]) for m in metadata])
+
+
 def brightness_factory(scale: float = 1.0):
     return lambda images, prompts, metadata: scale * images.mean(dim=(1, 2, 3))
 

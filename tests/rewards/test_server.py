@@ -208,3 +208,91 @@ def test_bad_binary_payloads_are_clear_400s(brightness, make, message):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=10)
     assert e.value.code == 400 and re.search(message, json.loads(e.value.read())["error"])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda x: x.index_fill_(0, torch.tensor([1]), float("nan")), r"images\[1\]: non-finite pixels"),
+    (lambda x: x.index_fill_(0, torch.tensor([2]), float("inf")), r"images\[2\]: non-finite pixels"),
+    (lambda x: x.index_fill_(0, torch.tensor([0]), 1.5), r"images\[0\]: pixels outside \[0, 1\] \(min 1.5"),
+    (lambda x: x[:, :, :0], r"images: zero-size images \[3, 3, 0, 8\]"),
+])
+@pytest.mark.parametrize("binary", [False, True])
+def test_pixels_the_wire_format_forbids_are_400s_naming_the_image(brightness, bad, message, binary):
+    import re
+
+    from unigrpo.rewards.wire import BINARY_TYPE, encode_binary_request
+
+    images, prompts, meta = batch()
+    images = bad(images)
+    body = (encode_binary_request if binary else encode_request)(images, prompts, meta)
+    status, out = post(brightness.url + "/score", body, content_type=BINARY_TYPE if binary else "application/json")
+    assert status == 400 and re.search(message, out["error"]), out
+
+
+def test_a_reward_missing_a_metadata_key_is_a_422_the_client_does_not_retry():
+    from unigrpo.rewards.remote import RewardServiceError
+
+    images, prompts, meta = batch(n=2)
+    with AppThread(build_app("slow_rewards:needs_target")) as srv:
+        status, out = post(srv.url + "/score", encode_request(images, prompts, meta))
+        assert status == 422 and "needs metadata key 'target'" in out["error"]
+        client = RemoteReward(srv.url, retries=3, backoff_s=5.0, on_failure="skip")  # 4xx: fails at once
+        with pytest.raises(RewardServiceError, match="HTTP 422"):
+            client(images, prompts, meta)
+        client.close()
+        status, out = post(srv.url + "/score", encode_request(images, prompts, [{"target": 0.25}] * 2))
+        assert status == 200 and out["scores"] == [0.25, 0.25]
+
+
+def test_a_chunked_body_over_the_limit_is_a_413_counted_on_the_bytes_read():
+    import http.client
+    import urllib.parse
+
+    with AppThread(build_app("smooth_reward:brightness", max_body_mb=0.05)) as srv:
+        u = urllib.parse.urlsplit(srv.url)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+
+        def chunks():  # no Content-Length: 2 MB in 64 KB chunks
+            for _ in range(32):
+                yield b" " * 65536
+
+        try:
+            conn.request("POST", "/score", body=chunks(), encode_chunked=True,
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            status, out = resp.status, json.loads(resp.read())
+        finally:
+            conn.close()
+        assert status == 413 and "larger than max_body_mb 0.05" in out["error"]
+
+
+def test_a_token_guards_score_and_info_and_the_remote_client_sends_it(monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    from unigrpo.rewards.remote import RewardServiceError
+    from unigrpo.rewards.server import TOKEN_ENV, open_warning
+
+    images, prompts, meta = batch(n=2)
+    with AppThread(build_app("smooth_reward:brightness", token="s3cret")) as srv:
+        status, out = post(srv.url + "/score", encode_request(images, prompts, meta))
+        assert status == 401 and "token" in out["error"]
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(srv.url + "/info")
+        with urllib.request.urlopen(srv.url + "/health") as r:  # health checks need no secret
+            assert r.status == 200
+        client = RemoteReward(srv.url, token="s3cret")
+        assert torch.equal(client(images, prompts, meta), images.mean(dim=(1, 2, 3)))
+        client.close()
+        monkeypatch.setenv(TOKEN_ENV, "s3cret")
+        client = RemoteReward(srv.url)  # from the environment
+        assert torch.equal(client(images, prompts, meta), images.mean(dim=(1, 2, 3)))
+        client.close()
+        monkeypatch.setenv(TOKEN_ENV, "wrong")
+        client = RemoteReward(srv.url)
+        with pytest.raises(RewardServiceError, match="HTTP 401"):
+            client(images, prompts, meta)
+        client.close()
+    assert open_warning("0.0.0.0", None) and "without a token" in open_warning("0.0.0.0", None)
+    assert open_warning("0.0.0.0", "s3cret") is None and open_warning("127.0.0.1", None) is None
+    assert open_warning("localhost", None) is None and open_warning("::1", None) is None

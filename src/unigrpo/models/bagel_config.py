@@ -7,9 +7,11 @@ adapter's own cross-field checks; ``config.validate`` calls it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal
 
-from unigrpo.utils.typed_config import require
+from unigrpo.utils.folders import read_json, safetensors_problem
+from unigrpo.utils.typed_config import ConfigError, require
 
 # LoRA targets (module-name suffixes) of BAGEL-7B-MoT's two experts, the same 7 projections each.
 BAGEL_UND_TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -50,6 +52,8 @@ class BagelModelConfig:
 
     def check(self, cfg) -> None:
         """The checks typing cannot make (``cfg``: the whole Config); ConfigError naming the key."""
+        if self.path:  # empty: refused when the model is built (a built-in config leaves it to the user)
+            check_bagel_folder(self.path)
         lora = self.lora
         require(lora.text_rank >= 0 and lora.image_rank >= 0, "model.lora.text_rank", "ranks must be >= 0")
         require(self.resolution > 0 and self.resolution % 16 == 0, "model.resolution",
@@ -61,3 +65,19 @@ class BagelModelConfig:
                 f"{self.dtype} weights cannot take the small AdamW steps of a fully trained expert "
                 f"({', '.join(f'model.lora.{s}_rank=0' for s in trained)}: the update rounds away, and this "
                 "adapter keeps no float32 master copy); use model.dtype=float32 or LoRA")
+
+
+def check_bagel_folder(path: str) -> None:
+    """The released folder, before anything loads: ``llm_config.json`` and ``tokenizer.json`` parse,
+    ``ema.safetensors`` and ``ae.safetensors`` are whole; ConfigError naming the file."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"model.path: {path} is not a folder (the BAGEL-7B-MoT checkpoint folder)")
+    for name in ("llm_config.json", "tokenizer.json", "ema.safetensors", "ae.safetensors"):
+        if not (folder / name).is_file():
+            raise ConfigError(f"model.path: {folder} has no {name} (a BAGEL-7B-MoT folder holds llm_config.json, "
+                              "ema.safetensors, ae.safetensors and tokenizer.json)")
+        if name.endswith(".json"):
+            read_json(folder / name, "model.path")
+        elif (problem := safetensors_problem(folder / name)) is not None:
+            raise ConfigError(f"model.path: {folder / name}: {problem}")

@@ -177,8 +177,9 @@ class TextSide:
     def token_text(self, ids: list[int]) -> str:
         raise NotImplementedError
 
-    def validate_prompts(self, texts: list[str]) -> None:
-        """Raise ValueError (one line) if the model cannot read a prompt (default: it reads any)."""
+    def validate_prompts(self, texts: list[str], max_new_tokens: int = 0) -> None:
+        """Raise ValueError (one line) if the model cannot read a prompt, or cannot fit it plus
+        ``max_new_tokens`` of reasoning in its context (default: it reads any)."""
 
     def sample_reasoning(self, prompts: TokenBatch, **options):
         return decode.sample(self, prompts, **options)

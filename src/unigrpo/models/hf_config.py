@@ -6,12 +6,17 @@ Light on purpose (no torch, no transformers): ``unigrpo.config`` imports it to l
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from unigrpo.utils.typed_config import require
+from unigrpo.utils.folders import check_files, local_folder, read_json
+from unigrpo.utils.typed_config import ConfigError, require
+
+# The pipeline classes ``models.hf.FAMILIES`` adapts (its keys) and those in separate mode (its
+# ``mode``; a test keeps them equal): named here so that a config check needs no torch.
+PIPELINES = ("Flux2KleinPipeline", "QwenImagePipeline", "StableDiffusion3Pipeline")
+SEPARATE = ("StableDiffusion3Pipeline",)  # families whose text encoders cannot write: model.reasoner reasons
 
 
 @dataclass
@@ -46,13 +51,46 @@ class HFModelConfig:
     max_text_tokens: int = 512  # conditioning length (the pipeline's max_sequence_length); longer rows are cut
     enable_thinking: bool = True  # chat template: True = the reasoning opens a <think> block; False = the pipeline's template
 
+    def check_reasoner(self, name: str) -> None:
+        """The reasoner the pipeline class ``name`` needs (``models.hf.build`` says the same, later)."""
+        if name not in SEPARATE:
+            require(self.reasoner == "text_encoder", "model.reasoner",
+                    f"{name} reasons with its own text encoder (model.reasoner=text_encoder); a separate "
+                    f"reasoner is not implemented for it, got {self.reasoner!r}")
+        else:
+            require(self.reasoner != "text_encoder", "model.reasoner",
+                    f"{name}'s text encoders cannot write text; set it to a transformers causal-LM folder or "
+                    "hub id (separate mode)")
+
     def check(self, cfg) -> None:
         """The checks typing cannot make (``cfg``: the whole Config); ConfigError naming the key."""
         require(bool(self.pipeline), "model.pipeline", "a pipeline folder (save_pretrained) or hub id is required")
-        require(self.reasoner == "text_encoder" or Path(self.reasoner).expanduser().is_dir()
-                or re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", self.reasoner) is not None, "model.reasoner",
-                f"{self.reasoner!r} is neither 'text_encoder' (shared mode), a causal-LM folder, nor a hub id")
+        if (folder := local_folder(self.pipeline, "model.pipeline")) is not None:
+            self.check_reasoner(check_pipeline_folder(folder))
+        if self.reasoner != "text_encoder" and (lm := local_folder(self.reasoner, "model.reasoner")) is not None:
+            check_files(lm, "model.reasoner", need_config=True)
         require(self.lora.text_rank >= 0 and self.lora.image_rank >= 0, "model.lora.text_rank", "ranks must be >= 0")
         require(self.resolution > 0 and self.resolution % 16 == 0, "model.resolution",
                 "must be a positive multiple of 16")
         require(self.max_text_tokens >= 1, "model.max_text_tokens", "must be >= 1")
+
+
+def check_pipeline_folder(folder: Path) -> str:
+    """A ``save_pretrained`` pipeline folder, before diffusers reads it: ``model_index.json`` names a
+    supported pipeline class, and each component it lists is a folder whose configs parse and whose
+    weight files are whole (``utils.folders``); ConfigError naming the file. -> the pipeline class."""
+    index = read_json(folder / "model_index.json", "model.pipeline") if (folder / "model_index.json").is_file() \
+        else None
+    if not isinstance(index, dict):
+        raise ConfigError(f"model.pipeline: {folder} has no model_index.json object (not a save_pretrained pipeline)")
+    name = index.get("_class_name")
+    if name not in PIPELINES:
+        raise ConfigError(f"model.pipeline: {folder / 'model_index.json'}: {name!r} is not supported; supported "
+                          f"pipelines: {', '.join(PIPELINES)}")
+    for part, spec in index.items():
+        if part.startswith("_") or not isinstance(spec, list) or None in spec:
+            continue  # metadata, or a component the pipeline leaves out ([null, null])
+        if not (folder / part).is_dir():
+            raise ConfigError(f"model.pipeline: {folder / part} is missing (model_index.json lists {part})")
+        check_files(folder / part, "model.pipeline")
+    return name

@@ -12,8 +12,8 @@ verified against the pipeline and what was not. References: diffusers'
   reasoning follows it).
 - **Context** (``forward_context``): ONE teacher-forced pass over each row's real tokens laid out
   as the pipeline lays out a prompt: ``[real tokens | pad]`` right-padded to
-  ``model.max_text_tokens`` (the pipeline's ``max_sequence_length``), default positions, the pad
-  mask; the response log-probs come from that pass, the conditioning is the hidden states of
+  ``model.max_text_tokens`` (the pipeline's ``max_sequence_length``), or ``[pad | real tokens]``
+  when the tokenizer as saved pads on the left, default positions, the pad mask; the response log-probs come from that pass, the conditioning is the hidden states of
   ``model.hidden_layers`` (the pipeline's ``text_encoder_out_layers``) of the first
   ``max_text_tokens`` positions, concatenated on channels, pad positions included (FLUX.2 takes no
   text mask: the pads are attended, as in the pipeline). The layout is per row, so a row's
@@ -85,12 +85,12 @@ class Flux2Klein(HFUnifiedModel):
 
     def __init__(self, lm, tokenizer, dit, vae, scheduler_config: dict, *, resolution: int,
                  hidden_layers: tuple[int, ...], max_text_tokens: int, enable_thinking: bool, **lora):
-        if tokenizer.padding_side != "right":
-            raise ValueError(f"model.pipeline: the tokenizer pads on the {tokenizer.padding_side}; "
-                             "only right padding (the FLUX.2 [klein] tokenizer's) is implemented")
         super().__init__(lm, tokenizer, dit, vae, scheduler_config, hidden_layers=hidden_layers,
                          template_kwargs={"enable_thinking": enable_thinking}, **lora)
         self.max_text_tokens, self.enable_thinking = int(max_text_tokens), enable_thinking
+        # the pipeline pads to max_text_tokens on the tokenizer's side as saved (left: a common state
+        # after generation); the conditioning then holds the pads first, so ours must too
+        self.left_pad = tokenizer.padding_side == "left"
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         if resolution % (2 * self.vae_scale):
             raise ValueError(f"model.resolution: must be a multiple of {2 * self.vae_scale}, got {resolution}")
@@ -110,7 +110,8 @@ class Flux2Klein(HFUnifiedModel):
 
     def forward_context(self, tokens: TokenBatch, temperature: float = 1.0) -> tuple[torch.Tensor, FluxContext]:
         """One teacher-forced pass in the pipeline's layout (module docstring): (log-probs [B, L], context)."""
-        ids, real, src = packed_rows(tokens, self.max_text_tokens, self.pad_id)  # the pipeline's right padding
+        ids, real, src = packed_rows(tokens, self.max_text_tokens, self.pad_id,  # the pipeline's padding
+                                     left_to=self.max_text_tokens if self.left_pad else 0)
         out = self.lm(input_ids=ids, attention_mask=real.long(), output_hidden_states=True, use_cache=False)
         logp = unpacked_logprobs(out.logits[:, :-1].float() / temperature, ids, real, src, tokens)
         hidden = torch.cat([out.hidden_states[k][:, :self.max_text_tokens] for k in self.hidden_layers], -1)

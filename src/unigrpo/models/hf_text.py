@@ -49,17 +49,21 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(1) - 1).clamp(min=0)
 
 
-def packed_rows(tokens: TokenBatch, min_width: int, pad_id: int):
-    """A pipeline's right-padded layout of ``tokens``: each row's real tokens first, in order, then
-    pads, at least ``min_width`` columns. Returns (ids [B, W], real [B, W] mask, src [B, W]: the
-    caller's column of each packed column)."""
-    b, width = tokens.ids.shape
+def packed_rows(tokens: TokenBatch, min_width: int, pad_id: int, left_to: int = 0):
+    """A pipeline's padded layout of ``tokens``: each row's real tokens in order, then pads, at
+    least ``min_width`` columns. ``left_to`` > 0 is a LEFT-padding tokenizer's ``padding="max_length"``
+    at ``left_to``: a row of n < left_to tokens starts after ``left_to - n`` pads (a longer row is
+    not padded: the tokenizer truncates the pipeline's copy, on the right), and trailing pads make
+    the rows one width (causal: they change no earlier position). Returns (ids [B, W], real [B, W]
+    mask, src [B, W]: the caller's column of each packed column)."""
+    width = tokens.ids.shape[1]
     n = tokens.mask.sum(1)
-    packed_w = max(min_width, int(n.max()))
+    before = (left_to - n).clamp(min=0)  # [B] pads before each row's first real token
+    packed_w = max(min_width, int((n + before).max()))
     order = torch.sort((~tokens.mask).long(), dim=1, stable=True).indices  # [B, width]: real columns first
-    real = torch.arange(packed_w, device=tokens.ids.device)[None] < n[:, None]  # [B, packed_w]
-    src = torch.zeros(b, packed_w, dtype=torch.long, device=tokens.ids.device)
-    src[:, :min(width, packed_w)] = order[:, :packed_w]
+    k = torch.arange(packed_w, device=tokens.ids.device)[None] - before[:, None]  # [B, packed_w]: real index
+    real = (k >= 0) & (k < n[:, None])
+    src = order.gather(1, k.clamp(0, width - 1))  # outside ``real``: any valid column (never read)
     return torch.where(real, tokens.ids.gather(1, src), torch.full_like(src, pad_id)), real, src
 
 
@@ -70,8 +74,7 @@ def unpacked_logprobs(logits: torch.Tensor, ids: torch.Tensor, real: torch.Tenso
     logp_packed = response_logprobs(target_logprobs(logits, ids[:, 1:]), real)
     b, width = tokens.ids.shape
     logp = torch.zeros(b, width, dtype=logp_packed.dtype, device=ids.device)  # packed column j of row i is src[i, j]
-    logp = logp.scatter_add(1, src[:, :width].clamp(max=width - 1), (logp_packed * real)[:, :width])
-    return logp * tokens.response_mask
+    return logp.scatter_add(1, src, logp_packed * real) * tokens.response_mask
 
 
 class CausalLMReasoner(TextSide):

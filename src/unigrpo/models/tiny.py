@@ -69,13 +69,17 @@ class TinyUnifiedModel(UnifiedModel):
     def token_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special=False)
 
-    def validate_prompts(self, texts: list[str]) -> None:
-        """The tiny model knows only the shapes world's words."""
+    def validate_prompts(self, texts: list[str], max_new_tokens: int = 0) -> None:
+        """The tiny model knows only the shapes world's words, and its positional table is ``max_seq_len`` long."""
         unknown = [w for t in texts for w in t.split() if w not in self.tokenizer.index]
         if unknown:
             words = " ".join(w for w in self.tokenizer.index if not w.startswith("<"))
             raise ValueError(f"words the model does not know: {' '.join(unknown)} (the built-in world's vocabulary, "
                              f"split on spaces, is: {words})")
+        room = self.cfg.max_seq_len - max_new_tokens  # past the positional table, sampling would crash
+        if too_long := [n for n in map(len, map(self.prompt_ids, texts)) if n > room]:
+            raise ValueError(f"a prompt of {too_long[0]} tokens does not fit model.max_seq_len={self.cfg.max_seq_len} "
+                             f"with {max_new_tokens} reasoning tokens (text.max_reasoning_tokens): at most {room}")
 
     def prefill(self, tokens: TokenBatch):
         hidden, cache = self.text.prefill(tokens.ids, tokens.mask)

@@ -48,7 +48,7 @@ from unigrpo.models import build_model
 from unigrpo.recipes.batches import Sizes, derived_sizes, describe, ppo_order, seeds
 from unigrpo.recipes.optim import build_optimizer, optimizer_step
 from unigrpo.rewards import RewardResult, RewardSet
-from unigrpo.tasks import build_task
+from unigrpo.tasks import build_task, reward_metadata
 from unigrpo.utils import checkpoint as ckpt
 from unigrpo.utils import dist, rundir
 from unigrpo.utils import resume as resume_policy
@@ -160,8 +160,8 @@ def rollout_step(model, task, cfg: Config, step: int, rewards: RewardSet, ranks:
 
     def score(part: rollout.Episode, rows: list[int]) -> None:
         """This chunk's rewards run (in a thread if reward_workers > 0) while the next chunk samples."""
-        meta = [{**prompts[k // group].metadata, "reasoning": text, "prompt_index": p0 + k // group,
-                 "group_index": k % group} for k, text in zip(rows, part.reasoning)]
+        meta = [reward_metadata(prompts[k // group].metadata, text, p0 + k // group, k % group)
+                for k, text in zip(rows, part.reasoning)]
         scoring.submit(part.images, [prompts[k // group].text for k in rows], meta)
 
     text = {"thinking": cfg.text.thinking, "max_new_tokens": cfg.text.max_reasoning_tokens,
@@ -259,6 +259,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     task, rewards = build_task(cfg), RewardSet(cfg.rewards, cfg.reward_workers)
     torch.manual_seed(cfg.seed)  # makes a random init (model.checkpoint: null) reproducible
     model = build_model(cfg, device)  # eval mode: no dropout, ever
+    task.check(model, cfg)  # every prompt readable and fitting the context, before the first write
     model.wrap(ranks)
     ref = model.reference() if needs_reference(cfg) else None  # the starting policy, frozen
     opt = build_optimizer(model, cfg)

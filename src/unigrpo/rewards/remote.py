@@ -205,15 +205,19 @@ class RemoteReward:
     concurrently, behind the same timeouts, retries, breaker and ``on_failure``.
     ``image_format`` (unigrpo): ``npy`` (lossless float32, default) or ``png`` (8-bit); ``transport``
     (unigrpo): ``auto`` (binary safetensors when the server's ``/info`` offers it, else JSON),
-    ``json`` or ``binary``."""
+    ``json`` or ``binary``. ``token`` (unigrpo; default ``$UNIGRPO_REWARD_TOKEN``): the service's
+    shared secret, sent as ``Authorization: Bearer``."""
 
     def __init__(self, url: str, protocol: str = "unigrpo", timeout_s: float = 30.0, retries: int = 2,
                  backoff_s: float = 0.5, backoff_max_s: float = 8.0, max_concurrency: int = 4, batch_size: int = 0,
                  image_format: str = "npy", on_failure: Literal["fail", "skip"] = "fail",
                  breaker_failures: int = 3, breaker_reset_s: float = 30.0, headers: dict | None = None,
                  score_key: str = "scores", only_strict: bool = False, trusted_hosts: list | None = None,
-                 transport: Literal["auto", "json", "binary"] = "auto"):
+                 transport: Literal["auto", "json", "binary"] = "auto", token: str | None = None):
+        import os
+
         from unigrpo.rewards.protocols import PROTOCOLS
+        from unigrpo.rewards.server import TOKEN_ENV
 
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol={protocol!r}: expected one of {sorted(PROTOCOLS)}")
@@ -221,6 +225,11 @@ class RemoteReward:
             raise ValueError(f"image_format={image_format!r}: expected one of {FORMATS}")
         if batch_size < 0:
             raise ValueError("batch_size must be >= 0 (0: the whole chunk in one request)")
+        if token and protocol != "unigrpo":
+            raise ValueError(f"token is for protocol 'unigrpo' (unigrpo serve-reward); for {protocol!r} use headers")
+        token = token or (os.environ.get(TOKEN_ENV) if protocol == "unigrpo" else None)
+        if token:  # the service's shared secret (serve-reward --token); never sent to other protocols' servers
+            headers = {**(headers or {}), "Authorization": f"Bearer {token}"}
         base = url.rstrip("/")
         base = base.removesuffix("/score" if protocol == "unigrpo" else "/compute")
         self.protocol = PROTOCOLS[protocol](url=base, image_format=image_format, score_key=score_key,

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["BINARY_TYPE", "FORMATS", "PayloadError", "decode_binary_request", "decode_images", "decode_request",
+__all__ = ["BINARY_TYPE", "FORMATS", "PayloadError", "check_pixels", "decode_binary_request", "decode_images", "decode_request",
            "encode_binary_request", "encode_images", "encode_request", "png_bytes", "to_json"]
 
 FORMATS = ("npy", "png")
@@ -96,7 +96,23 @@ def decode_images(items: list, fmt: str) -> torch.Tensor:
     shapes = {a.shape for a in arrs}
     if len(shapes) > 1:
         raise PayloadError(f"images: all images of a request must have one size, got {sorted(shapes)}")
-    return torch.from_numpy(np.stack(arrs)) if arrs else torch.zeros(0, 3, 1, 1)
+    return check_pixels(torch.from_numpy(np.stack(arrs))) if arrs else torch.zeros(0, 3, 1, 1)
+
+
+def check_pixels(x: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] float -> itself, or a PayloadError naming the first image the wire format forbids:
+    zero-size, a NaN / inf pixel, a value outside [0, 1] (a reward would score garbage silently)."""
+    if x.numel() == 0:
+        raise PayloadError(f"images: zero-size images {list(x.shape)}")
+    flat = x.reshape(len(x), -1)
+    for bad, what in ((~torch.isfinite(flat), "non-finite pixels (NaN or inf)"),
+                      ((flat < 0) | (flat > 1), "pixels outside [0, 1]")):
+        rows = bad.any(dim=1).nonzero().flatten()
+        if len(rows):
+            i = int(rows[0])
+            extra = "" if "finite" in what else f" (min {float(flat[i].min()):g}, max {float(flat[i].max()):g})"
+            raise PayloadError(f"images[{i}]: {what}{extra}; the wire format carries [0, 1]")
+    return x
 
 
 def to_json(obj):
@@ -173,7 +189,7 @@ def decode_binary_request(body: bytes, max_batch: int) -> tuple[torch.Tensor, li
         got = "no tensor 'images'" if x is None else f"{x.dtype} {list(x.shape)}"
         raise PayloadError(f"images: expected float32 or uint8 [B, 3, H, W], got {got}")
     metadata = _check_lists(prompts, metadata, len(x), max_batch)
-    return (x.float() / 255.0 if x.dtype == torch.uint8 else x), prompts, metadata
+    return check_pixels(x.float() / 255.0 if x.dtype == torch.uint8 else x), prompts, metadata
 
 
 def decode_request(body: bytes, max_batch: int) -> tuple[torch.Tensor, list[str], list[dict]]:

@@ -6,7 +6,8 @@ with its metadata) plus what it knows about its images: the training loop asks a
 statistics it logs as ``rollout/*``); ``unigrpo eval`` prints its ``report``. The rewards receive
 each prompt's metadata, to which the loop adds ``"reasoning"`` (the sampled reasoning text),
 ``"prompt_index"`` (the prompt's index in the step, shared by its group) and ``"group_index"``
-(0 .. G-1).
+(0 .. G-1) (``reward_metadata``); a prompt file that sets one of these, or ``"line"``, is refused
+(``RESERVED``): no user field is ever overwritten.
 
 - ``shapes`` (``tasks/shapes.py``): the built-in shapes world (``unigrpo.world``): generated prompts
   with held-out splits; the evaluator reports strict accuracy overall, per category, and whether
@@ -25,12 +26,19 @@ Add a task: a module with a class of the ``Task`` protocol (``tasks/base.py``) a
 from __future__ import annotations
 
 from unigrpo.config import Config
-from unigrpo.tasks.base import RESERVED, Prompt, Task, generate_eval, write_eval_grid
+from unigrpo.tasks.base import (
+    RESERVED,
+    Prompt,
+    Task,
+    generate_eval,
+    reward_metadata,
+    write_eval_grid,
+)
 from unigrpo.tasks.prompts import PromptsTask, load_prompt_file
 from unigrpo.tasks.shapes import ShapesTask
 
 __all__ = ["RESERVED", "TASKS", "Prompt", "PromptsTask", "ShapesTask", "Task", "build_task", "generate_eval",
-           "load_prompt_file", "write_eval_grid"]
+           "load_prompt_file", "reward_metadata", "write_eval_grid"]
 
 TASKS: dict[str, type] = {"shapes": ShapesTask, "prompts": PromptsTask}
 

@@ -17,7 +17,9 @@ from unigrpo.config import Config
 from unigrpo.sampling import Generation, generate
 from unigrpo.utils.images import group_rms_distance, save_grid
 
-RESERVED = ("reasoning", "prompt_index", "group_index")  # metadata keys the loop sets
+# Every metadata key unigrpo itself adds: a prompt's own metadata may not carry one (refused when
+# the prompt file is read), so what a reward reads under a user's name is always what the user wrote.
+RESERVED = ("reasoning", "prompt_index", "group_index", "line")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,37 @@ class Task(Protocol):
 
     def rollout_metrics(self, images: torch.Tensor, group_size: int) -> dict[str, float]:
         """``rollout/*`` statistics of a step's images [P * G, 3, H, W] (groups contiguous)."""
+
+    def check(self, model, cfg: Config) -> None:
+        """InputError (one line naming the prompt) for a prompt ``model`` cannot read, or cannot fit
+        with ``text.max_reasoning_tokens`` of reasoning: called before a run writes anything."""
+
+
+def reward_metadata(meta: dict[str, Any], reasoning: str, prompt_index: int, group_index: int) -> dict[str, Any]:
+    """What a reward sees of one episode: the prompt's ``meta`` as written plus the sampled
+    ``reasoning``, ``prompt_index`` and ``group_index``. A ``meta`` that already holds one of these
+    is a task's bug (a user's field would be overwritten): ValueError rather than a silent replace."""
+    taken = [k for k in ("reasoning", "prompt_index", "group_index") if k in meta]
+    if taken:
+        raise ValueError(f"prompt metadata already holds {taken[0]!r}, which unigrpo sets for the rewards")
+    return {**meta, "reasoning": reasoning, "prompt_index": prompt_index, "group_index": group_index}
+
+
+def check_prompts(model, prompts: list[Prompt], max_new_tokens: int, where) -> None:
+    """``model.validate_prompts`` over ``prompts``; the first refused one is an InputError
+    ``where(prompt): why`` (``where`` names its file and line)."""
+    from unigrpo.utils.errors import InputError
+
+    try:
+        model.validate_prompts([p.text for p in prompts], max_new_tokens)
+        return
+    except ValueError:
+        pass
+    for p in prompts:  # the batch failed: name the first prompt that does
+        try:
+            model.validate_prompts([p.text], max_new_tokens)
+        except ValueError as e:
+            raise InputError(f"{where(p)}: {e}") from None
 
 
 def generate_eval(model, prompts: list[str], cfg: Config, thinking: bool, reasoning: list[str] | None = None,

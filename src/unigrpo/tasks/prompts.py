@@ -21,7 +21,9 @@ from unigrpo.rollout import derive_seed
 from unigrpo.tasks.base import (
     RESERVED,
     Prompt,
+    check_prompts,
     generate_eval,
+    reward_metadata,
     rollout_image_metrics,
     write_eval_grid,
 )
@@ -29,13 +31,29 @@ from unigrpo.utils.errors import InputError
 from unigrpo.utils.images import image_stats
 
 
+def _lines(p: Path, key: str) -> list[str]:
+    """The file's JSONL lines: split on ``\n`` only (``\r\n`` too) -- U+2028 / U+2029 / U+0085
+    are valid inside a JSON string, where ``str.splitlines`` would cut the line -- and a UTF-8 BOM
+    dropped."""
+    try:
+        text = p.read_bytes().decode("utf-8-sig")
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read prompt file {p}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{key}: {p}: not UTF-8 text (byte {e.start})") from None
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def load_prompt_file(path: str | Path, key: str = "task.prompts") -> list[Prompt]:
-    """JSONL -> prompts; blank lines are skipped. A bad file is one ConfigError naming file and line."""
+    """JSONL -> prompts; blank lines are skipped. A bad file is one ConfigError naming file and line.
+
+    Every field but ``"prompt"`` is kept as written; unigrpo adds ``"line"`` (the 1-based line
+    number), and a line that sets a key unigrpo adds (``RESERVED``) is refused rather than overwritten."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{key}: prompt file not found: {p}")
     prompts = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(_lines(p, key), 1):
         if not line.strip():
             continue
         where = f"{key}: {p}:{n}"
@@ -43,12 +61,14 @@ def load_prompt_file(path: str | Path, key: str = "task.prompts") -> list[Prompt
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{where}: not JSON ({e.msg})") from None
+        except RecursionError:  # a line of thousands of nested brackets
+            raise ConfigError(f"{where}: not JSON (nested too deeply)") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
             raise ConfigError(f"{where}: expected a JSON object with a non-empty \"prompt\" string")
         taken = [k for k in RESERVED if k in obj]
         if taken:
-            raise ConfigError(f"{where}: field {taken[0]!r} is set by the training loop (the sampled "
-                              f"reasoning / indices); rename it")
+            raise ConfigError(f"{where}: field {taken[0]!r} is set by unigrpo for the rewards (the line number, "
+                              f"the sampled reasoning, the indices); rename it")
         meta = {k: v for k, v in obj.items() if k != "prompt"}
         prompts.append(Prompt(obj["prompt"], {**meta, "line": n}))
     if not prompts:
@@ -65,6 +85,14 @@ class PromptsTask:
         self.seed, self.cfg, self.orders = cfg.seed, cfg, {}
         self.train = load_prompt_file(t.prompts)
         self.eval = self.train if t.eval_prompts is None else load_prompt_file(t.eval_prompts, "task.eval_prompts")
+
+    def check(self, model, cfg: Config) -> None:
+        """Every training and evaluation prompt is one ``model`` reads and fits with
+        ``text.max_reasoning_tokens`` (the tiny model: its words, its ``max_seq_len``)."""
+        t, n = cfg.task, cfg.text.max_reasoning_tokens
+        check_prompts(model, self.train, n, lambda p: f"task.prompts: {t.prompts}:{p.metadata['line']}")
+        if self.eval is not self.train:
+            check_prompts(model, self.eval, n, lambda p: f"task.eval_prompts: {t.eval_prompts}:{p.metadata['line']}")
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self.orders:
@@ -83,8 +111,7 @@ class PromptsTask:
         start = time.perf_counter()
         prompts = self.eval_prompts()
         gen = generate_eval(model, [p.text for p in prompts], cfg, thinking=cfg.eval.thinking)
-        meta = [{**p.metadata, "reasoning": gen.reasoning[i], "prompt_index": i, "group_index": 0}
-                for i, p in enumerate(prompts)]
+        meta = [reward_metadata(p.metadata, gen.reasoning[i], i, 0) for i, p in enumerate(prompts)]
         res = rewards(gen.images, [p.text for p in prompts], meta)
         total, per_term = res.total, res.per_term
         write_eval_grid(gen, prompts, cfg, step, out)
@@ -105,6 +132,7 @@ class PromptsTask:
 
         if mode not in ("think", "no_think"):
             raise InputError(f"--mode {mode} needs ground-truth reasoning, which only task.kind=shapes has")
+        self.check(model, cfg)
         cfg = replace(cfg, eval=replace(cfg.eval, thinking=mode == "think"))
         metrics = self.evaluate(model, cfg, RewardSet(cfg.rewards), 0, out)
         head = (f"task {cfg.task.kind}, {cfg.eval.num_prompts} prompts at most, {cfg.sampler.eval_num_steps} ODE "

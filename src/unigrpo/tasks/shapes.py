@@ -108,6 +108,10 @@ class ShapesTask:
                       "strict check):"), decomposition]
         return "\n".join(lines)
 
+    def check(self, model, cfg: Config) -> None:
+        """Nothing to check: the world's prompts are in the tiny model's words, and ``tiny_config``
+        checks their length against ``model.max_seq_len``."""
+
     def rollout_metrics(self, images: torch.Tensor, group_size: int) -> dict[str, float]:
         return rollout_image_metrics(shapes_image_stats(images), images, group_size)
 

@@ -29,6 +29,7 @@ checked for NaN / inf at load (``check_finite``), and a folder ``unigrpo export`
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import random
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 
 from unigrpo.utils import dist
-from unigrpo.utils.errors import CheckpointError
+from unigrpo.utils.errors import CheckpointError, RunError
 
 __all__ = ["CHECKPOINT", "FORMAT", "REFERENCE", "atomic_save", "atomic_torch_save", "capture_rng", "check_finite",
            "check_fits", "file_sha256", "hashed_metadata", "load_checkpoint", "load_reference", "nonfinite_tensor", "pointed_policy",
@@ -146,6 +147,16 @@ def _ctrl_c_deferred():
         raise KeyboardInterrupt
 
 
+def _disk_full(e: BaseException | None) -> bool:
+    """ENOSPC / EDQUOT anywhere in the exception chain (torch.save chains its own RuntimeError)."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
 def atomic_save(write, path: str | Path) -> Path:
     """``write(file)`` to ``path`` atomically (tmp file + fsync + os.replace + directory fsync); a
     Ctrl-C waits for the file to be complete."""
@@ -159,6 +170,11 @@ def atomic_save(write, path: str | Path) -> Path:
                 f.flush()
                 os.fsync(f.fileno())  # data on disk before the rename makes it visible
             os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:
+            if _disk_full(e):  # torch.save's writer says "enforce fail at inline_container.cc" instead
+                raise RunError(f"{path}: no space left on device while writing it; the previous file (if any) "
+                               "is intact: free some space, then --resume") from e
+            raise
         finally:
             if tmp.exists():  # only if something failed before the replace
                 tmp.unlink()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -96,6 +97,23 @@ def _start_heartbeat(rank: int, world: int, timeout_s: float) -> None:
     thread = threading.Thread(target=_beat, args=(rank, stop), daemon=True, name="unigrpo-heartbeat")
     thread.start()
     _heartbeat.update(rank=rank, world=world, timeout_s=timeout_s, stop=stop, thread=thread)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum, frame) -> None:
+    """torchrun SIGTERMs the other ranks when one ends (killed, crashed): one ``unigrpo:`` line
+    naming it -- the rank whose heartbeat stopped (waited for up to 5 s: it goes silent after 3
+    beats) -- instead of dying without a word. Exit 143, as SIGTERM's default would."""
+    import sys
+
+    me = _heartbeat.get("rank", "?")
+    silent = _silent_others(me, 5 * HEARTBEAT_S) if _heartbeat else []
+    who = (", ".join(f"rank {r} (no heartbeat for {a:.0f} s)" for r, a in silent) if silent
+           else "no other rank was silent")
+    print(f"unigrpo: rank {me}: stopped by the launcher (SIGTERM); {who}: a rank was killed or crashed; "
+          "--resume continues from the last checkpoint", file=sys.stderr, flush=True)
+    os._exit(128 + signum)  # mid-collective: no clean-up can finish (the lock is taken over on --resume)
 
 
 def silent_ranks(now: float | None = None) -> list[tuple[int, float]]:
@@ -109,19 +127,45 @@ def silent_ranks(now: float | None = None) -> list[tuple[int, float]]:
     return sorted(out, key=lambda x: -x[1])
 
 
+_PEER_GONE = ("connection reset by peer", "connection closed by peer", "broken pipe")  # gloo's words
+
+
+def _silent_others(me: int, wait_s: float) -> list[tuple[int, float]]:
+    """``silent_ranks`` but this one, waiting up to ``wait_s`` for a rank that just died to go
+    silent (3 missed beats); SIGTERM from the launcher is held meanwhile (main thread)."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if main and wait_s else None
+    deadline, silent = time.monotonic() + wait_s, []
+    try:
+        while True:
+            silent = [(r, a) for r, a in silent_ranks() if r != me]
+            if silent or time.monotonic() >= deadline:
+                return silent
+            time.sleep(0.25 * HEARTBEAT_S)
+    except Exception:  # noqa: BLE001 -- the store itself may be gone
+        return silent
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def as_rank_timeout(err: BaseException):
-    """A collective's timeout as a RankTimeout naming the silent rank(s); None for other errors."""
+    """A collective that failed because another rank stopped (its timeout) or ended (killed,
+    crashed: gloo's "connection reset by peer") as a RankTimeout naming the silent rank(s); None
+    for other errors."""
     from unigrpo.utils.errors import RankTimeout
 
-    if not _heartbeat or "timed out" not in str(err).lower() and "timeout" not in str(err).lower():
+    text = str(err).lower()
+    gone = any(k in text for k in _PEER_GONE)
+    if not _heartbeat or not gone and "timed out" not in text and "timeout" not in text:
         return None
     me, limit = _heartbeat["rank"], _heartbeat["timeout_s"]
-    try:
-        silent = [(r, a) for r, a in silent_ranks() if r != me]
-    except Exception:  # noqa: BLE001 -- the store itself may be gone
-        silent = []
+    silent = _silent_others(me, 5 * HEARTBEAT_S if gone else 0.0)
     who = (", ".join(f"rank {r} (no heartbeat for {a:.0f} s)" for r, a in silent) if silent
            else "another rank (could not tell which)")
+    if gone:
+        return RankTimeout(f"rank {me}: {who} ended (killed or crashed): its connection closed in a collective; "
+                           "--resume continues from the last checkpoint")
     return RankTimeout(f"rank {me}: {who} stopped responding; a collective waited dist_timeout_s={limit:g} s")
 
 

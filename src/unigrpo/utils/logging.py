@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-__all__ = ["RunLogger", "StatsMean", "jsonl_line", "kept_lines"]
+__all__ = ["RunLogger", "StatsMean", "jsonl_line", "kept_lines", "skipped_steps"]
 
 
 def jsonl_line(step: int, metrics: dict[str, float]) -> str:
@@ -49,6 +49,21 @@ def kept_lines(text: str, start_step: int, path) -> list[str]:
         if row.get("step", 0) <= start_step:
             keep.append(ln)
     return keep
+
+
+def skipped_steps(path: Path) -> tuple[int, list[int]]:
+    """(steps skipped so far, the logged steps that skipped one) of a run's ``metrics.jsonl``:
+    ``reward/skipped_steps`` counts them (kept across --resume), a step that raises it skipped."""
+    count, steps = 0, []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a torn line (a kill mid-write): the resume rewrites it
+            continue
+        value = row.get("reward/skipped_steps") if isinstance(row, dict) else None
+        if isinstance(value, (int, float)) and value > count:
+            count, steps = int(value), [*steps, row.get("step")]
+    return count, steps
 
 
 class StatsMean:

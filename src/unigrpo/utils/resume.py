@@ -21,9 +21,9 @@ __all__ = ["FREE", "OPTIMIZER", "TRANSPORT", "apply_optimizer", "config_changes"
 # is reached (the scores are the same), not which reward, its weight, or a judge's model / prompt.
 TRANSPORT = ("url", "timeout_s", "retries", "backoff_s", "backoff_max_s", "max_concurrency", "batch_size",
              "image_format", "breaker_failures", "breaker_reset_s", "headers.", "api_key_env", "on_failure",
-             "transport", "trusted_hosts")  # transport: the same bits either way; trusted_hosts: where it may connect
+             "transport", "trusted_hosts", "token")  # transport: the same bits either way; trusted_hosts: where it may connect
 FREE = ("steps", "output_dir", "device", "threads", "log_every", "eval_every", "save_every", "reward_workers",
-        "dist_timeout_s", "eval.", "pretrain.", "logging.", "model.checkpoint", *(f"rewards[].kwargs.{k}" for k in TRANSPORT))
+        "dist_timeout_s", "max_skipped_share", "eval.", "pretrain.", "logging.", "model.checkpoint", *(f"rewards[].kwargs.{k}" for k in TRANSPORT))
 # Changeable, applied to the optimizer after load_state_dict.
 OPTIMIZER = ("optim.lr_text", "optim.lr_image", "optim.weight_decay", "optim.betas", "optim.grad_clip")
 

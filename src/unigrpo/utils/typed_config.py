@@ -114,7 +114,7 @@ def _convert_kind_union(value: Any, sections: tuple, key: str) -> Any:
         raise ConfigError(f"{key}: expected a mapping for section, got {value!r}")
     by_kind = {kind_of(s): s for s in sections}
     kind = value.get("kind", kind_of(sections[0]))
-    if kind not in by_kind:
+    if not isinstance(kind, str) or kind not in by_kind:  # a list is unhashable: not a dict lookup
         raise ConfigError(f"{key}.kind: must be one of {', '.join(repr(k) for k in by_kind)}, got {kind!r}")
     return from_dict(by_kind[kind], value, prefix=key + ".", context=f" for {key}.kind={kind!r}")
 
@@ -155,7 +155,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"{text}: empty key in override")
-    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: invalid YAML value {raw!r} ({_yaml_problem(e)})") from None
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error's cause in a few words (its str is several lines)."""
+    return str(getattr(e, "problem", None) or getattr(e, "reason", None) or e.__class__.__name__).replace("\n", " ")
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -197,11 +205,17 @@ def load(cls: type, path: str | Path | None = None, overrides: list[str] | None 
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
-            data = yaml.load(p.read_text(), Loader=_StrictLoader) or {}  # a SafeLoader
+            data = yaml.load(p.read_bytes().decode("utf-8-sig"), Loader=_StrictLoader) or {}  # a SafeLoader
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read the config file ({e.strerror or e})") from None
+        except RecursionError:
+            raise ConfigError(f"{p}: invalid YAML (nested too deeply)") from None
         except ConfigError as e:
             raise ConfigError(f"{p}: {e}") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            raise ConfigError(f"{p}: invalid YAML{where} ({getattr(e, 'problem', None) or e.__class__.__name__})") from None
+            raise ConfigError(f"{p}: invalid YAML{where} ({_yaml_problem(e)})") from None
     return from_dict(cls, apply_overrides(data, list(overrides or [])))
