@@ -27,9 +27,11 @@ def test_a_score_missing_on_one_rank_skips_the_step_on_every_rank(tiny_checkpoin
         [here, str(RECIPE.HERE), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "unigrpo.cli",
            "train", *RECIPE.tiny_overrides(tiny_checkpoint, two, *common, "steps=2", "algo.micro_batch_trajectories=4",
-                                           "rewards=[{name: 'rank_rewards:rank1_down_in_step2'}]")]
+                                           "rewards=[{name: 'rank_rewards:rank1_down_in_step2'}]",
+                                           "max_skipped_share=0.5")]  # 1 of 2 steps skipped: not a failed run
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "1 of 2 steps skipped" in proc.stderr  # the summary line
     a, b = load_file(one / "final.safetensors"), load_file(two / "final.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # step 2 trained on no rank
     rows = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
