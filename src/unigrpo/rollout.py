@@ -190,14 +190,18 @@ def window_starts(group_seeds: list[int], traj_seeds: list[int], group_size: int
 @torch.no_grad()
 def sample_images(model, tokens: TokenBatch, noise_seeds: list[int], window_start: torch.Tensor, *,
                   num_steps: int, shift: float, kind: str, noise_level: float, window_size: int,
-                  cfg_scale: float, temperature: float, reduction: str,
+                  cfg_scale: float, temperature: float, reduction: str, detach_context: bool = True,
                   init_seeds: list[int] | None = None) -> Round:
     """One round of one chunk of B rows: behaviour text log-probs + image with the SDE window (module docstring).
 
     ``init_seeds`` [B]: when given, the initial noise comes from these (e.g. one seed per group:
-    the group shares its starting noise) and only the window noise from ``noise_seeds``."""
+    the group shares its starting noise) and only the window noise from ``noise_seeds``.
+    ``detach_context`` (``algo.detach_context``): the velocity reads ``model.detach_context(ctx)``,
+    as training does -- no gradient here either way, but a model may compute a detached context's
+    velocity by another path (Bagel: detached und weights), and the first ratio must be exactly 1."""
     b, w, dev = len(tokens), window_size, tokens.ids.device
     logp_old, ctx = model.forward_context(tokens, temperature)  # THE behaviour log-probs [B, L]
+    ctx = model.detach_context(ctx) if detach_context else ctx
     null = model.null_context(b) if cfg_scale != 1.0 else None
     gens = [torch.Generator().manual_seed(s) for s in noise_seeds]  # CPU: device-independent draws
     init = gens if init_seeds is None else [torch.Generator().manual_seed(s) for s in init_seeds]

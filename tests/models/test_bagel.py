@@ -470,3 +470,30 @@ def test_a_fully_trained_expert_in_bf16_is_refused_in_one_line():
     load_config(None, [*base, "model.lora.text_rank=0", "algo.train_text=false"])  # frozen: fine
     with pytest.raises(ConfigError, match=r"^model.dtype: bfloat16 weights cannot .*model.lora.text_rank=0"):
         load_config(None, [*base, "model.lora.text_rank=0"])
+
+
+def test_the_rollout_reads_the_context_the_update_reads():
+    """With a trained (non-zero) und LoRA, Bagel's velocity on a detached context (the path the
+    image loss takes under ``algo.detach_context``) differs from the plain one in the last bits, so
+    the rollout must sample on the same detached context: then the window log-probs it records are
+    exactly the update's (first ratio 1). Found by ``text.batch_groups`` runs: 1.2e-7 at step 2."""
+    from unigrpo import rollout
+
+    torch.manual_seed(0)
+    model = build_model(load_config(None, bagel_overrides(tiny_bagel_dir(), 4, 4)), checkpoint=None)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:  # as after a few updates
+                p.add_(0.05 * torch.randn_like(p))
+    tokens = model.sample_reasoning(model.encode(BAGEL_PROMPTS), max_new_tokens=6, generator=torch.Generator().manual_seed(1))
+    x, t = torch.randn(3, *model.latent_shape, generator=torch.Generator().manual_seed(2)), torch.tensor([1.0, 0.9, 0.75])
+    with torch.no_grad():
+        _, ctx = model.forward_context(tokens)
+        assert not torch.equal(model.velocity(x, t, ctx), model.velocity(x, t, model.detach_context(ctx)))
+    kw = {"num_steps": 4, "shift": 3.0, "kind": "flow_sde", "noise_level": 0.8, "window_size": 2, "cfg_scale": 1.0,
+          "temperature": 1.0, "reduction": "mean"}
+    rnd = rollout.sample_images(model, tokens, [5, 6, 7], torch.tensor([0, 1, 2]), **kw)  # detach_context default
+    _, ctx = model.forward_context(tokens)
+    scores = rollout.score_window(model, rnd, model.detach_context(ctx), kind="flow_sde", noise_level=0.8,
+                                  cfg_scale=1.0, reduction="mean")
+    assert torch.equal(torch.stack(scores.logp, 1).detach(), rnd.logp_img_old)

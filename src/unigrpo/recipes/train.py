@@ -168,7 +168,8 @@ def rollout_step(model, task, cfg: Config, step: int, rewards: RewardSet, ranks:
             "temperature": cfg.text.temperature, "top_p": cfg.text.top_p, "batch_groups": cfg.text.batch_groups}
     draw = {"num_steps": sampler.num_steps, "shift": sampler.shift, "kind": sampler.kind,
             "noise_level": sampler.noise_level, "window_size": sampler.window_size, "cfg_scale": sampler.cfg_scale,
-            "temperature": cfg.text.temperature, "reduction": algo.logprob_reduction}
+            "temperature": cfg.text.temperature, "reduction": algo.logprob_reduction,
+            "detach_context": algo.detach_context}  # the context the update's image loss reads
     roll = rollout.sample_episode(model, prompts, group, draws, list(order0.split(sizes.micro_local)), ranks,
                                   text=text, sampler=draw, on_chunk=score)  # [P_local * G] prompt-major
     t_rollout = time.perf_counter()
