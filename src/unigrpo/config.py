@@ -88,7 +88,7 @@ class TextSamplingConfig:
     thinking: bool = True  # False: skip reasoning and draw from the prompt alone
     # True: every group of a rank decodes in ONE loop (a generator per group; docs/performance.md);
     # False: one loop per group, whose tokens depend on nothing but the group (docs/reliability.md)
-    batch_groups: bool = False
+    batch_groups: bool = True
 
 
 @dataclass

@@ -150,9 +150,9 @@ def guided_velocity(model, x_t: torch.Tensor, t: torch.Tensor, ctx, null_ctx, cf
 @torch.no_grad()
 def sample_reasoning(model, prompts: list, group_size: int, seeds: list[int], *, thinking: bool,
                      max_new_tokens: int, temperature: float, top_p: float,
-                     batch_groups: bool = False, ranks=None) -> TokenBatch:
+                     batch_groups: bool = True, ranks=None) -> TokenBatch:
     """Prompts [P] (``tasks.Prompt`` or str) -> inputs + sampled reasoning [P * G, L]; group p uses
-    generator ``seeds[p]``. ``batch_groups`` (``text.batch_groups``): all groups in one
+    generator ``seeds[p]``. ``batch_groups`` (``text.batch_groups``, default): all groups in one
     decode loop, each drawing from its own generator (one generator per row), the prompts
     left-padded to the widest prompt of every rank (``ranks``), so a row's layout does not depend on
     how the prompts are sharded; equal to the per-group loops up to float rounding

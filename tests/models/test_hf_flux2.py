@@ -315,9 +315,9 @@ def test_bfloat16_weights_keep_lora_and_every_output_in_float32():
 
 
 def test_batch_groups_samples_each_groups_own_tokens_in_one_loop():
-    """``text.batch_groups``: the rollout's groups decode in one loop, group p drawing from its own
-    generator ``seeds[p]``: the same reasoning as one loop per group (here token for token), in
-    fewer model calls; refused for a model whose loop takes one generator (the tiny model)."""
+    """``text.batch_groups`` (the default): the rollout's groups decode in one loop, group p drawing
+    from its own generator ``seeds[p]``: the same reasoning as one loop per group (here token for
+    token), in fewer model calls."""
     from unigrpo import rollout as R
 
     model, _, prompts = hf_factory(seed=0)
@@ -325,7 +325,7 @@ def test_batch_groups_samples_each_groups_own_tokens_in_one_loop():
     model.lm.register_forward_hook(lambda *a: calls.append(1))
     kw = {"thinking": True, "max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0}
     with torch.no_grad():
-        alone = R.sample_reasoning(model, prompts, 3, [11, 12, 13], **kw)
+        alone = R.sample_reasoning(model, prompts, 3, [11, 12, 13], batch_groups=False, **kw)
         n_alone = len(calls)
         together = R.sample_reasoning(model, prompts, 3, [11, 12, 13], batch_groups=True, **kw)
     assert model.decode_text(alone) == model.decode_text(together)
