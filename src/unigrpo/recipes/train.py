@@ -47,7 +47,7 @@ from unigrpo.config import Config, to_dict
 from unigrpo.models import build_model
 from unigrpo.recipes.batches import Sizes, derived_sizes, describe, ppo_order, seeds
 from unigrpo.recipes.optim import build_optimizer, optimizer_step
-from unigrpo.rewards import RewardResult, RewardSet
+from unigrpo.rewards import RewardSet
 from unigrpo.tasks import build_task, reward_metadata
 from unigrpo.utils import checkpoint as ckpt
 from unigrpo.utils import dist, rundir
@@ -175,11 +175,11 @@ def rollout_step(model, task, cfg: Config, step: int, rewards: RewardSet, ranks:
     t_rollout = time.perf_counter()
 
     # -------------------------------------------------------------- 2. reward
-    results = [scoring.result()]  # every row, in chunk order
-    missing = dist.any_flag(any(r.missing for r in results), ranks, device)  # one decision on every rank
+    result = scoring.result()  # every row, in chunk order
+    missing = dist.any_flag(bool(result.missing), ranks, device)  # one decision on every rank
     unsort = torch.argsort(order0)  # chunk order -> prompt-major
-    reward_local = torch.cat([r.total for r in results])[unsort]  # [N_local]
-    terms_local = torch.stack([torch.cat([r.per_term[name] for r in results])[unsort] for name in rewards.names], 1)
+    reward_local = result.total[unsort]  # [N_local]
+    terms_local = torch.stack([result.per_term[name][unsort] for name in rewards.names], 1)
     t_reward = time.perf_counter()
 
     # -------------------------------------------------------------- 3. advantages
@@ -188,8 +188,7 @@ def rollout_step(model, task, cfg: Config, step: int, rewards: RewardSet, ranks:
     adv = group_advantages(reward, algo.adv_scale, algo.adv_eps, algo.adv_clip)  # [P, G]
     adv = adv.flatten()[first_traj:first_traj + n_local].to(device)  # same A for all tokens and steps
     return StepBatch(roll, adv, order0, reward, reward_terms, reward_local, p0, len(prompts), t_rollout - t_start,
-                     t_reward - t_rollout, sum(r.seconds for r in results), missing,
-                     RewardResult.merge_metrics(results))
+                     t_reward - t_rollout, result.seconds, missing, dict(result.metrics))
 
 
 def ppo_epochs(model, ref, opt, batch: StepBatch, cfg: Config, step: int, ranks: dist.Dist, sizes: Sizes) -> dict:
