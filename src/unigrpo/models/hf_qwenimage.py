@@ -37,7 +37,7 @@ mrope axes, identical for text).
   scheduler config (linear in the image tokens, independent of n), the exponential time shift
   ``e^mu / (e^mu + 1/sigma - 1)`` = our ``shift_time(sigma, e^mu)``: ``timesteps(n, exp(mu))``; a
   config's ``shift_terminal`` stretches that grid (``timesteps(..., terminal=)``).
-  ``pipeline_timesteps(n)`` is that grid (``sampler.shift: null``).
+  ``own_timesteps(n)`` is that grid (``sampler.shift: null``).
 """
 
 from __future__ import annotations
@@ -204,5 +204,5 @@ class QwenImage(HFUnifiedModel):
         shift, terminal = self._schedule()
         if terminal is not None:
             raise NotImplementedError(f"the scheduler stretches its grid to shift_terminal={terminal}, which no "
-                                      "sampler.shift expresses: set sampler.shift=null (pipeline_timesteps)")
+                                      "sampler.shift expresses: set sampler.shift=null (own_timesteps)")
         return shift
