@@ -27,7 +27,7 @@ What one timed step includes:
 - **ours** (``OurGRPO.step``): the chat template + tokenisation of the 64 prompts, our seeded
   KV-cache loop ``CausalLMReasoner.sample_reasoning`` with one ``torch.Generator`` per group (one
   loop for all rows, a generator per row; ``ours_per_group``: ``rollout.sample_reasoning``, one
-  loop per group, as ``unigrpo train`` samples today), decoding, the same reward,
+  loop per group, as ``unigrpo train`` samples with ``text.batch_groups: false``), decoding, the same reward,
   ``group_advantages``, ONE teacher-forced ``forward_context`` pass with gradient,
   ``text_grpo_loss(aggregation="seq_mean")`` with ``logp_old = logp.detach()`` (what TRL does at
   ``num_iterations=1``), backward, gradient clipping, AdamW, ``zero_grad``. Not included: logging.
@@ -107,8 +107,8 @@ class OurGRPO:
         from unigrpo import rollout as R
 
         seeds = [R.derive_seed(self.seed, step, p, R.REASONING) for p in range(len(prompts))]
-        if not self.batched:  # as `unigrpo train` samples: one decode loop per group
-            return R.sample_reasoning(self.reasoner, prompts, GROUP, seeds, thinking=True,
+        if not self.batched:  # as `unigrpo train` samples with text.batch_groups: false: a loop per group
+            return R.sample_reasoning(self.reasoner, prompts, GROUP, seeds, thinking=True, batch_groups=False,
                                       max_new_tokens=NEW_TOKENS, temperature=1.0, top_p=1.0)
         # one decode loop for all groups: one generator per row, shared by a group's rows
         gens = [g for s in seeds for g in [torch.Generator().manual_seed(s)] * GROUP]

@@ -83,8 +83,10 @@ def test_trajectories_do_not_depend_on_chunking(tiny_checkpoint, tmp_path):
 
 
 def test_reasoning_depends_only_on_the_group_seed(tiny_checkpoint, tmp_path):
+    """The per-group promise (``text.batch_groups: false``; the default's promise is tested in
+    test_conformance.py: a group's tokens do not depend on the groups decoded beside it)."""
     _, model, _ = setup(tiny_checkpoint, tmp_path)
-    kw = {"thinking": True, "max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0}
+    kw = {"thinking": True, "max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0, "batch_groups": False}
     both = R.sample_reasoning(model, PROMPTS, 4, [5, 6], **kw)
     second = R.sample_reasoning(model, PROMPTS[1:], 4, [6], **kw)
     width = second.ids.shape[1]
