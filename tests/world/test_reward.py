@@ -16,6 +16,7 @@ from unigrpo.world import (
     parse_description,
     render_batch,
     score_images,
+    shapes_dense_reward,
     shapes_image_stats,
     shapes_reward,
     wrong_reasoning,
@@ -257,3 +258,27 @@ def test_reward_speed_sanity(split_tasks):
         imgs, [t.spec for t in split_tasks["train"][:1024]]
     )  # not timed: see benchmarks/
     assert res.correct.all()
+
+
+@pytest.mark.parametrize("kind", ["color", "shape", "count", "relation"])
+def test_dense_reward_keeps_the_credit_of_the_attributes_a_mistake_leaves_right(split_tasks, kind):
+    """``shapes_dense``: 1 on ground-truth renders; a single-aspect mistake scores below 1, and a
+    wrong colour / shape / relation keeps the credit of the attributes it left right, which the
+    partial-credit ``score`` takes away with the whole object."""
+    rng = np.random.default_rng(3)
+    tasks = _per_category(split_tasks["train"], 40)
+    if kind == "color":
+        tasks = [t for t in tasks if t.spec.concrete]
+    pairs = [(t.spec, t.to_metadata()["spec"], m) for t in tasks if (m := _mutate(t.target, kind, rng)) is not None]
+    truth = [p[1] for p in pairs]
+    exact = shapes_dense_reward(render_batch([p[0] for p in pairs if p[0].concrete], seed=4),
+                                [""] * sum(p[0].concrete for p in pairs), [{"spec": p[1]} for p in pairs if p[0].concrete])
+    assert torch.all(exact == 1.0)
+    wrong = render_batch([p[2] for p in pairs], seed=4)
+    dense = shapes_dense_reward(wrong, [""] * len(pairs), [{"spec": s} for s in truth]).numpy()
+    res = score_images(wrong, truth)
+    assert (dense < 1.0).all()
+    if kind == "count":  # every attribute's count is off by one object: about the same credit
+        assert abs(dense.mean() - res.score.mean()) < 0.15
+    else:
+        assert (dense >= res.score - 1e-6).all() and dense.mean() > res.score.mean() + 0.05

@@ -41,7 +41,7 @@ from collections.abc import Callable
 import torch
 
 from unigrpo.rewards.text import reasoning_format
-from unigrpo.world import shapes_reward
+from unigrpo.world import shapes_dense_reward, shapes_reward
 
 __all__ = ["BUILTIN", "RewardResult", "RewardSet", "RewardUnavailable", "StepRewards", "resolve_reward",
            "reward_factory"]
@@ -117,7 +117,7 @@ def group_diversity(images, prompts, metadata):
 
 group_diversity.groupwise = True
 
-BUILTIN: dict[str, RewardFn] = {"shapes": shapes_reward, "remote": remote, "judge": judge, "ocr": ocr,
+BUILTIN: dict[str, RewardFn] = {"shapes": shapes_reward, "shapes_dense": shapes_dense_reward, "remote": remote, "judge": judge, "ocr": ocr,
                                 "reasoning_format": reward_factory(reasoning_format),
                                 "group_diversity": group_diversity, "clip_score": clip_score,
                                 "pickscore": pickscore, "aesthetic": aesthetic}

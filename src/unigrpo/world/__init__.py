@@ -9,6 +9,7 @@ from unigrpo.world.reward import (
     description_correct,
     evaluate_images,
     score_images,
+    shapes_dense_reward,
     shapes_image_stats,
     shapes_reward,
 )
@@ -26,5 +27,5 @@ from unigrpo.world.tokenizer import WordTokenizer, build_world_tokenizer
 __all__ = ["Clue", "ObjectGroup", "ScoreResult", "ShapesProblem", "Spec", "WordTokenizer",
            "all_categories", "build_world_tokenizer", "describe", "description_correct", "evaluate_images",
            "make_tasks", "parse_description", "render",
-           "render_batch", "sample_task", "score_images", "shapes_image_stats", "shapes_reward", "split_response",
+           "render_batch", "sample_task", "score_images", "shapes_dense_reward", "shapes_image_stats", "shapes_reward", "split_response",
            "wrong_reasoning"]

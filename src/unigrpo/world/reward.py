@@ -10,6 +10,17 @@ shape and colour (any palette colour if the group's colour is free). Partial cre
     score   = base / (1 + 0.5 * extra)                      in [0, 1]
 
 ``correct`` (strict, GenEval-style): every found_j == n_j, no extra object, relation holds.
+
+``dense`` (the ``shapes_dense`` training reward, opt-in) adds partial credit per attribute to the
+per-group terms: for every shape the prompt needs, ``min(found_s, need_s) / max(found_s, need_s)``
+counting objects of that shape in any colour, and the same for every colour it needs (only when
+every group names its colour)::
+
+    dense = (sum_j q_j + sum_s q_s + sum_c q_c + [relation holds]) / (number of terms)
+            / (1 + 0.5 * extra)
+
+so the right shapes in a wrong colour keep their shape credit, which ``score`` gives only to
+objects right in every attribute; a ground-truth image scores 1 in both.
 The relation compares centroids of the two groups' objects ("left of": x_A < x_B - size/16 px;
 "above": y_A < y_B - size/16), and is false when either group is not found exactly once.
 """
@@ -36,6 +47,7 @@ class ScoreResult:
     """Per-image results, all [B] numpy arrays. Checks are 1.0 / 0.0, NaN where not applicable."""
 
     score: np.ndarray  # float partial credit in [0, 1]
+    dense: np.ndarray  # float partial credit with per-attribute terms in [0, 1] (module docstring)
     correct: np.ndarray  # bool, strict
     count_ok: np.ndarray  # total number of objects right
     shape_ok: np.ndarray  # number of objects of every shape right (colours ignored)
@@ -121,12 +133,29 @@ def score_images(images, specs) -> ScoreResult:
     np.add.at(need_color, (np.repeat(np.arange(b), MAX_OBJECTS), np.maximum(g_color, 0).ravel()),
               g_count.ravel())
     explicit = np.array([s.concrete for s in specs])
+    # dense: + a term per needed shape (any colour) and per needed colour (any shape; concrete specs)
+    q_shape = _ratio(counts.sum(1), need_shape)  # [B, NS]
+    q_color = np.where(explicit[:, None], _ratio(counts.sum(2), need_color), 0.0)  # [B, NC]
+    n_color = np.where(explicit, (need_color > 0).sum(1), 0)
+    dense = ((q.sum(1) + q_shape.sum(1) + q_color.sum(1) + (rel_ok & has_rel))
+             / (valid.sum(1) + (need_shape > 0).sum(1) + n_color + has_rel))
     return ScoreResult(
-        score=base / (1.0 + EXTRA_PENALTY * extra), correct=correct,
+        score=base / (1.0 + EXTRA_PENALTY * extra), dense=dense / (1.0 + EXTRA_PENALTY * extra), correct=correct,
         count_ok=(n_obj == g_count.sum(1)).astype(float),
         shape_ok=(counts.sum(1) == need_shape).all(1).astype(float),
         color_ok=np.where(explicit, (counts.sum(2) == need_color).all(1), np.nan),
         relation_ok=np.where(has_rel, rel_ok, np.nan), n_objects=n_obj, n_extra=extra)
+
+
+def _ratio(found: np.ndarray, need: np.ndarray) -> np.ndarray:
+    """``min(found, need) / max(found, need)`` where ``need > 0``, else 0 (too few and too many cost)."""
+    return np.where(need > 0, np.minimum(found, need) / np.maximum(np.maximum(found, need), 1), 0.0)
+
+
+def shapes_dense_reward(images, prompts, metadata) -> torch.Tensor:
+    """``shapes_reward`` with per-attribute partial credit (``ScoreResult.dense``); same protocol."""
+    del prompts
+    return torch.as_tensor(score_images(images, [m["spec"] for m in metadata]).dense, dtype=torch.float32)
 
 
 def shapes_reward(images, prompts, metadata) -> torch.Tensor:
