@@ -119,18 +119,11 @@ class TinyUnifiedModel(UnifiedModel):
         return {"text": [(f"text.{n}", p) for n, p in self.text.named_parameters()],
                 "image": [(f"image.{n}", p) for n, p in self.image.named_parameters()]}
 
-    def save(self, path: str | Path, extra: dict | None = None) -> None:
-        """Weights as safetensors; config and tokenizer vocabulary in its metadata (one file)."""
-        from safetensors.torch import save
-
-        from unigrpo.utils.checkpoint import atomic_save, hashed_metadata
-
-        meta = {"config": json.dumps(asdict(self.cfg)), "tokenizer": json.dumps(self.tokenizer.to_dict()),
-                **self.save_metadata(), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        meta = hashed_metadata(state, meta)  # verified by every load (read_weights)
-        # atomic (tmp + fsync + rename): a crash mid-save never leaves a half-written file at `path`
-        atomic_save(lambda f: f.write(save(state, metadata=meta)), path)
+    def save_metadata(self) -> dict[str, str]:
+        """Config and tokenizer vocabulary beside the weights: ``save`` writes a standalone file (the
+        trainable state is the whole model: both experts train, no buffers)."""
+        return {"config": json.dumps(asdict(self.cfg)), "tokenizer": json.dumps(self.tokenizer.to_dict()),
+                **super().save_metadata()}
 
     def export_formats(self) -> tuple[str, ...]:
         return ("merged",)  # the standalone checkpoint (weights + config + vocabulary)
