@@ -23,6 +23,7 @@ from unigrpo.world.edit import (
     edit_categories,
     make_edit_problems,
     ref,
+    render_edit_pairs,
     render_scene,
     render_scenes,
     sample_edit,
@@ -397,3 +398,22 @@ def test_responses_are_checked_for_the_input_and_the_result():
     out = evaluate_edits(render_scenes([p.target for p in ps], 0), ps, [p.reasoning for p in ps])
     assert out["seen_ok"] == out["description_ok"] == out["accuracy_given_description_ok_reasoning"] == 1.0
     assert np.isnan(out["accuracy_direct"]) and out["n"] == len(ps)
+
+
+@pytest.mark.parametrize("size", [32, 24, 16])
+def test_edit_pairs_change_only_the_edited_cells(size):
+    from unigrpo.world.render import quadrant
+
+    ps = _problems(20)
+    src, tgt = render_edit_pairs(ps, seed=2, size=size)
+    assert score_edits(tgt, ps).correct.all()
+    assert score_edits(src, [p.to_metadata() for p in ps]).correct.tolist() == [p.category == DESCRIBE for p in ps]
+    a, b = render_edit_pairs([p.to_metadata() for p in ps], seed=2, size=size)
+    assert torch.equal(a, src) and torch.equal(b, tgt)
+    for i, p in enumerate(ps):
+        before = {o.cell: o.kind for o in p.source.objects}
+        after = {o.cell: o.kind for o in p.target.objects}
+        for cell in QUADRANTS:
+            x0, y0, x1, y1 = quadrant(cell, size)
+            same = torch.equal(src[i, :, y0:y1, x0:x1], tgt[i, :, y0:y1, x0:x1])
+            assert same == (before.get(cell) == after.get(cell)), (p.instruction, cell)
