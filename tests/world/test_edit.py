@@ -170,6 +170,32 @@ def test_edits_do_what_the_instruction_says(all_edits):
                                  and p.allowed[tgt.objects.index(o)] == (o.cell,)}
 
 
+def _named(scene, words: list[str]) -> list:
+    """The input objects a noun phrase names ('the circle', 'the red circle', 'red circles')."""
+    words = [w for w in words if w != "the"]
+    color = words[0] if len(words) == 2 else None
+    shape = words[-1].removesuffix("s") if words[-1] not in K.SHAPES else words[-1]
+    return [o for o in scene.objects if o.shape == shape and color in (None, o.color)]
+
+
+def test_instructions_name_their_objects_unambiguously(all_edits):
+    """Read back independently of ``ref``: a singular phrase names exactly one input object, a
+    count edit's plural phrase exactly one group of equal objects."""
+    for p in all_edits:
+        w = p.instruction.split()
+        if p.category in ("recolor", "reason_recolor", "remove", "reason_shape"):
+            # make <ref> <colour> · remove <ref> · make <ref> the color of .. · replace <ref> with ..
+            stop = {"recolor": "", "remove": "", "reason_recolor": "color", "reason_shape": "with"}[p.category]
+            end = len(w) - (p.category == "recolor") if not stop else w.index(stop) - (stop == "color")
+            assert len(_named(p.source, w[1:end])) == 1, p.instruction
+        elif p.category == "swap":
+            k = w.index("and")
+            assert len(_named(p.source, w[1:k])) == len(_named(p.source, w[k + 1:])) == 1, p.instruction
+        elif p.category == "count":
+            group = _named(p.source, w[4:w.index("to")])
+            assert group and len({o.kind for o in group}) == 1, p.instruction
+
+
 def test_allowed_cells_cover_the_ground_truth_and_only_free_cells():
     rng = np.random.default_rng(0)
     for p in [sample_edit(c, rng) for c in ("add", "count", "reason_add") for _ in range(200)]:
