@@ -38,8 +38,8 @@ WITH_DESCRIBE = {**DEFAULT_WEIGHTS, DESCRIBE: 0.9}
 
 @pytest.fixture(scope="module")
 def edit_splits():
-    """1,800 problems per split (200 per category, describe included)."""
-    return {s: make_edit_problems(s, 1800, seed=0, weights=WITH_DESCRIBE) for s in ("train", "val", "test")}
+    """900 problems per split (100 per category, describe included)."""
+    return {s: make_edit_problems(s, 900, seed=0, weights=WITH_DESCRIBE) for s in ("train", "val", "test")}
 
 
 @pytest.fixture(scope="module")
