@@ -17,7 +17,6 @@ class TinyModelConfig:
     """``model.kind: tiny``: the built-in tiny unified model (text transformer + UNet image expert)."""
 
     own_schedule: ClassVar[bool] = False  # no timestep grid of its own: sampler.shift must be a number
-    capabilities: ClassVar[frozenset[str]] = frozenset()  # of sees_images / edits: none yet (docs/design.md)
 
     kind: Literal["tiny"] = "tiny"  # model adapter (unigrpo.models.KINDS); each kind has its own keys
     checkpoint: str | None = "builtin:sft"  # safetensors path, "builtin:sft", or null = random init
@@ -27,6 +26,14 @@ class TinyModelConfig:
     unet_channels: tuple[int, int, int] = (48, 96, 96)  # UNet widths per level
     image_size: int = 32  # RGB canvas side in pixels
     max_seq_len: int = 64  # prompt + reasoning tokens (positional table size)
+    sees_images: bool = False  # input images enter the text expert's context (builtin:edit_sft: true)
+    edits: bool = False  # the image expert reads the input image's latent (builtin:edit_sft: true)
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """What this model can do of sees_images / edits (docs/design.md): the keys above, which a
+        checkpoint must match (a config claiming what its weights cannot do is refused at build)."""
+        return frozenset(k for k in ("sees_images", "edits") if getattr(self, k))
 
     def check(self, cfg) -> None:
         """The checks typing cannot make (``cfg``: the whole Config); ConfigError naming the key."""
