@@ -161,6 +161,30 @@ class TinyUnifiedModel(UnifiedModel):
         return ("unigrpo sample \"a red circle\" --checkpoint DIR/model.safetensors\n"
                 "unigrpo eval --checkpoint DIR/model.safetensors\n")
 
+    @torch.no_grad()
+    def grow_from(self, old: TinyUnifiedModel) -> None:
+        """Start from ``old``'s weights (``pretrain.init``): every tensor of the same name and shape;
+        the token embedding and LM head row by row for the words both vocabularies have; the image
+        expert's first conv for the channels both have, its input-latent channels at zero (so the
+        grown model draws exactly as ``old`` until it learns to read them). Sizes must match."""
+        if (old.cfg.d_text, old.cfg.text_layers, tuple(old.cfg.unet_channels), old.cfg.image_size) != (
+                self.cfg.d_text, self.cfg.text_layers, tuple(self.cfg.unet_channels), self.cfg.image_size):
+            raise ValueError("pretrain.init: the checkpoint's sizes differ from the model section's")
+        mine, theirs = self.state_dict(), old.state_dict()
+        rows = [(self.tokenizer.index[w], i) for i, w in enumerate(old.tokenizer.vocab) if w in self.tokenizer.index]
+        new_ids, old_ids = (torch.tensor(x) for x in zip(*rows))
+        for name, t in mine.items():
+            src = theirs.get(name)
+            if src is None:
+                continue
+            if name in ("text.tok.weight", "text.head.weight"):
+                t[new_ids] = src[old_ids]
+            elif name == "image.conv_in.weight":
+                t.zero_()
+                t[:, :src.shape[1]] = src
+            elif src.shape == t.shape:
+                t.copy_(src)
+
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> TinyUnifiedModel:
         from unigrpo.utils.checkpoint import check_fits

@@ -62,9 +62,21 @@ class PretrainConfig:
     no_think_frac: float = 0.15  # fraction of samples drawn without reasoning (prompt only)
     uncond_frac: float = 0.1  # fraction with an empty context for the image loss (enables CFG)
     image_loss_weight: float = 1.0  # flow-matching loss weight vs text loss
+    # start from these weights (a checkpoint or builtin:NAME) instead of a random init: every tensor
+    # of the same name and shape, the vocabulary's rows by word; what is new (the image encoder, the
+    # input-latent channels, new words) starts at its init, the new channels at zero
+    init: str | None = None
+    edit_frac: float = 0.0  # fraction of samples that are edits (world.edit; the model must see and edit)
+    describe_frac: float = 0.0  # fraction that describe an input image ("what is in the image")
 
     def check(self, cfg) -> None:
-        """Each fraction is a probability; ConfigError naming the key."""
-        for k in ("wrong_reasoning_frac", "no_think_frac", "uncond_frac"):
+        """Each fraction is a probability; edit data needs a model that sees and edits."""
+        for k in ("wrong_reasoning_frac", "no_think_frac", "uncond_frac", "edit_frac", "describe_frac"):
             v = getattr(self, k)
             require(0.0 <= v <= 1.0, f"pretrain.{k}", f"must be in [0, 1], got {v}")
+        require(self.edit_frac + self.describe_frac <= 1.0, "pretrain.edit_frac",
+                "edit_frac + describe_frac must be at most 1")
+        if self.edit_frac or self.describe_frac:
+            m = cfg.model
+            require(m.kind == "tiny" and m.sees_images and m.edits, "pretrain.edit_frac",
+                    "edit and describe data need model.sees_images=true and model.edits=true")
