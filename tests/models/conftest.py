@@ -239,7 +239,7 @@ ADAPTERS: dict[str, Callable[..., tuple[Any, Any, list[str]]]] = {
     "hf:qwenimage": qwenimage_factory,
     "bagel": bagel_factory,
     "hf:sd3": lambda seed=0: sd3_factory(seed),  # defined at the end of this file
-    "tiny:sees": lambda seed=0: _seeing(seed),  # a test adapter that sees input images (image_adapter.py)
+    "tiny:sees": lambda seed=0: _seeing(seed),  # the tiny model that sees and edits (image_adapter.py)
 }
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from unigrpo.config import ConfigError, ShapesEditTaskConfig, load_config
 from unigrpo.models.base import UnifiedModel
+from unigrpo.rewards.wire import pack_metadata
 from unigrpo.tasks import TASKS, build_task, reward_metadata
 from unigrpo.utils.images import pairs
 from unigrpo.world.detect import detect
@@ -100,8 +101,10 @@ def test_prompts_carry_the_rendered_input_and_the_problem():
     assert torch.equal(torch.cat([p.images for p in prompts]), torch.cat([p.images for p in task.train_prompts(0, 12)]))
     assert [p.text for p in task.train_prompts(1, 12)] != [p.text for p in prompts]
     for p in prompts:
-        problem = EditProblem.from_metadata(json.loads(json.dumps(p.metadata)))
+        wire = json.loads(json.dumps(pack_metadata([p.metadata], "npy")[0]))  # what a reward service receives
+        problem = EditProblem.from_metadata(wire)
         assert p.images.shape == (1, 3, 32, 32) and p.text == problem.instruction
+        assert p.metadata["input_images"] is p.images  # the rewards see the input, in process and served
         assert "reasoning" not in p.metadata and p.metadata["target_reasoning"] == problem.reasoning
         reward_metadata(p.metadata, "sampled", 0, 0)  # no key the loop sets
         objs = detect(p.images)
