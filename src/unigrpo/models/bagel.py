@@ -94,6 +94,9 @@ class BagelModel(UnifiedModel):
             self.connector = Connector(vit.hidden_size, llm.hidden_size).requires_grad_(False)
             self.vit_pos_embed = PositionEmbedding(vit.max_side, llm.hidden_size)
             self.vit_max_size, self.vit_min_size = vit_max_size or vit.image_size, vit_min_size
+            if self.vit_max_size > vit.image_size:  # the ViT's position table ends there
+                raise ValueError(f"model.vit_max_size: {self.vit_max_size} is more than the ViT's image_size "
+                                 f"{vit.image_size} ({vit.max_side} patches per side of {vit.patch_size} px)")
         self.llm_config, self.tokenizer = llm, tokenizer
         self.language_model = Qwen2MoTForCausalLM(llm)
         z = vae.z_channels
