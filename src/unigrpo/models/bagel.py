@@ -116,6 +116,8 @@ class BagelModel(UnifiedModel):
             raise ValueError(f"model.resolution: {resolution} must be a multiple of {vae.downsample * PATCH} with at most "
                              f"{max_latent_size} latent patches per side (max_latent_size of the checkpoint)")
         self.resolution, self.latent_shape = resolution, (z, side, side)
+        # what a task resizes input images to (the VAE block reads the input at the output's size)
+        self.input_image_size = (resolution, resolution) if vit is not None else None
         self.think = think
         self.system_prompt = (THINK_SYSTEM_PROMPT if system_prompt is None else system_prompt) if think else None
         self.train_heads, self.logits_chunk = train_heads, logits_chunk
