@@ -73,6 +73,7 @@ class Round:
     t_next: torch.Tensor  # [N, W]
     logp_img_old: torch.Tensor  # [N, W] behaviour log-probs of the window steps
     mean_old: torch.Tensor  # [N, W, *latent] behaviour step means (RatioNorm)
+    x0: torch.Tensor  # [N, *latent] the clean final latent the image was decoded from (DiffusionNFT)
     images: torch.Tensor  # [N, 3, H, W] in [0, 1], on the CPU (rewards, logging)
     reasoning: list[str]  # [N] decoded response texts
 
@@ -235,7 +236,7 @@ def sample_images(model, tokens: TokenBatch, noise_seeds: list[int], window_star
                           ("t_next", t_next), ("logp_img_old", logp)):
             rec[name][rows, s] = val[rows].to(rec[name].dtype)
         x = torch.where(inside.reshape(bcast), x_sde, x_ode)
-    return Round(tokens=tokens, logp_old=logp_old, images=model.decode(x).cpu(),
+    return Round(tokens=tokens, logp_old=logp_old, x0=x, images=model.decode(x).cpu(),
                  reasoning=model.decode_text(tokens), **rec)
 
 

@@ -279,7 +279,7 @@ ADAPTERS: dict[str, Callable[..., tuple[Any, Any, list[str]]]] = {
     "bagel": bagel_factory,
     "bagel:edit": bagel_edit_factory,  # with the ViT: sees and edits input images
     "hf:sd3": lambda seed=0: sd3_factory(seed),  # defined at the end of this file
-    "tiny:sees": lambda seed=0: _seeing(seed),  # a test adapter that sees input images (image_adapter.py)
+    "tiny:sees": lambda seed=0: _seeing(seed),  # the tiny model that sees and edits (image_adapter.py)
 }
 
 

@@ -202,6 +202,9 @@ class UnifiedModel(TextSide, nn.Module):
     raising NotImplementedError), the declared capabilities with their defaults, the lifecycle."""
 
     edits = False  # the denoiser is conditioned on input images' latents
+    # (H, W) every input image is resized to when a task loads it (None: the model takes no images);
+    # a model that sees or edits sets it (e.g. its output size)
+    input_image_size: tuple[int, int] | None = None
     context_grad_to_text = True  # the image context carries a gradient to the text side (separate mode: no)
     pad_id: int
     stop_ids: tuple[int, ...]

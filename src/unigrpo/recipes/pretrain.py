@@ -11,6 +11,14 @@ Deliberate imperfections, so that RL has room to improve (the paper starts RL fr
 - ``no_think_frac`` of samples condition the image on the prompt alone (thinking off is a mode);
 - ``uncond_frac`` use the null context (classifier-free guidance at evaluation).
 Causal attention makes the prompt-only context a masked view of the same pass (exact).
+
+A model that sees and edits (``model.sees_images`` / ``model.edits``) is trained on a mixture:
+``edit_frac`` of the samples are edits of the shapes world (``world.edit``: the input scene is the
+prompt's image, the response says what the model sees and what the result shows, the image is the
+edited scene drawn over the input latent; reasoning-required edits carry wrong reasoning as often
+as text-to-image prompts do), ``describe_frac`` describe the input image (the image is the input
+scene again), the rest is the text-to-image data above. ``pretrain.init`` starts from a trained
+checkpoint (``TinyUnifiedModel.load_grown``): a new capability learns on top of what is known.
 """
 
 from __future__ import annotations
@@ -28,16 +36,46 @@ from tqdm.auto import tqdm
 from unigrpo.config import Config
 from unigrpo.models import build_model
 from unigrpo.models.tiny import TextContext, TinyUnifiedModel
+from unigrpo.tasks.base import Prompt
 from unigrpo.world.render import render_batch
 from unigrpo.world.tasks import make_tasks, wrong_reasoning
 
 
-def make_batch(tasks, rng: np.random.Generator, cfg: Config):
-    """Sample SFT examples: (prompts, responses, image specs, context mode per row)."""
+def _edit_sample(problem, rng: np.random.Generator, cfg: Config, mode: str):
+    """(prompt with its input image, response, target scene) of one edit or describe problem."""
+    from unigrpo.world.edit import render_scenes, wrong_edit_reasoning
+
+    response, target = problem.reasoning, problem.target
+    if problem.requires_reasoning and rng.random() < cfg.pretrain.wrong_reasoning_frac:
+        response, target = wrong_edit_reasoning(problem, rng)
+    if mode == "prompt":  # without reasoning the image follows the instruction itself
+        target = problem.target
+    image = render_scenes([problem.source], seed=int(rng.integers(2**31)), size=cfg.model.image_size)
+    return Prompt(problem.instruction, images=image), response, target
+
+
+def make_batch(tasks, rng: np.random.Generator, cfg: Config, edits=None, describes=None):
+    """Sample SFT examples: (prompts, responses, image targets, context mode per row). A target is
+    a ``Spec`` (text-to-image) or a ``world.edit.Scene`` (edit, describe); edit and describe rows'
+    prompts are ``Prompt`` objects carrying the input image. With ``edit_frac = describe_frac = 0``
+    the draws are exactly those of a text-to-image-only recipe (the shipped checkpoint's)."""
     p = cfg.pretrain
     idx = rng.integers(0, len(tasks), size=p.batch_size)
+    mixed = p.edit_frac + p.describe_frac > 0
     prompts, responses, specs, modes = [], [], [], []
     for i in idx:
+        if mixed:
+            u = rng.random()
+            pool = edits if u < p.edit_frac else describes if u < p.edit_frac + p.describe_frac else None
+            if pool is not None:
+                v = rng.random()
+                mode = "uncond" if v < p.uncond_frac else "prompt" if v < p.uncond_frac + p.no_think_frac else "full"
+                prompt, response, target = _edit_sample(pool[int(rng.integers(len(pool)))], rng, cfg, mode)
+                prompts.append(prompt)
+                responses.append(response)
+                specs.append(target)
+                modes.append(mode)
+                continue
         task = tasks[i]
         # task.target is the spec with free colours filled in as the reasoning chose them
         reasoning, spec = task.reasoning, task.target
@@ -52,6 +90,21 @@ def make_batch(tasks, rng: np.random.Generator, cfg: Config):
         specs.append(spec)
         modes.append(mode)
     return prompts, responses, specs, modes
+
+
+def render_targets(targets, seed: int, size: int) -> torch.Tensor:
+    """Images [B, 3, S, S] of text-to-image specs and edit scenes, each kind rendered in one batch."""
+    from unigrpo.world.edit import Scene, render_scenes
+
+    scenes = [i for i, t in enumerate(targets) if isinstance(t, Scene)]
+    if not scenes:
+        return render_batch(targets, seed=seed, size=size)
+    specs = [i for i in range(len(targets)) if i not in set(scenes)]
+    out = torch.zeros(len(targets), 3, size, size)
+    out[scenes] = render_scenes([targets[i] for i in scenes], seed=seed, size=size)
+    if specs:
+        out[specs] = render_batch([targets[i] for i in specs], seed=seed + 1, size=size)
+    return out
 
 
 def sft_loss(model: TinyUnifiedModel, prompts, responses, specs, modes, seed: int, cfg: Config):
@@ -70,13 +123,14 @@ def sft_loss(model: TinyUnifiedModel, prompts, responses, specs, modes, seed: in
     is_null = (mode == 2)
     hidden = torch.where(is_null[:, None, None], null_hidden, ctx.hidden)
     ctx_mask = torch.where(is_null[:, None], null_mask, ctx_mask)
-    images = render_batch(specs, seed=seed, size=cfg.model.image_size)
+    images = render_targets(specs, seed, cfg.model.image_size)
     x0 = model.encode_images(images)
     gen = torch.Generator().manual_seed(seed)
     eps = torch.randn(x0.shape, generator=gen)
     t = torch.rand(x0.shape[0], generator=gen)
     x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps  # x_t = (1-t) x0 + t eps
-    v = model.velocity(x_t, t, TextContext(hidden, ctx_mask))
+    ref = None if ctx.ref is None else ctx.ref * ~is_null.reshape(-1, 1, 1, 1)  # the null context has no input
+    v = model.velocity(x_t, t, TextContext(hidden, ctx_mask, ref))
     image_loss = F.mse_loss(v, eps - x0)  # target v = eps - x0
     loss = text_loss + cfg.pretrain.image_loss_weight * image_loss
     return loss, {"text_loss": text_loss.item(), "image_loss": image_loss.item()}
@@ -89,9 +143,18 @@ def pretrain(cfg: Config, out_path: str | Path, log_path: str | Path | None = No
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model = build_model(cfg, "cpu", checkpoint=None).train()  # a random init of the config's sizes
-    tasks = make_tasks("train", 20000, seed=cfg.seed)
     p = cfg.pretrain
+    model = build_model(cfg, "cpu", checkpoint=None)  # a random init of the config's sizes
+    if p.init is not None:
+        model.grow_from(TinyUnifiedModel.load(p.init))
+    model.train()
+    tasks = make_tasks("train", 20000, seed=cfg.seed)
+    edits = describes = None
+    if p.edit_frac or p.describe_frac:
+        from unigrpo.world.edit import make_edit_problems
+
+        edits = make_edit_problems("train", 20000, seed=cfg.seed)
+        describes = make_edit_problems("train", 2000, seed=cfg.seed, weights={"describe": 1.0})
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=0.01)
     warmup = min(200, p.steps // 10 + 1)
 
@@ -107,7 +170,7 @@ def pretrain(cfg: Config, out_path: str | Path, log_path: str | Path | None = No
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        batch = make_batch(tasks, rng, cfg)
+        batch = make_batch(tasks, rng, cfg, edits, describes)
         loss, stats = sft_loss(model, *batch, seed=cfg.seed * 1_000_003 + step, cfg=cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -121,5 +184,6 @@ def pretrain(cfg: Config, out_path: str | Path, log_path: str | Path | None = No
     if log is not None:
         log.close()
     model.save(out_path, extra={"pretrain": {"steps": p.steps, "seed": cfg.seed, "batch_size": p.batch_size,
-                                             "minutes": (time.time() - start) / 60}})
+                                             "init": p.init, "edit_frac": p.edit_frac,
+                                             "describe_frac": p.describe_frac, "minutes": (time.time() - start) / 60}})
     return model

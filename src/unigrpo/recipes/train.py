@@ -45,7 +45,15 @@ from unigrpo.algo.image_loss import flow_grpo_loss, latent_kl, velocity_mse
 from unigrpo.algo.text_loss import text_grpo_loss
 from unigrpo.config import Config, to_dict
 from unigrpo.models import build_model
-from unigrpo.recipes.batches import Sizes, derived_sizes, describe, ppo_order, seeds
+from unigrpo.recipes.batches import (
+    Sizes,
+    derived_sizes,
+    describe,
+    nft_draws,
+    nft_image_loss,
+    ppo_order,
+    seeds,
+)
 from unigrpo.recipes.optim import build_optimizer, optimizer_step
 from unigrpo.rewards import RewardSet
 from unigrpo.tasks import build_task, reward_metadata
@@ -81,8 +89,10 @@ def image_loss(model, ref, rnd: rollout.Round, ctx, ctx_ref, adv: torch.Tensor, 
     return loss, stats
 
 
-def round_loss(model, ref, rnd: rollout.Round, adv: torch.Tensor, cfg: Config, w_text: float, w_image: float):
-    """L = w_text * L_text + lambda_image * w_image * (L_flow + c_mse * L_mse + beta_img * L_kl)."""
+def round_loss(model, ref, rnd: rollout.Round, adv: torch.Tensor, cfg: Config, w_text: float, w_image: float,
+               nft=None):
+    """L = w_text * L_text + lambda_image * w_image * (L_flow + c_mse * L_mse + beta_img * L_kl); with
+    ``nft`` (the round's ``batches.NFTDraws``) the DiffusionNFT loss replaces L_flow."""
     algo = cfg.algo
     with torch.set_grad_enabled(algo.train_text):  # frozen text expert: its pass needs no graph
         logp, ctx = model.forward_context(rnd.tokens, cfg.text.temperature)
@@ -101,16 +111,20 @@ def round_loss(model, ref, rnd: rollout.Round, adv: torch.Tensor, cfg: Config, w
         stats["loss/text/logp_diff_max"] = ((logp - rnd.logp_old).abs() * mask).max().detach()
     if algo.train_image:
         ctx_img = model.detach_context(ctx) if algo.detach_context else ctx  # cut image -> text gradient
-        li, st = image_loss(model, ref, rnd, ctx_img, ctx_ref, adv, cfg)
+        li, st = (image_loss(model, ref, rnd, ctx_img, ctx_ref, adv, cfg) if nft is None
+                  else nft_image_loss(model, ref, rnd, nft, ctx_img, ctx_ref, adv, cfg))
         loss = loss + algo.lambda_image * w_image * li
         stats.update(st)
     return loss, stats
 
 
-def micro_batch_loss(model, ref, mb: rollout.Episode, adv: torch.Tensor, cfg: Config, w_text: float, w_image: float):
+def micro_batch_loss(model, ref, mb: rollout.Episode, adv: torch.Tensor, cfg: Config, w_text: float, w_image: float,
+                     nft=None):
     """Loss of one micro-batch of episodes, pre-scaled for accumulation (``w_*``: its share of the
-    minibatch): the sum of its rounds' losses (statistics: the rounds' mean / min / max)."""
-    losses, stats = zip(*(round_loss(model, ref, rnd, adv, cfg, w_text, w_image) for rnd in mb.rounds))
+    minibatch): the sum of its rounds' losses (statistics: the rounds' mean / min / max). ``nft``: one
+    ``batches.NFTDraws`` per round (``algo.image_objective: nft``)."""
+    draws = nft or [None] * len(mb.rounds)
+    losses, stats = zip(*(round_loss(model, ref, rnd, adv, cfg, w_text, w_image, d) for rnd, d in zip(mb.rounds, draws)))
     if len(losses) == 1:
         return losses[0], stats[0]
     merged = StatsMean()
@@ -196,6 +210,8 @@ def ppo_epochs(model, ref, opt, batch: StepBatch, cfg: Config, step: int, ranks:
     algo, roll, device = cfg.algo, batch.roll, batch.adv.device
     stats, first, updates, skipped = StatsMean(), StatsMean(), 0, 0
     tokens = roll.reasoning_tokens()  # [N_local] reasoning tokens of each episode
+    nft = (nft_draws(model, roll, cfg, step, batch.p0 * algo.group_size, list(batch.order0.split(sizes.micro_local)))
+           if algo.train_image and algo.image_objective == "nft" else None)  # before the first update: old = behaviour
     for epoch in range(algo.ppo_epochs):
         order = batch.order0 if epoch == 0 else ppo_order(cfg, step, epoch, batch.p0, batch.n_prompts,
                                                           sizes.minibatch_local)
@@ -208,13 +224,14 @@ def ppo_epochs(model, ref, opt, batch: StepBatch, cfg: Config, step: int, ranks:
                 # are averaged over ranks); max(., 1): no tokens at all gives weight 0, not 0/0
                 w_text = (float(tokens[idx].sum()) * ranks.world / max(tok_total, 1.0)
                           if algo.text_aggregation == "token_mean" else w_img)
-                loss, st = micro_batch_loss(model, ref, roll.index(idx), batch.adv[idx.to(device)], cfg, w_text, w_img)
+                loss, st = micro_batch_loss(model, ref, roll.index(idx), batch.adv[idx.to(device)], cfg, w_text, w_img,
+                                            None if nft is None else [d.index(idx) for d in nft])
                 finite = finite and bool(torch.isfinite(loss))
                 loss.backward()
                 stats.add(st)
                 if epoch == 0 and mb_i == 0:  # health: the first update recomputes the behaviour: 0
-                    first.add({k.replace("/logp_diff", "/first_logp_diff"): v for k, v in st.items()
-                               if k.endswith("/logp_diff_max")})
+                    first.add({k.replace("/logp_diff", "/first_logp_diff").replace("/v_old_diff", "/first_v_old_diff"): v
+                               for k, v in st.items() if k.endswith(("/logp_diff_max", "/v_old_diff_max"))})
             upd = optimizer_step(model, opt, cfg, ranks, finite)
             skipped += int(upd.pop("skipped"))
             updates += 1

@@ -13,6 +13,11 @@ each prompt's metadata, to which the loop adds ``"reasoning"`` (the sampled reas
   with held-out splits; the evaluator reports strict accuracy overall, per category, and whether
   the sampled description was right (``eval/reasoning_ok``). Its metadata is
   ``world.ShapesProblem.to_metadata()`` with the ground-truth reasoning under ``"target_reasoning"``.
+- ``shapes_edit`` (``tasks/shapes_edit.py``): the shapes world's edits: a rendered input scene (the
+  prompt's image) + an instruction; the evaluator reports strict edit accuracy per category, the
+  rate of untouched objects preserved and whether the model saw the input right. Its metadata is
+  ``world.EditProblem.to_metadata()`` (ground truth under ``"target_reasoning"``); it needs a model
+  that ``sees_images`` and ``edits``.
 - ``prompts`` (``tasks/prompts.py``): JSONL files (``task.prompts``, ``task.eval_prompts``), one
   object per line with at least ``"prompt"``; every other field is passed through. The evaluator
   reports the configured rewards on the evaluation prompts, overall and per ``"tag"`` /
@@ -36,11 +41,12 @@ from unigrpo.tasks.base import (
 )
 from unigrpo.tasks.prompts import PromptsTask, load_prompt_file
 from unigrpo.tasks.shapes import ShapesTask
+from unigrpo.tasks.shapes_edit import ShapesEditTask
 
-__all__ = ["RESERVED", "TASKS", "Prompt", "PromptsTask", "ShapesTask", "Task", "build_task", "generate_eval",
+__all__ = ["RESERVED", "TASKS", "Prompt", "PromptsTask", "ShapesEditTask", "ShapesTask", "Task", "build_task", "generate_eval",
            "load_prompt_file", "reward_metadata", "write_eval_grid"]
 
-TASKS: dict[str, type] = {"shapes": ShapesTask, "prompts": PromptsTask}
+TASKS: dict[str, type] = {"shapes": ShapesTask, "prompts": PromptsTask, "shapes_edit": ShapesEditTask}
 
 
 def build_task(cfg: Config) -> Task:
