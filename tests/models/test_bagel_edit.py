@@ -366,36 +366,67 @@ def test_capabilities_follow_the_folder():
 
 
 # ----------------------------------------------------------------------------- the CLI
-def test_cli_one_lora_step_on_prompts_with_images_ratio_exactly_one(tmp_path, monkeypatch):
-    """Done-when: one LoRA step of ``builtin:bagel_edit_unigrpo`` on the tiny folder whose training
-    prompts carry input images (attached here to the shapes task's prompts: the JSONL "images"
-    field is not on main yet); the first update's log-probs equal the rollout's, text and image,
-    and the images went through the context."""
+def test_cli_one_lora_step_of_the_shapes_edit_task_ratio_exactly_one(tmp_path, monkeypatch):
+    """Done-when: one LoRA step of ``builtin:bagel_edit_unigrpo`` with ``task.kind=shapes_edit`` (a
+    rendered input scene + an instruction per prompt) on the tiny folder; the first update's
+    log-probs equal the rollout's, text and image; the input images went through the context; the
+    edit evaluation runs."""
     from unigrpo.models import bagel
-    from unigrpo.tasks.shapes import ShapesTask
 
-    plain = ShapesTask.train_prompts
-
-    def with_images(self, step, count):
-        return [dataclasses.replace(p, images=torch.rand(1, 3, SIDE, SIDE, generator=gen(1000 * step + i)))
-                for i, p in enumerate(plain(self, step, count))]
     calls = []
     part = bagel.image_part
-    monkeypatch.setattr(ShapesTask, "train_prompts", with_images)
     monkeypatch.setattr(bagel, "image_part", lambda m, tokens: calls.append(len(tokens)) or part(m, tokens))
     out = tmp_path / "run"
     args = ["train", "builtin:bagel_edit_unigrpo", *bagel_overrides(tiny_bagel_edit_dir(), 4, 4), "threads=1",
             "model.vit_max_size=null",  # the tiny ViT's own 32 px (the shipped 504 is the real ViT's)
+            "task.kind=shapes_edit", f"task.image_size={SIDE}", "rewards=[{name: shapes_edit}]",
             "text.max_reasoning_tokens=4", "algo.prompts_per_step=2", "algo.group_size=2",
             "algo.trajectories_per_minibatch=4", "algo.micro_batch_trajectories=2", "sampler.num_steps=3",
-            "sampler.window_range=[0,2]", "sampler.window_size=2", "sampler.eval_num_steps=1", "eval.num_prompts=1",
-            "eval.grid_prompts=1", "optim.lr_text=1e-2", "optim.lr_image=1e-2", "steps=1", "eval_every=0",
+            "sampler.window_range=[0,2]", "sampler.window_size=2", "sampler.eval_num_steps=1", "eval.num_prompts=2",
+            "eval.grid_prompts=2", "optim.lr_text=1e-2", "optim.lr_image=1e-2", "steps=1", "eval_every=1",
             f"output_dir={out}"]
     assert main(args) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     step = next(r for r in rows if "reward/mean" in r)
     assert step["loss/text/first_logp_diff_max"] == 0.0 and step["loss/image/first_logp_diff_max"] == 0.0
     assert all(math.isfinite(v) for v in step.values() if isinstance(v, float))
+    assert any(k.startswith("eval/") for r in rows for k in r)
     assert calls and max(calls) >= 2
     saved = load_file(str(out / "final.safetensors"))
     assert saved and all("lora_" in k for k in saved)
+
+
+def test_an_edit_task_on_bagel_without_its_vit_is_one_line_at_validate(capsys):
+    edit = ["validate", "builtin:bagel_edit_unigrpo", "task.kind=shapes_edit", f"task.image_size={SIDE}",
+            "rewards=[{name: shapes_edit}]"]
+    assert main([*edit, *bagel_overrides(tiny_bagel_edit_dir(), 4, 4)]) == 0
+    capsys.readouterr()
+    assert main([*edit, *bagel_overrides(tiny_bagel_dir(), 4, 4)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs a model with edits, sees_images" in err, err
+
+
+def test_a_prompt_file_with_images_reaches_bagel_at_its_input_size(tmp_path, capsys):
+    """A JSONL line's ``"images"`` (issue 19, item 1): accepted at validate for the folder with the
+    ViT, refused in one line without it; loaded at the model's ``input_image_size`` and seen."""
+    import numpy as np
+    from PIL import Image
+
+    from unigrpo.tasks import build_task
+
+    Image.fromarray(np.full((20, 30, 3), 200, np.uint8)).save(tmp_path / "a.png")
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "make the square blue", "images": ["a.png"]}) + "\n"
+                    + json.dumps({"prompt": "a red circle"}) + "\n")
+    task_keys = ["task.kind=prompts", f"task.prompts={path}", "rewards=[{name: group_diversity}]"]
+    assert main(["validate", "builtin:bagel_edit_unigrpo", *bagel_overrides(tiny_bagel_edit_dir(), 4, 4),
+                 *task_keys]) == 0
+    capsys.readouterr()
+    assert main(["validate", "builtin:bagel_edit_unigrpo", *bagel_overrides(tiny_bagel_dir(), 4, 4), *task_keys]) == 2
+    assert "line 1 has input images" in capsys.readouterr().err
+    cfg = load_config(None, [*bagel_overrides(tiny_bagel_edit_dir(), 4, 4), *task_keys, "model.vit_max_size=null"])
+    model, task = build_model(cfg, checkpoint=None), build_task(cfg)
+    task.check(model, cfg)
+    first = task.train[0]
+    assert first.images.shape == (1, 3, SIDE, SIDE) and model.input_image_size == (SIDE, SIDE)
+    assert model.encode(task.train).images.shape == (2, 1, 3, SIDE, SIDE)
