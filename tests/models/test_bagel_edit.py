@@ -430,3 +430,26 @@ def test_a_prompt_file_with_images_reaches_bagel_at_its_input_size(tmp_path, cap
     first = task.train[0]
     assert first.images.shape == (1, 3, SIDE, SIDE) and model.input_image_size == (SIDE, SIDE)
     assert model.encode(task.train).images.shape == (2, 1, 3, SIDE, SIDE)
+
+
+def test_the_export_keeps_the_vit_path_and_reproduces_an_edit(tmp_path):
+    """``unigrpo export`` of an edit policy: the released layout (vit_config.json and the ViT keys as
+    they were) with the trained weights merged; rebuilt from it, the same log-probs and velocity for
+    prompts with input images."""
+    model = model_of(0, 4)
+    with torch.no_grad():  # a trained policy: LoRA B non-zero, und weights moved
+        for _, p in [*model.parameter_groups()["image"], *model.parameter_groups()["text"]]:
+            p.add_(0.02 * torch.randn_like(p))
+    model.save(tmp_path / "final.safetensors")
+    out = tmp_path / "bagel"
+    assert main(["export", str(tmp_path / "final.safetensors"), "--out", str(out)]) == 0
+    again = build_model(load_config(None, bagel_overrides(str(out), 0, 0)), checkpoint=None)
+    assert again.sees_images and again.edits
+    prompts = edit_prompts((1, 2), seed=11)
+    tokens = sampled(model, prompts)
+    x, t = torch.randn((2, *model.latent_shape), generator=gen(12)), torch.tensor([0.9, 0.3])
+    with torch.no_grad():
+        (lp1, c1), (lp2, c2) = model.forward_context(tokens), again.forward_context(tokens)
+        v1, v2 = model.velocity(x, t, c1), again.velocity(x, t, c2)
+    torch.testing.assert_close(lp2, lp1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v2, v1, atol=1e-5, rtol=1e-5)
