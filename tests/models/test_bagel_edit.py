@@ -236,8 +236,9 @@ def test_edit_context_equals_bagels_incremental_cache_updates_with_two_images():
 
 def test_the_input_image_changes_the_edit_and_gradients_stay_on_their_expert():
     """The velocity depends on the input image; text loss -> und weights only (the input's VAE block
-    reads the gen expert detached); image loss on a detached context -> gen weights only."""
-    model = model_of()
+    reads the gen expert detached, its embeddings without gradient: the latent heads, trained here,
+    get none from it); image loss on a detached context -> gen weights and heads only."""
+    model = model_of(0, 0, "model.train_heads=true")
     prompts = edit_prompts((1, 1), seed=6)
     other = [dataclasses.replace(p, images=1 - p.images) for p in prompts]
     tokens = sampled(model, prompts)
@@ -259,7 +260,7 @@ def test_the_input_image_changes_the_edit_and_gradients_stay_on_their_expert():
     assert got and got <= sides["text"] and not any("moe_gen" in n for n in got)
     model.velocity(x, t, model.detach_context(ctx)).pow(2).mean().backward()
     got = grads()
-    assert got and got <= sides["image"]
+    assert got and got <= sides["image"] and "vae2llm.weight" in got
     assert not any(n.startswith(("vit_model.", "connector.", "vit_pos_embed.")) for n in sides["text"] | sides["image"])
 
 

@@ -38,6 +38,9 @@ sampled after it and ends at ``<|im_end|>`` (an action, scored). Positions are `
   ``trainable_state`` gathers on every rank, ``save`` (rank 0) writes that gather.
 - **Reference** (``UnifiedModel.reference``): LoRA sides with adapters disabled, fully trained sides
   (and ``train_heads``' heads) a snapshot of their tensors substituted by name (never a second copy).
+- **Input images** (image-to-image, with the ViT path: ``sees_images`` and ``edits``): each enters
+  the context as Bagel's VAE block then ViT block between the system segment and the prompt, in the
+  same one pass (``bagel_edit``); the rest (decode, velocity, CFG branches) reads that context.
 - **Unclosed reasoning**: a row that hits ``max_new_tokens`` before ``<|im_end|>`` stays open (the
   official inferencer closes every segment; a closing token would be an unscored token).
 """
@@ -156,7 +159,7 @@ class BagelModel(UnifiedModel):
     # ----------------------------------------------------------------- forward phases
     def forward(self, phase: str, *args):
         """Every phase runs through here (the FSDP2 root's hooks): ``phase`` in text / logits /
-        scored / image."""
+        scored / image / joint (image blocks + text)."""
         return {"text": self._text, "logits": self._logits, "scored": self._scored, "image": self._image,
                 "joint": self._joint}[phase](*args)
 

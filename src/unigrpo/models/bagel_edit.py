@@ -25,9 +25,11 @@ output here is ``resolution`` square, so the input is taken to that square) and 
 Bagel's ViT size (``bagel_vit.resize_size`` with stride = the ViT patch), both mapped to [-1, 1].
 The VAE latent is the posterior MEAN (``bagel_vae``; Bagel samples it).
 
-Gradients: the VAE block's gen-expert weights are read detached in this pass, so the text loss
-trains the und expert only; the image loss trains the gen expert through the velocity block (the
-context is detached under ``algo.detach_context``, the default).
+Gradients: the VAE block's embeddings (``vae2llm``, ``time_embedder``) are computed without
+gradient and its gen-expert weights are read detached in this pass, so the text loss trains the
+und expert only (and no image-side tensor gets a gradient from the context pass, also without
+``algo.detach_context``); the image loss trains the gen expert through the velocity block. The
+ViT path is frozen and runs without gradient.
 """
 
 from __future__ import annotations
@@ -72,10 +74,11 @@ def sys_length(model) -> int:
     return 0 if model.system_prompt is None else len(model._segment(model.system_prompt))
 
 
+@torch.no_grad()  # an input to the context, like the text's ids (module docstring: Gradients)
 def vae_tokens(model, images: torch.Tensor) -> torch.Tensor:
     """[n, 3, H, W] in [0, 1] -> [n, h w, H]: the clean latents' embeddings at t = 0."""
     side = model.resolution
-    z = model.encode_images(resize(images, (side, side)))  # [n, z, side / 8, side / 8], no grad
+    z = model.encode_images(resize(images, (side, side)))  # [n, z, side / 8, side / 8]
     h, w = z.shape[2] // PATCH, z.shape[3] // PATCH
     dtype = model.vae2llm.weight.dtype
     t0 = torch.zeros(z.shape[0], device=z.device)
