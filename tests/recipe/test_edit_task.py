@@ -22,11 +22,12 @@ from unigrpo.world.edit import EditProblem, render_scenes, wrong_edit_reasoning
 from unigrpo.world.tokenizer import build_world_tokenizer
 
 EVAL = ["eval.num_prompts=40", "eval.split=test", "sampler.eval_num_steps=3", "eval.grid_prompts=5", "seed=3"]
+EDIT_REWARD = "rewards=[{name: shapes_edit}]"
 
 
 def edit_cfg(*extra: str, **task):
     """A config with the edit task (validate would refuse it for the tiny model, which cannot edit)."""
-    cfg = load_config(None, [*EVAL, *extra])
+    cfg = load_config(None, [*EVAL, EDIT_REWARD, *extra])
     cfg.task = ShapesEditTaskConfig(**task)
     return cfg
 
@@ -174,8 +175,12 @@ def test_config_needs_a_model_that_sees_and_edits():
         cfg = edit_cfg(**bad)
         with pytest.raises(ConfigError, match=f"^{key}: "):
             cfg.task.check(cfg)
-    cfg = edit_cfg()
+    cfg = edit_cfg("rewards=[{name: shapes_edit}, {name: shapes_edit_dense, weight: 0.5}]")
     cfg.task.check(cfg)
+    cfg = load_config(None, EVAL)  # the default reward, "shapes", reads a text-to-image spec
+    cfg.task = ShapesEditTaskConfig()
+    with pytest.raises(ConfigError, match=r"^rewards\[0\].name: 'shapes' scores text-to-image prompts; task.kind="):
+        cfg.task.check(cfg)
 
 
 def test_pairs_interleave_inputs_and_outputs_and_resize_inputs():
