@@ -335,10 +335,12 @@ class BagelModel(UnifiedModel):
         self.language_model.checkpointing = True
 
     def fsdp_plan(self) -> tuple[list[FSDPRoot], str]:
-        """Every MoT decoder layer a unit, the whole model the root, the VAE replicated (module docstring)."""
+        """Every MoT decoder layer a unit, the whole model the root, the VAE (and the ViT path: frozen,
+        read once per batch) replicated (module docstring)."""
         layers = list(self.language_model.model.layers)
-        return [FSDPRoot(self, layers, ignored=set(self.vae.parameters()), unit_name="decoder layer")], \
-            f"{len(layers)} MoT decoder layers, the model as root (VAE replicated)"
+        frozen = [self.vae] + ([self.vit_model, self.connector, self.vit_pos_embed] if self.sees_images else [])
+        return [FSDPRoot(self, layers, ignored={p for m in frozen for p in m.parameters()}, unit_name="decoder layer")], \
+            f"{len(layers)} MoT decoder layers, the model as root (VAE{' and ViT' if self.sees_images else ''} replicated)"
 
     def export_formats(self) -> tuple[str, ...]:
         """``merged`` (default): the released layout, trained weights merged; ``lora`` (both experts
