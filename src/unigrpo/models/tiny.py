@@ -23,6 +23,7 @@ from unigrpo.models.decode import response_logprobs, target_logprobs
 from unigrpo.models.protocol import TokenBatch
 from unigrpo.models.tiny_image import ImageExpert
 from unigrpo.models.tiny_text import PatchEncoder, TextExpert
+from unigrpo.world.knowledge import REFLECT_PROMPT
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUILTIN = {"builtin:sft": ASSETS / "tiny_sft.safetensors", "builtin:edit_sft": ASSETS / "tiny_edit_sft.safetensors"}
@@ -53,6 +54,8 @@ class TextContext:
 
 class TinyUnifiedModel(UnifiedModel):
     """Tiny reason-then-draw model over the shapes world (see module docstring)."""
+
+    reflection_prompt = REFLECT_PROMPT  # the tiny world's words (world/refine.py: the grammar of the answer)
 
     def __init__(self, cfg: TinyConfig, tokenizer):
         super().__init__()
@@ -95,13 +98,21 @@ class TinyUnifiedModel(UnifiedModel):
         return self.vision(tokens.images, tokens.image_mask)
 
     def _ref(self, tokens: TokenBatch) -> torch.Tensor | None:
-        """The first input image's latent per row (zeros without one): what an editing expert reads."""
+        """The latent of each row's LAST input image (zeros without one): what an editing expert reads.
+        With one input image that is the prompt's; in a multi-round episode, the image the row drew
+        last (appended after the prompt's), so a later round edits its previous image."""
         if not self.edits:
             return None
         if tokens.images is None:
             return torch.zeros(len(tokens), *self.latent_shape, device=tokens.ids.device)
-        has = tokens.image_mask[:, 0].reshape(-1, 1, 1, 1)
-        return self.encode_images(tokens.images[:, 0]) * has
+        mask = tokens.image_mask
+        last = mask.shape[1] - 1 - mask.flip(1).long().argmax(1)  # [B] index of the last True (0 when none)
+        has = mask.any(1).reshape(-1, 1, 1, 1)
+        return self.encode_images(tokens.images[torch.arange(len(tokens), device=mask.device), last]) * has
+
+    def reflection_ids(self) -> list[int]:
+        """The reflection turn in the world's words (``knowledge.REFLECT_PROMPT``), no ``<bos>``."""
+        return self.tokenizer.encode(self.reflection_prompt)
 
     def prefill(self, tokens: TokenBatch):
         prefix, prefix_mask = self._prefix(tokens)

@@ -11,6 +11,8 @@ from typing import ClassVar, Literal
 
 from unigrpo.utils.typed_config import require
 
+MAX_INPUT_IMAGES = 4  # image slots of the tiny model's PatchEncoder (tiny_text: one slot embedding each)
+
 
 @dataclass
 class TinyModelConfig:
@@ -39,16 +41,20 @@ class TinyModelConfig:
         """The checks typing cannot make (``cfg``: the whole Config); ConfigError naming the key."""
         require(self.image_size % 4 == 0 and 16 <= self.image_size <= 64, "model.image_size",
                 "must be a multiple of 4 in [16, 64]")
-        if cfg.task.kind == "shapes":  # the tiny model reads the shapes world's tokens
+        if cfg.task.kind in ("shapes", "shapes_refine"):  # the tiny model reads the shapes world's tokens
             # imported here, not on top: unigrpo.world imports torch (its renderer); unigrpo.config does not
-            from unigrpo.world.knowledge import MAX_PROMPT_TOKENS
+            from unigrpo.world.knowledge import MAX_PROMPT_TOKENS, REFLECT_PROMPT
 
-            t = cfg.text
-            room = self.max_seq_len - MAX_PROMPT_TOKENS
+            t, rounds = cfg.text, cfg.algo.rounds
+            # every later round adds the reflection turn and its reflection to the context (rollout.sample_episode)
+            room = (self.max_seq_len - MAX_PROMPT_TOKENS - (rounds - 1) * len(REFLECT_PROMPT.split())) // rounds
+            require(rounds - 1 <= MAX_INPUT_IMAGES, "algo.rounds",
+                    f"{rounds} rounds show the model {rounds - 1} drawn images; it sees at most {MAX_INPUT_IMAGES}")
             # past the positional table, sampling would crash mid-rollout
             require(t.max_reasoning_tokens <= room, "text.max_reasoning_tokens",
                     f"{t.max_reasoning_tokens} does not fit model.max_seq_len={self.max_seq_len} after the "
-                    f"longest prompt ({MAX_PROMPT_TOKENS} tokens): at most {room}")
+                    f"longest prompt ({MAX_PROMPT_TOKENS} tokens)"
+                    + (f" in {rounds} rounds" if rounds > 1 else "") + f": at most {room}")
 
 
 @dataclass
