@@ -74,14 +74,18 @@ class PretrainConfig:
     init: str | None = None
     edit_frac: float = 0.0  # fraction of samples that are edits (world.edit; the model must see and edit)
     describe_frac: float = 0.0  # fraction that describe an input image ("what is in the image")
+    reflect_frac: float = 0.0  # fraction that are second rounds: reflect on the image drawn (world/refine.py), redraw
 
     def check(self, cfg) -> None:
         """Each fraction is a probability; edit data needs a model that sees and edits."""
-        for k in ("wrong_reasoning_frac", "no_think_frac", "uncond_frac", "edit_frac", "describe_frac"):
+        for k in ("wrong_reasoning_frac", "no_think_frac", "uncond_frac", "edit_frac", "describe_frac", "reflect_frac"):
             v = getattr(self, k)
             require(0.0 <= v <= 1.0, f"pretrain.{k}", f"must be in [0, 1], got {v}")
-        require(self.edit_frac + self.describe_frac <= 1.0, "pretrain.edit_frac",
-                "edit_frac + describe_frac must be at most 1")
+        require(self.edit_frac + self.describe_frac + self.reflect_frac <= 1.0, "pretrain.edit_frac",
+                "edit_frac + describe_frac + reflect_frac must be at most 1")
+        if self.reflect_frac:
+            require(cfg.model.kind == "tiny" and cfg.model.sees_images, "pretrain.reflect_frac",
+                    "reflections read the drawn image: they need model.sees_images=true")
         if self.edit_frac or self.describe_frac:
             m = cfg.model
             require(m.kind == "tiny" and m.sees_images and m.edits, "pretrain.edit_frac",
