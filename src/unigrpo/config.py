@@ -29,7 +29,8 @@ from unigrpo.models.tiny_config import PretrainConfig, TinyModelConfig
 from unigrpo.utils.typed_config import ConfigError, kind_of, load, require, to_dict
 
 __all__ = ["BAGEL_GEN_TARGETS", "BAGEL_UND_TARGETS", "BagelLoRAConfig", "BagelModelConfig", "Config", "ConfigError",
-           "HFModelConfig", "LoRAConfig", "PretrainConfig", "PromptsTaskConfig", "ShapesTaskConfig", "TinyModelConfig",
+           "HFModelConfig", "LoRAConfig", "PretrainConfig", "PromptsTaskConfig", "ShapesRefineTaskConfig", "ShapesTaskConfig",
+           "TinyModelConfig",
            "builtin_configs", "load_config", "resolve_config_path", "resolve_rewards", "to_dict", "validate"]
 
 
@@ -73,9 +74,26 @@ class PromptsTaskConfig:
         return frozenset()
 
 
+@dataclass
+class ShapesRefineTaskConfig:
+    """``task.kind: shapes_refine``: the shapes world in multi-round episodes (``algo.rounds``): later
+    rounds look at the image drawn before and reflect (``world/refine.py``); evaluated round by round."""
+
+    kind: Literal["shapes_refine"] = "shapes_refine"  # prompt source + evaluator (unigrpo.tasks.TASKS)
+    prompt_pool: int = 4096  # training prompts generated per data epoch (new seed each epoch)
+
+    def check(self, cfg: Config) -> None:
+        """The checks typing cannot make; ConfigError naming the key."""
+        require(self.prompt_pool >= cfg.algo.prompts_per_step, "task.prompt_pool", "must be >= algo.prompts_per_step")
+
+    def needs(self) -> frozenset[str]:
+        """The model capabilities the task's episodes need: seeing the image it drew."""
+        return frozenset({"sees_images"})
+
+
 # The ``task`` section, told apart by ``task.kind``; each has ``check(cfg)`` (its own checks) and
 # ``needs()`` (the model capabilities its episodes need).
-TaskConfig = ShapesTaskConfig | PromptsTaskConfig
+TaskConfig = ShapesTaskConfig | PromptsTaskConfig | ShapesRefineTaskConfig
 
 
 @dataclass

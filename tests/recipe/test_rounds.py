@@ -192,3 +192,41 @@ def test_bad_round_settings_are_one_line(extra, message):
     with pytest.raises(ConfigError, match=message) as e:
         load_config(None, ["model.checkpoint=null", *extra])
     assert "\n" not in str(e.value)
+
+
+def test_the_refine_task_trains_and_evaluates_round_by_round(seeing_checkpoint, tmp_path, monkeypatch):
+    """task.kind=shapes_refine through the CLI: the shapes reward on every round, the evaluation's
+    per-round table and its grid of rounds side by side; ``unigrpo eval`` prints the table."""
+    monkeypatch.setattr(TinyUnifiedModel, "says_done", some_say_done)
+    out = tmp_path / "run"
+    args = [a for a in tiny_overrides(seeing_checkpoint, out, *SEEING, "task.kind=shapes_refine", "algo.rounds=3",
+                                      "steps=1", "eval_every=1", "eval.num_prompts=4", "eval.grid_prompts=3")
+            if not a.startswith("rewards=")]
+    assert main(["train", *args]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    ev = next(r for r in rows if "eval/round2/accuracy" in r)
+    for k in ("fix_rate", "break_rate", "done_rate", "reflection_ok", "accuracy", "round1/done_frac"):
+        assert f"eval/{k}" in ev
+    assert ev["eval/accuracy"] == ev["eval/round2/accuracy"]  # the final image is the last round's
+    from PIL import Image
+
+    grid = Image.open(out / "grids" / "eval_step000001.png")
+    assert grid.size == (2 + 3 * (16 * 4 + 2), 2 + 3 * (16 * 4 + 2))  # 3 prompts x 3 rounds, scale 4
+    assert (out / "grids" / "eval_step000001.md").read_text().count("round 2:") == 3
+    rollout_keys = next(r for r in rows if "rollout/round2/reward" in r)
+    assert 0 <= rollout_keys["rollout/fix_frac"] <= 1
+    assert main(["eval", *args, "--checkpoint", seeing_checkpoint]) == 0
+
+
+def test_every_multi_round_key_is_documented(seeing_checkpoint, tmp_path, monkeypatch):
+    from testkit import documented_metric_patterns
+
+    monkeypatch.setattr(TinyUnifiedModel, "says_done", some_say_done)
+    out = tmp_path / "run"
+    args = [a for a in tiny_overrides(seeing_checkpoint, out, *SEEING, "task.kind=shapes_refine", "algo.rounds=2",
+                                      "steps=1", "eval.num_prompts=2") if not a.startswith("rewards=")]
+    assert main(["train", *args]) == 0
+    keys = {k for line in (out / "metrics.jsonl").read_text().splitlines() for k in json.loads(line) if k != "step"}
+    keys.discard("nonfinite")
+    pats = documented_metric_patterns()
+    assert not sorted(k for k in keys if not any(p.match(k) for p in pats))
