@@ -2,9 +2,11 @@
 
 Batch layout: ``[P, G]`` (prompts x group) flattened prompt-major, ``N = P * G`` trajectories.
 An **episode** is a list of **rounds**; a round is one reasoning segment followed by one image
-(with its SDE window). UniGRPO today has one round per episode; multi-round generation (think ->
-draw -> look -> reflect -> redraw) appends rounds in ``sample_episode``'s rounds loop and the
-losses already sum over rounds (docs/design.md).
+(with its SDE window). UniGRPO has one round per episode; with ``algo.rounds`` > 1 (think -> draw
+-> look -> reflect -> redraw) ``sample_episode`` appends rounds: round r + 1 reads round r's
+context, the image it drew and the model's reflection turn (``reflection_tokens``), then draws
+again, or stops on the model's stop word (``Round.live`` / ``Round.drew`` mask what follows); the
+losses sum over rounds (docs/training.md, "Multi-round episodes").
 
 ``sample_episode`` is the whole rollout of one step on one rank: the reasoning of every group, the
 cross-rank width, then the chunks (each: its rounds), handing each finished chunk to a callback
