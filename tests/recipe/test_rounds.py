@@ -230,3 +230,26 @@ def test_every_multi_round_key_is_documented(seeing_checkpoint, tmp_path, monkey
     keys.discard("nonfinite")
     pats = documented_metric_patterns()
     assert not sorted(k for k in keys if not any(p.match(k) for p in pats))
+
+
+def test_each_round_gets_its_own_advantage_column(seeing_checkpoint, tmp_path, monkeypatch):
+    """``micro_batch_loss`` with [B, R] advantages: column r reaches round r (a shared [B] advantage
+    is the same as every column equal to it, bit for bit)."""
+    from unigrpo.recipes import train as T
+
+    monkeypatch.setattr(TinyUnifiedModel, "says_done", some_say_done)
+    cfg = load_config(None, tiny_overrides(seeing_checkpoint, tmp_path, *SEEING, "algo.rounds=2", "algo.c_mse=0"))
+    model, roll = episode(seeing_checkpoint, tmp_path, [torch.arange(8)], "algo.rounds=2")
+    mb = roll.index(torch.arange(4))
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+
+    def loss(a):
+        return T.micro_batch_loss(model, None, mb, a, cfg, 1.0, 1.0)[0]
+
+    assert torch.equal(loss(adv), loss(torch.stack([adv, adv], 1)))
+    zero = torch.zeros(4)
+    # the first update is at the behaviour policy: each round's loss is -mean(A) over its rows, so the
+    # columns add: (A, 0) + (0, A) == (A, A), and (A, 0) is round 0's alone
+    both, first, second = loss(torch.stack([adv, adv], 1)), loss(torch.stack([adv, zero], 1)), loss(torch.stack([zero, adv], 1))
+    torch.testing.assert_close(first + second, both)
+    assert not torch.equal(first, second)

@@ -151,7 +151,7 @@ def micro_batch_loss(model, ref, mb: rollout.Episode, adv: torch.Tensor, cfg: Co
     or [B, R] one advantage per round (multi-round credit). ``nft``: one ``batches.NFTDraws`` per
     round (``algo.image_objective: nft``)."""
     draws = nft or [None] * len(mb.rounds)
-    advs = [adv] if adv.dim() == 1 else adv.unbind(1)  # [B], or [B, R]: one per round (algo.credit)
+    advs = [adv] * len(mb.rounds) if adv.dim() == 1 else adv.unbind(1)  # [B] shared, or [B, R]: one per round
     losses, stats = zip(*(round_loss(model, ref, rnd, a, cfg, w_text, w_image, d)
                           for rnd, a, d in zip(mb.rounds, advs, draws)))
     if len(losses) == 1:
