@@ -29,9 +29,9 @@ from unigrpo.models.tiny_config import PretrainConfig, TinyModelConfig
 from unigrpo.utils.typed_config import ConfigError, kind_of, load, require, to_dict
 
 __all__ = ["BAGEL_GEN_TARGETS", "BAGEL_UND_TARGETS", "BagelLoRAConfig", "BagelModelConfig", "Config", "ConfigError",
-           "HFModelConfig", "LoRAConfig", "PretrainConfig", "PromptsTaskConfig", "ShapesRefineTaskConfig", "ShapesTaskConfig",
-           "TinyModelConfig",
-           "builtin_configs", "load_config", "resolve_config_path", "resolve_rewards", "to_dict", "validate"]
+           "HFModelConfig", "LoRAConfig", "PretrainConfig", "PromptsTaskConfig", "ShapesEditTaskConfig",
+           "ShapesRefineTaskConfig", "ShapesTaskConfig", "TinyModelConfig", "builtin_configs", "load_config",
+           "resolve_config_path", "resolve_rewards", "to_dict", "validate"]
 
 
 # The ``model`` section, told apart by ``model.kind``: one dataclass per kind, in a light module beside
@@ -75,6 +75,31 @@ class PromptsTaskConfig:
 
 
 @dataclass
+class ShapesEditTaskConfig:
+    """``task.kind: shapes_edit``: the shapes world's edits (a rendered input scene + an instruction;
+    generated problems, held-out splits; docs/world.md)."""
+
+    kind: Literal["shapes_edit"] = "shapes_edit"  # prompt source + evaluator (unigrpo.tasks.TASKS)
+    prompt_pool: int = 4096  # training problems generated per data epoch (new seed each epoch)
+    image_size: int = 32  # side of the rendered input images, in pixels (the model's input size)
+    describe_weight: float = 0.0  # weight of "what is in the image" prompts (each edit category: 0.9 direct, 1.0 reasoning)
+
+    def check(self, cfg: Config) -> None:
+        """The checks typing cannot make; ConfigError naming the key."""
+        require(self.prompt_pool >= cfg.algo.prompts_per_step, "task.prompt_pool", "must be >= algo.prompts_per_step")
+        require(16 <= self.image_size <= 64, "task.image_size", "must be in [16, 64] (the renderer's range)")
+        require(self.describe_weight >= 0, "task.describe_weight", "must be >= 0")
+        for i, r in enumerate(cfg.rewards):  # the text-to-image rewards read a "spec" edits do not have
+            require(r.name not in ("shapes", "shapes_dense"), f"rewards[{i}].name",
+                    f"{r.name!r} scores text-to-image prompts; task.kind=shapes_edit is scored by "
+                    "'shapes_edit' (or 'shapes_edit_dense')")
+
+    def needs(self) -> frozenset[str]:
+        """The model capabilities the task's episodes need: it looks at the input and redraws it."""
+        return frozenset({"sees_images", "edits"})
+
+
+@dataclass
 class ShapesRefineTaskConfig:
     """``task.kind: shapes_refine``: the shapes world in multi-round episodes (``algo.rounds``): later
     rounds look at the image drawn before and reflect (``world/refine.py``); evaluated round by round."""
@@ -93,7 +118,7 @@ class ShapesRefineTaskConfig:
 
 # The ``task`` section, told apart by ``task.kind``; each has ``check(cfg)`` (its own checks) and
 # ``needs()`` (the model capabilities its episodes need).
-TaskConfig = ShapesTaskConfig | PromptsTaskConfig | ShapesRefineTaskConfig
+TaskConfig = ShapesTaskConfig | PromptsTaskConfig | ShapesEditTaskConfig | ShapesRefineTaskConfig
 
 
 @dataclass

@@ -23,12 +23,14 @@ from unigrpo.world.edit import (
     edit_categories,
     make_edit_problems,
     ref,
+    render_edit_pairs,
     render_scene,
     render_scenes,
     sample_edit,
     split_edit_response,
     wrong_edit_reasoning,
 )
+from unigrpo.world.edit_reward import evaluate_edits, responses_correct, score_edits
 from unigrpo.world.render import QUADRANTS
 
 WITH_DESCRIBE = {**DEFAULT_WEIGHTS, DESCRIBE: 0.9}
@@ -36,8 +38,8 @@ WITH_DESCRIBE = {**DEFAULT_WEIGHTS, DESCRIBE: 0.9}
 
 @pytest.fixture(scope="module")
 def edit_splits():
-    """1,800 problems per split (200 per category, describe included)."""
-    return {s: make_edit_problems(s, 1800, seed=0, weights=WITH_DESCRIBE) for s in ("train", "val", "test")}
+    """900 problems per split (100 per category, describe included)."""
+    return {s: make_edit_problems(s, 900, seed=0, weights=WITH_DESCRIBE) for s in ("train", "val", "test")}
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +170,32 @@ def test_edits_do_what_the_instruction_says(all_edits):
                                  and p.allowed[tgt.objects.index(o)] == (o.cell,)}
 
 
+def _named(scene, words: list[str]) -> list:
+    """The input objects a noun phrase names ('the circle', 'the red circle', 'red circles')."""
+    words = [w for w in words if w != "the"]
+    color = words[0] if len(words) == 2 else None
+    shape = words[-1].removesuffix("s") if words[-1] not in K.SHAPES else words[-1]
+    return [o for o in scene.objects if o.shape == shape and color in (None, o.color)]
+
+
+def test_instructions_name_their_objects_unambiguously(all_edits):
+    """Read back independently of ``ref``: a singular phrase names exactly one input object, a
+    count edit's plural phrase exactly one group of equal objects."""
+    for p in all_edits:
+        w = p.instruction.split()
+        if p.category in ("recolor", "reason_recolor", "remove", "reason_shape"):
+            # make <ref> <colour> · remove <ref> · make <ref> the color of .. · replace <ref> with ..
+            stop = {"recolor": "", "remove": "", "reason_recolor": "color", "reason_shape": "with"}[p.category]
+            end = len(w) - (p.category == "recolor") if not stop else w.index(stop) - (stop == "color")
+            assert len(_named(p.source, w[1:end])) == 1, p.instruction
+        elif p.category == "swap":
+            k = w.index("and")
+            assert len(_named(p.source, w[1:k])) == len(_named(p.source, w[k + 1:])) == 1, p.instruction
+        elif p.category == "count":
+            group = _named(p.source, w[4:w.index("to")])
+            assert group and len({o.kind for o in group}) == 1, p.instruction
+
+
 def test_allowed_cells_cover_the_ground_truth_and_only_free_cells():
     rng = np.random.default_rng(0)
     for p in [sample_edit(c, rng) for c in ("add", "count", "reason_add") for _ in range(200)]:
@@ -223,3 +251,195 @@ def test_edit_words_extend_the_shipped_vocabulary_without_moving_an_id():
     vocab = build_world_tokenizer().vocab
     assert vocab[: len(shipped)] == shipped and vocab[len(shipped):] == list(K.EDIT_WORDS)
     assert set(edit_categories()) == set(EDIT_DIRECT + EDIT_REASONING + (DESCRIBE,))
+
+
+# ----------------------------------------------------------------------------------- reward
+def _problems(per_category: int = 40, seed: int = 0):
+    return make_edit_problems("test", per_category * len(edit_categories()), seed=seed,
+                              weights={c: 1.0 for c in edit_categories()})
+
+
+def _score(scenes, problems, size=32, seed=0):
+    """score_edits of renders of ``scenes`` (None: a blank canvas)."""
+    imgs = render_scenes([s or problems[0].source for s in scenes], seed=seed, size=size)
+    imgs[[i for i, s in enumerate(scenes) if s is None]] = 0.0
+    return score_edits(imgs, problems)
+
+
+@pytest.mark.parametrize("size", [32, 24, 16])
+def test_ground_truth_edits_score_one_at_every_size(size):
+    ps = _problems()
+    res = _score([p.target for p in ps], ps, size)
+    assert res.correct.all() and (res.score == 1).all() and (res.dense == 1).all()
+    assert (res.n_extra == 0).all()
+    kept = np.array([bool(p.kept()) for p in ps])
+    assert (res.preserved[kept] == 1).all() and np.isnan(res.preserved[~kept]).all()
+    assert set(evaluate_edits(render_scenes([p.target for p in ps], 0, size), ps)["categories"]) == set(
+        edit_categories())
+
+
+def test_any_allowed_arrangement_is_correct():
+    """An added object may go to any empty cell, a count decrease may keep any of the group."""
+    rng = np.random.default_rng(1)
+    ps, scenes = [], []
+    for p in _problems():
+        free = [i for i, a in enumerate(p.allowed) if len(a) > 1]
+        if not free:
+            continue
+        objs = list(p.target.objects)
+        used = {o.cell for o in objs}
+        for i in free:  # move each free object to another allowed cell that is still empty
+            others = [c for c in p.allowed[i] if c not in used]
+            if others:
+                used.discard(objs[i].cell)
+                objs[i] = Placed(objs[i].shape, objs[i].color, others[int(rng.integers(len(others)))])
+                used.add(objs[i].cell)
+        ps.append(p)
+        scenes.append(Scene(tuple(objs)))
+    assert sum(s != p.target for s, p in zip(scenes, ps)) > 50  # the test moved objects
+    assert _score(scenes, ps).correct.all()
+
+
+def _mutations(p: EditProblem, rng):
+    """name -> a scene (None: blank) that differs from the target in one aspect, where possible."""
+    objs, out = list(p.target.objects), {}
+    i = int(rng.integers(len(objs)))
+    o = objs[i]
+    out["wrong colour"] = [*objs[:i], Placed(o.shape, _other(K.COLORS, o.color, rng), o.cell), *objs[i + 1:]]
+    out["wrong shape"] = [*objs[:i], Placed(_other(K.SHAPES, o.shape, rng), o.color, o.cell), *objs[i + 1:]]
+    out["missing"] = objs[:i] + objs[i + 1:] or None
+    empty = p.target.empty_cells()
+    if empty:
+        out["extra"] = [*objs, Placed(K.SHAPES[int(rng.integers(3))], K.COLORS[int(rng.integers(5))], empty[0])]
+    kept = p.kept()
+    if kept:
+        k = objs.index(kept[0])
+        out["kept recoloured"] = [*objs[:k], Placed(kept[0].shape, _other(K.COLORS, kept[0].color, rng),
+                                                     kept[0].cell), *objs[k + 1:]]
+        if empty:
+            out["kept moved"] = [*objs[:k], Placed(kept[0].shape, kept[0].color, empty[0]), *objs[k + 1:]]
+    if p.category != DESCRIBE:
+        out["input unchanged"] = list(p.source.objects)
+    rot = {"tl": "tr", "tr": "br", "br": "bl", "bl": "tl"}  # a quarter turn of the grid
+    back = {v: k for k, v in rot.items()}
+    target_at = {t.cell: t.kind for t in objs}
+    if any(target_at.get(back[t.cell]) != t.kind for t, a in zip(objs, p.allowed) if a == (t.cell,)):
+        out["redrawn elsewhere"] = [Placed(t.shape, t.color, rot[t.cell]) for t in objs]
+    return {k: v and Scene(tuple(v)) for k, v in out.items()}
+
+
+def _other(seq, x, rng):
+    rest = [y for y in seq if y != x]
+    return rest[int(rng.integers(len(rest)))]
+
+
+def test_every_single_aspect_mistake_breaks_correct():
+    rng = np.random.default_rng(0)
+    ps = _problems(30)
+    cases = [(name, p, s) for p in ps for name, s in _mutations(p, rng).items()]
+    res = _score([s for _, _, s in cases], [p for _, p, _ in cases])
+    names = np.array([name for name, _, _ in cases])
+    for name in dict.fromkeys(names.tolist()):
+        sel = names == name
+        assert sel.sum() >= 30, name
+        assert not res.correct[sel].any(), name
+        assert (res.score[sel] < 1).all() and (res.dense[sel] < 1).all(), name
+    for name in ("kept recoloured", "kept moved"):
+        assert (res.preserved[names == name] == 0).all(), name
+    for name in ("wrong colour", "wrong shape"):  # the dense reward keeps two thirds of the object
+        sel = names == name
+        n_t = np.array([len(p.target.objects) for (_, p, _), s in zip(cases, sel) if s])
+        assert np.allclose(res.dense[sel], (n_t - 1 + 2 / 3) / n_t / 1.5)
+
+
+def test_blank_and_noise_score_about_zero():
+    ps = _problems(4)
+    blank = score_edits(torch.zeros(len(ps), 3, 32, 32), ps)
+    assert (blank.score == 0).all() and not blank.correct.any() and (blank.n_objects == 0).all()
+    noise = score_edits(torch.rand(len(ps), 3, 32, 32, generator=torch.Generator().manual_seed(0)), ps)
+    assert not noise.correct.any() and noise.score.max() < 0.2 and noise.dense.mean() < 0.1
+
+
+def test_partial_credit_closed_forms():
+    two = Scene((Placed("circle", "red", "tl"), Placed("square", "blue", "br")))
+    p = EditProblem("add a green triangle", "add", two,
+                    Scene((*two.objects, Placed("triangle", "green", "tr"))),
+                    (("tl",), ("tr", "bl"), ("br",)), "", False, "k", "test")
+    junk = Placed("circle", "yellow", "bl")
+    res = _score([two, Scene((*p.target.objects, junk)), Scene((*two.objects, Placed("triangle", "green", "bl")))],
+                 [p] * 3)
+    assert np.allclose(res.score, [2 / 3, 1 / 1.5, 1.0])  # missing 1 of 3; all + 1 extra; other empty cell
+    assert np.allclose(res.dense, [2 / 3, 1 / 1.5, 1.0]) and res.n_extra.tolist() == [0, 1, 0]
+    # the junk yellow circle in an allowed cell, shape wrong and colour wrong: 1/3 credit of the triangle
+    res = _score([Scene((*two.objects, junk))], [p])
+    assert np.isclose(res.dense[0], (2 + 1 / 3) / 3 / 1.5) and np.isclose(res.score[0], 2 / 3 / 1.5)
+
+
+def test_max_matching_matches_brute_force():
+    import itertools
+
+    from unigrpo.world.edit_reward import _max_matching
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        t, d = int(rng.integers(1, 5)), int(rng.integers(0, 7))
+        ok = rng.random((t, d)) < 0.4
+        owner = _max_matching(ok)
+        assert all(ok[owner[j], j] for j in range(d) if owner[j] >= 0)  # only edges, each target once
+        assert len({x for x in owner if x >= 0}) == (owner >= 0).sum()
+        best = max((sum(ok[i, j] for i, j in zip(perm, cols)) for cols in itertools.permutations(range(d), min(t, d))
+                    for perm in itertools.permutations(range(t), min(t, d))), default=0)
+        assert (owner >= 0).sum() == best
+
+
+def test_reward_reads_json_metadata_only():
+    from unigrpo.rewards import BUILTIN
+
+    ps = _problems(3)
+    meta = [{**json.loads(json.dumps(p.to_metadata())), "reasoning": "anything", "prompt_index": i, "group_index": 0}
+            for i, p in enumerate(ps)]
+    imgs = render_scenes([p.target if i % 2 else p.source for i, p in enumerate(ps)], seed=0)
+    r = BUILTIN["shapes_edit"](imgs, [p.instruction for p in ps], meta)
+    assert r.dtype == torch.float32 and r.shape == (len(ps),)
+    assert torch.equal(r, torch.as_tensor(score_edits(imgs, ps).score, dtype=torch.float32))
+    assert (r[1::2] == 1).all()
+    dense = BUILTIN["shapes_edit_dense"](imgs, [""] * len(ps), meta)
+    assert torch.equal(dense, torch.as_tensor(score_edits(imgs, ps).dense, dtype=torch.float32))
+    with pytest.raises(ValueError, match="edit problems"):
+        score_edits(imgs[:2], ps)
+
+
+def test_responses_are_checked_for_the_input_and_the_result():
+    ps = [p for p in _problems(5) if p.requires_reasoning]
+    rng = np.random.default_rng(0)
+    seen, desc = responses_correct([p.reasoning + " <eos>" for p in ps], ps)
+    assert seen.all() and desc.all()
+    seen, desc = responses_correct([wrong_edit_reasoning(p, rng)[0] for p in ps], ps)
+    assert seen.all() and not desc.any()
+    blind = [p.reasoning.replace("i see ", "i see a red circle and ", 1) for p in ps]
+    assert not responses_correct(blind, ps)[0].any()
+    shuffled = [f"<think> i see {' and '.join(reversed(p.source.description().split(' and ')))} . </think> "
+                f"{' and '.join(reversed(p.target.description().split(' and ')))}" for p in ps]
+    assert all(responses_correct(shuffled, ps)[i].all() for i in (0, 1))  # group order is free
+    out = evaluate_edits(render_scenes([p.target for p in ps], 0), ps, [p.reasoning for p in ps])
+    assert out["seen_ok"] == out["description_ok"] == out["accuracy_given_description_ok_reasoning"] == 1.0
+    assert np.isnan(out["accuracy_direct"]) and out["n"] == len(ps)
+
+
+@pytest.mark.parametrize("size", [32, 24, 16])
+def test_edit_pairs_change_only_the_edited_cells(size):
+    from unigrpo.world.render import quadrant
+
+    ps = _problems(20)
+    src, tgt = render_edit_pairs(ps, seed=2, size=size)
+    assert score_edits(tgt, ps).correct.all()
+    assert score_edits(src, [p.to_metadata() for p in ps]).correct.tolist() == [p.category == DESCRIBE for p in ps]
+    a, b = render_edit_pairs([p.to_metadata() for p in ps], seed=2, size=size)
+    assert torch.equal(a, src) and torch.equal(b, tgt)
+    for i, p in enumerate(ps):
+        before = {o.cell: o.kind for o in p.source.objects}
+        after = {o.cell: o.kind for o in p.target.objects}
+        for cell in QUADRANTS:
+            x0, y0, x1, y1 = quadrant(cell, size)
+            same = torch.equal(src[i, :, y0:y1, x0:x1], tgt[i, :, y0:y1, x0:x1])
+            assert same == (before.get(cell) == after.get(cell)), (p.instruction, cell)

@@ -35,6 +35,18 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int 
     return path
 
 
+def pairs(inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """[input_0, output_0, input_1, output_1, ...] from inputs [N, 3, h, w] and outputs [N, 3, H, W]:
+    an edit grid's cells (``save_grid`` with an even ``nrow`` shows input | output side by side).
+    Inputs of another size are resized to the outputs' (nearest: pixels stay as drawn)."""
+    if inputs.shape[0] != outputs.shape[0]:
+        raise ValueError(f"{inputs.shape[0]} inputs but {outputs.shape[0]} outputs")
+    inputs = inputs.detach().float().cpu()
+    if inputs.shape[-2:] != outputs.shape[-2:]:
+        inputs = torch.nn.functional.interpolate(inputs, size=tuple(outputs.shape[-2:]), mode="nearest")
+    return torch.stack([inputs, outputs.detach().float().cpu()], 1).flatten(0, 1)  # [2N, 3, H, W]
+
+
 # A pixel whose brightest channel is below this is background (dark); the shapes world's detector
 # draws the same line (unigrpo.world.detect).
 DARK = 0.5
