@@ -39,12 +39,23 @@ TINY_PROMPTS = ["a red circle", "two blue squares above a green triangle",
                 "a yellow triangle left of a green circle"]
 
 
-def tiny_factory(seed: int = 0):
+def tiny_factory(seed: int = 0, text_to_image_vocab: bool = False):
     """A random tiny model, every weight perturbed by 0.05 * randn (the UNet's output layer is
-    zero-initialised)."""
+    zero-initialised). ``text_to_image_vocab``: the world's vocabulary before the edit words were
+    appended (the model fixtures recorded before then were drawn with it)."""
     cfg = load_config(None, TINY)
     torch.manual_seed(seed)
-    model = build_model(cfg, checkpoint=None)
+    if text_to_image_vocab:
+        from unigrpo.models.tiny import TinyConfig, TinyUnifiedModel
+        from unigrpo.world.knowledge import all_words
+        from unigrpo.world.tokenizer import SPECIALS, WordTokenizer
+
+        tok, m = WordTokenizer([*SPECIALS, *all_words()]), cfg.model
+        model = TinyUnifiedModel(TinyConfig(vocab_size=tok.vocab_size, d_text=m.d_text, text_layers=m.text_layers,
+                                            text_heads=m.text_heads, unet_channels=tuple(m.unet_channels),
+                                            image_size=m.image_size, max_seq_len=m.max_seq_len), tok)
+    else:
+        model = build_model(cfg, checkpoint=None)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -115,12 +115,15 @@ def load_bagel(path: str | Path, *, device="cpu", dtype: str = "float32", **kwar
 
 
 def _tiny_tokenizer(folder: Path) -> int:
-    """A byte-level BPE trained in code on the shapes world's words + BAGEL's special tokens."""
+    """A byte-level BPE trained in code on the shapes world's text-to-image words + BAGEL's special
+    tokens (byte-level: any other word, e.g. an edit instruction's, is still encoded; the training
+    words are fixed so the tiny folder, and every test recorded on it, stays the same)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from unigrpo.world.tokenizer import build_world_tokenizer
+    from unigrpo.world.knowledge import all_words
+    from unigrpo.world.tokenizer import SPECIALS as WORLD_SPECIALS
 
-    words = [w for w in build_world_tokenizer().index if w.isalpha()]
+    words = [w for w in [*WORLD_SPECIALS, *all_words()] if w.isalpha()]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
