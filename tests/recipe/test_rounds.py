@@ -253,3 +253,28 @@ def test_each_round_gets_its_own_advantage_column(seeing_checkpoint, tmp_path, m
     both, first, second = loss(torch.stack([adv, adv], 1)), loss(torch.stack([adv, zero], 1)), loss(torch.stack([zero, adv], 1))
     torch.testing.assert_close(first + second, both)
     assert not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("response, done", [
+    ("<think> i see a red circle . right . </think> done <eos>", True),
+    ("<think> i see a red circle . right . </think> Done . <eos> <pad>", True),
+    ("done", True),
+    ("<think> done </think> a red circle <eos>", False),  # the stop word in the thought is not the answer
+    ("<think> i see a red circle . wrong . </think> a red circle done <eos>", False),
+    ("", False),
+])
+def test_the_stop_word_is_the_answer_after_the_thought(seeing_checkpoint, response, done):
+    model = TinyUnifiedModel.load(seeing_checkpoint)
+    assert model.stop_word == "done" and model.says_done(response) is done
+
+
+def test_a_model_without_a_reflection_turn_is_refused_by_the_refine_task(tmp_path):
+    from unigrpo.models.base import UnifiedModel
+    from unigrpo.tasks import build_task
+    from unigrpo.utils.errors import InputError
+
+    cfg = load_config(None, [*MODEL, *SEEING, "model.checkpoint=null", "task.kind=shapes_refine", "algo.rounds=2",
+                             "text.max_reasoning_tokens=6"])
+    with pytest.raises(InputError, match="task.kind=shapes_refine: NoTurn has no reflection turn yet"):
+        build_task(cfg).check(object.__new__(type("NoTurn", (), {"reflection_ids": UnifiedModel.reflection_ids})),
+                              cfg)

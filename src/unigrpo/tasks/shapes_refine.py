@@ -73,6 +73,16 @@ def evaluate_rounds(roll: R.Episode, tasks) -> dict[str, float]:
 class ShapesRefineTask(ShapesTask):
     """The shapes world's prompts in multi-round episodes; evaluation round by round (module docstring)."""
 
+    def check(self, model, cfg: Config) -> None:
+        """The model must have a reflection turn (``UnifiedModel.reflection_ids``): refused before a run
+        writes anything, not at its first later round."""
+        from unigrpo.utils.errors import InputError
+
+        try:
+            model.reflection_ids()
+        except NotImplementedError as e:
+            raise InputError(f"task.kind=shapes_refine: {e}") from None
+
     def evaluate(self, model, cfg: Config, rewards, step: int, out: Path | None) -> dict[str, float]:
         start = time.perf_counter()
         tasks = self.eval_world_tasks()
