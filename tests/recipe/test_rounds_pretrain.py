@@ -62,3 +62,19 @@ def test_pretrain_with_reflections_through_the_cli(tmp_path):
                  "pretrain.reflect_frac=0.5", "--out", str(out)]) == 0
     model = TinyUnifiedModel.load(out)
     assert model.sees_images and model.cfg.max_seq_len == 80
+
+
+def test_growing_into_a_longer_context_keeps_every_known_position():
+    """``pretrain.init`` from a max_seq_len 64 model into 80 (room for a second round): the positions
+    both have are copied, so on a one-round prompt the grown model computes what it grew from."""
+    old = build_model(load_config(None, [*MODEL, "model.checkpoint=null"]), checkpoint=None)
+    with torch.no_grad():
+        for p in old.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    new = build_model(load_config(None, [*MODEL, *SEEING, "model.checkpoint=null"]), checkpoint=None)
+    new.grow_from(old)
+    assert torch.equal(new.text.pos.weight[:64], old.text.pos.weight)
+    a, b = old.encode(["a red circle", "two blue squares"]), new.encode(["a red circle", "two blue squares"])
+    la, _ = old.prefill(a)
+    lb, _ = new.prefill(b)
+    assert torch.allclose(la, lb[:, :la.shape[1]], atol=1e-6)

@@ -177,7 +177,9 @@ class TinyUnifiedModel(UnifiedModel):
         """Start from ``old``'s weights (``pretrain.init``): every tensor of the same name and shape;
         the token embedding and LM head row by row for the words both vocabularies have; the image
         expert's first conv for the channels both have, its input-latent channels at zero (so the
-        grown model draws exactly as ``old`` until it learns to read them). Sizes must match."""
+        grown model draws exactly as ``old`` until it learns to read them); the positional table row
+        by row for the positions both have (a longer ``max_seq_len``, e.g. for the longer contexts of
+        multi-round episodes, keeps every known position). Sizes must match."""
         if (old.cfg.d_text, old.cfg.text_layers, tuple(old.cfg.unet_channels), old.cfg.image_size) != (
                 self.cfg.d_text, self.cfg.text_layers, tuple(self.cfg.unet_channels), self.cfg.image_size):
             raise ValueError("pretrain.init: the checkpoint's sizes differ from the model section's")
@@ -190,6 +192,9 @@ class TinyUnifiedModel(UnifiedModel):
                 continue
             if name in ("text.tok.weight", "text.head.weight"):
                 t[new_ids] = src[old_ids]
+            elif name == "text.pos.weight":
+                n = min(len(t), len(src))
+                t[:n] = src[:n]
             elif name == "image.conv_in.weight":
                 t.zero_()
                 t[:, :src.shape[1]] = src
