@@ -305,12 +305,13 @@ class EpisodeSeeds:
 
 
 def reflection_tokens(model, prev: Round, live: torch.Tensor, seeds: list[int], *, max_new_tokens: int,
-                      temperature: float, top_p: float) -> TokenBatch:
+                      temperature: float, top_p: float, given: list[str] | None = None) -> TokenBatch:
     """The next round's tokens of B rows: ``prev``'s tokens (its reasoning now context) + the image
     it drew (appended to the row's images: the model sees it) + the reflection turn
     (``model.reflection_ids``) + the sampled reflection of the ``live`` rows [B] (row ``i`` draws from
     generator ``seeds[i]``), right-padded to the fixed width ``prev width + turn + max_new_tokens``:
-    the width depends on nothing but the round, so no chunk or rank has to agree on it."""
+    the width depends on nothing but the round, so no chunk or rank has to agree on it.
+    ``given`` [B] (evaluation): these reflections, teacher-forced, instead of sampled ones."""
     t, turn = prev.tokens, model.reflection_ids()
     b, dev = len(t), t.ids.device
     turn_ids = torch.tensor(turn, dtype=t.ids.dtype, device=dev).expand(b, -1)
@@ -324,9 +325,15 @@ def reflection_tokens(model, prev: Round, live: torch.Tensor, seeds: list[int], 
     rows = live.nonzero()[:, 0]
     if not len(rows):
         return out
-    gens = [torch.Generator(device=dev).manual_seed(seeds[i]) for i in rows.tolist()]
-    sampled = model.sample_reasoning(ctx.index(rows.to(dev)), max_new_tokens=max_new_tokens, temperature=temperature,
-                                     top_p=top_p, generator=gens).padded(width, model.pad_id)
+    if given is not None:
+        sampled = model.with_response(ctx.index(rows.to(dev)), [given[i] for i in rows.tolist()])
+        if sampled.ids.shape[1] > width:
+            raise ValueError(f"a given reflection is longer than text.max_reasoning_tokens={max_new_tokens}")
+        sampled = sampled.padded(width, model.pad_id)
+    else:
+        gens = [torch.Generator(device=dev).manual_seed(seeds[i]) for i in rows.tolist()]
+        sampled = model.sample_reasoning(ctx.index(rows.to(dev)), max_new_tokens=max_new_tokens,
+                                         temperature=temperature, top_p=top_p, generator=gens).padded(width, model.pad_id)
     ids, mask, resp = out.ids.clone(), out.mask.clone(), out.response_mask.clone()
     at = rows.to(dev)
     ids[at], mask[at], resp[at] = sampled.ids, sampled.mask, sampled.response_mask
@@ -335,7 +342,7 @@ def reflection_tokens(model, prev: Round, live: torch.Tensor, seeds: list[int], 
 
 def sample_episode(model, prompts: list, group_size: int, seeds: EpisodeSeeds, chunks: list[torch.Tensor], ranks,
                    *, text: dict, sampler: dict, on_chunk: Callable[[Episode, list[int]], None] | None = None,
-                   branches: int = 1) -> Episode:
+                   branches: int = 1, given: Callable[[Round, list[int]], list[str]] | None = None) -> Episode:
     """One step's episodes on this rank, ``[P_local * G]`` prompt-major (module docstring).
 
     ``text``: ``sample_reasoning``'s options; ``sampler``: ``sample_images``'; ``chunks``: the rows
@@ -347,7 +354,8 @@ def sample_episode(model, prompts: list, group_size: int, seeds: EpisodeSeeds, c
     ``model.stop_word`` draws no more (``Round.drew`` False) and acts no more in later rounds
     (``Round.live`` False). ``branches`` K > 1 (tree credit): each group holds G / K round-1
     samples, each repeated K times in a row (same reasoning; the caller gives the copies the same
-    noise seeds), whose later rounds branch."""
+    noise seeds), whose later rounds branch. ``given(prev, rows)`` (evaluation): the reflections of
+    the chunk's rows on their previous round ``prev``, teacher-forced instead of sampled."""
     tokens = sample_reasoning(model, prompts, group_size // branches, seeds.reasoning, **text, ranks=ranks)
     if branches > 1:  # row (p, m, k) = round-1 sample m of prompt p, continuation k
         tokens = tokens.index(torch.arange(len(tokens), device=tokens.ids.device).repeat_interleave(branches))
@@ -363,7 +371,8 @@ def sample_episode(model, prompts: list, group_size: int, seeds: EpisodeSeeds, c
         for later in seeds.later:  # round r + 1: look at round r's image, reflect, draw again (or stop)
             prev = rounds[-1]
             live = prev.drew.clone()  # still going: it drew last round
-            toks = reflection_tokens(model, prev, live, [later.reasoning[k] for k in rows], **reflect)
+            toks = reflection_tokens(model, prev, live, [later.reasoning[k] for k in rows], **reflect,
+                                     given=None if given is None else given(prev, rows))
             done = torch.tensor([model.says_done(r) for r in model.decode_text(toks)], dtype=torch.bool) & live
             rnd = sample_images(model, toks, [later.noise[k] for k in rows], later.window_start[idx], **sampler,
                                 draw=live & ~done, kept=prev)

@@ -278,3 +278,32 @@ def test_a_model_without_a_reflection_turn_is_refused_by_the_refine_task(tmp_pat
     with pytest.raises(InputError, match="task.kind=shapes_refine: NoTurn has no reflection turn yet"):
         build_task(cfg).check(object.__new__(type("NoTurn", (), {"reflection_ids": UnifiedModel.reflection_ids})),
                               cfg)
+
+
+def test_the_refine_evaluation_with_given_reflections(tmp_path):
+    """``unigrpo eval --mode``: ``gt`` teacher-forces the world's reflection on each drawn image,
+    ``no_think`` an empty one; ``all`` prints the three in one table."""
+    from unigrpo.tasks import build_task
+    from unigrpo.tasks.shapes_refine import eval_episode, no_reflections, world_reflections
+    from unigrpo.world import describe
+    from unigrpo.world.refine import parse_reflection, reflection, seen_descriptions
+
+    ckpt = save_tiny_random_model(MODEL + SEEING + ["model.max_seq_len=80"], tmp_path / "long.safetensors")
+    over = [*MODEL, *SEEING, "model.max_seq_len=80", f"model.checkpoint={ckpt}", "task.kind=shapes_refine",
+            "algo.rounds=2", "text.max_reasoning_tokens=28", "eval.num_prompts=4", "sampler.eval_num_steps=2"]
+    cfg = load_config(None, over)
+    model, task = build_model(cfg), build_task(cfg)
+    tasks = task.eval_world_tasks()
+    roll = eval_episode(model, task.eval_prompts(), cfg, 2, world_reflections(tasks))
+    first, second = roll.rounds
+    from unigrpo.world import score_images
+
+    right = score_images(first.images, [t.spec for t in tasks]).correct
+    for i, (t, seen) in enumerate(zip(tasks, seen_descriptions(first.images))):
+        assert parse_reflection(second.reasoning[i]) == parse_reflection(reflection(seen, bool(right[i]),
+                                                                                    describe(t.target)))
+    assert torch.equal(second.drew, torch.from_numpy(~right))  # the world's verdict decides who redraws
+    empty = eval_episode(model, task.eval_prompts(), cfg, 2, no_reflections).rounds[1]
+    assert empty.tokens.response_mask.sum(1).eq(1).all() and empty.drew.all()  # just <eos>: it draws again
+    text = task.report(model, cfg, "all", None)
+    assert "| own reflections |" in text and "| no reflection |" in text and "| ground-truth reflections |" in text
