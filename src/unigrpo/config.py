@@ -30,8 +30,8 @@ from unigrpo.utils.typed_config import ConfigError, kind_of, load, require, to_d
 
 __all__ = ["BAGEL_GEN_TARGETS", "BAGEL_UND_TARGETS", "BagelLoRAConfig", "BagelModelConfig", "Config", "ConfigError",
            "HFModelConfig", "LoRAConfig", "PretrainConfig", "PromptsTaskConfig", "ShapesEditTaskConfig",
-           "ShapesTaskConfig", "TinyModelConfig", "builtin_configs", "load_config", "resolve_config_path",
-           "resolve_rewards", "to_dict", "validate"]
+           "ShapesRefineTaskConfig", "ShapesTaskConfig", "TinyModelConfig", "builtin_configs", "load_config",
+           "resolve_config_path", "resolve_rewards", "to_dict", "validate"]
 
 
 # The ``model`` section, told apart by ``model.kind``: one dataclass per kind, in a light module beside
@@ -99,9 +99,26 @@ class ShapesEditTaskConfig:
         return frozenset({"sees_images", "edits"})
 
 
+@dataclass
+class ShapesRefineTaskConfig:
+    """``task.kind: shapes_refine``: the shapes world in multi-round episodes (``algo.rounds``): later
+    rounds look at the image drawn before and reflect (``world/refine.py``); evaluated round by round."""
+
+    kind: Literal["shapes_refine"] = "shapes_refine"  # prompt source + evaluator (unigrpo.tasks.TASKS)
+    prompt_pool: int = 4096  # training prompts generated per data epoch (new seed each epoch)
+
+    def check(self, cfg: Config) -> None:
+        """The checks typing cannot make; ConfigError naming the key."""
+        require(self.prompt_pool >= cfg.algo.prompts_per_step, "task.prompt_pool", "must be >= algo.prompts_per_step")
+
+    def needs(self) -> frozenset[str]:
+        """The model capabilities the task's episodes need: seeing the image it drew."""
+        return frozenset({"sees_images"})
+
+
 # The ``task`` section, told apart by ``task.kind``; each has ``check(cfg)`` (its own checks) and
 # ``needs()`` (the model capabilities its episodes need).
-TaskConfig = ShapesTaskConfig | PromptsTaskConfig | ShapesEditTaskConfig
+TaskConfig = ShapesTaskConfig | PromptsTaskConfig | ShapesEditTaskConfig | ShapesRefineTaskConfig
 
 
 @dataclass
@@ -167,6 +184,11 @@ class AlgoConfig:
     nft_beta: float = 1.0  # nft: mixing strength beta of the implicit policies v+- (upstream `beta`: 1; 0.1 for OCR)
     nft_adv_clip: float = 5.0  # nft: C in r = clamp(A, -C, C) / (2C) + 1/2, also the loss multiplier (upstream adv_clip_max)
     nft_timestep_fraction: float = 0.99  # nft: trains int(fraction * sampler.num_steps) (>= 1) of the sampler's times per trajectory
+    # multi-round episodes (think -> draw -> look -> reflect -> redraw; docs/training.md, "Multi-round episodes"):
+    rounds: int = 1  # rounds per episode at most (1: one reasoning + one image, as the paper); > 1 needs a model that sees images
+    credit: Literal["terminal", "per_round", "tree"] = "terminal"  # how the rounds share credit (algo.credit, docs/training.md)
+    improvement_weight: float = 1.0  # per_round: weight w of the improvement term reward_r - reward_{r-1}
+    tree_branches: int = 2  # tree: continuations K of each round-1 sample (group_size = round-1 samples x K)
 
 
 @dataclass
@@ -260,6 +282,25 @@ def _scheduled_kind() -> str:
     return next(kind_of(m) for m in typing.get_args(ModelConfig) if m.own_schedule)
 
 
+def _check_rounds(cfg: Config) -> None:
+    """Multi-round episodes: the model must see the image it drew; the tree needs whole sibling groups."""
+    a = cfg.algo
+    require(a.rounds >= 1, "algo.rounds", f"must be >= 1, got {a.rounds}")
+    require(a.improvement_weight >= 0, "algo.improvement_weight", f"must be >= 0, got {a.improvement_weight}")
+    if a.rounds == 1:
+        require(a.credit == "terminal", "algo.credit", f"{a.credit!r} needs algo.rounds >= 2 (one round has one reward)")
+        return
+    require("sees_images" in cfg.model.capabilities, "algo.rounds",
+            f"{a.rounds} rounds need a model that sees the image it drew (model.sees_images=true)")
+    require(cfg.text.thinking, "algo.rounds", "later rounds are reflections: text.thinking must be true")
+    require(a.image_objective == "flowgrpo", "algo.image_objective",
+            "nft is not implemented for multi-round episodes yet (algo.rounds > 1)")
+    if a.credit == "tree":
+        k = a.tree_branches
+        require(k >= 2 and a.group_size % k == 0 and a.group_size // k >= 2, "algo.tree_branches",
+                f"must be >= 2 and divide algo.group_size={a.group_size} into >= 2 round-1 samples, got {k}")
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks; raises ConfigError naming the key. Returns ``cfg`` for chaining."""
     s, a, t, o = cfg.sampler, cfg.algo, cfg.text, cfg.optim
@@ -303,6 +344,7 @@ def validate(cfg: Config) -> Config:
             f"must be in (0, 1], got {a.nft_timestep_fraction}")
     require(a.image_objective != "nft" or a.beta_img == 0 or (s.kind != "ode" and s.noise_level > 0), "algo.beta_img",
             "the latent KL needs a stochastic sampler step (sampler.kind flow_sde / cps, noise_level > 0)")
+    _check_rounds(cfg)
     require(s.cfg_scale >= 1 and s.eval_cfg_scale >= 1, "sampler.cfg_scale", "must be >= 1 (1 = no CFG)")
     require(t.temperature > 0, "text.temperature", "must be > 0")
     require(0 < t.top_p <= 1, "text.top_p", "must be in (0, 1]")

@@ -23,6 +23,7 @@ from unigrpo.models.decode import response_logprobs, target_logprobs
 from unigrpo.models.protocol import TokenBatch
 from unigrpo.models.tiny_image import ImageExpert
 from unigrpo.models.tiny_text import PatchEncoder, TextExpert
+from unigrpo.world.knowledge import REFLECT_PROMPT
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUILTIN = {"builtin:sft": ASSETS / "tiny_sft.safetensors", "builtin:edit_sft": ASSETS / "tiny_edit_sft.safetensors"}
@@ -53,6 +54,8 @@ class TextContext:
 
 class TinyUnifiedModel(UnifiedModel):
     """Tiny reason-then-draw model over the shapes world (see module docstring)."""
+
+    reflection_prompt = REFLECT_PROMPT  # the tiny world's words (world/refine.py: the grammar of the answer)
 
     def __init__(self, cfg: TinyConfig, tokenizer):
         super().__init__()
@@ -95,13 +98,21 @@ class TinyUnifiedModel(UnifiedModel):
         return self.vision(tokens.images, tokens.image_mask)
 
     def _ref(self, tokens: TokenBatch) -> torch.Tensor | None:
-        """The first input image's latent per row (zeros without one): what an editing expert reads."""
+        """The latent of each row's LAST input image (zeros without one): what an editing expert reads.
+        With one input image that is the prompt's; in a multi-round episode, the image the row drew
+        last (appended after the prompt's), so a later round edits its previous image."""
         if not self.edits:
             return None
         if tokens.images is None:
             return torch.zeros(len(tokens), *self.latent_shape, device=tokens.ids.device)
-        has = tokens.image_mask[:, 0].reshape(-1, 1, 1, 1)
-        return self.encode_images(tokens.images[:, 0]) * has
+        mask = tokens.image_mask
+        last = mask.shape[1] - 1 - mask.flip(1).long().argmax(1)  # [B] index of the last True (0 when none)
+        has = mask.any(1).reshape(-1, 1, 1, 1)
+        return self.encode_images(tokens.images[torch.arange(len(tokens), device=mask.device), last]) * has
+
+    def reflection_ids(self) -> list[int]:
+        """The reflection turn in the world's words (``knowledge.REFLECT_PROMPT``), no ``<bos>``."""
+        return self.tokenizer.encode(self.reflection_prompt)
 
     def prefill(self, tokens: TokenBatch):
         prefix, prefix_mask = self._prefix(tokens)
@@ -166,7 +177,9 @@ class TinyUnifiedModel(UnifiedModel):
         """Start from ``old``'s weights (``pretrain.init``): every tensor of the same name and shape;
         the token embedding and LM head row by row for the words both vocabularies have; the image
         expert's first conv for the channels both have, its input-latent channels at zero (so the
-        grown model draws exactly as ``old`` until it learns to read them). Sizes must match."""
+        grown model draws exactly as ``old`` until it learns to read them); the positional table row
+        by row for the positions both have (a longer ``max_seq_len``, e.g. for the longer contexts of
+        multi-round episodes, keeps every known position). Sizes must match."""
         if (old.cfg.d_text, old.cfg.text_layers, tuple(old.cfg.unet_channels), old.cfg.image_size) != (
                 self.cfg.d_text, self.cfg.text_layers, tuple(self.cfg.unet_channels), self.cfg.image_size):
             raise ValueError("pretrain.init: the checkpoint's sizes differ from the model section's")
@@ -179,6 +192,9 @@ class TinyUnifiedModel(UnifiedModel):
                 continue
             if name in ("text.tok.weight", "text.head.weight"):
                 t[new_ids] = src[old_ids]
+            elif name == "text.pos.weight":
+                n = min(len(t), len(src))
+                t[:n] = src[:n]
             elif name == "image.conv_in.weight":
                 t.zero_()
                 t[:, :src.shape[1]] = src

@@ -11,6 +11,8 @@ from typing import ClassVar, Literal
 
 from unigrpo.utils.typed_config import require
 
+MAX_INPUT_IMAGES = 4  # image slots of the tiny model's PatchEncoder (tiny_text: one slot embedding each)
+
 
 @dataclass
 class TinyModelConfig:
@@ -39,16 +41,20 @@ class TinyModelConfig:
         """The checks typing cannot make (``cfg``: the whole Config); ConfigError naming the key."""
         require(self.image_size % 4 == 0 and 16 <= self.image_size <= 64, "model.image_size",
                 "must be a multiple of 4 in [16, 64]")
-        if cfg.task.kind == "shapes":  # the tiny model reads the shapes world's tokens
+        if cfg.task.kind in ("shapes", "shapes_refine"):  # the tiny model reads the shapes world's tokens
             # imported here, not on top: unigrpo.world imports torch (its renderer); unigrpo.config does not
-            from unigrpo.world.knowledge import MAX_PROMPT_TOKENS
+            from unigrpo.world.knowledge import MAX_PROMPT_TOKENS, REFLECT_PROMPT
 
-            t = cfg.text
-            room = self.max_seq_len - MAX_PROMPT_TOKENS
+            t, rounds = cfg.text, cfg.algo.rounds
+            # every later round adds the reflection turn and its reflection to the context (rollout.sample_episode)
+            room = (self.max_seq_len - MAX_PROMPT_TOKENS - (rounds - 1) * len(REFLECT_PROMPT.split())) // rounds
+            require(rounds - 1 <= MAX_INPUT_IMAGES, "algo.rounds",
+                    f"{rounds} rounds show the model {rounds - 1} drawn images; it sees at most {MAX_INPUT_IMAGES}")
             # past the positional table, sampling would crash mid-rollout
             require(t.max_reasoning_tokens <= room, "text.max_reasoning_tokens",
                     f"{t.max_reasoning_tokens} does not fit model.max_seq_len={self.max_seq_len} after the "
-                    f"longest prompt ({MAX_PROMPT_TOKENS} tokens): at most {room}")
+                    f"longest prompt ({MAX_PROMPT_TOKENS} tokens)"
+                    + (f" in {rounds} rounds" if rounds > 1 else "") + f": at most {room}")
 
 
 @dataclass
@@ -68,14 +74,18 @@ class PretrainConfig:
     init: str | None = None
     edit_frac: float = 0.0  # fraction of samples that are edits (world.edit; the model must see and edit)
     describe_frac: float = 0.0  # fraction that describe an input image ("what is in the image")
+    reflect_frac: float = 0.0  # fraction that are second rounds: reflect on the image drawn (world/refine.py), redraw
 
     def check(self, cfg) -> None:
         """Each fraction is a probability; edit data needs a model that sees and edits."""
-        for k in ("wrong_reasoning_frac", "no_think_frac", "uncond_frac", "edit_frac", "describe_frac"):
+        for k in ("wrong_reasoning_frac", "no_think_frac", "uncond_frac", "edit_frac", "describe_frac", "reflect_frac"):
             v = getattr(self, k)
             require(0.0 <= v <= 1.0, f"pretrain.{k}", f"must be in [0, 1], got {v}")
-        require(self.edit_frac + self.describe_frac <= 1.0, "pretrain.edit_frac",
-                "edit_frac + describe_frac must be at most 1")
+        require(self.edit_frac + self.describe_frac + self.reflect_frac <= 1.0, "pretrain.edit_frac",
+                "edit_frac + describe_frac + reflect_frac must be at most 1")
+        if self.reflect_frac:
+            require(cfg.model.kind == "tiny" and cfg.model.sees_images, "pretrain.reflect_frac",
+                    "reflections read the drawn image: they need model.sees_images=true")
         if self.edit_frac or self.describe_frac:
             m = cfg.model
             require(m.kind == "tiny" and m.sees_images and m.edits, "pretrain.edit_frac",

@@ -17,7 +17,10 @@ A model that sees and edits (``model.sees_images`` / ``model.edits``) is trained
 prompt's image, the response says what the model sees and what the result shows, the image is the
 edited scene drawn over the input latent; reasoning-required edits carry wrong reasoning as often
 as text-to-image prompts do), ``describe_frac`` describe the input image (the image is the input
-scene again), the rest is the text-to-image data above. ``pretrain.init`` starts from a trained
+scene again), ``reflect_frac`` are second rounds of a multi-round episode (``world.refine``: the
+prompt, a first response, the image it led to, the reflection turn; the response is the reflection,
+the image the prompt's target: ``done`` when the first image was right), the rest is the
+text-to-image data above. ``pretrain.init`` starts from a trained
 checkpoint (``TinyUnifiedModel.load_grown``): a new capability learns on top of what is known.
 """
 
@@ -57,18 +60,26 @@ def _edit_sample(problem, rng: np.random.Generator, cfg: Config, mode: str):
     return Prompt(problem.instruction, images=src[None]), response, tgt
 
 
-def make_batch(tasks, rng: np.random.Generator, cfg: Config, edits=None, describes=None):
+def make_batch(tasks, rng: np.random.Generator, cfg: Config, edits=None, describes=None, reflects=None):
     """Sample SFT examples: (prompts, responses, image targets, context mode per row). A target is
-    a ``Spec`` (text-to-image: rendered in ``sft_loss``) or the rendered result [3, S, S] of an edit
-    or describe row, whose prompt is a ``Prompt`` carrying the input image. With ``edit_frac = describe_frac = 0``
-    the draws are exactly those of a text-to-image-only recipe (the shipped checkpoint's)."""
+    a ``Spec`` (text-to-image and reflection rows: rendered in ``sft_loss``) or the rendered result
+    [3, S, S] of an edit or describe row; edit, describe and reflection rows' prompts are ``Prompt``
+    objects carrying the input image. With ``edit_frac = describe_frac = reflect_frac = 0`` the draws
+    are exactly those of a text-to-image-only recipe (the shipped checkpoint's)."""
     p = cfg.pretrain
     idx = rng.integers(0, len(tasks), size=p.batch_size)
-    mixed = p.edit_frac + p.describe_frac > 0
+    mixed = p.edit_frac + p.describe_frac + p.reflect_frac > 0
     prompts, responses, specs, modes = [], [], [], []
     for i in idx:
         if mixed:
             u = rng.random()
+            if p.edit_frac + p.describe_frac <= u < p.edit_frac + p.describe_frac + p.reflect_frac:
+                ex = reflects[int(rng.integers(len(reflects)))]  # a second round: always with its reflection
+                prompts.append(Prompt(ex.context, images=ex.image[None]))
+                responses.append(ex.response)
+                specs.append(ex.next_spec)
+                modes.append("full")
+                continue
             pool = edits if u < p.edit_frac else describes if u < p.edit_frac + p.describe_frac else None
             if pool is not None:
                 v = rng.random()
@@ -93,6 +104,22 @@ def make_batch(tasks, rng: np.random.Generator, cfg: Config, edits=None, describ
         specs.append(spec)
         modes.append(mode)
     return prompts, responses, specs, modes
+
+
+REFLECT_POOL = 4000  # second-round examples drawn from the first training tasks (world.refine)
+
+
+def reflection_pool(model: TinyUnifiedModel, tasks, cfg: Config) -> list:
+    """SFT examples of second rounds (``world.refine.reflection_examples``) whose context and
+    reflection fit ``model.max_seq_len`` (the longest need about 72 positions); refused when none does."""
+    from unigrpo.world.refine import reflection_examples
+
+    room = cfg.model.max_seq_len
+    pool = [ex for ex in reflection_examples(tasks, cfg.seed, cfg.model.image_size)
+            if len(model.prompt_ids(ex.context)) + len(model.response_ids(ex.response)) <= room]
+    if not pool:
+        raise ValueError(f"pretrain.reflect_frac: no reflection fits model.max_seq_len={room} (use 80)")
+    return pool
 
 
 def render_targets(targets, seed: int, size: int) -> torch.Tensor:
@@ -150,12 +177,14 @@ def pretrain(cfg: Config, out_path: str | Path, log_path: str | Path | None = No
         model.grow_from(TinyUnifiedModel.load(p.init))
     model.train()
     tasks = make_tasks("train", 20000, seed=cfg.seed)
-    edits = describes = None
+    edits = describes = reflects = None
     if p.edit_frac or p.describe_frac:
         from unigrpo.world.edit import make_edit_problems
 
         edits = make_edit_problems("train", 20000, seed=cfg.seed)
         describes = make_edit_problems("train", 2000, seed=cfg.seed, weights={"describe": 1.0})
+    if p.reflect_frac:
+        reflects = reflection_pool(model, tasks[:REFLECT_POOL], cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=0.01)
     warmup = min(200, p.steps // 10 + 1)
 
@@ -171,7 +200,7 @@ def pretrain(cfg: Config, out_path: str | Path, log_path: str | Path | None = No
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        batch = make_batch(tasks, rng, cfg, edits, describes)
+        batch = make_batch(tasks, rng, cfg, edits, describes, reflects)
         loss, stats = sft_loss(model, *batch, seed=cfg.seed * 1_000_003 + step, cfg=cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -186,5 +215,6 @@ def pretrain(cfg: Config, out_path: str | Path, log_path: str | Path | None = No
         log.close()
     model.save(out_path, extra={"pretrain": {"steps": p.steps, "seed": cfg.seed, "batch_size": p.batch_size,
                                              "init": p.init, "edit_frac": p.edit_frac,
-                                             "describe_frac": p.describe_frac, "minutes": (time.time() - start) / 60}})
+                                             "describe_frac": p.describe_frac, "reflect_frac": p.reflect_frac,
+                                             "minutes": (time.time() - start) / 60}})
     return model

@@ -18,6 +18,8 @@ each prompt's metadata, to which the loop adds ``"reasoning"`` (the sampled reas
   rate of untouched objects preserved and whether the model saw the input right. Its metadata is
   ``world.EditProblem.to_metadata()`` (ground truth under ``"target_reasoning"``); it needs a model
   that ``sees_images`` and ``edits``.
+- ``shapes_refine`` (``tasks/shapes_refine.py``): the shapes prompts in multi-round episodes
+  (``algo.rounds``; later rounds reflect on the image drawn before), evaluated round by round.
 - ``prompts`` (``tasks/prompts.py``): JSONL files (``task.prompts``, ``task.eval_prompts``), one
   object per line with at least ``"prompt"``; every other field is passed through. The evaluator
   reports the configured rewards on the evaluation prompts, overall and per ``"tag"`` /
@@ -42,11 +44,13 @@ from unigrpo.tasks.base import (
 from unigrpo.tasks.prompts import PromptsTask, load_prompt_file
 from unigrpo.tasks.shapes import ShapesTask
 from unigrpo.tasks.shapes_edit import ShapesEditTask
+from unigrpo.tasks.shapes_refine import ShapesRefineTask
 
-__all__ = ["RESERVED", "TASKS", "Prompt", "PromptsTask", "ShapesEditTask", "ShapesTask", "Task", "build_task", "generate_eval",
-           "load_prompt_file", "reward_metadata", "write_eval_grid"]
+__all__ = ["RESERVED", "TASKS", "Prompt", "PromptsTask", "ShapesEditTask", "ShapesRefineTask", "ShapesTask", "Task",
+           "build_task", "generate_eval", "load_prompt_file", "reward_metadata", "write_eval_grid"]
 
-TASKS: dict[str, type] = {"shapes": ShapesTask, "prompts": PromptsTask, "shapes_edit": ShapesEditTask}
+TASKS: dict[str, type] = {"shapes": ShapesTask, "prompts": PromptsTask, "shapes_edit": ShapesEditTask,
+                          "shapes_refine": ShapesRefineTask}
 
 
 def build_task(cfg: Config) -> Task:
