@@ -314,30 +314,42 @@ def check_equivalence(ours: OurStep, theirs: FlowGRPOStep, s: dict) -> dict:
     return out
 
 
-def build_sides(folder: str, fg: dict, prompts: list[str], group: int):
-    """(ours, flow_grpo's) on their own copies of the same pipeline, the same encoded batch."""
+def encode_batch(pipe, prompts: list[str], group: int) -> tuple:
+    """(hidden, pooled, negative hidden, negative pooled): the pipeline's own ``encode_prompt`` of
+    the batch (prompt-major, as both samplers lay groups out) and of the negative prompt ""."""
+    rows = [p for p in prompts for _ in range(group)]
+    with torch.no_grad():
+        hidden, _, pooled, _ = pipe.encode_prompt(rows, rows, rows, do_classifier_free_guidance=False,
+                                                  max_sequence_length=MAX_TOKENS)
+        neg_hidden, _, neg_pooled, _ = pipe.encode_prompt("", "", "", do_classifier_free_guidance=False,
+                                                          max_sequence_length=MAX_TOKENS)
+    return hidden, pooled, neg_hidden, neg_pooled
+
+
+def build_ours(folder: str, embeds: tuple, group: int) -> OurStep:
+    """Our side on its own copy of the pipeline (``folder`` from ``build_pipeline``)."""
     from diffusers import StableDiffusion3Pipeline
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from unigrpo.models.hf_sd3 import SD3
 
-    pipe_fg = StableDiffusion3Pipeline.from_pretrained(str(Path(folder) / "pipe"))
-    rows = [p for p in prompts for _ in range(group)]  # prompt-major, as both samplers lay groups out
-    with torch.no_grad():
-        hidden, _, pooled, _ = pipe_fg.encode_prompt(rows, rows, rows, do_classifier_free_guidance=False,
-                                                     max_sequence_length=MAX_TOKENS)
-        neg_hidden, _, neg_pooled, _ = pipe_fg.encode_prompt("", "", "", do_classifier_free_guidance=False,
-                                                             max_sequence_length=MAX_TOKENS)
-    pipe_ours = StableDiffusion3Pipeline.from_pretrained(str(Path(folder) / "pipe"))
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(Path(folder) / "pipe"))
     reasoner = Path(folder) / "reasoner"  # SD3's adapter carries a reasoner; this benchmark never calls it
     sd3 = SD3(AutoModelForCausalLM.from_pretrained(reasoner), AutoTokenizer.from_pretrained(reasoner),
-              pipe_ours.transformer, pipe_ours.vae, dict(pipe_ours.scheduler.config),
-              {"clip_l": pipe_ours.text_encoder, "clip_g": pipe_ours.text_encoder_2, "t5": pipe_ours.text_encoder_3},
-              (pipe_ours.tokenizer, pipe_ours.tokenizer_2, pipe_ours.tokenizer_3), resolution=RESOLUTION,
-              max_text_tokens=MAX_TOKENS)
-    ours = OurStep(ImageOnly(sd3, hidden, pooled, neg_hidden, neg_pooled), group)
-    theirs = FlowGRPOStep(fg, pipe_fg, (hidden, pooled, neg_hidden, neg_pooled), rows)
-    return ours, theirs
+              pipe.transformer, pipe.vae, dict(pipe.scheduler.config),
+              {"clip_l": pipe.text_encoder, "clip_g": pipe.text_encoder_2, "t5": pipe.text_encoder_3},
+              (pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3), resolution=RESOLUTION, max_text_tokens=MAX_TOKENS)
+    return OurStep(ImageOnly(sd3, *embeds), group)
+
+
+def build_sides(folder: str, fg: dict, prompts: list[str], group: int):
+    """(ours, flow_grpo's) on their own copies of the same pipeline, the same encoded batch."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe_fg = StableDiffusion3Pipeline.from_pretrained(str(Path(folder) / "pipe"))
+    embeds = encode_batch(pipe_fg, prompts, group)
+    rows = [p for p in prompts for _ in range(group)]
+    return build_ours(folder, embeds, group), FlowGRPOStep(fg, pipe_fg, embeds, rows)
 
 
 def main() -> None:
