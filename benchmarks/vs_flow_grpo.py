@@ -44,8 +44,12 @@ gradient clipping + AdamW + ``zero_grad``. Ours is ``rollout.sample_images`` (th
 sampler), ``group_advantages``, ``rollout.score_window`` + ``flow_grpo_loss`` (the recipe's
 ``image_loss`` without a reference), one ``backward`` over the window.
 
+A third side, ``ours_batched_cfg`` (cfg setting only), is ours with the two CFG branches in one
+transformer call on a doubled batch, as flow_grpo does (``BatchedCFGStep``: a measurement of what
+``rollout.guided_velocity``, which makes two calls, would gain; not the library's behaviour).
+
 The sides are interleaved in one process (each repeat: one step of each side per setting, the order
-alternating), after ``--warmup`` uncounted steps of each. Before timing, an equivalence check on the
+rotating), after ``--warmup`` uncounted steps of each. Before timing, an equivalence check on the
 same states: the window states of one of our rollouts re-scored by our ``sde_step`` and by
 flow_grpo's ``sde_step_with_logprob`` (each with its own transformer call on identical weights; with
 CFG each with its own guidance), max |difference| of the per-step log-probs and velocities.
@@ -202,6 +206,34 @@ class OurStep:
         return {"ratio_max": float(st["ratio_max"]), "logp_diff_max": float((logp - rnd.logp_img_old).abs().max().detach())}
 
 
+class BatchedCFGStep(OurStep):
+    """Ours with the two CFG branches in ONE transformer call on a doubled batch (flow_grpo's way),
+    sampling and scoring alike (so the first ratio is still exactly 1): what ``rollout.guided_velocity``
+    would gain by batching its two calls. Not the library's behaviour: a measurement of it."""
+
+    def _guided(self, model, x_t, t, ctx, null_ctx, cfg_scale):
+        if cfg_scale == 1.0 or null_ctx is None:
+            return model.velocity(x_t, t, ctx)
+        both = model._ctx(torch.cat([null_ctx.hidden, ctx.hidden]), torch.cat([null_ctx.pooled, ctx.pooled]))
+        v_u, v_c = model.velocity(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
+        return model.combine_guidance(v_c, v_u, cfg_scale)
+
+    def _patched(self, fn, *a):
+        from unigrpo import rollout as R
+
+        saved, R.guided_velocity = R.guided_velocity, self._guided
+        try:
+            return fn(*a)
+        finally:
+            R.guided_velocity = saved
+
+    def sample(self, s: dict, step: int, start: int):
+        return self._patched(super().sample, s, step, start)
+
+    def step(self, s: dict, step: int, start: int) -> dict:
+        return self._patched(super().step, s, step, start)
+
+
 class FlowGRPOStep:
     """flow_grpo's sampling-with-log-prob and its training inner loop (module docstring)."""
 
@@ -326,7 +358,7 @@ def encode_batch(pipe, prompts: list[str], group: int) -> tuple:
     return hidden, pooled, neg_hidden, neg_pooled
 
 
-def build_ours(folder: str, embeds: tuple, group: int) -> OurStep:
+def build_ours(folder: str, embeds: tuple, group: int, cls=OurStep) -> OurStep:
     """Our side on its own copy of the pipeline (``folder`` from ``build_pipeline``)."""
     from diffusers import StableDiffusion3Pipeline
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -339,17 +371,18 @@ def build_ours(folder: str, embeds: tuple, group: int) -> OurStep:
               pipe.transformer, pipe.vae, dict(pipe.scheduler.config),
               {"clip_l": pipe.text_encoder, "clip_g": pipe.text_encoder_2, "t5": pipe.text_encoder_3},
               (pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3), resolution=RESOLUTION, max_text_tokens=MAX_TOKENS)
-    return OurStep(ImageOnly(sd3, *embeds), group)
+    return cls(ImageOnly(sd3, *embeds), group)
 
 
 def build_sides(folder: str, fg: dict, prompts: list[str], group: int):
-    """(ours, flow_grpo's) on their own copies of the same pipeline, the same encoded batch."""
+    """{side: step} on their own copies of the same pipeline, the same encoded batch."""
     from diffusers import StableDiffusion3Pipeline
 
     pipe_fg = StableDiffusion3Pipeline.from_pretrained(str(Path(folder) / "pipe"))
     embeds = encode_batch(pipe_fg, prompts, group)
     rows = [p for p in prompts for _ in range(group)]
-    return build_ours(folder, embeds, group), FlowGRPOStep(fg, pipe_fg, embeds, rows)
+    return {"ours": build_ours(folder, embeds, group), "ours_batched_cfg": build_ours(folder, embeds, group, BatchedCFGStep),
+            "flow_grpo": FlowGRPOStep(fg, pipe_fg, embeds, rows)}
 
 
 def main() -> None:
@@ -380,37 +413,40 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         build_pipeline(tmp)
         torch.manual_seed(0)
-        ours, theirs = build_sides(tmp, fg, PROMPTS[:args.prompts], args.group)
-        equivalence = {n: check_equivalence(ours, theirs, SETTINGS[n]) for n in names}
+        sides = build_sides(tmp, fg, PROMPTS[:args.prompts], args.group)
+        equivalence = {n: check_equivalence(sides["ours"], sides["flow_grpo"], SETTINGS[n]) for n in names}
         print(f"[vs_flow_grpo] equivalence: {equivalence}", flush=True)
-        times = {n: {"ours": [], "flow_grpo": []} for n in names}
-        info = {n: {"ours": [], "flow_grpo": []} for n in names}
+        # the batched-CFG variant only differs from ours with CFG
+        run = {n: [k for k in sides if k != "ours_batched_cfg" or SETTINGS[n]["cfg"] != 1.0] for n in names}
+        times = {n: {k: [] for k in run[n]} for n in names}
+        info = {n: {k: [] for k in run[n]} for n in names}
         for step in range(args.warmup + args.repeats):
             for n in names:
                 s = SETTINGS[n]
                 start = window_start(s, step)
-                sides = [("ours", ours), ("flow_grpo", theirs)]
-                for side, runner in (sides if step % 2 == 0 else sides[::-1]):  # alternate the order
+                k = step % len(run[n])
+                for side in run[n][k:] + run[n][:k]:  # rotate the order
                     t0 = time.perf_counter()
-                    info[n][side].append(runner.step(s, step, start))
+                    info[n][side].append(sides[side].step(s, step, start))
                     times[n][side].append(time.perf_counter() - t0)
                     print(f"[vs_flow_grpo] step {step} {n} {side}: {times[n][side][-1]:.3f} s", flush=True)
     for n in names:
         med = {k: statistics.median(v[args.warmup:]) for k, v in times[n].items()}
-        per_repeat = [o / f for o, f in zip(times[n]["ours"][args.warmup:], times[n]["flow_grpo"][args.warmup:])]
-        results[n] = {"setting": {k: v for k, v in SETTINGS[n].items()}, "median_step_s": med,
-                      "ratio_ours_over_flow_grpo": med["ours"] / med["flow_grpo"],
+        ratios = {k: med[k] / med["flow_grpo"] for k in med if k != "flow_grpo"}
+        per_repeat = {k: [o / f for o, f in zip(times[n][k][args.warmup:], times[n]["flow_grpo"][args.warmup:])]
+                      for k in ratios}
+        results[n] = {"setting": dict(SETTINGS[n]), "median_step_s": med, "ratio_over_flow_grpo": ratios,
                       "ratio_per_repeat": per_repeat, "step_s": times[n],
                       "images_per_s": {k: args.prompts * args.group / v for k, v in med.items()},
                       "first_update_logp_diff_max": {k: max(r["logp_diff_max"] for r in v) for k, v in info[n].items()},
                       "equivalence": equivalence[n]}
         r, e = results[n], equivalence[n]
-        print(f"{n}: median of {args.repeats} steps: ours {med['ours']:.3f} s, flow_grpo {med['flow_grpo']:.3f} s, "
-              f"ours / flow_grpo {r['ratio_ours_over_flow_grpo']:.2f} (per repeat {[round(x, 2) for x in per_repeat]})")
+        print(f"{n}: median of {args.repeats} steps: " + ", ".join(f"{k} {v:.3f} s" for k, v in med.items()))
+        for k, q in ratios.items():
+            print(f"  {k} / flow_grpo {q:.2f} (per repeat {[round(x, 2) for x in per_repeat[k]]})")
         print(f"  equivalence on the same states: max|logp ours - flow_grpo| {e['logp_max_abs_diff']:.2g} "
               f"(max|logp| {e['logp_max_abs']:.3g}), max|v diff| {e['velocity_max_abs_diff']:.2g}; "
-              f"rescoring vs the rollout's logp (ratio 1): ours {r['first_update_logp_diff_max']['ours']:.2g}, "
-              f"flow_grpo {r['first_update_logp_diff_max']['flow_grpo']:.2g}")
+              f"first re-scoring vs the rollout's logp (ratio 1): {r['first_update_logp_diff_max']}")
     out = {"machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                        "threads": args.threads, "torch": torch.__version__, "diffusers": diffusers.__version__,
                        "transformers": transformers.__version__},
