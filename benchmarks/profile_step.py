@@ -68,7 +68,7 @@ def main() -> None:
         rows = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "perf/step_s" in r][args.warmup:-1]
     steps = timer.steps(args.warmup)
-    med = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
+    med = {k: statistics.median(s[k] for s in steps) for k in steps[0] if k != "rest"}
     result = {"counted_steps": args.steps, "warmup_steps": args.warmup, "threads": torch.get_num_threads(),
               "overrides": overrides, "torch_profiler": args.torch_profiler, "steps": steps,
               "median_step_s": med["step_s"], "model_compute_fraction_median": med["model_fraction"],
