@@ -134,15 +134,15 @@ class ImageOnly:
     def tokens(self, n: int):
         from unigrpo.models.protocol import TokenBatch
 
-        ids = torch.arange(n)[:, None]
+        ids = torch.arange(n, device=self.hidden.device)[:, None]
         return TokenBatch(ids, torch.ones_like(ids, dtype=torch.bool), torch.zeros_like(ids, dtype=torch.bool))
 
     def _ctx(self, hidden, pooled):
-        return self.ctx_type(hidden, pooled, torch.ones(hidden.shape[:2], dtype=torch.bool))
+        return self.ctx_type(hidden, pooled, torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device))
 
     def forward_context(self, tokens, temperature: float = 1.0):
         rows = tokens.ids[:, 0]
-        return torch.zeros(tokens.ids.shape), self._ctx(self.hidden[rows], self.pooled[rows])
+        return torch.zeros(tokens.ids.shape, device=rows.device), self._ctx(self.hidden[rows], self.pooled[rows])
 
     def null_context(self, b: int):
         h, p = self.neg
@@ -198,7 +198,7 @@ class OurStep:
         sc = R.score_window(self.model, rnd, self.model.detach_context(ctx), kind="flow_sde",
                             noise_level=s["noise_level"], cfg_scale=s["cfg"], reduction="mean")
         logp = torch.stack(sc.logp, 1)  # [N, W]
-        loss, st = flow_grpo_loss(logp, rnd.logp_img_old, adv, s["eps"])
+        loss, st = flow_grpo_loss(logp, rnd.logp_img_old, adv.to(logp.device), s["eps"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
@@ -269,7 +269,7 @@ class FlowGRPOStep:
     def step(self, s: dict, step: int, start: int) -> dict:
         images, latents, log_probs, timesteps = self.sample(s, seed=step)
         tracker = self.fg["tracker"](False)
-        adv = torch.as_tensor(tracker.update(self.prompts, reward_fn(images).numpy())).float()
+        adv = torch.as_tensor(tracker.update(self.prompts, reward_fn(images).cpu().numpy())).float().to(images.device)
         cfg = s["cfg"] > 1
         embeds = torch.cat([self.neg_hidden.expand(len(adv), -1, -1), self.hidden]) if cfg else self.hidden
         pooled = torch.cat([self.neg_pooled.expand(len(adv), -1), self.pooled]) if cfg else self.pooled
@@ -317,7 +317,7 @@ def check_equivalence(ours: OurStep, theirs: FlowGRPOStep, s: dict) -> dict:
     m, pipe = ours.model, theirs.pipe
     start = window_start(s, 10_000)
     rnd = ours.sample(s, 10_000, start)
-    pipe.scheduler.set_timesteps(NUM_STEPS)
+    pipe.scheduler.set_timesteps(NUM_STEPS, device=rnd.x_t.device)
     _, ctx = m.forward_context(rnd.tokens)
     null = m.null_context(len(rnd)) if s["cfg"] != 1.0 else None
     cfg = s["cfg"] > 1
@@ -358,14 +358,14 @@ def encode_batch(pipe, prompts: list[str], group: int) -> tuple:
     return hidden, pooled, neg_hidden, neg_pooled
 
 
-def build_ours(folder: str, embeds: tuple, group: int, cls=OurStep) -> OurStep:
+def build_ours(folder: str, embeds: tuple, group: int, cls=OurStep, device: str = "cpu") -> OurStep:
     """Our side on its own copy of the pipeline (``folder`` from ``build_pipeline``)."""
     from diffusers import StableDiffusion3Pipeline
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from unigrpo.models.hf_sd3 import SD3
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(Path(folder) / "pipe"))
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(Path(folder) / "pipe")).to(device)
     reasoner = Path(folder) / "reasoner"  # SD3's adapter carries a reasoner; this benchmark never calls it
     sd3 = SD3(AutoModelForCausalLM.from_pretrained(reasoner), AutoTokenizer.from_pretrained(reasoner),
               pipe.transformer, pipe.vae, dict(pipe.scheduler.config),
@@ -374,14 +374,15 @@ def build_ours(folder: str, embeds: tuple, group: int, cls=OurStep) -> OurStep:
     return cls(ImageOnly(sd3, *embeds), group)
 
 
-def build_sides(folder: str, fg: dict, prompts: list[str], group: int):
+def build_sides(folder: str, fg: dict, prompts: list[str], group: int, device: str = "cpu"):
     """{side: step} on their own copies of the same pipeline, the same encoded batch."""
     from diffusers import StableDiffusion3Pipeline
 
-    pipe_fg = StableDiffusion3Pipeline.from_pretrained(str(Path(folder) / "pipe"))
+    pipe_fg = StableDiffusion3Pipeline.from_pretrained(str(Path(folder) / "pipe")).to(device)
     embeds = encode_batch(pipe_fg, prompts, group)
     rows = [p for p in prompts for _ in range(group)]
-    return {"ours": build_ours(folder, embeds, group), "ours_batched_cfg": build_ours(folder, embeds, group, BatchedCFGStep),
+    return {"ours": build_ours(folder, embeds, group, device=device),
+            "ours_batched_cfg": build_ours(folder, embeds, group, BatchedCFGStep, device),
             "flow_grpo": FlowGRPOStep(fg, pipe_fg, embeds, rows)}
 
 
@@ -393,6 +394,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--group", type=int, default=4)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, ... (both sides)")
     ap.add_argument("--settings", default="fast,cfg", help="comma-separated subset of: " + ",".join(SETTINGS))
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
@@ -413,7 +415,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         build_pipeline(tmp)
         torch.manual_seed(0)
-        sides = build_sides(tmp, fg, PROMPTS[:args.prompts], args.group)
+        sides = build_sides(tmp, fg, PROMPTS[:args.prompts], args.group, args.device)
+        sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
         equivalence = {n: check_equivalence(sides["ours"], sides["flow_grpo"], SETTINGS[n]) for n in names}
         print(f"[vs_flow_grpo] equivalence: {equivalence}", flush=True)
         # the batched-CFG variant only differs from ours with CFG
@@ -426,8 +429,10 @@ def main() -> None:
                 start = window_start(s, step)
                 k = step % len(run[n])
                 for side in run[n][k:] + run[n][:k]:  # rotate the order
+                    sync()
                     t0 = time.perf_counter()
                     info[n][side].append(sides[side].step(s, step, start))
+                    sync()
                     times[n][side].append(time.perf_counter() - t0)
                     print(f"[vs_flow_grpo] step {step} {n} {side}: {times[n][side][-1]:.3f} s", flush=True)
     for n in names:
@@ -447,7 +452,7 @@ def main() -> None:
         print(f"  equivalence on the same states: max|logp ours - flow_grpo| {e['logp_max_abs_diff']:.2g} "
               f"(max|logp| {e['logp_max_abs']:.3g}), max|v diff| {e['velocity_max_abs_diff']:.2g}; "
               f"first re-scoring vs the rollout's logp (ratio 1): {r['first_update_logp_diff_max']}")
-    out = {"machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+    out = {"machine": {"device": args.device, "platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                        "threads": args.threads, "torch": torch.__version__, "diffusers": diffusers.__version__,
                        "transformers": transformers.__version__},
            "flow_grpo_checkout": fg["root"],
