@@ -12,7 +12,7 @@ reference's included, and ``loss.backward()``), inside the optimizer's ``step``,
 trajectories/s. Writes benchmarks/results/profile_step.json.
 
 ``--torch-profiler`` also runs the whole training under torch.profiler and writes its top
-operators to benchmarks/results/profile_step.txt, with the older whole-run measure
+operators next to the JSON (``profile_step.txt``), with the older whole-run measure
 ``aten_op_fraction``: the self CPU time of all aten operators over the wall time of the whole
 run, set-up and final evaluation included (the profiler's own per-operator cost is in that wall
 time, which makes it pessimistic).
@@ -81,7 +81,7 @@ def main() -> None:
     if args.torch_profiler:
         events = prof.key_averages()
         result["aten_op_fraction"] = sum(e.self_cpu_time_total for e in events if e.key.startswith("aten::")) / 1e6 / wall
-        (OUT / "profile_step.txt").write_text(events.table(sort_by="self_cpu_time_total", row_limit=25))
+        Path(args.out).with_suffix(".txt").write_text(events.table(sort_by="self_cpu_time_total", row_limit=25))
     Path(args.out).parent.mkdir(exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     for k, v in result.items():
