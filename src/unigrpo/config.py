@@ -89,6 +89,10 @@ class ShapesEditTaskConfig:
         require(self.prompt_pool >= cfg.algo.prompts_per_step, "task.prompt_pool", "must be >= algo.prompts_per_step")
         require(16 <= self.image_size <= 64, "task.image_size", "must be in [16, 64] (the renderer's range)")
         require(self.describe_weight >= 0, "task.describe_weight", "must be >= 0")
+        for i, r in enumerate(cfg.rewards):  # the text-to-image rewards read a "spec" edits do not have
+            require(r.name not in ("shapes", "shapes_dense"), f"rewards[{i}].name",
+                    f"{r.name!r} scores text-to-image prompts; task.kind=shapes_edit is scored by "
+                    "'shapes_edit' (or 'shapes_edit_dense')")
 
     def needs(self) -> frozenset[str]:
         """The model capabilities the task's episodes need: it looks at the input and redraws it."""

@@ -12,7 +12,8 @@ from unigrpo.models.tiny import TinyUnifiedModel
 from unigrpo.recipes.pretrain import make_batch, render_targets
 from unigrpo.tasks import Prompt
 from unigrpo.world import make_tasks, parse_description, split_response
-from unigrpo.world.edit import Scene, make_edit_problems
+from unigrpo.world.edit import make_edit_problems
+from unigrpo.world.reward import score_images
 
 SMALL = ["model.d_text=32", "model.text_layers=1", "model.text_heads=2", "model.unet_channels=[8,16,16]",
          "model.image_size=16", "threads=1"]
@@ -52,11 +53,14 @@ def test_the_edit_batch_follows_the_mixture_and_the_image_follows_the_response()
     is_edit = np.array([isinstance(p, Prompt) for p in prompts])
     describe = np.array([isinstance(p, Prompt) and p.text == describes[0].instruction for p in prompts])
     assert abs(is_edit.mean() - 0.5) < 0.04 and abs(describe.mean() - 0.1) < 0.03
-    assert all(isinstance(t, Scene) == e for t, e in zip(targets, is_edit))
+    assert all(isinstance(t, torch.Tensor) == e for t, e in zip(targets, is_edit))
     assert all(p.images.shape == (1, 3, 16, 16) for p in prompts if isinstance(p, Prompt))
     for p, r, t, m in zip(prompts, responses, targets, modes):
         if isinstance(p, Prompt) and m == "full":  # the image shows what the response's description says
-            assert parse_description(split_response(r)[1]) == t.spec()
+            assert score_images(t[None], [parse_description(split_response(r)[1])]).correct.all()
+    # only the edit moves pixels: a describe row's result is its input, exactly
+    rows = [i for i, p in enumerate(prompts) if isinstance(p, Prompt) and p.text == describes[0].instruction]
+    assert rows and all(torch.equal(targets[i], prompts[i].images[0]) for i in rows)
     # one reasoning-required edit as the whole pool: half its responses carry the wrong fact
     one = next(e for e in edits if e.requires_reasoning)
     cfg1 = load_config(None, [*SMALL, *EDITING, "model.checkpoint=null", "pretrain.batch_size=1000",
@@ -64,7 +68,8 @@ def test_the_edit_batch_follows_the_mixture_and_the_image_follows_the_response()
     _, responses, targets, modes = make_batch(tasks, np.random.default_rng(1), cfg1, [one], describes)
     wrong = np.array([r != one.reasoning for r in responses])
     assert abs(wrong.mean() - 0.5) < 0.05
-    assert all(t == one.target for t, m in zip(targets, modes) if m == "prompt")  # no reasoning: the true edit
+    truth = [one.target.spec()]
+    assert all(score_images(t[None], truth).correct.all() for t, m in zip(targets, modes) if m == "prompt")
     images = render_targets(targets[:8], seed=0, size=16)
     assert images.shape == (8, 3, 16, 16) and images.amax() > 0.5
 

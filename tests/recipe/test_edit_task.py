@@ -14,6 +14,7 @@ from torch import nn
 
 from unigrpo.config import ConfigError, ShapesEditTaskConfig, load_config
 from unigrpo.models.base import UnifiedModel
+from unigrpo.rewards.wire import pack_metadata
 from unigrpo.tasks import TASKS, build_task, reward_metadata
 from unigrpo.utils.images import pairs
 from unigrpo.world.detect import detect
@@ -21,11 +22,12 @@ from unigrpo.world.edit import EditProblem, render_scenes, wrong_edit_reasoning
 from unigrpo.world.tokenizer import build_world_tokenizer
 
 EVAL = ["eval.num_prompts=40", "eval.split=test", "sampler.eval_num_steps=3", "eval.grid_prompts=5", "seed=3"]
+EDIT_REWARD = "rewards=[{name: shapes_edit}]"
 
 
 def edit_cfg(*extra: str, **task):
     """A config with the edit task (validate would refuse it for the tiny model, which cannot edit)."""
-    cfg = load_config(None, [*EVAL, *extra])
+    cfg = load_config(None, [*EVAL, EDIT_REWARD, *extra])
     cfg.task = ShapesEditTaskConfig(**task)
     return cfg
 
@@ -99,8 +101,10 @@ def test_prompts_carry_the_rendered_input_and_the_problem():
     assert torch.equal(torch.cat([p.images for p in prompts]), torch.cat([p.images for p in task.train_prompts(0, 12)]))
     assert [p.text for p in task.train_prompts(1, 12)] != [p.text for p in prompts]
     for p in prompts:
-        problem = EditProblem.from_metadata(json.loads(json.dumps(p.metadata)))
+        wire = json.loads(json.dumps(pack_metadata([p.metadata], "npy")[0]))  # what a reward service receives
+        problem = EditProblem.from_metadata(wire)
         assert p.images.shape == (1, 3, 32, 32) and p.text == problem.instruction
+        assert p.metadata["input_images"] is p.images  # the rewards see the input, in process and served
         assert "reasoning" not in p.metadata and p.metadata["target_reasoning"] == problem.reasoning
         reward_metadata(p.metadata, "sampled", 0, 0)  # no key the loop sets
         objs = detect(p.images)
@@ -171,8 +175,12 @@ def test_config_needs_a_model_that_sees_and_edits():
         cfg = edit_cfg(**bad)
         with pytest.raises(ConfigError, match=f"^{key}: "):
             cfg.task.check(cfg)
-    cfg = edit_cfg()
+    cfg = edit_cfg("rewards=[{name: shapes_edit}, {name: shapes_edit_dense, weight: 0.5}]")
     cfg.task.check(cfg)
+    cfg = load_config(None, EVAL)  # the default reward, "shapes", reads a text-to-image spec
+    cfg.task = ShapesEditTaskConfig()
+    with pytest.raises(ConfigError, match=r"^rewards\[0\].name: 'shapes' scores text-to-image prompts; task.kind="):
+        cfg.task.check(cfg)
 
 
 def test_pairs_interleave_inputs_and_outputs_and_resize_inputs():

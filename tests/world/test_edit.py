@@ -23,6 +23,7 @@ from unigrpo.world.edit import (
     edit_categories,
     make_edit_problems,
     ref,
+    render_edit_pairs,
     render_scene,
     render_scenes,
     sample_edit,
@@ -37,8 +38,8 @@ WITH_DESCRIBE = {**DEFAULT_WEIGHTS, DESCRIBE: 0.9}
 
 @pytest.fixture(scope="module")
 def edit_splits():
-    """1,800 problems per split (200 per category, describe included)."""
-    return {s: make_edit_problems(s, 1800, seed=0, weights=WITH_DESCRIBE) for s in ("train", "val", "test")}
+    """900 problems per split (100 per category, describe included)."""
+    return {s: make_edit_problems(s, 900, seed=0, weights=WITH_DESCRIBE) for s in ("train", "val", "test")}
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +168,32 @@ def test_edits_do_what_the_instruction_says(all_edits):
                 assert o in tgt.objects
         assert set(p.kept()) == {o for o in src.objects if o in tgt.objects
                                  and p.allowed[tgt.objects.index(o)] == (o.cell,)}
+
+
+def _named(scene, words: list[str]) -> list:
+    """The input objects a noun phrase names ('the circle', 'the red circle', 'red circles')."""
+    words = [w for w in words if w != "the"]
+    color = words[0] if len(words) == 2 else None
+    shape = words[-1].removesuffix("s") if words[-1] not in K.SHAPES else words[-1]
+    return [o for o in scene.objects if o.shape == shape and color in (None, o.color)]
+
+
+def test_instructions_name_their_objects_unambiguously(all_edits):
+    """Read back independently of ``ref``: a singular phrase names exactly one input object, a
+    count edit's plural phrase exactly one group of equal objects."""
+    for p in all_edits:
+        w = p.instruction.split()
+        if p.category in ("recolor", "reason_recolor", "remove", "reason_shape"):
+            # make <ref> <colour> · remove <ref> · make <ref> the color of .. · replace <ref> with ..
+            stop = {"recolor": "", "remove": "", "reason_recolor": "color", "reason_shape": "with"}[p.category]
+            end = len(w) - (p.category == "recolor") if not stop else w.index(stop) - (stop == "color")
+            assert len(_named(p.source, w[1:end])) == 1, p.instruction
+        elif p.category == "swap":
+            k = w.index("and")
+            assert len(_named(p.source, w[1:k])) == len(_named(p.source, w[k + 1:])) == 1, p.instruction
+        elif p.category == "count":
+            group = _named(p.source, w[4:w.index("to")])
+            assert group and len({o.kind for o in group}) == 1, p.instruction
 
 
 def test_allowed_cells_cover_the_ground_truth_and_only_free_cells():
@@ -397,3 +424,22 @@ def test_responses_are_checked_for_the_input_and_the_result():
     out = evaluate_edits(render_scenes([p.target for p in ps], 0), ps, [p.reasoning for p in ps])
     assert out["seen_ok"] == out["description_ok"] == out["accuracy_given_description_ok_reasoning"] == 1.0
     assert np.isnan(out["accuracy_direct"]) and out["n"] == len(ps)
+
+
+@pytest.mark.parametrize("size", [32, 24, 16])
+def test_edit_pairs_change_only_the_edited_cells(size):
+    from unigrpo.world.render import quadrant
+
+    ps = _problems(20)
+    src, tgt = render_edit_pairs(ps, seed=2, size=size)
+    assert score_edits(tgt, ps).correct.all()
+    assert score_edits(src, [p.to_metadata() for p in ps]).correct.tolist() == [p.category == DESCRIBE for p in ps]
+    a, b = render_edit_pairs([p.to_metadata() for p in ps], seed=2, size=size)
+    assert torch.equal(a, src) and torch.equal(b, tgt)
+    for i, p in enumerate(ps):
+        before = {o.cell: o.kind for o in p.source.objects}
+        after = {o.cell: o.kind for o in p.target.objects}
+        for cell in QUADRANTS:
+            x0, y0, x1, y1 = quadrant(cell, size)
+            same = torch.equal(src[i, :, y0:y1, x0:x1], tgt[i, :, y0:y1, x0:x1])
+            assert same == (before.get(cell) == after.get(cell)), (p.instruction, cell)

@@ -42,22 +42,25 @@ from unigrpo.world.tasks import make_tasks, wrong_reasoning
 
 
 def _edit_sample(problem, rng: np.random.Generator, cfg: Config, mode: str):
-    """(prompt with its input image, response, target scene) of one edit or describe problem."""
-    from unigrpo.world.edit import render_scenes, wrong_edit_reasoning
+    """(prompt with its input image, response, target image [3, S, S]) of one edit or describe
+    problem; input and target drawn with one placement per cell (``world.edit.render_pair``): only
+    what the edit changes moves, as in a real edit."""
+    from unigrpo.world.edit import render_pair, wrong_edit_reasoning
 
     response, target = problem.reasoning, problem.target
     if problem.requires_reasoning and rng.random() < cfg.pretrain.wrong_reasoning_frac:
         response, target = wrong_edit_reasoning(problem, rng)
     if mode == "prompt":  # without reasoning the image follows the instruction itself
         target = problem.target
-    image = render_scenes([problem.source], seed=int(rng.integers(2**31)), size=cfg.model.image_size)
-    return Prompt(problem.instruction, images=image), response, target
+    src, tgt = (torch.from_numpy(x.astype(np.float32) / 255.0).permute(2, 0, 1).contiguous()
+                for x in render_pair(problem.source, target, rng, cfg.model.image_size))
+    return Prompt(problem.instruction, images=src[None]), response, tgt
 
 
 def make_batch(tasks, rng: np.random.Generator, cfg: Config, edits=None, describes=None):
     """Sample SFT examples: (prompts, responses, image targets, context mode per row). A target is
-    a ``Spec`` (text-to-image) or a ``world.edit.Scene`` (edit, describe); edit and describe rows'
-    prompts are ``Prompt`` objects carrying the input image. With ``edit_frac = describe_frac = 0``
+    a ``Spec`` (text-to-image: rendered in ``sft_loss``) or the rendered result [3, S, S] of an edit
+    or describe row, whose prompt is a ``Prompt`` carrying the input image. With ``edit_frac = describe_frac = 0``
     the draws are exactly those of a text-to-image-only recipe (the shipped checkpoint's)."""
     p = cfg.pretrain
     idx = rng.integers(0, len(tasks), size=p.batch_size)
@@ -93,17 +96,15 @@ def make_batch(tasks, rng: np.random.Generator, cfg: Config, edits=None, describ
 
 
 def render_targets(targets, seed: int, size: int) -> torch.Tensor:
-    """Images [B, 3, S, S] of text-to-image specs and edit scenes, each kind rendered in one batch."""
-    from unigrpo.world.edit import Scene, render_scenes
-
-    scenes = [i for i, t in enumerate(targets) if isinstance(t, Scene)]
-    if not scenes:
+    """Images [B, 3, S, S]: text-to-image specs rendered in one batch, edit results as given."""
+    drawn = [i for i, t in enumerate(targets) if isinstance(t, torch.Tensor)]
+    if not drawn:
         return render_batch(targets, seed=seed, size=size)
-    specs = [i for i in range(len(targets)) if i not in set(scenes)]
+    specs = [i for i in range(len(targets)) if i not in set(drawn)]
     out = torch.zeros(len(targets), 3, size, size)
-    out[scenes] = render_scenes([targets[i] for i in scenes], seed=seed, size=size)
+    out[drawn] = torch.stack([targets[i] for i in drawn])
     if specs:
-        out[specs] = render_batch([targets[i] for i in specs], seed=seed + 1, size=size)
+        out[specs] = render_batch([targets[i] for i in specs], seed=seed, size=size)
     return out
 
 

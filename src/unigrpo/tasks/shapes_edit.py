@@ -53,8 +53,9 @@ def _edit_pool(seed: int, epoch: int, size: int, describe_weight: float) -> list
 
 
 def edit_prompt(problem: EditProblem, image: torch.Tensor) -> Prompt:
-    """The instruction, the problem as metadata, and ``image`` [3, S, S] (the rendered input)."""
-    return Prompt(problem.instruction, problem.to_metadata(), image[None])
+    """The instruction, the problem as metadata, and ``image`` [3, S, S] (the rendered input, also
+    ``metadata["input_images"]`` for the rewards, as for a prompt file's images)."""
+    return Prompt(problem.instruction, problem.to_metadata()).with_images(image[None])
 
 
 def edit_prompts(problems: list[EditProblem], seed: int, size: int) -> list[Prompt]:
@@ -130,9 +131,32 @@ class ShapesEditTask:
             lines += ["what the text expert got right, and the image expert's accuracy where it did:", decomposition]
         return "\n".join(lines)
 
+    def demo_evaluate(self, model, cfg: Config, out: Path, name: str) -> dict:
+        """The demo's held-out evaluation, thinking on: the metrics (``evaluate_edits``'), with the
+        input | output grid ``out/name.png`` and the responses ``out/name.md``."""
+        prompts = self.eval_prompts()
+        res, gen = evaluate_model(model, prompts, cfg, "think")
+        write_eval(out, name, res, gen, prompts, cfg.eval.grid_prompts)
+        return res
+
+    @staticmethod
+    def demo_tables(results: dict[str, dict]) -> list[tuple[str, str]]:
+        """The demo report's sections (title, markdown) comparing ``results`` (name -> metrics)."""
+        return [("Strict edit accuracy (the edit right, in place, nothing else changed)", format_table(results)),
+                ("Untouched objects preserved", format_table(results, metric="preserved")),
+                ("Mean partial-credit score", format_table(results, metric="score")),
+                ("Text expert vs image expert", "The input is seen right when the response's `i see ...` names "
+                 "its objects; the result is described right when its description, drawn exactly, passes the "
+                 "strict check.\n\n" + format_decomposition(results))]
+
     def check(self, model, cfg: Config) -> None:
-        """The evaluation prompts (and the generator's longest instruction) fit the model's words and
-        context with ``text.max_reasoning_tokens`` of reasoning."""
+        """The model reads images of ``task.image_size``, and the evaluation prompts (and the
+        generator's longest instruction) fit its words and context with ``text.max_reasoning_tokens``."""
+        from unigrpo.utils.errors import InputError
+
+        if model.input_image_size != (self.size, self.size):
+            raise InputError(f"task.image_size={self.size}: the model reads {model.input_image_size} input images "
+                             "(set task.image_size to the model's image size)")
         prompts = self.eval_prompts()
         check_prompts(model, prompts, cfg.text.max_reasoning_tokens,
                       lambda p: f"task.kind=shapes_edit, prompt {p.text!r}")

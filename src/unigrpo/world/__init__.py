@@ -9,6 +9,7 @@ from unigrpo.world.edit import (
     Scene,
     edit_categories,
     make_edit_problems,
+    render_edit_pairs,
     render_scene,
     render_scenes,
     split_edit_response,
@@ -38,6 +39,6 @@ from unigrpo.world.tokenizer import WordTokenizer, build_world_tokenizer
 __all__ = ["Clue", "EditProblem", "ObjectGroup", "Placed", "Scene", "ScoreResult", "ShapesProblem", "Spec",
            "WordTokenizer", "all_categories", "build_world_tokenizer", "describe", "description_correct",
            "edit_categories", "evaluate_images", "make_edit_problems", "make_tasks", "parse_description",
-           "render", "render_batch", "render_scene", "render_scenes", "sample_task", "score_images",
+           "render", "render_batch", "render_edit_pairs", "render_scene", "render_scenes", "sample_task", "score_images",
            "shapes_dense_reward", "shapes_image_stats", "shapes_reward", "split_edit_response",
            "split_response", "wrong_edit_reasoning", "wrong_reasoning"]

@@ -118,6 +118,28 @@ def render_scenes(scenes, seed: int, size: int = 32) -> torch.Tensor:
     return torch.from_numpy(np.stack(imgs).astype(np.float32) / 255.0).permute(0, 3, 1, 2).contiguous()
 
 
+def render_pair(source: Scene, target: Scene, rng: np.random.Generator,
+                size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Input and result images (uint8 [size, size, 3] each) with ONE placement per cell, drawn as
+    ``layout_cells`` draws it: an untouched object is at the same pixels in both, a recoloured or
+    reshaped one keeps its box, swapped objects take each other's boxes. Training pairs where only
+    the edit changes pixels (independent renders would also move every object by its jitter)."""
+    placed = layout_cells([("square", "red", c) for c in QUADRANTS], rng, size)  # one box per cell
+    boxes = {c: (x, y, s) for c, (_, _, x, y, s) in zip(QUADRANTS, placed)}
+    return tuple(paint([(o.shape, o.color, *boxes[o.cell]) for o in scene.objects], size)
+                 for scene in (source, target))
+
+
+def render_edit_pairs(problems, seed: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, results) float32 [B, 3, size, size] in [0, 1] of ``problems`` (``EditProblem`` or
+    metadata dicts) by ``render_pair``, deterministic given ``seed``: what edit SFT data trains on."""
+    rng = np.random.default_rng(seed)
+    probs = [p if isinstance(p, EditProblem) else EditProblem.from_metadata(p) for p in problems]
+    src, tgt = zip(*(render_pair(p.source, p.target, rng, size) for p in probs))
+    return tuple(torch.from_numpy(np.stack(x).astype(np.float32) / 255.0).permute(0, 3, 1, 2).contiguous()
+                 for x in (src, tgt))
+
+
 @dataclass(frozen=True)
 class EditProblem:
     """One edit: ``instruction`` turns ``source`` into ``target``.

@@ -91,7 +91,9 @@ def _score_one(p: EditProblem, shapes, colors, cells) -> tuple[float, float, boo
     penalty = 1.0 + EXTRA_PENALTY * extra
     # dense: a target not found gets a third per attribute (shape, colour, cell) it shares with
     # its closest unmatched detected object (< 1, else the matching would have found it)
-    part = (same_s.astype(float) + same_c + in_cell)[np.setdiff1d(np.arange(n_t), owner)][:, owner < 0] / 3
+    unfound = np.ones(n_t, dtype=bool)
+    unfound[owner[owner >= 0]] = False
+    part = (same_s.astype(float) + same_c + in_cell)[unfound][:, owner < 0] / 3
     dense = found + (part.max(1).sum() if part.size else 0.0)
     seen = set(zip(cells.tolist(), shapes.tolist(), colors.tolist()))
     kept = p.kept()
