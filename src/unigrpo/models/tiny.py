@@ -26,7 +26,8 @@ from unigrpo.models.tiny_text import PatchEncoder, TextExpert
 from unigrpo.world.knowledge import REFLECT_PROMPT
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-BUILTIN = {"builtin:sft": ASSETS / "tiny_sft.safetensors", "builtin:edit_sft": ASSETS / "tiny_edit_sft.safetensors"}
+BUILTIN = {"builtin:sft": ASSETS / "tiny_sft.safetensors", "builtin:edit_sft": ASSETS / "tiny_edit_sft.safetensors",
+           "builtin:refine_sft": ASSETS / "tiny_refine_sft.safetensors"}
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ and the image alone), ``all`` the three in one table.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -130,6 +131,38 @@ class ShapesRefineTask(ShapesTask):
         (out / "grids" / f"eval_step{step:06d}{suffix}.md").write_text("".join(
             f"{i}. " + " | ".join(f"round {r}: `{rnd.reasoning[i]}`" for r, rnd in enumerate(roll.rounds)) + "\n"
             for i in range(n)))
+
+    def demo_evaluate(self, model, cfg: Config, out: Path, name: str) -> dict:
+        """The demo's held-out evaluation: ``algo.rounds``-round episodes with the model's own
+        reflections; the rounds side by side in ``out/name.png`` (each round's text in ``name.md``)."""
+        tasks = self.eval_world_tasks()
+        roll = eval_episode(model, self.eval_prompts(), cfg, cfg.algo.rounds)
+        res = evaluate_rounds(roll, tasks)
+        n, rounds = min(cfg.eval.grid_prompts, len(roll)), len(roll.rounds)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.json").write_text(json.dumps(res, indent=2))
+        if n:
+            images = torch.stack([rnd.images[:n] for rnd in roll.rounds], 1).flatten(0, 1)
+            save_grid(images, out / f"{name}.png", nrow=2 * rounds, scale=4,
+                      labels=[f"{i} r{r + 1}" for i in range(n) for r in range(rounds)])
+            (out / f"{name}.md").write_text("".join(
+                f"{i}. `{tasks[i].prompt}` " + " | ".join(f"round {r + 1}: `{rnd.reasoning[i]}`"
+                                                         for r, rnd in enumerate(roll.rounds)) + "\n"
+                for i in range(n)))
+        return res
+
+    @staticmethod
+    def demo_tables(results: dict[str, dict]) -> list[tuple[str, str]]:
+        """The demo report's section: accuracy after each round, fix / break / done rates."""
+        rounds = sum(k.startswith("round") and k.endswith("/accuracy") for k in next(iter(results.values())))
+        head = ("| | " + " | ".join(f"after round {r + 1}" for r in range(rounds))
+                + " | fix rate (wrong -> right) | break rate (right -> wrong) | done rate | reflections in the "
+                  "grammar | description right (round 1) |\n|---|" + "---|" * (rounds + 5) + "\n")
+        rows = "".join(f"| {name} | " + " | ".join(f"{v[f'round{r}/accuracy']:.3f}" for r in range(rounds))
+                       + "".join(f" | {v[k]:.3f}" for k in ("fix_rate", "break_rate", "done_rate", "reflection_ok",
+                                                             "reasoning_ok")) + " |\n"
+                       for name, v in results.items())
+        return [("Strict accuracy after each round (own reflections)", head + rows)]
 
     def report(self, model, cfg: Config, mode: str, out: Path | None) -> str:
         """Accuracy after each round with the model's own reflections (``think``), an empty one
