@@ -129,7 +129,7 @@ class ImageOnly:
 
         self.sd3, self.ctx_type = sd3, SD3Context
         self.hidden, self.pooled, self.neg = hidden, pooled, (neg_hidden, neg_pooled)
-        self.latent_shape = sd3.latent_shape
+        self.latent_shape, self.device = sd3.latent_shape, hidden.device
 
     def tokens(self, n: int):
         from unigrpo.models.protocol import TokenBatch
