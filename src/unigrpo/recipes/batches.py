@@ -188,7 +188,9 @@ def nft_image_loss(model, ref, rnd: Round, draws: NFTDraws, ctx, ctx_ref, adv: t
                 t_next = draws.t_next[:, j].contiguous()
                 step = sde_step(x_t, v, t, t_next, sampler.noise_level, sampler.kind, prev_sample=x_t)
                 mean_ref = sde_step(x_t, v_ref, t, t_next, sampler.noise_level, sampler.kind, prev_sample=x_t).mean
-                reg["kl"].append(latent_kl(step.mean, mean_ref, step.std))
+                noisy = step.std > 0  # [B]; cps's last step (t_next = 0) is deterministic: KL 0, not x / 0
+                kl = latent_kl(step.mean, mean_ref, torch.where(noisy, step.std, torch.ones_like(step.std)), "none")
+                reg["kl"].append(torch.where(noisy, kl, torch.zeros_like(kl)).mean())
     out = {f"loss/image/{name}": x for name, x in stats.result().items()}
     out["loss/image/pg_loss"] = loss.detach()
     if reg["mse"]:
