@@ -73,7 +73,8 @@ def describe(cfg: Config, sizes: Sizes) -> str:
             f"per rank) = {algo.ppo_epochs * sizes.minibatches} updates/step | {sizes.micro_per_minibatch} "
             f"micro-batches of {algo.micro_batch_trajectories} per minibatch ({sizes.micro_local} per rank) | "
             f"window {sampler.window_size} of {sampler.num_steps} steps | train text={algo.train_text} "
-            f"image={algo.train_image}")
+            f"image={algo.train_image}" + (f" (DiffusionNFT, {nft_num_times(cfg)} times per trajectory)"
+                                           if algo.image_objective == "nft" else ""))
 
 
 def seeds(cfg: Config, step: int, first: int, count: int, stream: int) -> list[int]:
