@@ -24,11 +24,23 @@ from unigrpo.algo.image_loss import latent_kl, velocity_mse
 from unigrpo.algo.nft import forward_noise, nft_loss, optimality
 from unigrpo.algo.sde import sde_step
 from unigrpo.config import Config, ConfigError
-from unigrpo.rollout import SHUFFLE, Episode, Round, derive_seed
+from unigrpo.rollout import (
+    NOISE,
+    REASONING,
+    SHUFFLE,
+    TRAJ_WINDOW,
+    WINDOW,
+    Episode,
+    EpisodeSeeds,
+    Round,
+    RoundSeeds,
+    derive_seed,
+    window_starts,
+)
 from unigrpo.utils.logging import StatsMean
 
 __all__ = ["NFTDraws", "Sizes", "derived_sizes", "describe", "nft_draws", "nft_image_loss", "nft_num_times",
-           "ppo_order", "seeds"]
+           "ppo_order", "round_metrics", "round_reward_metadata", "round_seeds", "seeds", "tree_copies"]
 
 NFT_DRAW = 6  # derive_seed stream of the DiffusionNFT draws (unigrpo.rollout's streams are 0-5)
 
@@ -80,6 +92,60 @@ def describe(cfg: Config, sizes: Sizes) -> str:
 def seeds(cfg: Config, step: int, first: int, count: int, stream: int) -> list[int]:
     """Seeds of global indices ``first .. first + count - 1`` (prompts or trajectories) of ``step``."""
     return [derive_seed(cfg.seed, step, first + i, stream) for i in range(count)]
+
+
+def round_seeds(cfg: Config, step: int, p0: int, n_prompts: int, first_traj: int, n_local: int) -> list[RoundSeeds]:
+    """The seeds of rounds 2 .. ``algo.rounds`` of this rank's trajectories (empty for one round): the
+    same streams as round 1's, each also keyed by the round, so the rounds draw independently and
+    neither the ranks, the chunking nor a resume change them."""
+    algo, s = cfg.algo, cfg.sampler
+    out = []
+    for r in range(1, algo.rounds):
+        def keyed(first: int, count: int, stream: int, r=r) -> list[int]:
+            return [derive_seed(cfg.seed, step, first + i, stream, r) for i in range(count)]
+
+        starts = window_starts(keyed(p0, n_prompts, WINDOW), keyed(first_traj, n_local, TRAJ_WINDOW), algo.group_size,
+                               s.num_steps, s.window_size, s.window_range, algo.share_window_in_group)
+        out.append(RoundSeeds(keyed(first_traj, n_local, REASONING), keyed(first_traj, n_local, NOISE), starts))
+    return out
+
+
+def tree_copies(draws: EpisodeSeeds, branches: int) -> EpisodeSeeds:
+    """Tree credit: the K = ``branches`` continuations of a round-1 sample (adjacent rows) share its
+    round-1 noise, window and initial noise (those of the first copy); their later rounds keep their own."""
+    parent = [i - i % branches for i in range(len(draws.noise))]
+    return EpisodeSeeds(draws.reasoning, [draws.noise[i] for i in parent], draws.window_start[parent],
+                        None if draws.init is None else [draws.init[i] for i in parent], draws.later)
+
+
+def round_reward_metadata(part: Episode, r: int, j: int) -> dict:
+    """What a reward sees of row ``j``'s round ``r`` beyond the one-round metadata (multi-round only):
+    ``round`` (0-based) and, from round 1 on, ``previous_image`` [3, H, W] (the image it had before)."""
+    return {"round": r} if r == 0 else {"round": r, "previous_image": part.rounds[r - 1].images[j]}
+
+
+def round_metrics(roll: Episode, rewards: torch.Tensor) -> dict[str, float]:
+    """``rollout/round<r>/*`` of this rank's episodes and their per-round rewards [N_local, R]: the
+    reward, the share right (reward >= 1, the shapes rewards' strict success), of rows live / that
+    said the stop word, the reasoning tokens; ``rollout/fix_frac`` / ``break_frac``: of the rows that
+    drew again, the share whose image went from wrong to right / right to wrong (docs/metrics.md)."""
+    right = rewards >= 1.0 - 1e-6
+    out, fixed, broke, redrawn = {}, 0.0, 0.0, 0.0
+    for r, rnd in enumerate(roll.rounds):
+        said_done = rnd.live & ~rnd.drew
+        out.update({f"rollout/round{r}/reward": float(rewards[:, r].mean()),
+                    f"rollout/round{r}/right_frac": float(right[:, r].float().mean()),
+                    f"rollout/round{r}/live_frac": float(rnd.live.float().mean()),
+                    f"rollout/round{r}/done_frac": float(said_done.float().mean()),
+                    f"rollout/round{r}/reasoning_tokens": float(rnd.tokens.response_mask.sum(1).float().mean())})
+        if r:
+            d = rnd.drew
+            fixed += float((d & ~right[:, r - 1] & right[:, r]).sum())
+            broke += float((d & right[:, r - 1] & ~right[:, r]).sum())
+            redrawn += float(d.sum())
+    out["rollout/fix_frac"] = fixed / max(redrawn, 1.0)  # max: no row drew again gives 0, not 0 / 0
+    out["rollout/break_frac"] = broke / max(redrawn, 1.0)
+    return out
 
 
 def ppo_order(cfg: Config, step: int, epoch: int, p0: int, n_prompts: int, minibatch: int) -> torch.Tensor:
