@@ -167,3 +167,19 @@ def test_cli_one_nft_step_on_tiny_flux2(tmp_path):
     (row,) = [r for r in rows(out) if "reward/mean" in r]
     assert row["loss/text/first_logp_diff_max"] == 0.0 and row["loss/image/first_v_old_diff_max"] == 0.0
     assert math.isfinite(row["loss/image/loss"]) and row["loss/image/grad_norm"] > 0
+
+
+def test_latent_kl_at_every_grid_time_with_cps_is_finite(tiny_checkpoint, tmp_path):
+    """Every grid time trained (fraction 1): cps's last step (t_next = 0) has no variance; its
+    latent KL counts 0 instead of dividing by 0. Policy == reference here: MSE and KL are ~0."""
+    cfg = load_config(None, tiny_overrides(tiny_checkpoint, tmp_path, *NFT, "sampler.kind=cps",
+                                           "algo.nft_timestep_fraction=1.0", "algo.beta_img=0.1"))
+    model = build_model(cfg)
+    ref = model.reference()
+    roll = make_rollout(cfg, model)
+    idx = torch.arange(len(roll))[:2]
+    draws = nft_draws(model, roll, cfg, 0, 0, [idx])
+    assert (draws[0].t_next[0] == 0).any()  # the last step is among the trained times
+    loss, st = T.micro_batch_loss(model, ref, roll.index(idx), torch.tensor([1.0, -1.0]), cfg, 1.0, 1.0,
+                                  [d.index(idx) for d in draws])
+    assert math.isfinite(float(loss.detach())) and 0.0 <= st["loss/image/kl"] < 1e-8 and 0.0 <= st["loss/image/mse"] < 1e-11

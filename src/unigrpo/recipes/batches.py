@@ -85,7 +85,8 @@ def describe(cfg: Config, sizes: Sizes) -> str:
             f"per rank) = {algo.ppo_epochs * sizes.minibatches} updates/step | {sizes.micro_per_minibatch} "
             f"micro-batches of {algo.micro_batch_trajectories} per minibatch ({sizes.micro_local} per rank) | "
             f"window {sampler.window_size} of {sampler.num_steps} steps | train text={algo.train_text} "
-            f"image={algo.train_image}")
+            f"image={algo.train_image}" + (f" (DiffusionNFT, {nft_num_times(cfg)} times per trajectory)"
+                                           if algo.image_objective == "nft" else ""))
 
 
 def seeds(cfg: Config, step: int, first: int, count: int, stream: int) -> list[int]:
@@ -254,7 +255,9 @@ def nft_image_loss(model, ref, rnd: Round, draws: NFTDraws, ctx, ctx_ref, adv: t
                 t_next = draws.t_next[:, j].contiguous()
                 step = sde_step(x_t, v, t, t_next, sampler.noise_level, sampler.kind, prev_sample=x_t)
                 mean_ref = sde_step(x_t, v_ref, t, t_next, sampler.noise_level, sampler.kind, prev_sample=x_t).mean
-                reg["kl"].append(latent_kl(step.mean, mean_ref, step.std))
+                noisy = step.std > 0  # [B]; cps's last step (t_next = 0) is deterministic: KL 0, not x / 0
+                kl = latent_kl(step.mean, mean_ref, torch.where(noisy, step.std, torch.ones_like(step.std)), "none")
+                reg["kl"].append(torch.where(noisy, kl, torch.zeros_like(kl)).mean())
     out = {f"loss/image/{name}": x for name, x in stats.result().items()}
     out["loss/image/pg_loss"] = loss.detach()
     if reg["mse"]:
