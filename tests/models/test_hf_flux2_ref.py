@@ -180,6 +180,9 @@ def test_each_row_reads_its_own_references():
         other = prompts[:2] + [Prompt(HF_PROMPTS[2], images=refs[2].flip(0))]  # the two references swapped
         v2 = model.velocity(x, t, model.forward_context(model.encode(other))[1])
     assert torch.equal(v2[:2], v[:2]) and (v2[2] - v[2]).abs().max() > 1e-4  # reference order matters (ids)
+    model.sharded = True  # FSDP2: a call per count would differ from rank to rank
+    with pytest.raises(ValueError, match=r"^model.fsdp: a batch's rows carry \[0, 1, 2\] reference images"):
+        model.velocity(x, t, ctx)
 
 
 def test_references_carry_no_gradient_and_the_image_side_trains_through_them():

@@ -183,6 +183,9 @@ class Flux2Klein(HFUnifiedModel):
         if len(counts) <= 1:  # every row has the same number of references: one call on the whole batch
             n = counts[0] if counts else 0
             return self._velocity(x_t, t, ctx.hidden, ctx.refs[:, :n] if n else None)
+        if self.sharded:  # every rank must make the same transformer calls (FSDP2 collectives)
+            raise ValueError(f"model.fsdp: a batch's rows carry {counts} reference images; sharded, every row of a "
+                             "step must carry the same number (one transformer call per count)")
         out = torch.zeros_like(x_t)
         for n in counts:  # the transformer takes no image-token mask: one call per reference count
             rows = (ctx.ref_count == n).nonzero()[:, 0]
