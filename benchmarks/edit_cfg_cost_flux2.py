@@ -50,6 +50,7 @@ OUT = ROOT / "benchmarks" / "results" / "edit_cfg_cost_flux2.json"
 PROMPTS = ["make the circle red", "add two green triangles above the circle"]
 FAMILY = "flux2_klein_ref"
 PIPELINE_CFG = 4.0  # Flux2KleinPipeline's default guidance_scale (is_distilled: false)
+NUM_STEPS = 4  # denoising steps of the rollout and of the pipeline's own calls
 
 
 def conftest():
@@ -222,78 +223,106 @@ def memory(resolution: int, refs: int, micro: int, rank: int, text_tokens: int) 
           f"{refs * 128 * noisy * 4 / 1e6:.1f} MB per row (fp32)")
 
 
+def overrides_for(c, folder: str, prompts: Path, args, extra: list[str]) -> list[str]:
+    return [*c.hf_overrides(folder), f"model.resolution={args.side}", "task.kind=prompts", f"task.prompts={prompts}",
+            "rewards=[{name: group_diversity}]", "algo.prompts_per_step=2", "algo.group_size=4",
+            "algo.trajectories_per_minibatch=8", "algo.micro_batch_trajectories=8", "algo.ppo_epochs=1",
+            f"sampler.num_steps={NUM_STEPS}", "sampler.window_range=[0,3]", "sampler.window_size=2",
+            "text.max_reasoning_tokens=16", f"threads={args.threads}", "eval_every=0", "eval.at_start=false",
+            "eval.num_prompts=1", "eval.grid_prompts=1", "sampler.eval_num_steps=2", "save_every=0", "log_every=1",
+            *extra]
+
+
+def measure(parts: list[str], args, extra: list[str]) -> list[dict]:
+    """Each of ``parts`` ("cfg_free", "cfg", "pipeline") once, in this order, in this process."""
+    c = conftest()
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        folder = c.build_tiny_flux2(str(tmp / "pipe"))
+        prompts = tmp / "prompts.jsonl"
+        prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+        overrides = overrides_for(c, folder, prompts, args, extra)
+        for part in parts:
+            if part == "pipeline":
+                out.append({"part": part, **pipeline_call_s(folder, args.side, NUM_STEPS, 1)})
+            else:
+                scale = 1.0 if part == "cfg_free" else PIPELINE_CFG
+                out.append({"part": part, **one_run(overrides, scale, args.steps, args.warmup, args.side, tmp)})
+    return out
+
+
+def summarize(measured: list[dict], args, extra: list[str]) -> dict:
+    import diffusers
+    import transformers
+
+    runs = {k: [m for m in measured if m["part"] == k] for k in ("cfg_free", "cfg", "pipeline")}
+
+    def med(part: str, key: str) -> float:
+        return statistics.median(v for r in runs[part] for v in (r[key] if isinstance(r[key], list) else [r[key]]))
+
+    r = {
+        "rollout_s_per_traj_cfg_free": med("cfg_free", "rollout_s_per_traj"),
+        "rollout_s_per_traj_cfg": med("cfg", "rollout_s_per_traj"),
+        "passes": {"cfg_free": 1, "cfg": 2, "per_step_measured_cfg_free": med("cfg_free", "passes_per_step"),
+                   "per_step_measured_cfg": med("cfg", "passes_per_step"),
+                   "tokens_per_pass_cfg_free": med("cfg_free", "tokens_per_pass"),
+                   "tokens_per_pass_cfg": med("cfg", "tokens_per_pass")},
+        "train_step_ratio": med("cfg", "train_s") / med("cfg_free", "train_s"),
+        "train_s_cfg_free": med("cfg_free", "train_s"), "train_s_cfg": med("cfg", "train_s"),
+        "rollout_ratio": med("cfg", "rollout_s_per_traj") / med("cfg_free", "rollout_s_per_traj"),
+        "clock": "process CPU seconds (time.process_time), torch threads as --threads",
+        "cfg_scale": PIPELINE_CFG, "guidance": "neg + s (pos - neg), negative prompt \"\" with the same references",
+        "pipeline_call": ({"s_per_image_cfg_free": med("pipeline", "s_per_image_cfg_free"),
+                           "s_per_image_cfg": med("pipeline", "s_per_image_cfg")} if runs["pipeline"] else None),
+        "batch": {"trajectories_per_step": runs["cfg_free"][0]["trajectories"], "side_px": args.side,
+                  "references_per_prompt": 1, "num_steps": NUM_STEPS, "window_size": 2, "ppo_epochs": 1,
+                  "reasoning_tokens": 16, "runs_per_setting": len(runs["cfg"]),
+                  "counted_steps_per_setting": sum(len(x["train_s"]) for x in runs["cfg"]), "overrides": extra},
+    }
+    return {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
+                        "torch": torch.__version__, "transformers": transformers.__version__,
+                        "diffusers": diffusers.__version__, "gpu": None},
+            FAMILY: r}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=2, help="runs per setting (interleaved)")
     ap.add_argument("--steps", type=int, default=2, help="counted steps per run")
     ap.add_argument("--warmup", type=int, default=1, help="uncounted first steps per run")
-    ap.add_argument("--side", type=int, default=32, help="output and reference side in pixels")
+    ap.add_argument("--side", type=int, default=64, help="output and reference side in pixels (the pipeline refuses references under 64)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time == compute time)")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--memory", action="store_true", help="print the memory row of docs/models.md and exit")
+    ap.add_argument("--part", choices=["cfg_free", "cfg", "pipeline"], action="append",
+                    help="measure only these (repeatable) and append them to --parts; a busy machine runs the "
+                         "benchmark in several short processes this way, then --collect")
+    ap.add_argument("--parts", default=str(OUT.with_suffix(".parts.jsonl")))
+    ap.add_argument("--collect", action="store_true", help="summarize --parts into --out")
     args, extra = ap.parse_known_args()
     if args.memory:
         memory(resolution=512, refs=1, micro=8, rank=32, text_tokens=512)
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-    import diffusers
-    import transformers
-
-    c = conftest()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        folder = c.build_tiny_flux2(str(tmp / "pipe"))
-        prompts = tmp / "prompts.jsonl"
-        prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-        overrides = [*c.hf_overrides(folder), f"model.resolution={args.side}", "task.kind=prompts",
-                     f"task.prompts={prompts}", "rewards=[{name: group_diversity}]", "algo.prompts_per_step=2",
-                     "algo.group_size=4", "algo.trajectories_per_minibatch=8", "algo.micro_batch_trajectories=8",
-                     "algo.ppo_epochs=1", "sampler.num_steps=4", "sampler.window_range=[0,3]",
-                     "sampler.window_size=2", "text.max_reasoning_tokens=16", f"threads={args.threads}",
-                     "eval_every=0", "eval.at_start=false", "eval.num_prompts=1", "eval.grid_prompts=1",
-                     "sampler.eval_num_steps=2", "save_every=0", "log_every=1", *extra]
-        runs = {1.0: [], PIPELINE_CFG: []}
-        for _ in range(args.repeats):
-            for s in (1.0, PIPELINE_CFG):
-                runs[s].append(one_run(overrides, s, args.steps, args.warmup, args.side, tmp))
-        num_steps = int(next(o for o in overrides[::-1] if o.startswith("sampler.num_steps=")).split("=")[1])
-        pipe = pipeline_call_s(folder, args.side, num_steps, args.repeats)
-
-    def med(s: float, key: str) -> float:
-        return statistics.median(v for r in runs[s] for v in r[key])
-
-    free, cfg = 1.0, PIPELINE_CFG
-    traj = runs[free][0]["trajectories"]
-    result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
-                    "torch": torch.__version__, "transformers": transformers.__version__,
-                    "diffusers": diffusers.__version__, "gpu": None},
-        FAMILY: {
-            "rollout_s_per_traj_cfg_free": med(free, "rollout_s_per_traj"),
-            "rollout_s_per_traj_cfg": med(cfg, "rollout_s_per_traj"),
-            "passes": {"cfg_free": 1, "cfg": 2, "per_step_measured_cfg_free": med(free, "passes_per_step"),
-                       "per_step_measured_cfg": med(cfg, "passes_per_step"),
-                       "tokens_per_pass_cfg_free": med(free, "tokens_per_pass"),
-                       "tokens_per_pass_cfg": med(cfg, "tokens_per_pass")},
-            "train_step_ratio": med(cfg, "train_s") / med(free, "train_s"),
-            "train_s_cfg_free": med(free, "train_s"), "train_s_cfg": med(cfg, "train_s"),
-            "clock": "process CPU seconds (time.process_time), torch threads as --threads",
-            "rollout_ratio": med(cfg, "rollout_s_per_traj") / med(free, "rollout_s_per_traj"),
-            "cfg_scale": PIPELINE_CFG, "guidance": "neg + s (pos - neg), negative prompt \"\" with the same references",
-            "pipeline_call": pipe,
-            "batch": {"trajectories_per_step": traj, "side_px": args.side, "references_per_prompt": 1,
-                      "num_steps": num_steps, "window_size": 2, "ppo_epochs": 1, "reasoning_tokens": 16,
-                      "counted_steps_per_setting": args.repeats * args.steps, "overrides": extra},
-        },
-    }
+    if args.part:
+        with open(args.parts, "a") as f:
+            f.writelines(json.dumps(m) + "\n" for m in measure(args.part, args, extra))
+        return
+    if args.collect:
+        measured = [json.loads(x) for x in Path(args.parts).read_text().splitlines() if x.strip()]
+    else:  # interleaved in one process: A B A B ..., then the pipeline's own calls
+        measured = measure(["cfg_free", "cfg"] * args.repeats + ["pipeline"], args, extra)
+    result = summarize(measured, args, extra)
     r = result[FAMILY]
+    pipe = r["pipeline_call"] or {"s_per_image_cfg_free": float("nan"), "s_per_image_cfg": float("nan")}
     print(f"{FAMILY}: rollout {r['rollout_s_per_traj_cfg_free'] * 1e3:.1f} ms/traj CFG-free vs "
           f"{r['rollout_s_per_traj_cfg'] * 1e3:.1f} ms/traj CFG {PIPELINE_CFG} (x{r['rollout_ratio']:.2f}); "
           f"train step x{r['train_step_ratio']:.2f} ({r['train_s_cfg_free']:.2f} s vs {r['train_s_cfg']:.2f} s); "
           f"transformer passes per step {r['passes']['per_step_measured_cfg_free']:.0f} vs "
           f"{r['passes']['per_step_measured_cfg']:.0f}; pipeline __call__ {pipe['s_per_image_cfg_free'] * 1e3:.1f} vs "
-          f"{pipe['s_per_image_cfg'] * 1e3:.1f} ms/image")
+          f"{pipe['s_per_image_cfg'] * 1e3:.1f} ms/image (CPU seconds)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
