@@ -291,7 +291,19 @@ ADAPTERS: dict[str, Callable[..., tuple[Any, Any, list[str]]]] = {
     "bagel:edit": bagel_edit_factory,  # with the ViT: sees and edits input images
     "hf:sd3": lambda seed=0: sd3_factory(seed),  # defined at the end of this file
     "tiny:sees": lambda seed=0: _seeing(seed),  # the tiny model that sees and edits (image_adapter.py)
+    "hf:flux2_ref": lambda seed=0: flux2_ref_factory(seed),  # FLUX.2 [klein] prompts with reference images
 }
+
+
+def flux2_ref_factory(seed: int = 0):
+    """``hf_factory``'s model with prompts that carry 1, 0 and 2 reference images (16 px: the tiny
+    VAE's crop multiple is 4), so every conformance test runs with the references in the context."""
+    from unigrpo.tasks import Prompt
+
+    model, cfg, prompts = hf_factory(seed)
+    g = torch.Generator().manual_seed(200)
+    return model, cfg, [Prompt(p, images=torch.rand(n, 3, 16, 16, generator=g) if n else None)
+                        for n, p in zip((1, 0, 2), prompts)]
 
 
 def _seeing(seed: int = 0):
