@@ -4,8 +4,8 @@ tiny random pipeline: UniGRPO steps CFG-free vs with the pipeline's default guid
     HF_HUB_OFFLINE=1 python benchmarks/edit_cfg_cost_flux2.py [--repeats 3] [--steps 3] [--threads 2] [key=value ...]
 
 Runs the real ``unigrpo.recipes.train.train`` (``model.kind=hf``, LoRA 4 on both sides) on prompts
-that each carry one reference image of the output's size (the prompt file has no ``"images"``
-field on main yet: the benchmark attaches them to the loaded prompts). Two settings, interleaved
+that each carry one reference image of the output's size (attached to the loaded prompts: no image
+files needed). Two settings, interleaved
 (A B A B ...) in one process so that both see the same machine state:
 
 - ``cfg_free``: ``sampler.cfg_scale=1`` (UniGRPO): one transformer pass per denoising step.

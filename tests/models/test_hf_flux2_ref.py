@@ -5,9 +5,8 @@ the pipeline's ``__call__(image=...)`` from the same latents, without CFG and wi
 (negative prompt "" with the same references); the reasoning blind to the images; each row with
 its own references; a 1-step LoRA CLI run with references, ratio exactly 1.
 
-The prompts file format has no ``"images"`` field on main yet (issue 19, item 1): the tests build
-``tasks.Prompt`` objects with images directly, and the CLI run attaches images to the prompts its
-JSONL file loads (a monkeypatched ``load_prompt_file``)."""
+The tests build ``tasks.Prompt`` objects with images directly; the CLI run reads them from a
+prompt file's ``"images"`` field."""
 
 import dataclasses
 import json
@@ -236,17 +235,12 @@ def brightness(images, prompts, metadata):  # a reward for the CLI run ("test_hf
 
 
 def test_cli_train_one_lora_step_with_references_ratio_exactly_one(tmp_path, monkeypatch):
-    """`unigrpo train` with prompts that carry 1 and 2 references: the rollout's transformer reads
-    the reference tokens, and the first update's log-probs equal the rollout's (text and image)."""
-    import unigrpo.tasks.prompts as P
-
+    """`unigrpo train` on a prompt file whose lines carry 1 and 2 reference images (the JSONL
+    ``"images"`` field, resized to ``model.resolution``): the rollout's and the update's transformer
+    read the reference tokens, and the first update's log-probs equal the rollout's (text and image)."""
     os.environ["HF_HUB_OFFLINE"] = "1"
-    load = P.load_prompt_file
-
-    def with_images(path, key="task.prompts"):  # until the JSONL "images" field lands (issue 19, item 1)
-        return [dataclasses.replace(p, images=torch.stack([image8(60 + i + j, 16, 16) for j in range(i + 1)]))
-                for i, p in enumerate(load(path, key))]
-
+    for i in range(3):
+        to_pil(image8(60 + i, 40, 40)).save(tmp_path / f"ref{i}.png")  # resized to 32 px when loaded
     seen = []
     inner = Flux2Klein._velocity
 
@@ -254,20 +248,18 @@ def test_cli_train_one_lora_step_with_references_ratio_exactly_one(tmp_path, mon
         seen.append(0 if refs is None else refs.shape[1])
         return inner(self, x_t, t, hidden, refs)
 
-    monkeypatch.setattr(P, "load_prompt_file", with_images)
     monkeypatch.setattr(Flux2Klein, "_velocity", spy)
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HF_PROMPTS[:2]))
+    lines = [{"prompt": HF_PROMPTS[0], "images": ["ref0.png"]}, {"prompt": HF_PROMPTS[1], "images": ["ref1.png", "ref2.png"]}]
+    prompts.write_text("".join(json.dumps(x) + "\n" for x in lines))
     shift = flux2_shift(8 * 8, 4, {"use_dynamic_shifting": True})
     out = tmp_path / "run"
     args = ["train", *hf_overrides(tiny_flux2_dir()), "task.kind=prompts", f"task.prompts={prompts}",
             "rewards=[{name: 'test_hf_flux2_ref:brightness'}]", "algo.prompts_per_step=2", "algo.group_size=2",
             "algo.trajectories_per_minibatch=2", "algo.micro_batch_trajectories=2", "sampler.num_steps=4",
             "sampler.window_range=[0,3]", "sampler.window_size=2", f"sampler.shift={shift}", "eval_every=0",
-            "text.max_reasoning_tokens=6", "threads=1", "optim.lr_text=1e-3", "optim.lr_image=1e-3",
-            f"output_dir={out}", "steps=1"]
+            "eval.at_start=false", "text.max_reasoning_tokens=6", "threads=1", "optim.lr_text=1e-3",
+            "optim.lr_image=1e-3", f"output_dir={out}", "steps=1"]
     assert main(args) == 0
     check_one_lora_step_run(out)
-    # the rollout's and the update's transformer read the references, each row its own count (the
-    # final evaluation draws without them: PromptsTask.evaluate passes the texts only, today)
-    assert {1, 2} <= set(seen)
+    assert {1, 2} <= set(seen)  # each row its own references, in the rollout and the update

@@ -122,6 +122,9 @@ class Flux2Klein(HFUnifiedModel):
             raise ValueError(f"model.resolution: must be a multiple of {2 * self.vae_scale}, got {resolution}")
         side = resolution // (2 * self.vae_scale)
         self.resolution = resolution
+        # a prompt file's "images" are resized to the output size: references as large as the image
+        # drawn (the pipeline's default output size is its last reference's)
+        self.input_image_size = (resolution, resolution)
         self.latent_shape = (4 * vae.config.latent_channels, side, side)
         if dit.config.in_channels != self.latent_shape[0]:
             raise ValueError(f"the transformer reads {dit.config.in_channels} channels, the VAE gives {self.latent_shape[0]}")
