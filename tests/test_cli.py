@@ -45,7 +45,10 @@ def test_configs_takes_no_arguments(capsys):
 def test_unknown_builtin_is_one_line_error(capsys):
     assert main(["validate", "builtin:nope"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "builtin:nope" in err and "builtin:unigrpo" in err
+    assert err.count("\n") == 0 and "builtin:nope" in err and "`unigrpo configs` lists" in err
+    assert main(["validate", "builtin:demo_edti"]) == 2  # a typo: the closest names
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "did you mean builtin:demo_edit" in err
 
 
 def test_validate_error_is_one_line_naming_the_key(capsys):

@@ -89,6 +89,8 @@ class ShapesEditTaskConfig:
         require(self.prompt_pool >= cfg.algo.prompts_per_step, "task.prompt_pool", "must be >= algo.prompts_per_step")
         require(16 <= self.image_size <= 64, "task.image_size", "must be in [16, 64] (the renderer's range)")
         require(self.describe_weight >= 0, "task.describe_weight", "must be >= 0")
+        require(cfg.sampler.cfg_scale == 1.0, "sampler.cfg_scale", "CFG training of edits would drop the input image "
+                "from the unconditional branch (the null context carries none): UniGRPO trains CFG-free, use 1")
         for i, r in enumerate(cfg.rewards):  # the text-to-image rewards read a "spec" edits do not have
             require(r.name not in ("shapes", "shapes_dense"), f"rewards[{i}].name",
                     f"{r.name!r} scores text-to-image prompts; task.kind=shapes_edit is scored by "
@@ -420,15 +422,19 @@ def _builtin_files() -> dict:
 def resolve_config_path(name: str | Path) -> Path:
     """``builtin:NAME`` -> the packaged ``unigrpo/configs/NAME.yaml``; any other path unchanged.
 
-    An unknown builtin name is a ConfigError listing the available ones.
+    An unknown builtin name is a one-line ConfigError naming the closest shipped names (the whole
+    list is ``unigrpo configs``: too long for one line).
     """
     if not str(name).startswith(BUILTIN_PREFIX):
         return Path(name)
     key = str(name)[len(BUILTIN_PREFIX):]
     files = _builtin_files()
     if key not in files:
-        known = ", ".join(BUILTIN_PREFIX + k for k in files)
-        raise ConfigError(f"{name}: no such built-in config (available: {known})")
+        import difflib
+
+        close = difflib.get_close_matches(key, list(files), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(BUILTIN_PREFIX + k for k in close)}? " if close else ""
+        raise ConfigError(f"{name}: no such built-in config ({hint}`unigrpo configs` lists the {len(files)} shipped)")
     return Path(str(files[key]))  # a regular file: the package is installed unzipped
 
 

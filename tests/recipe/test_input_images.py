@@ -144,3 +144,16 @@ def test_a_run_sees_the_images_and_the_reward_reads_them(tmp_path):
     with_images = [m for m in seen if m["line"] in (1, 2)]
     assert with_images and all(m["input_images"].shape == (1, 3, 16, 16) for m in with_images)
     assert all("input_images" not in m for m in seen if m["line"] == 3)
+
+
+def test_cfg_training_with_input_images_is_refused_in_one_line(tmp_path, capsys):
+    """The unconditional branch (``null_context``) carries no images: CFG training would drop them."""
+    save_png(tmp_path / "a.png", np.zeros((8, 8, 3), np.uint8))
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a red square", "images": ["a.png"]}])
+    seeing = [*MODEL, "model.checkpoint=null", *SEEING]
+    assert main(["validate", *seeing, "task.kind=prompts", f"task.prompts={path}", "sampler.cfg_scale=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "CFG training with input images" in err and len(err.splitlines()) == 1
+    assert main(["validate", *seeing, "task.kind=shapes_edit", "task.image_size=16", "sampler.cfg_scale=3",
+                 "rewards=[{name: shapes_edit}]"]) == 2
+    assert "sampler.cfg_scale" in capsys.readouterr().err

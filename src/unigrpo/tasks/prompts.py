@@ -122,6 +122,10 @@ class PromptsTask:
             if first is not None and not cfg.model.capabilities & {"sees_images", "edits"}:
                 raise ConfigError(f"{key}: line {first.metadata['line']} has input images, and model.kind="
                                   f"{cfg.model.kind!r} as configured neither sees nor edits images (docs/models.md)")
+            if first is not None and cfg.sampler.cfg_scale != 1.0:  # the null context carries no images
+                raise ConfigError(f"sampler.cfg_scale={cfg.sampler.cfg_scale}: CFG training with input images "
+                                  f"({key}: line {first.metadata['line']}) would drop them from the unconditional "
+                                  "branch; UniGRPO trains CFG-free (sampler.cfg_scale=1)")
 
     def check(self, model, cfg: Config) -> None:
         """Every training and evaluation prompt is one ``model`` reads and fits with
