@@ -15,7 +15,12 @@ from unigrpo.utils.typed_config import ConfigError, require
 
 # The pipeline classes ``models.hf.FAMILIES`` adapts (its keys) and those in separate mode (its
 # ``mode``; a test keeps them equal): named here so that a config check needs no torch.
-PIPELINES = ("Flux2KleinPipeline", "QwenImagePipeline", "StableDiffusion3Pipeline")
+PIPELINES = ("Flux2KleinPipeline", "QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline",
+             "StableDiffusion3Pipeline")
+# what a pipeline class's models can do beyond text-to-image (``UnifiedModel.sees_images`` / ``edits``;
+# a test keeps them equal to the families' declarations); classes not listed: neither
+CAPABILITIES: dict[str, frozenset[str]] = {"QwenImageEditPipeline": frozenset({"sees_images", "edits"}),
+                                           "QwenImageEditPlusPipeline": frozenset({"sees_images", "edits"})}
 SEPARATE = ("StableDiffusion3Pipeline",)  # families whose text encoders cannot write: model.reasoner reasons
 
 
@@ -36,7 +41,6 @@ class HFModelConfig:
     """``model.kind: hf``: a diffusers pipeline + a transformers LM (FLUX.2 [klein], Qwen-Image, SD3; docs/models.md)."""
 
     own_schedule: ClassVar[bool] = True  # the pipeline's scheduler has a timestep grid: sampler.shift may be null
-    capabilities: ClassVar[frozenset[str]] = frozenset()  # of sees_images / edits: none yet (docs/design.md)
 
     kind: Literal["hf"] = "hf"  # model adapter (unigrpo.models.KINDS); each kind has its own keys
     pipeline: str = ""  # a save_pretrained folder of a supported pipeline (docs/models.md), or a hub id
@@ -50,6 +54,8 @@ class HFModelConfig:
     hidden_layers: list[int] | None = None  # LM hidden states conditioning the image; null = the pipeline's (FLUX.2 (9, 18, 27), Qwen-Image (-1,))
     max_text_tokens: int = 512  # conditioning length (the pipeline's max_sequence_length); longer rows are cut
     enable_thinking: bool = True  # chat template: True = the reasoning opens a <think> block; False = the pipeline's template
+    reference_pixels: int | None = None  # edit pipelines: area (pixels) input images are resized to for the VAE; null = the pipeline's (1024*1024)
+    condition_pixels: int | None = None  # Qwen-Image-Edit-Plus: area input images are resized to for the text encoder; null = the pipeline's (384*384)
 
     def check_reasoner(self, name: str) -> None:
         """The reasoner the pipeline class ``name`` needs (``models.hf.build`` says the same, later)."""
@@ -73,6 +79,26 @@ class HFModelConfig:
         require(self.resolution > 0 and self.resolution % 16 == 0, "model.resolution",
                 "must be a positive multiple of 16")
         require(self.max_text_tokens >= 1, "model.max_text_tokens", "must be >= 1")
+        for key in ("reference_pixels", "condition_pixels"):
+            value = getattr(self, key)
+            require(value is None or value >= 32 * 32, f"model.{key}", f"must be >= 1024 (32 x 32) or null, got {value}")
+        if "edits" in self.capabilities:
+            require(cfg.sampler.cfg_scale == 1, "sampler.cfg_scale",
+                    "an edit pipeline's guidance needs each row's input images in the unconditional branch, which the "
+                    "rollout's null context does not carry: train CFG-free (1, the paper) and evaluate with "
+                    "sampler.eval_cfg_scale (the pipeline's own edit guidance)")
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """Of sees_images / edits: ``CAPABILITIES`` of a local pipeline folder's class; a hub id's
+        class is known only once loaded, so it declares none here (docs/design.md)."""
+        return CAPABILITIES.get(self.pipeline_class() or "", frozenset())
+
+    def pipeline_class(self) -> str | None:
+        """The pipeline class of a local ``model.pipeline`` folder (its ``model_index.json``); None for a hub id."""
+        folder = local_folder(self.pipeline, "model.pipeline") if self.pipeline else None
+        index = folder / "model_index.json" if folder is not None else None
+        return read_json(index, "model.pipeline").get("_class_name") if index is not None and index.is_file() else None
 
 
 def check_pipeline_folder(folder: Path) -> str:
