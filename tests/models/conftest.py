@@ -239,6 +239,8 @@ ADAPTERS: dict[str, Callable[..., tuple[Any, Any, list[str]]]] = {
     "hf:qwenimage": qwenimage_factory,
     "bagel": bagel_factory,
     "hf:sd3": lambda seed=0: sd3_factory(seed),  # defined at the end of this file
+    "hf:qwenimage_edit": lambda seed=0: qwenimage_edit_factory(seed),  # (sees and edits) ... also at the end
+    "hf:qwenimage_edit_plus": lambda seed=0: qwenimage_edit_factory(seed, plus=True),
     "tiny:sees": lambda seed=0: _seeing(seed),  # a test adapter that sees input images (image_adapter.py)
 }
 
@@ -479,6 +481,3 @@ def qwenimage_edit_factory(seed: int = 0, text_rank: int = 4, image_rank: int = 
     model = build_model(cfg, checkpoint=None)
     return model.eval(), cfg, edit_prompts((1, 2, 1) if plus else (1, 1, 1))
 
-
-ADAPTERS["hf:qwenimage_edit"] = qwenimage_edit_factory
-ADAPTERS["hf:qwenimage_edit_plus"] = lambda seed=0: qwenimage_edit_factory(seed, plus=True)
