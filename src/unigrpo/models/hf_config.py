@@ -90,15 +90,31 @@ class HFModelConfig:
 
     @property
     def capabilities(self) -> frozenset[str]:
-        """Of sees_images / edits: ``CAPABILITIES`` of a local pipeline folder's class; a hub id's
-        class is known only once loaded, so it declares none here (docs/design.md)."""
+        """Of sees_images / edits: ``CAPABILITIES`` of the pipeline's class, read from its
+        ``model_index.json`` (a local folder, or a hub id already in the local cache); a hub id not
+        downloaded yet declares none here (docs/design.md)."""
         return CAPABILITIES.get(self.pipeline_class() or "", frozenset())
 
     def pipeline_class(self) -> str | None:
-        """The pipeline class of a local ``model.pipeline`` folder (its ``model_index.json``); None for a hub id."""
-        folder = local_folder(self.pipeline, "model.pipeline") if self.pipeline else None
-        index = folder / "model_index.json" if folder is not None else None
-        return read_json(index, "model.pipeline").get("_class_name") if index is not None and index.is_file() else None
+        """The ``_class_name`` of ``model.pipeline``'s ``model_index.json``, when it is on this machine."""
+        if not self.pipeline:
+            return None
+        folder = local_folder(self.pipeline, "model.pipeline")
+        index = folder / "model_index.json" if folder is not None else _cached_index(self.pipeline)
+        if index is None or not index.is_file():
+            return None
+        data = read_json(index, "model.pipeline")
+        return data.get("_class_name") if isinstance(data, dict) else None
+
+
+def _cached_index(repo: str) -> Path | None:
+    """A hub pipeline's ``model_index.json`` in the local hub cache (no network), else None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # the hf extra is not installed: nothing is cached either
+        return None
+    path = try_to_load_from_cache(repo, "model_index.json")
+    return Path(path) if isinstance(path, str) else None
 
 
 def check_pipeline_folder(folder: Path) -> str:

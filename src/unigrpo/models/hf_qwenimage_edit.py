@@ -125,6 +125,9 @@ class QwenImageEdit(QwenImage):
             raise ValueError(f"model.condition_pixels: {self.pipeline_class}'s text encoder sees the image the VAE "
                              "reads (model.reference_pixels); leave it null")
         self.condition_pixels = condition_pixels or self.default_condition_pixels
+        flags = [k for k in ("zero_cond_t", "use_additional_t_cond", "use_layer3d_rope") if dit.config.get(k)]
+        if flags:  # another time / rope layout for the references, not what the parity tests cover
+            raise ValueError(f"model.pipeline: a Qwen-Image transformer with {', '.join(flags)} is not supported")
         if self.tokenizer.convert_tokens_to_ids("<|image_pad|>") != self.image_id:
             raise ValueError("model.pipeline: the tokenizer's <|image_pad|> is not the text encoder's image_token_id")
 
