@@ -18,8 +18,9 @@ Measured per family, on ``--group`` trajectories of the prompt (rows share the p
   steps (velocity with gradient) and the backward of ``sum |v|^2 - logp``; guided = every branch;
 - the reasoning (the text engine, 8 tokens) is the same either way and reported once.
 
-Times are medians of ``--repeats`` after one warm-up, wall clock on this machine's CPU threads;
-the transformer call count and its token count say what scales to a real model. Writes JSON.
+Times are medians of ``--repeats`` after one warm-up, as wall clock and as this process's CPU time
+(the ratios use CPU time: steadier on a shared machine); the transformer call count and its token
+count say what scales to a real model. Writes JSON.
 """
 
 from __future__ import annotations
@@ -89,14 +90,18 @@ class DiTCounter:
         return out
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """(wall, CPU) seconds of ``fn``, medians of ``repeats`` after a warm-up. CPU time (this
+    process, all threads) is the steadier measure on a shared machine: other jobs stretch the wall
+    clock, not the work."""
     fn()  # warm-up
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def measure(name: str, build: Callable, a) -> dict:
@@ -104,8 +109,10 @@ def measure(name: str, build: Callable, a) -> dict:
 
     model, prompt, guidance = build()
     counter = DiTCounter(model.dit)
+    c0 = time.process_time()  # the reasoning is the same with and without CFG: measured once
     tokens = model.sample_reasoning(model.encode([prompt] * a.group), max_new_tokens=8,
                                     generator=torch.Generator().manual_seed(0))
+    reason_cpu = time.process_time() - c0
     x_init = torch.randn((a.group, *model.latent_shape), generator=torch.Generator().manual_seed(1))
     grid = model.timesteps(a.steps, None)[:a.window]  # the first steps: high noise, where RL trains
 
@@ -129,21 +136,19 @@ def measure(name: str, build: Callable, a) -> dict:
         return run
 
     row = {"family": name, "pipeline": model.pipeline_class, "group": a.group, "steps": a.steps, "window": a.window}
-    reason = timed(lambda: model.sample_reasoning(model.encode([prompt] * a.group), max_new_tokens=8,
-                                                  generator=torch.Generator().manual_seed(0)), a.repeats)
-    row["reasoning_s_per_traj"] = reason / a.group
+    row["reasoning_cpu_s_per_traj"] = reason_cpu / a.group
     for label, fn in (("rollout", rollout), ("train", train)):
         for guided in (False, True):
             key = f"{label}_{'guided' if guided else 'cfg_free'}"
             counter.take()
-            seconds = timed(fn(guided), a.repeats)
+            wall, cpu = timed(fn(guided), a.repeats)
             calls, dit_tokens = counter.take()
-            row[f"{key}_s_per_traj"] = seconds / a.group
+            row[f"{key}_s_per_traj"], row[f"{key}_cpu_s_per_traj"] = wall / a.group, cpu / a.group
             row[f"{key}_dit_calls"] = calls // (a.repeats + 1)
-            row["dit_tokens_per_call"] = dit_tokens
-        row[f"{label}_ratio"] = row[f"{label}_guided_s_per_traj"] / row[f"{label}_cfg_free_s_per_traj"]
-    row["rollout_with_reasoning_ratio"] = ((row["reasoning_s_per_traj"] + row["rollout_guided_s_per_traj"])
-                                           / (row["reasoning_s_per_traj"] + row["rollout_cfg_free_s_per_traj"]))
+            row["dit_tokens_per_call"] = dit_tokens  # noisy + reference tokens (the same in every call)
+        row[f"{label}_ratio"] = row[f"{label}_guided_cpu_s_per_traj"] / row[f"{label}_cfg_free_cpu_s_per_traj"]
+    row["rollout_with_reasoning_ratio"] = ((row["reasoning_cpu_s_per_traj"] + row["rollout_guided_cpu_s_per_traj"])
+                                           / (row["reasoning_cpu_s_per_traj"] + row["rollout_cfg_free_cpu_s_per_traj"]))
     return row
 
 
@@ -165,11 +170,11 @@ def main() -> None:
             raise SystemExit(f"--families: no family {name!r} (have {', '.join(FAMILIES)})")
         rows.append(measure(name, FAMILIES[name], a))
         r = rows[-1]
-        print(f"{name}: rollout {r['rollout_cfg_free_s_per_traj']:.3f} -> {r['rollout_guided_s_per_traj']:.3f} s/traj "
-              f"(x{r['rollout_ratio']:.2f}; with reasoning x{r['rollout_with_reasoning_ratio']:.2f}; DiT calls "
-              f"{r['rollout_cfg_free_dit_calls']} -> {r['rollout_guided_dit_calls']}, {r['dit_tokens_per_call']} "
-              f"tokens each), train {r['train_cfg_free_s_per_traj']:.3f} -> {r['train_guided_s_per_traj']:.3f} s/traj "
-              f"(x{r['train_ratio']:.2f})")
+        print(f"{name}: CPU s/traj: rollout {r['rollout_cfg_free_cpu_s_per_traj']:.3f} -> "
+              f"{r['rollout_guided_cpu_s_per_traj']:.3f} (x{r['rollout_ratio']:.2f}; with the reasoning "
+              f"x{r['rollout_with_reasoning_ratio']:.2f}; DiT calls {r['rollout_cfg_free_dit_calls']} -> "
+              f"{r['rollout_guided_dit_calls']}, {r['dit_tokens_per_call']} tokens each), train "
+              f"{r['train_cfg_free_cpu_s_per_traj']:.3f} -> {r['train_guided_cpu_s_per_traj']:.3f} (x{r['train_ratio']:.2f})")
     result = {"rows": rows, "machine": f"{platform.processor() or platform.machine()}, {a.threads} threads, CPU",
               "torch": torch.__version__, "command": " ".join(sys.argv)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
