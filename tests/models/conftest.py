@@ -292,6 +292,8 @@ ADAPTERS: dict[str, Callable[..., tuple[Any, Any, list[str]]]] = {
     "hf:sd3": lambda seed=0: sd3_factory(seed),  # defined at the end of this file
     "tiny:sees": lambda seed=0: _seeing(seed),  # the tiny model that sees and edits (image_adapter.py)
     "hf:flux2_ref": lambda seed=0: flux2_ref_factory(seed),  # FLUX.2 [klein] prompts with reference images
+    "hf:qwenimage_edit": lambda seed=0: qwenimage_edit_factory(seed),  # (sees and edits) ... also at the end
+    "hf:qwenimage_edit_plus": lambda seed=0: qwenimage_edit_factory(seed, plus=True),
 }
 
 
@@ -452,3 +454,93 @@ def sd3_factory(seed: int = 0, text_rank: int = 4, image_rank: int = 4):
     torch.manual_seed(seed)
     model = build_model(cfg, checkpoint=None)
     return model.eval(), cfg, list(HF_PROMPTS)
+
+
+# ----------------------------------------------------------------------------- hf:qwenimage_edit(_plus)
+EDIT_PIXELS = ["model.reference_pixels=4096"]  # 64^2 for the VAE (and Edit's text encoder)
+PLUS_PIXELS = ["model.condition_pixels=1024"]  # 32^2 for Plus's text encoder
+VL_SPECIALS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+_EDIT_DIRS: dict[str, str] = {}
+
+
+def build_tiny_qwenimage_edit(folder: str, plus: bool = False) -> str:
+    """A tiny random QwenImageEditPipeline / QwenImageEditPlusPipeline folder laid out as the released
+    ones (``model_index.json`` lists a ``transformers`` ``Qwen2VLProcessor`` whose folder holds the
+    image processor's ``preprocessor_config.json``; the processor object itself needs torchvision and
+    is never built): Qwen-Image's tiny parts with a Qwen2.5-VL whose vision tower is used (2 blocks,
+    window + full attention, merge 2), the tokenizer with the vision specials, the image processor
+    capped at 56 x 112 pixels."""
+    import json
+    from pathlib import Path
+
+    import transformers
+    from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImagePipeline
+
+    base = QwenImagePipeline.from_pretrained(tiny_qwenimage_dir())
+    tok = base.tokenizer
+    tok.add_special_tokens({"additional_special_tokens": VL_SPECIALS})
+    v = len(tok)
+    start, end, image, video = tok.convert_tokens_to_ids(VL_SPECIALS)
+    text = {**base.text_encoder.config.get_text_config().to_dict(), "vocab_size": v, "max_position_embeddings": 2048}
+    vision = {"depth": 2, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 32,
+              "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "fullatt_block_indexes": [1],
+              "window_size": 56}
+    torch.manual_seed(2 + plus)
+    lm = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, vocab_size=v, tie_word_embeddings=True, bos_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, image_token_id=image, video_token_id=video, vision_start_token_id=start,
+        vision_end_token_id=end))
+    cls = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
+    cls(scheduler=base.scheduler, vae=base.vae, text_encoder=lm, tokenizer=tok, processor=None,
+        transformer=base.transformer).save_pretrained(folder)
+    tiny_image_processor().save_pretrained(Path(folder) / "processor")
+    index = Path(folder) / "model_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "processor": ["transformers", "Qwen2VLProcessor"]}))
+    return folder
+
+
+def tiny_image_processor():
+    """The tiny pipelines' image processor (its PIL backend: no torchvision)."""
+    import transformers
+
+    return transformers.Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 112, patch_size=14,
+                                                 temporal_patch_size=2, merge_size=2)
+
+
+def tiny_qwenimage_edit_dir(plus: bool = False) -> str:
+    """The tiny Qwen-Image-Edit(-Plus) folder, built once per test session."""
+    key = "plus" if plus else "edit"
+    if key not in _EDIT_DIRS:
+        import tempfile
+
+        _EDIT_DIRS[key] = build_tiny_qwenimage_edit(tempfile.mkdtemp(prefix=f"unigrpo_qwen_{key}_"), plus)
+    return _EDIT_DIRS[key]
+
+
+def edit_overrides(folder: str, text_rank: int = 4, image_rank: int = 4, plus: bool = False) -> list[str]:
+    return [*qwen_overrides(folder, text_rank, image_rank), "model.max_text_tokens=320", *EDIT_PIXELS,
+            *(PLUS_PIXELS if plus else [])]
+
+
+def edit_prompts(counts=(1, 1, 1), side: int = 16, seed: int = 100) -> list:
+    """``HF_PROMPTS`` with ``counts[i]`` random 8-bit images each (what a PNG loads as)."""
+    from unigrpo.tasks import Prompt
+
+    g = torch.Generator().manual_seed(seed)
+    return [Prompt(text, images=(torch.randint(0, 256, (n, 3, side, side), generator=g) / 255.0) if n else None)
+            for n, text in zip(counts, HF_PROMPTS)]
+
+
+def qwenimage_edit_factory(seed: int = 0, text_rank: int = 4, image_rank: int = 4, plus: bool = False):
+    """The tiny Qwen-Image-Edit(-Plus) pipeline with LoRA on both sides (B = 0 at the start), loaded
+    offline; its prompts carry one input image each (Plus: 1, 2 and 1)."""
+    import os
+
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    cfg = load_config(None, edit_overrides(tiny_qwenimage_edit_dir(plus), text_rank, image_rank, plus))
+    torch.manual_seed(seed)
+    model = build_model(cfg, checkpoint=None)
+    return model.eval(), cfg, edit_prompts((1, 2, 1) if plus else (1, 1, 1))
+

@@ -106,12 +106,16 @@ def test_the_config_check_knows_every_adapted_pipeline():
     import importlib
 
     from unigrpo.models.hf import FAMILIES
-    from unigrpo.models.hf_config import SEPARATE
+    from unigrpo.models.hf_config import CAPABILITIES, SEPARATE
 
     assert sorted(PIPELINES) == sorted(FAMILIES)
-    modes = {name: getattr(importlib.import_module(m), c).mode for name, (m, c) in
-             ((n, v.split(":")) for n, v in FAMILIES.items())}
+    classes = {name: getattr(importlib.import_module(m), c) for name, (m, c) in
+               ((n, v.split(":")) for n, v in FAMILIES.items())}
+    modes = {name: cls.mode for name, cls in classes.items()}
     assert sorted(SEPARATE) == sorted(n for n, mode in modes.items() if mode == "separate")
+    for name, cls in classes.items():  # what validate knows of a folder == what the family declares
+        declared = {c for c, has in (("sees_images", cls.sees_images), ("edits", cls.edits)) if has}
+        assert CAPABILITIES.get(name, frozenset()) == declared, name
 
 
 def test_a_reasoner_the_pipeline_cannot_use_is_refused_at_validate(tmp_path, capsys):

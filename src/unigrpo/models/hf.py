@@ -6,6 +6,7 @@ class) is a subclass in its own module, listed in ``FAMILIES``:
 |---|---|---|
 | ``Flux2KleinPipeline`` | ``hf_flux2`` | shared: the text encoder (Qwen3) reasons |
 | ``QwenImagePipeline`` | ``hf_qwenimage`` | shared: the text encoder (Qwen2.5-VL, text only) reasons |
+| ``QwenImageEditPipeline``, ``QwenImageEditPlusPipeline`` | ``hf_qwenimage_edit`` | shared: Qwen2.5-VL sees the input images and reasons; the transformer reads their latents |
 | ``StableDiffusion3Pipeline`` | ``hf_sd3`` | separate: ``model.reasoner`` (a causal LM) reasons, CLIP-L/G + T5 encode the text (``hf_separate``) |
 
 Shared here: the text phase (``CausalLMReasoner`` over the LM that reasons supplies the text
@@ -52,6 +53,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # diffusers pipeline class name -> "module:Class" of its family (imported when used)
 FAMILIES: dict[str, str] = {"Flux2KleinPipeline": "unigrpo.models.hf_flux2:Flux2Klein",
                             "QwenImagePipeline": "unigrpo.models.hf_qwenimage:QwenImage",
+                            "QwenImageEditPipeline": "unigrpo.models.hf_qwenimage_edit:QwenImageEdit",
+                            "QwenImageEditPlusPipeline": "unigrpo.models.hf_qwenimage_edit:QwenImageEditPlus",
                             "StableDiffusion3Pipeline": "unigrpo.models.hf_sd3:SD3"}
 
 
@@ -201,7 +204,10 @@ def build(cfg, checkpoint: str | None) -> HFUnifiedModel:
     m = cfg.model
     if Path(m.pipeline).is_dir():
         verify_sums(m.pipeline)  # a unigrpo export: its SHA256SUMS
-    pipe = DiffusionPipeline.from_pretrained(m.pipeline, dtype=DTYPES[m.dtype])
+    # a processor component (the Qwen-Image-Edit pipelines' Qwen2VLProcessor) is not loaded: it needs
+    # torchvision; the adapter reads its image settings as JSON (hf_qwenimage_edit.processor_config)
+    skip = {"processor": None} if "processor" in DiffusionPipeline.load_config(m.pipeline) else {}
+    pipe = DiffusionPipeline.from_pretrained(m.pipeline, dtype=DTYPES[m.dtype], **skip)
     check_finite({k: v for k, v in pipe.components.items() if isinstance(v, nn.Module)}, f"model.pipeline {m.pipeline}")
     name = type(pipe).__name__
     if name not in FAMILIES:
@@ -214,4 +220,8 @@ def build(cfg, checkpoint: str | None) -> HFUnifiedModel:
     if family.mode == "separate" and m.reasoner == "text_encoder":
         raise ValueError(f"model.reasoner: {name}'s text encoders cannot write text; set it to a transformers "
                          "causal-LM folder or hub id (separate mode)")
+    if family.edits and "edits" in cfg.task.needs() and cfg.sampler.cfg_scale != 1:  # a hub id is known here only
+        raise ValueError(f"sampler.cfg_scale: {name}'s edit guidance needs each row's input images in the "
+                         "unconditional branch, which the rollout's null context does not carry: train CFG-free (1) "
+                         "and evaluate with sampler.eval_cfg_scale")
     return family.from_pipeline(pipe, m).configured(m, checkpoint)

@@ -15,12 +15,16 @@ from unigrpo.utils.typed_config import ConfigError, require
 
 # The pipeline classes ``models.hf.FAMILIES`` adapts (its keys) and those in separate mode (its
 # ``mode``; a test keeps them equal): named here so that a config check needs no torch.
-PIPELINES = ("Flux2KleinPipeline", "QwenImagePipeline", "StableDiffusion3Pipeline")
+PIPELINES = ("Flux2KleinPipeline", "QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline",
+             "StableDiffusion3Pipeline")
+# what a pipeline class's models can do beyond text-to-image (``UnifiedModel.sees_images`` / ``edits``;
+# a test keeps them equal to the families' declarations); classes not listed: neither
+# FLUX.2 [klein]: reference images condition the transformer, while its Qwen3 text encoder, which
+# reasons, reads text only: the reasoning is blind to the images.
+CAPABILITIES: dict[str, frozenset[str]] = {"QwenImageEditPipeline": frozenset({"sees_images", "edits"}),
+                                           "QwenImageEditPlusPipeline": frozenset({"sees_images", "edits"}),
+                                           "Flux2KleinPipeline": frozenset({"edits"})}
 SEPARATE = ("StableDiffusion3Pipeline",)  # families whose text encoders cannot write: model.reasoner reasons
-# What each family's adapter declares beyond text-to-image (its ``sees_images`` / ``edits``; a test
-# keeps them equal). FLUX.2 [klein]: reference images condition the transformer, while its Qwen3
-# text encoder, which reasons, reads text only: the reasoning is blind to the images.
-CAPABILITIES: dict[str, frozenset[str]] = {"Flux2KleinPipeline": frozenset({"edits"})}
 
 
 @dataclass
@@ -53,17 +57,8 @@ class HFModelConfig:
     hidden_layers: list[int] | None = None  # LM hidden states conditioning the image; null = the pipeline's (FLUX.2 (9, 18, 27), Qwen-Image (-1,))
     max_text_tokens: int = 512  # conditioning length (the pipeline's max_sequence_length); longer rows are cut
     enable_thinking: bool = True  # chat template: True = the reasoning opens a <think> block; False = the pipeline's template
-
-    @property
-    def capabilities(self) -> frozenset[str]:
-        """Of sees_images / edits: ``CAPABILITIES`` of the pipeline class a local ``model.pipeline``
-        folder names (a hub id, or a folder that cannot be read yet: none; ``check`` reports the folder)."""
-        try:
-            folder = local_folder(self.pipeline, "model.pipeline") if self.pipeline else None
-            name = read_json(folder / "model_index.json", "model.pipeline").get("_class_name") if folder else None
-        except (ConfigError, AttributeError):
-            return frozenset()
-        return CAPABILITIES.get(name, frozenset())
+    reference_pixels: int | None = None  # edit pipelines: area (pixels) input images are resized to for the VAE; null = the pipeline's (1024*1024)
+    condition_pixels: int | None = None  # Qwen-Image-Edit-Plus: area input images are resized to for the text encoder; null = the pipeline's (384*384)
 
     def check_reasoner(self, name: str) -> None:
         """The reasoner the pipeline class ``name`` needs (``models.hf.build`` says the same, later)."""
@@ -92,6 +87,37 @@ class HFModelConfig:
         require(cfg.sampler.cfg_scale == 1 or "edits" not in cfg.task.needs(), "sampler.cfg_scale",
                 "training with CFG on an editing task is not supported (the unconditional branch would lose the "
                 "reference images); train CFG-free (1) and guide at evaluation (sampler.eval_cfg_scale)")
+        for key in ("reference_pixels", "condition_pixels"):
+            value = getattr(self, key)
+            require(value is None or value >= 32 * 32, f"model.{key}", f"must be >= 1024 (32 x 32) or null, got {value}")
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """Of sees_images / edits: ``CAPABILITIES`` of the pipeline's class, read from its
+        ``model_index.json`` (a local folder, or a hub id already in the local cache); a hub id not
+        downloaded yet declares none here (docs/design.md)."""
+        return CAPABILITIES.get(self.pipeline_class() or "", frozenset())
+
+    def pipeline_class(self) -> str | None:
+        """The ``_class_name`` of ``model.pipeline``'s ``model_index.json``, when it is on this machine."""
+        if not self.pipeline:
+            return None
+        folder = local_folder(self.pipeline, "model.pipeline")
+        index = folder / "model_index.json" if folder is not None else _cached_index(self.pipeline)
+        if index is None or not index.is_file():
+            return None
+        data = read_json(index, "model.pipeline")
+        return data.get("_class_name") if isinstance(data, dict) else None
+
+
+def _cached_index(repo: str) -> Path | None:
+    """A hub pipeline's ``model_index.json`` in the local hub cache (no network), else None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # the hf extra is not installed: nothing is cached either
+        return None
+    path = try_to_load_from_cache(repo, "model_index.json")
+    return Path(path) if isinstance(path, str) else None
 
 
 def check_pipeline_folder(folder: Path) -> str:
