@@ -318,8 +318,10 @@ def test_configuration(tmp_path):
         cfg = load_config(None, edit_overrides(tiny_qwenimage_edit_dir(plus), plus=plus))
         assert cfg.model.capabilities == CAPABILITIES[cls.pipeline_class] == {"sees_images", "edits"}
         assert cls.sees_images and cls.edits
-        with pytest.raises(ConfigError, match="sampler.cfg_scale: an edit pipeline's guidance needs"):
-            validate(load_config(None, [*edit_overrides(tiny_qwenimage_edit_dir(plus), plus=plus), "sampler.cfg_scale=2"]))
+        with pytest.raises(ConfigError, match=r"sampler.cfg_scale: .*(CFG|unconditional)"):
+            validate(load_config(None, [*edit_overrides(tiny_qwenimage_edit_dir(plus), plus=plus), "sampler.cfg_scale=2",
+                                        "task.kind=shapes_edit", "task.image_size=64",
+                                        "rewards=[{name: shapes_edit}]"]))
     with pytest.raises(ConfigError, match="model.reference_pixels: must be >= 1024"):
         validate(load_config(None, [*edit_overrides(tiny_qwenimage_edit_dir()), "model.reference_pixels=100"]))
     with pytest.raises(ValueError, match="model.condition_pixels: QwenImageEditPipeline's text encoder sees"):

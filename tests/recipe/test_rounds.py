@@ -182,7 +182,7 @@ def test_two_gloo_processes_match_one_process_in_two_rounds(seeing_checkpoint, t
 @pytest.mark.parametrize("extra, message", [
     (["algo.rounds=2"], "algo.rounds: 2 rounds need a model that sees the image it drew"),
     (["algo.credit=per_round"], "algo.credit: 'per_round' needs algo.rounds >= 2"),
-    ([*SEEING, "algo.rounds=2", "algo.image_objective=nft"], "algo.image_objective: nft is not implemented"),
+    ([*SEEING, "algo.rounds=2", "algo.image_objective=nft"], "algo.image_objective: nft trains one round per episode"),
     ([*SEEING, "algo.rounds=2", "algo.credit=tree", "algo.tree_branches=3"], "algo.tree_branches: must be >= 2"),
     ([*SEEING, "algo.rounds=2", "text.max_reasoning_tokens=30"], "in 2 rounds: at most 20"),
     ([*SEEING, "algo.rounds=6", "text.max_reasoning_tokens=2"], "it sees at most 4"),
