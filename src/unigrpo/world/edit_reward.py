@@ -32,7 +32,7 @@ from unigrpo.world.detect import detect
 from unigrpo.world.edit import EditProblem, split_edit_response
 from unigrpo.world.knowledge import COLORS, SHAPES
 from unigrpo.world.render import QUADRANTS
-from unigrpo.world.reward import EXTRA_PENALTY
+from unigrpo.world.reward import EXTRA_PENALTY, breakdown
 from unigrpo.world.spec import parse_description
 
 
@@ -184,10 +184,4 @@ def evaluate_edits(images, problems, responses: list[str] | None = None) -> dict
             d["seen_ok" + suffix], d["description_ok" + suffix] = mean(seen_ok, sel), mean(desc_ok, sel)
             d["accuracy_given_description_ok" + suffix] = mean(res.correct, sel & desc_ok)
 
-    add(out, "", np.ones(len(problems), dtype=bool))
-    add(out, "_direct", ~needs)
-    add(out, "_reasoning", needs)
-    for c in dict.fromkeys(cats.tolist()):
-        out["categories"][c] = {"n": int((cats == c).sum())}
-        add(out["categories"][c], "", cats == c)
-    return out
+    return breakdown(out, add, needs, cats)

@@ -195,7 +195,14 @@ def evaluate_images(images, tasks, responses: list[str] | None = None) -> dict:
             d[f"reasoning_ok{suffix}"] = mean(desc_ok, sel)
             d[f"accuracy_given_reasoning_ok{suffix}"] = mean(res.correct, sel & desc_ok)
 
-    add(out, "", np.ones(len(meta), dtype=bool))  # accuracy / score equal summary()'s
+    return breakdown(out, add, needs, cats)  # overall accuracy / score equal summary()'s
+
+
+def breakdown(out: dict, add, needs: np.ndarray, cats: np.ndarray) -> dict:
+    """``out`` with ``add(d, suffix, sel)``'s metrics of every row (suffix ""), of the direct and
+    the reasoning-required rows (``needs`` [B] bool: ``_direct``, ``_reasoning``) and of each
+    category (``cats`` [B]: ``out["categories"][c]``, with its row count ``n``)."""
+    add(out, "", np.ones(len(needs), dtype=bool))
     add(out, "_direct", ~needs)
     add(out, "_reasoning", needs)
     for c in dict.fromkeys(cats.tolist()):
