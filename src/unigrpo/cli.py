@@ -124,7 +124,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from unigrpo.models import build_model
     from unigrpo.sampling import generate
     from unigrpo.tasks import Prompt
-    from unigrpo.utils.images import read_image, resize_images, save_grid
+    from unigrpo.utils.images import read_image, save_grid, stack_resized
 
     if not args.prompt.strip():
         return _fail("the prompt is empty")
@@ -152,7 +152,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if not (model.sees_images or model.edits):
             return _fail(f"--image: model.kind={cfg.model.kind!r} as configured neither sees nor edits images "
                          "(e.g. --config builtin:demo_edit)")
-        inputs = torch.cat([resize_images(x[None], model.input_image_size) for x in pixels])
+        inputs = stack_resized(pixels, model.input_image_size)
         prompt = prompt.with_images(inputs)
     gen = generate(model, [prompt] * args.n, thinking=cfg.text.thinking,
                    num_steps=cfg.sampler.eval_num_steps, shift=cfg.sampler.shift,

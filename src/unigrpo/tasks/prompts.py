@@ -34,7 +34,7 @@ from unigrpo.tasks.base import (
     write_eval_grid,
 )
 from unigrpo.utils.errors import InputError
-from unigrpo.utils.images import image_stats, read_image, resize_images
+from unigrpo.utils.images import image_stats, read_image, stack_resized
 
 
 def _lines(p: Path, key: str) -> list[str]:
@@ -104,7 +104,7 @@ def _image_files(field, jsonl: Path, where: str) -> tuple[str, ...]:
 def with_input_images(prompts: list[Prompt], size: tuple[int, int]) -> list[Prompt]:
     """``prompts`` with their image files read and resized to ``size`` (H, W); prompts without
     images unchanged."""
-    return [p.with_images(torch.cat([resize_images(read_image(f)[None], size) for f in p.image_files]))
+    return [p.with_images(stack_resized([read_image(f) for f in p.image_files], size))
             if p.image_files else p for p in prompts]
 
 

@@ -133,3 +133,9 @@ def resize_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return images
     out = torch.nn.functional.interpolate(images, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
     return out.clamp(0.0, 1.0)
+
+
+def stack_resized(images: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """Images [3, h_i, w_i] of any sizes -> one [n, 3, H, W] batch at ``size`` (``resize_images``):
+    a prompt's input images at the model's input size."""
+    return torch.cat([resize_images(x[None], size) for x in images])
