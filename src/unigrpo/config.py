@@ -89,8 +89,6 @@ class ShapesEditTaskConfig:
         require(self.prompt_pool >= cfg.algo.prompts_per_step, "task.prompt_pool", "must be >= algo.prompts_per_step")
         require(16 <= self.image_size <= 64, "task.image_size", "must be in [16, 64] (the renderer's range)")
         require(self.describe_weight >= 0, "task.describe_weight", "must be >= 0")
-        require(cfg.sampler.cfg_scale == 1.0, "sampler.cfg_scale", "CFG training of edits would drop the input image "
-                "from the unconditional branch (the null context carries none): UniGRPO trains CFG-free, use 1")
         for i, r in enumerate(cfg.rewards):  # the text-to-image rewards read a "spec" edits do not have
             require(r.name not in ("shapes", "shapes_dense"), f"rewards[{i}].name",
                     f"{r.name!r} scores text-to-image prompts; task.kind=shapes_edit is scored by "
@@ -326,6 +324,11 @@ def validate(cfg: Config) -> Config:
     lacking = sorted(cfg.task.needs() - cfg.model.capabilities)
     require(not lacking, "task.kind", f"{cfg.task.kind!r} needs a model with {', '.join(lacking)}; "
             f"model.kind={cfg.model.kind!r} has {', '.join(sorted(cfg.model.capabilities)) or 'neither'}")
+    # every kind's null_context(batch) knows no input images: CFG's unconditional branch would drop
+    # the input (reference) images that an edit pipeline's own negative branch keeps
+    require(s.cfg_scale == 1 or "edits" not in cfg.task.needs(), "sampler.cfg_scale",
+            "training with CFG on an editing task is not supported (the unconditional branch would lose the input / "
+            "reference images); train CFG-free (1) and guide at evaluation (sampler.eval_cfg_scale)")
     require(s.shift is not None or cfg.model.own_schedule, "sampler.shift",
             f"null (the model's own schedule) needs a model that has one, e.g. model.kind={_scheduled_kind()}; "
             "set a number")

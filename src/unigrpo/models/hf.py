@@ -220,8 +220,4 @@ def build(cfg, checkpoint: str | None) -> HFUnifiedModel:
     if family.mode == "separate" and m.reasoner == "text_encoder":
         raise ValueError(f"model.reasoner: {name}'s text encoders cannot write text; set it to a transformers "
                          "causal-LM folder or hub id (separate mode)")
-    if family.edits and "edits" in cfg.task.needs() and cfg.sampler.cfg_scale != 1:  # a hub id is known here only
-        raise ValueError(f"sampler.cfg_scale: {name}'s edit guidance needs each row's input images in the "
-                         "unconditional branch, which the rollout's null context does not carry: train CFG-free (1) "
-                         "and evaluate with sampler.eval_cfg_scale")
     return family.from_pipeline(pipe, m).configured(m, checkpoint)

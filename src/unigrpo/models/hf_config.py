@@ -82,11 +82,6 @@ class HFModelConfig:
         require(self.resolution > 0 and self.resolution % 16 == 0, "model.resolution",
                 "must be a positive multiple of 16")
         require(self.max_text_tokens >= 1, "model.max_text_tokens", "must be >= 1")
-        # the protocol's null_context(batch) knows no input images: CFG's unconditional branch would
-        # drop the references that the pipeline's own negative branch keeps
-        require(cfg.sampler.cfg_scale == 1 or "edits" not in cfg.task.needs(), "sampler.cfg_scale",
-                "training with CFG on an editing task is not supported (the unconditional branch would lose the "
-                "reference images); train CFG-free (1) and guide at evaluation (sampler.eval_cfg_scale)")
         for key in ("reference_pixels", "condition_pixels"):
             value = getattr(self, key)
             require(value is None or value >= 32 * 32, f"model.{key}", f"must be >= 1024 (32 x 32) or null, got {value}")
