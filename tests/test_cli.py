@@ -80,3 +80,20 @@ def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "unigrpo.cli", "--help"], capture_output=True, text=True,
                          check=False)
     assert out.returncode == 0 and "validate" in out.stdout
+
+
+def test_a_torchrun_worker_leaves_with_os_exit_after_main_returns(monkeypatch):
+    """WORLD_SIZE > 1: ``entry`` flushes and calls ``os._exit(status)`` (no C++ teardown after a
+    finished run); a single process exits through ``sys.exit`` as before."""
+    from unigrpo import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    monkeypatch.setattr(cli.os, "_exit", lambda code: calls.append(("os._exit", code)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cli.entry()
+    assert calls == [("os._exit", 3)]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit) as e:
+        cli.entry()
+    assert e.value.code == 3 and calls == [("os._exit", 3)]

@@ -398,5 +398,20 @@ def _close_bars() -> None:
         bar.close()
 
 
+def entry() -> None:
+    """The console script and ``python -m unigrpo.cli``. A torchrun worker (WORLD_SIZE > 1) leaves
+    with ``os._exit`` once its work is flushed: torch 2.13's gloo threads may outlive
+    ``destroy_process_group`` and abort the process in C++ teardown ("terminate called without an
+    active exception") after a run that finished and saved everything -- a failed exit status
+    for a successful run (docs/training.md)."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    else:
+        sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
