@@ -215,3 +215,18 @@ def test_resume_key_policy_for_reward_terms():
     more["rewards"].append({"name": "shapes", "weight": 0.5, "kwargs": {}})
     with pytest.raises(ConfigError, match=r"^rewards\[1\].name"):
         plan(cfg(2), more, 2)
+
+
+def test_a_run_saved_before_a_key_existed_resumes_when_the_key_is_at_its_default():
+    """A run directory written by an older unigrpo lacks the keys added since (e.g. algo.rounds):
+    at their defaults they are no change (the default is the old behaviour); set otherwise they
+    are refused like any change."""
+    from unigrpo.config import ConfigError
+    from unigrpo.utils.resume import plan
+
+    defaults = {"steps": 1, "algo": {"ppo_epochs": 1, "rounds": 1, "credit": "terminal"}}
+    saved = {"steps": 2, "algo": {"ppo_epochs": 2}}  # written before rounds / credit existed
+    assert plan(saved, {"steps": 3, "algo": {"ppo_epochs": 2, "rounds": 1, "credit": "terminal"}}, 2,
+                defaults=defaults) == {"steps": (2, 3)}
+    with pytest.raises(ConfigError, match=r"^algo.rounds: cannot change on --resume .*\(None -> 2\)"):
+        plan(saved, {"steps": 3, "algo": {"ppo_epochs": 2, "rounds": 2, "credit": "terminal"}}, 2, defaults=defaults)

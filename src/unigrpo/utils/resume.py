@@ -54,9 +54,16 @@ def _matches(key: str, names) -> bool:
     return any(key == n or (n.endswith(".") and key.startswith(n)) for n in names)
 
 
-def plan(saved: dict, new: dict, done: int) -> dict[str, tuple]:
-    """The changes a resume at step ``done`` makes; ConfigError for refused keys or fewer steps."""
+def plan(saved: dict, new: dict, done: int, defaults: dict | None = None) -> dict[str, tuple]:
+    """The changes a resume at step ``done`` makes; ConfigError for refused keys or fewer steps.
+
+    A key the saved config does not have (added to unigrpo after the run was saved) is no change
+    when its new value is its default (``defaults``, the flattened default config): a new key's
+    default is the behaviour the code had before it existed."""
     changes = config_changes(saved, new)
+    if defaults is not None:
+        old, default = _flat(saved), _flat(defaults)
+        changes = {k: v for k, v in changes.items() if k in old or k not in default or v[1] != default[k]}
     refused = [k for k in changes if not _matches(k, FREE) and not _matches(k, OPTIMIZER)]
     if refused:
         shown = ", ".join(f"{k} ({changes[k][0]!r} -> {changes[k][1]!r})" for k in refused[:4])
@@ -88,7 +95,9 @@ def resume_run(out, model, ref, opt, cfg, device, verbose: bool) -> tuple[int, d
 
     state = ckpt.resume(out, model, ref, opt, device)
     done, extra = state["step"], {"skipped_total": 0, "reward_skipped_steps": 0, "resumes": [], **state["extra"]}
-    changes = plan(state["config"], to_dict(cfg), done)
+    from unigrpo.config import Config
+
+    changes = plan(state["config"], to_dict(cfg), done, defaults=to_dict(Config()))
     apply_optimizer(opt, cfg)  # load_state_dict restored the saved lr / betas / weight decay
     extra["resumes"] = [*extra["resumes"], {"step": done, "changes": {k: list(v) for k, v in changes.items()}}]
     if cfg.steps == done and verbose:
