@@ -9,7 +9,7 @@ accuracy (the strict rule, which the proxy does not pay), the proxy's value, the
 energy; every step: the rollouts' group diversity. Writes JSON + Markdown to benchmarks/results/
 and a figure to docs/assets/:
 
-    python benchmarks/reward_hacking.py                      # 2 objectives x 4 regularisers, 40 steps
+    python benchmarks/reward_hacking.py                      # 2 objectives x (4 regularisers + control), 40 steps
     python benchmarks/reward_hacking.py --objectives nft --regs none vel_mse steps=20
     python benchmarks/reward_hacking.py --collect-only
 
@@ -40,6 +40,9 @@ REGS = {
     "latent_kl": ["algo.c_mse=0", "algo.beta_img=0.04"],  # FlowGRPO's KL weight
     "vel_mse": ["algo.c_mse=1.5e-5"],  # the paper's weight
     "vel_mse_1": ["algo.c_mse=1"],  # a weight at which the MSE is of the loss's order here
+    # the control: no regulariser and the strict reward alone: what the image expert drifts to
+    # without the proxy's pay for area (the same learning rate makes texture: docs/image_expert.md)
+    "control": ["algo.c_mse=0", "algo.beta_img=0", "rewards=[{name: shapes}]"],
 }
 BASE = ["algo.train_text=false", "optim.lr_image=3e-5", "steps=40", "eval_every=5", "eval.at_start=true",
         "save_every=0", "threads=1", "eval.grid_prompts=16",
@@ -88,21 +91,26 @@ def at_matched_gain(evals: list[dict], gain: float) -> float | None:
 
 
 def summarise(res: dict) -> str:
-    gains = [max(e["proxy"] for e in r["evals"]) - r["evals"][0]["proxy"] for r in res.values()]
-    matched = max(min(gains), 0.0)
-    lines = [(f"Held-out (test split, 256 prompts). Proxy = shapes score + {W} x covered area. "
-             f"Matched proxy gain: +{matched:.3f} (the smallest best gain over the runs)."), "",
-             ("| objective | regulariser | proxy step 0 -> last (best) | true accuracy step 0 -> last | "
-             "accuracy at matched proxy gain | covered area last | high_freq last | group diversity first -> last | s / step |"),
-             "|---|---|---|---|---|---|---|---|---|"]
+    paid = {n: r for n, r in res.items() if not n.endswith("/control")}  # the control is not paid for area
+    gains = [max(e["proxy"] for e in r["evals"]) - r["evals"][0]["proxy"] for r in paid.values()]
+    matched = min(gains, default=0.0)
+    head = (f"Held-out (test split, 256 prompts). Proxy = shapes score + {W} x covered area. Matched proxy gain: "
+            + (f"+{matched:.3f} (the smallest best held-out gain of the proxy-trained runs)." if matched > 0.005 else
+               f"none (a proxy-trained run never raised the held-out proxy by more than {max(matched, 0):.3f})."))
+    lines = [head, "", ("| objective | regulariser | training reward, steps 1-5 -> last 5 | held-out proxy step 0 -> last "
+                        "(best) | true accuracy step 0 -> last | accuracy at matched proxy gain | covered area step 0 -> "
+                        "last | high_freq last | group diversity first 3 -> last 3 steps | s / step |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in res.items():
         e, t = r["evals"], r["train"]
         obj, reg = name.split("/")
-        acc = at_matched_gain(e, matched)
+        acc = at_matched_gain(e, matched) if matched > 0.005 and name in paid else None
         div = [x["diversity"] for x in t if x["diversity"] is not None]
-        lines.append(f"| {obj} | {reg} | {e[0]['proxy']:.3f} -> {e[-1]['proxy']:.3f} "
-                     f"({max(x['proxy'] for x in e):.3f}) | {e[0]['accuracy']:.3f} -> {e[-1]['accuracy']:.3f} | "
-                     f"{'-' if acc is None else f'{acc:.3f}'} | {e[-1]['covered']:.3f} | {e[-1]['high_freq']:.4f} | "
+        rew = [x["reward"] for x in t]
+        lines.append(f"| {obj} | {reg} | {statistics.fmean(rew[:5]):.3f} -> {statistics.fmean(rew[-5:]):.3f} | "
+                     f"{e[0]['proxy']:.3f} -> {e[-1]['proxy']:.3f} ({max(x['proxy'] for x in e):.3f}) | "
+                     f"{e[0]['accuracy']:.3f} -> {e[-1]['accuracy']:.3f} | {'-' if acc is None else f'{acc:.3f}'} | "
+                     f"{e[0]['covered']:.3f} -> {e[-1]['covered']:.3f} | {e[-1]['high_freq']:.4f} | "
                      f"{statistics.fmean(div[:3]):.3f} -> {statistics.fmean(div[-3:]):.3f} | "
                      f"{statistics.fmean(x['step_s'] for x in t):.2f} |")
     return "\n".join(lines)
@@ -129,6 +137,27 @@ def plot(res: dict, path: Path) -> None:
         axes[0, j].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def grids(root: Path, names: list[str], path: Path) -> None:
+    """The first row of the held-out grid at step 0 and at each run's last evaluation, stacked and
+    labelled: what the proxy did to the pictures."""
+    from PIL import Image, ImageDraw
+
+    def first_row(png: Path) -> Image.Image:
+        im = Image.open(png).convert("RGB")
+        return im.crop((0, 0, im.width, im.height // 2))
+
+    last = lambda run: max((root / run / "grids").glob("eval_step*.png"))
+    rows = [("step 0 (SFT)", first_row(root / names[0] / "grids" / "eval_step000000.png"))]
+    rows += [(f"{n}, step {int(last(n).stem[-6:])}", first_row(last(n))) for n in names]
+    label_w, h = 190, rows[0][1].height
+    out = Image.new("RGB", (label_w + rows[0][1].width, h * len(rows)), "white")
+    draw = ImageDraw.Draw(out)
+    for i, (label, im) in enumerate(rows):
+        out.paste(im, (label_w, i * h))
+        draw.text((6, i * h + h // 2 - 6), label, fill="black")
+    out.save(path)
 
 
 def main() -> None:
@@ -159,6 +188,7 @@ def main() -> None:
     args.results.with_suffix(".json").write_text(json.dumps({"W": W, "base": BASE, "runs": res}, indent=1))
     args.results.with_suffix(".md").write_text(f"`python benchmarks/reward_hacking.py {' '.join(sys.argv[1:])}`\n\n{text}\n")
     plot(res, HERE.parent / "docs" / "assets" / "reward_hacking.png")
+    grids(args.root, list(res), HERE.parent / "docs" / "assets" / "reward_hacking_grids.png")
 
 
 if __name__ == "__main__":
