@@ -6,7 +6,8 @@ From the starting policy (builtin:demo: the shipped SFT checkpoint) it rolls out
 independent steps of ``prompts_per_step x group_size`` trajectories (the training loop's own
 ``rollout_step``: reasoning, SDE-window images, reward, group advantages) and computes the policy
 gradient of the UniGRPO objective at the behaviour policy (ratio 1, no regulariser), separately
-for the text expert (GRPO on tokens) and the image expert (FlowGRPO on window steps), per
+for the text expert (GRPO on tokens) and the image expert (FlowGRPO on window steps, or the
+DiffusionNFT loss at its forward-noised states with ``algo.image_objective=nft``), per
 independent unit: each prompt's group (``--unit group``, default: many pairs, a tight estimate)
 or each step's whole batch (``--unit batch``).
 
@@ -32,6 +33,7 @@ import torch
 
 from unigrpo.config import load_config
 from unigrpo.models import build_model
+from unigrpo.recipes.batches import nft_draws
 from unigrpo.recipes.train import derived_sizes, micro_batch_loss, rollout_step
 from unigrpo.rewards import RewardSet
 from unigrpo.tasks import build_task
@@ -58,10 +60,14 @@ def batch_gradients(model, cfg, step: int, rewards, d, z, unit: str = "batch") -
     n, g = len(b.roll), cfg.algo.group_size
     units = [torch.arange(n)] if unit == "batch" else list(torch.arange(n).split(g))
     out = {"text": [], "image": []}
+    draws = None  # algo.image_objective=nft: the step's forward-noised states and old velocities
+    if cfg.algo.image_objective == "nft":
+        draws = nft_draws(model, b.roll, cfg, step, 0, [r for rows in units for r in rows.split(z.micro_local)])
     for rows in units:
         for idx in rows.split(z.micro_local):
             w = len(idx) / len(rows)
-            loss, _ = micro_batch_loss(model, None, b.roll.index(idx), b.adv[idx], cfg, w, w)
+            nft = None if draws is None else [d.index(idx) for d in draws]
+            loss, _ = micro_batch_loss(model, None, b.roll.index(idx), b.adv[idx], cfg, w, w, nft=nft)
             loss.backward()
         for name, grad in _take_grads(model).items():
             out[name].append(grad)

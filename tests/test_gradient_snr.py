@@ -4,6 +4,7 @@ and one real (tiny) run through the training loop's rollout."""
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 _BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -33,7 +34,8 @@ def test_pure_noise_has_no_signal():
     assert abs(r["signal_frac"]) < 3 * r["signal_frac_se"] + 1e-3
 
 
-def test_batch_gradients_split_text_and_image():
+@pytest.mark.parametrize("objective", ["flowgrpo", "nft"])
+def test_batch_gradients_split_text_and_image(objective):
     from unigrpo.config import load_config
     from unigrpo.models import build_model
     from unigrpo.recipes.train import derived_sizes
@@ -43,7 +45,8 @@ def test_batch_gradients_split_text_and_image():
     cfg = load_config("builtin:demo",
                       ["algo.c_mse=0", "algo.prompts_per_step=2", "algo.group_size=4",
                        "algo.trajectories_per_minibatch=8", "algo.micro_batch_trajectories=4",
-                       "sampler.num_steps=4", "sampler.window_size=2", "sampler.window_range=[0,3]"])
+                       "sampler.num_steps=4", "sampler.window_size=2", "sampler.window_range=[0,3]",
+                       f"algo.image_objective={objective}"])
     model = build_model(cfg).requires_grad_(True)
     d = dist.init("cpu")[0]
     rewards = RewardSet([("shapes", 1.0)], 0)
