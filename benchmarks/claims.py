@@ -161,6 +161,14 @@ def tables(res: dict) -> str:
         lines.append(f"| {row} | {r['n']} | " + " | ".join(_ms(s[k]["accuracy"]) for k in SETTINGS)
                      + f" | {_ms(s['think_cfg1']['reasoning_ok'])} | "
                      f"{_ms(s['think_cfg1']['accuracy_given_reasoning_ok'])} | {step} |")
+    lines += ["", ("Thinking on vs off (CFG 1), on the prompts that state everything (direct) and on those that "
+              "need world knowledge (reasoning-required):"), "",
+              "| row | direct, think | direct, no think | reasoning-required, think | reasoning-required, no think |",
+              "|---|---|---|---|---|"]
+    for row, r in res.items():
+        s = r["settings"]
+        lines.append(f"| {row} | {_ms(s['think_cfg1']['accuracy_direct'])} | {_ms(s['nothink_cfg1']['accuracy_direct'])} | "
+                     f"{_ms(s['think_cfg1']['accuracy_reasoning'])} | {_ms(s['nothink_cfg1']['accuracy_reasoning'])} |")
     cats = next(iter(res.values()))["settings"]["think_cfg1"]["categories"]
     lines += ["", "Per category (thinking on, CFG 1; mean over seeds):", "",
               "| row | direct | reasoning-required | " + " | ".join(cats) + " |",
