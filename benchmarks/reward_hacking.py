@@ -183,6 +183,7 @@ def main() -> None:
             if p.wait() != 0:
                 raise SystemExit(f"{out} failed: see {out / 'stdout.log'}")
     res = {n: curve(args.root / n) for n in names if (args.root / n / "metrics.jsonl").exists()}
+    res = {n: r for n, r in res.items() if len(r["evals"]) > 1 and r["train"]}  # started, not yet evaluated: later
     text = summarise(res)
     print(text)
     args.results.with_suffix(".json").write_text(json.dumps({"W": W, "base": BASE, "runs": res}, indent=1))
