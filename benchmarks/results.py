@@ -22,10 +22,10 @@ DOC = HERE.parent / "docs" / "results.md"
 
 def replace_section(text: str, name: str, body: str) -> str:
     """``text`` with what lies between ``<!-- name -->`` and ``<!-- /name -->`` replaced by ``body``."""
-    pattern = re.compile(rf"(<!-- {re.escape(name)} -->\n).*?(\n<!-- /{re.escape(name)} -->)", re.S)
+    pattern = re.compile(rf"(<!-- {re.escape(name)} -->\n)(?:.*?\n)?(<!-- /{re.escape(name)} -->)", re.DOTALL)
     if not pattern.search(text):
         raise SystemExit(f"{DOC}: no <!-- {name} --> ... <!-- /{name} --> section")
-    return pattern.sub(lambda m: m.group(1) + body.strip("\n") + m.group(2), text, count=1)
+    return pattern.sub(lambda m: m.group(1) + body.strip("\n") + "\n" + m.group(2), text, count=1)
 
 
 def main() -> None:

@@ -139,9 +139,10 @@ def plot(res: dict, path: Path) -> None:
         for name, r in res.items():
             if not name.startswith(obj + "/"):
                 continue
-            e = r["evals"]
-            axes[0, j].plot([x["proxy"] for x in e], [x["accuracy"] for x in e], "o-", ms=3, label=name.split("/")[1])
-            axes[1, j].plot([x["step"] for x in e], [x["covered"] for x in e], "o-", ms=3, label=name.split("/")[1])
+            e, reg = r["evals"], name.split("/")[1]
+            style = {"ms": 3, "label": reg, "color": f"C{list(REGS).index(reg)}"}  # one colour per regulariser
+            axes[0, j].plot([x["proxy"] for x in e], [x["accuracy"] for x in e], "o-", **style)
+            axes[1, j].plot([x["step"] for x in e], [x["covered"] for x in e], "o-", **style)
         axes[0, j].set(xlabel="held-out proxy reward", ylabel="held-out true accuracy (strict)",
                        title=f"{obj}: proxy vs truth (step 0 at the left end)")
         axes[1, j].set(xlabel="step", ylabel="held-out covered area", title=f"{obj}: what the proxy pays for")

@@ -67,3 +67,13 @@ def test_reward_hacking_coverage_and_matched_gain_by_hand():
     assert rh.at_matched_gain(ev, 0.2) == pytest.approx(0.4)  # halfway from 1.1 to 1.3
     assert rh.at_matched_gain(ev, 0.05) == pytest.approx(0.55)
     assert rh.at_matched_gain(ev, 0.5) is None
+
+
+def test_results_doc_sections_are_replaced_in_place():
+    results = _module("results")
+    text = "intro\n<!-- claims -->\n<!-- /claims -->\nprose\n"
+    once = results.replace_section(text, "claims", "| a |\n| b |\n")
+    assert once == "intro\n<!-- claims -->\n| a |\n| b |\n<!-- /claims -->\nprose\n"
+    assert results.replace_section(once, "claims", "| c |") == "intro\n<!-- claims -->\n| c |\n<!-- /claims -->\nprose\n"
+    with pytest.raises(SystemExit, match="no <!-- other -->"):
+        results.replace_section(text, "other", "x")
