@@ -295,6 +295,9 @@ def _check_rounds(cfg: Config) -> None:
     require(cfg.text.thinking, "algo.rounds", "later rounds are reflections: text.thinking must be true")
     require(a.image_objective == "flowgrpo", "algo.image_objective",
             "nft is not implemented for multi-round episodes yet (algo.rounds > 1)")
+    require(cfg.sampler.cfg_scale == 1 or "edits" not in cfg.model.capabilities, "sampler.cfg_scale",
+            "training with CFG in multi-round episodes of a model that edits is not supported (a later round edits "
+            "the image drawn before, and the unconditional branch's null context holds no image); train CFG-free (1)")
     if a.credit == "tree":
         k = a.tree_branches
         require(k >= 2 and a.group_size % k == 0 and a.group_size // k >= 2, "algo.tree_branches",

@@ -187,6 +187,7 @@ def test_two_gloo_processes_match_one_process_in_two_rounds(seeing_checkpoint, t
     ([*SEEING, "algo.rounds=2", "text.max_reasoning_tokens=30"], "in 2 rounds: at most 20"),
     ([*SEEING, "algo.rounds=6", "text.max_reasoning_tokens=2"], "it sees at most 4"),
     (["algo.rounds=0"], "algo.rounds: must be >= 1"),
+    ([*SEEING, "algo.rounds=2", "sampler.cfg_scale=2"], "sampler.cfg_scale: training with CFG in multi-round episodes"),
 ])
 def test_bad_round_settings_are_one_line(extra, message):
     with pytest.raises(ConfigError, match=message) as e:
