@@ -290,7 +290,8 @@ def _check_rounds(cfg: Config) -> None:
     if a.rounds == 1:
         require(a.credit == "terminal", "algo.credit", f"{a.credit!r} needs algo.rounds >= 2 (one round has one reward)")
         return
-    require("sees_images" in cfg.model.capabilities, "algo.rounds",
+    # a model not on this machine yet (a built-in real-model config): its reflection turn is checked when built
+    require("sees_images" in cfg.model.capabilities or not cfg.model.capabilities_known, "algo.rounds",
             f"{a.rounds} rounds need a model that sees the image it drew (model.sees_images=true)")
     require(cfg.text.thinking, "algo.rounds", "later rounds are reflections: text.thinking must be true")
     require(a.image_objective == "flowgrpo", "algo.image_objective",

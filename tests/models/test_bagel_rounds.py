@@ -181,13 +181,13 @@ def test_a_bagel_without_its_vit_has_no_reflection_turn():
 def test_cli_two_rounds_ratio_exactly_one_in_every_round(tmp_path, monkeypatch, credit):
     """Done-when: ``unigrpo train builtin:bagel_rounds_unigrpo algo.rounds=2`` on the tiny folder, some
     rows stopping after their reflection (the others redraw as an edit of their first image): the
-    first update's log-probs equal the rollout's, text and image, in both rounds; the shipped task's
-    evaluation runs the 2-round episodes on Bagel."""
+    first update's log-probs equal the rollout's, text and image, in both rounds; the
+    ``shapes_refine`` evaluation runs the 2-round episodes on Bagel."""
     monkeypatch.setattr(BagelModel, "says_done", some_say_done)
     out = tmp_path / "run"
     tiny = [*bagel_overrides(tiny_bagel_edit_dir(), 4, 4), "threads=1", "model.vit_max_size=null",
             "text.max_reasoning_tokens=4", "sampler.eval_num_steps=1"]
-    args = ["builtin:bagel_rounds_unigrpo", *tiny, "algo.prompts_per_step=2", "algo.group_size=2",
+    args = ["builtin:bagel_rounds_unigrpo", *tiny, "task.kind=shapes_refine", "algo.prompts_per_step=2", "algo.group_size=2",
             "algo.trajectories_per_minibatch=4", "algo.micro_batch_trajectories=2", "sampler.num_steps=3",
             "sampler.window_range=[0,2]", "sampler.window_size=2", "eval.num_prompts=2", "eval.grid_prompts=2",
             f"algo.credit={credit}", "optim.lr_text=1e-2", "optim.lr_image=1e-2", "steps=1", "eval_every=1",
