@@ -4,7 +4,11 @@ device: nothing is allocated, nothing measured). Prints the markdown table of do
 [--images 1 --vit-side 36]: image-to-image (builtin:bagel_edit_unigrpo): the frozen SigLIP ViT +
 connector + ViT position table join the weights, and every input image adds its VAE block
 ((resolution / 16)^2 + 2 tokens) and ViT block (vit-side^2 + 2: 36 = Bagel's RL transform of a
-512 px input) to each row's context (no logits over them; the ViT itself runs without gradient)."""
+512 px input) to each row's context (no logits over them; the ViT itself runs without gradient).
+[--rounds 2 --turn 32 --reflection 1024]: multi-round episodes (builtin:bagel_rounds_unigrpo): round
+r + 1's context is round r's + the drawn image's two blocks + the reflection turn + the reflection, and
+its image block is drawn on it; one backward over the sum of the rounds' losses keeps every round's
+checkpointed layer inputs at once (the lm_head chunk is recomputed in backward: one at a time)."""
 
 import argparse
 
@@ -32,6 +36,9 @@ def main():
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--images", type=int, default=0, help="input images per row (0 = text-to-image, no ViT)")
     ap.add_argument("--vit-side", type=int, default=36, help="ViT patches per side of an input image")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds per episode (> 1: the drawn image is seen)")
+    ap.add_argument("--turn", type=int, default=32, help="tokens of the reflection turn")
+    ap.add_argument("--reflection", type=int, default=1024, help="reflection tokens per later round")
     a = ap.parse_args()
     c = LLMConfig(152064, 3584, 28, 28, 4, 18944)
     with torch.device("meta"):
@@ -40,7 +47,7 @@ def main():
         pos = PositionEmbedding(64, c.hidden_size)
         vae = AutoEncoder()
         vit = [SiglipNaViT(ViTConfig(1152, 4304, 16, 26, 14, 980)), Connector(1152, c.hidden_size),
-               PositionEmbedding(70, c.hidden_size)] if a.images else []  # SigLIP-so400m/14, 26 of 27 layers
+               PositionEmbedding(70, c.hidden_size)] if a.images or a.rounds > 1 else []  # SigLIP-so400m/14, 26 of 27
     gen = sum(p.numel() for n, p in lm.named_parameters() if "moe_gen" in n)
     und = sum(p.numel() for p in lm.parameters()) - gen
     head = sum(p.numel() for m in heads for p in m.parameters())
@@ -50,12 +57,20 @@ def main():
     bf16 = 2 * (und + gen + head + frozen_extra) + 4 * n_vae  # weights in bf16, VAE in fp32
     kv_tok = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 2  # bf16 K + V per token
     block = (a.resolution // 16) ** 2 + 2
-    image_ctx = a.images * (block + a.vit_side ** 2 + 2)  # VAE block + ViT block per input image
-    act = c.num_hidden_layers * c.hidden_size * 2 * a.micro * (a.ctx + image_ctx + block)  # checkpointed layer inputs, bf16
+    seen = block + a.vit_side ** 2 + 2  # VAE block + ViT block of one image in the context
+    image_ctx = a.images * seen
+    ctx = [a.ctx + image_ctx]  # each round's context tokens per row (multi-round: + drawn image, turn, reflection)
+    for _ in range(1, a.rounds):
+        ctx.append(ctx[-1] + seen + a.turn + a.reflection)
+    act = c.num_hidden_layers * c.hidden_size * 2 * a.micro * sum(n + block for n in ctx)  # checkpointed layer inputs, bf16
     logits = 2 * a.micro * min(a.ctx, 1024) * c.vocab_size * 4  # one fp32 lm_head chunk + its log-softmax
-    print(f"und {und / 1e9:.2f} B, gen {gen / 1e9:.2f} B, heads {head / 1e6:.1f} M, frozen tables{' + ViT path' if a.images else ''} {frozen_extra / 1e6:.1f} M, "
+    print(f"und {und / 1e9:.2f} B, gen {gen / 1e9:.2f} B, heads {head / 1e6:.1f} M, frozen tables{' + ViT path' if vit else ''} {frozen_extra / 1e6:.1f} M, "
           f"VAE {n_vae / 1e6:.1f} M; LoRA r={a.rank}: und {lu / 1e6:.1f} M, gen {lg / 1e6:.1f} M")
     print(f"KV cache {kv_tok / 1024:.0f} KiB/token; image block {block} tokens at {a.resolution} px")
+    if a.rounds > 1:
+        print(f"{a.rounds} rounds: context tokens per row by round {ctx} (KV {[round(n * kv_tok / 2**20) for n in ctx]} MiB "
+              f"per row; a group of 24 rows in the last round: {24 * ctx[-1] * kv_tok / 2**30:.1f} GiB); every round "
+              f"draws its own {block}-token image block")
     if a.images:
         print(f"edit: ViT + connector + ViT table {sum(p.numel() for m in vit for p in m.parameters()) / 1e6:.0f} M "
               f"frozen; {image_ctx} context tokens from {a.images} input image(s) per row "

@@ -132,6 +132,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         return _fail(f"--n must be >= 1, got {args.n}")
     if not str(args.out).lower().endswith(".png"):
         return _fail(f"--out {args.out}: must be a .png file")
+    if args.rounds is not None:  # validated as the config key: a model that sees images, thinking on
+        if args.rounds < 1:
+            return _fail(f"--rounds must be >= 1, got {args.rounds}")
+        args.overrides = [*args.overrides, f"algo.rounds={args.rounds}"]
     pixels = []
     for name in args.image or []:  # read before the model is built: a bad file costs nothing
         if not Path(name).is_file():
@@ -154,6 +158,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
                          "(e.g. --config builtin:demo_edit)")
         inputs = stack_resized(pixels, model.input_image_size)
         prompt = prompt.with_images(inputs)
+    if cfg.algo.rounds > 1:
+        return _sample_rounds(args, cfg, model, prompt, inputs)
     gen = generate(model, [prompt] * args.n, thinking=cfg.text.thinking,
                    num_steps=cfg.sampler.eval_num_steps, shift=cfg.sampler.shift,
                    cfg_scale=cfg.sampler.eval_cfg_scale, seed=args.seed,
@@ -166,6 +172,44 @@ def cmd_sample(args: argparse.Namespace) -> int:
         labels = [f"in{j}" for j in range(len(inputs))] + [str(i) for i in range(args.n)]
     path = save_grid(shown, args.out, nrow=min(len(shown), 8), scale=4, labels=labels)
     print(f"wrote {path}")
+    return 0
+
+
+def _sample_rounds(args: argparse.Namespace, cfg, model, prompt, inputs) -> int:
+    """``unigrpo sample`` of ``algo.rounds``-round episodes (``sampling.generate_episode``, seeded by
+    ``--seed``): each round's reasoning / reflection printed, each round's images written to
+    ``OUT_r1.png``, ``OUT_r2.png``, ..., and ``OUT`` the strip of every sample's rounds side by side
+    (its input image first when it has the outputs' size)."""
+    from pathlib import Path
+
+    import torch
+
+    from unigrpo.sampling import generate_episode
+    from unigrpo.utils.images import save_grid
+
+    s, rounds, n = cfg.sampler, cfg.algo.rounds, args.n
+    ep = generate_episode(model, [prompt] * n, rounds, seed=args.seed, num_steps=s.eval_num_steps, shift=s.shift,
+                          cfg_scale=s.eval_cfg_scale, max_new_tokens=cfg.text.max_reasoning_tokens,
+                          temperature=cfg.text.temperature, top_p=cfg.text.top_p)
+    for i in range(n):
+        for r, rnd in enumerate(ep.rounds):
+            if not bool(rnd.live[i]):
+                print(f"[{i}] round {r + 1}: (stopped: its image is round {r}'s)")
+                continue
+            done = "  -> done, keeps its image" if r and not bool(rnd.drew[i]) else ""
+            print(f"[{i}] round {r + 1}: {rnd.reasoning[i]}{done}")
+    out = Path(args.out)
+    for r, rnd in enumerate(ep.rounds):
+        path = save_grid(rnd.images, out.with_name(f"{out.stem}_r{r + 1}{out.suffix}"), nrow=min(n, 8), scale=4,
+                         labels=[str(i) for i in range(n)])
+        print(f"wrote {path}")
+    cells = torch.stack([rnd.images for rnd in ep.rounds], 1)  # [n, R, 3, H, W]: one row per sample
+    labels = [f"{i} r{r + 1}" for i in range(n) for r in range(rounds)]
+    if inputs is not None and inputs.shape[-2:] == cells.shape[-2:]:
+        cells = torch.cat([inputs[:1].expand(n, -1, -1, -1)[:, None].to(cells.dtype), cells], 1)
+        labels = [x for i in range(n) for x in (f"{i} in", *labels[i * rounds:(i + 1) * rounds])]
+    path = save_grid(cells.flatten(0, 1), out, nrow=cells.shape[1], scale=4, labels=labels)
+    print(f"wrote {path} (rounds side by side)")
     return 0
 
 
@@ -316,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=4, help="how many samples")
     p.add_argument("--seed", type=int, default=0, help="noise + reasoning seed")
     p.add_argument("--out", default="sample.png", help="PNG to write")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="think -> draw -> look -> reflect -> redraw episodes of this many rounds (default: "
+                        "algo.rounds): each round's reflection printed, its images in OUT_r1.png, OUT_r2.png, ..., "
+                        "the rounds side by side in OUT")
     p.add_argument("--image", action="append", metavar="PNG",
                    help="an input image (repeat for several): the prompt is an instruction about it, "
                         "for a model that sees or edits images")

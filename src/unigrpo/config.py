@@ -290,11 +290,15 @@ def _check_rounds(cfg: Config) -> None:
     if a.rounds == 1:
         require(a.credit == "terminal", "algo.credit", f"{a.credit!r} needs algo.rounds >= 2 (one round has one reward)")
         return
-    require("sees_images" in cfg.model.capabilities, "algo.rounds",
+    # a model not on this machine yet (a built-in real-model config): its reflection turn is checked when built
+    require("sees_images" in cfg.model.capabilities or not cfg.model.capabilities_known, "algo.rounds",
             f"{a.rounds} rounds need a model that sees the image it drew (model.sees_images=true)")
     require(cfg.text.thinking, "algo.rounds", "later rounds are reflections: text.thinking must be true")
     require(a.image_objective == "flowgrpo", "algo.image_objective",
             "nft is not implemented for multi-round episodes yet (algo.rounds > 1)")
+    require(cfg.sampler.cfg_scale == 1 or "edits" not in cfg.model.capabilities, "sampler.cfg_scale",
+            "training with CFG in multi-round episodes of a model that edits is not supported (a later round edits "
+            "the image drawn before, and the unconditional branch's null context holds no image); train CFG-free (1)")
     if a.credit == "tree":
         k = a.tree_branches
         require(k >= 2 and a.group_size % k == 0 and a.group_size // k >= 2, "algo.tree_branches",

@@ -307,16 +307,19 @@ class EpisodeSeeds:
 def reflection_tokens(model, prev: Round, live: torch.Tensor, seeds: list[int], *, max_new_tokens: int,
                       temperature: float, top_p: float, given: list[str] | None = None) -> TokenBatch:
     """The next round's tokens of B rows: ``prev``'s tokens (its reasoning now context) + the image
-    it drew (appended to the row's images: the model sees it) + the reflection turn
+    it drew (appended to the row's images: the model sees it; a model with a ``drawn_image_id`` gets
+    a masked column of that id here, where its context takes the image) + the reflection turn
     (``model.reflection_ids``) + the sampled reflection of the ``live`` rows [B] (row ``i`` draws from
     generator ``seeds[i]``), right-padded to the fixed width ``prev width + turn + max_new_tokens``:
     the width depends on nothing but the round, so no chunk or rank has to agree on it.
     ``given`` [B] (evaluation): these reflections, teacher-forced, instead of sampled ones."""
     t, turn = prev.tokens, model.reflection_ids()
     b, dev = len(t), t.ids.device
-    turn_ids = torch.tensor(turn, dtype=t.ids.dtype, device=dev).expand(b, -1)
-    ctx = TokenBatch(torch.cat([t.ids, turn_ids], 1), torch.cat([t.mask, torch.ones_like(turn_ids, dtype=torch.bool)], 1),
-                     torch.zeros(b, t.ids.shape[1] + len(turn), dtype=torch.bool, device=dev))
+    mark = [] if model.drawn_image_id is None else [model.drawn_image_id]  # a masked column: where the image enters
+    turn_ids = torch.tensor(mark + turn, dtype=t.ids.dtype, device=dev).expand(b, -1)
+    turn_mask = torch.tensor([False] * len(mark) + [True] * len(turn), device=dev).expand(b, -1)
+    ctx = TokenBatch(torch.cat([t.ids, turn_ids], 1), torch.cat([t.mask, turn_mask], 1),
+                     torch.zeros(b, t.ids.shape[1] + turn_ids.shape[1], dtype=torch.bool, device=dev))
     drawn = prev.images.to(dev)
     ctx = ctx.with_images([drawn[i:i + 1] if (own := t.row_images(i)) is None else torch.cat([own, drawn[i:i + 1]])
                            for i in range(b)])

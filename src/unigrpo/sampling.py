@@ -3,6 +3,9 @@
 Evaluation draws images with the Euler ODE (no noise) so a checkpoint's score depends only on the
 prompts and the initial noise seed; reasoning is sampled (thinking on), skipped (thinking off), or
 given (e.g. the ground-truth reasoning, to measure how well the image expert follows descriptions).
+Multi-round episodes (``generate_episode``: think -> draw -> look -> reflect -> redraw) are the
+rollout's own ``sample_episode`` with the noise level at 0 (every step the Euler ODE step) and seeds
+keyed by (seed, row, round, stream): the evaluation of ``shapes_refine`` and ``unigrpo sample --rounds``.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from unigrpo import rollout as R
 from unigrpo.models.protocol import TokenBatch
 from unigrpo.rollout import guided_velocity
 
@@ -71,3 +75,50 @@ def generate(model, prompts: list, *, thinking: bool = True, reasoning: list[str
         images.append(model.decode(x0).cpu())
         texts.extend(model.decode_text(tokens) if thinking else [""] * len(chunk))
     return Generation(torch.cat(images), texts)
+
+
+def episode_seeds(seed: int, n: int, rounds: int) -> R.EpisodeSeeds:
+    """The randomness of ``n`` deterministic episodes of ``rounds`` rounds, one per row (group of 1):
+    reasoning and noise of row i in round r from ``derive_seed(seed, i, r, stream)``; window at 0."""
+    keyed = [[R.derive_seed(seed, i, r, stream) for i in range(n)] for r in range(rounds)
+             for stream in (R.REASONING, R.NOISE)]
+    zero = torch.zeros(n, dtype=torch.long)
+    later = [R.RoundSeeds(keyed[2 * r], keyed[2 * r + 1], zero) for r in range(1, rounds)]
+    return R.EpisodeSeeds(keyed[0], keyed[1], zero, None, later)
+
+
+def check_episode(model, rounds: int, cfg_scale: float) -> None:
+    """InputError (one line) when ``model`` cannot run ``rounds``-round evaluation episodes: it has no
+    reflection turn, or it edits and ``cfg_scale`` guides its later rounds by its null context, which
+    holds no image (the one it drew would be dropped from the unconditional branch)."""
+    from unigrpo.utils.errors import InputError
+
+    if rounds == 1:
+        return
+    try:
+        model.reflection_ids()
+    except NotImplementedError as e:
+        raise InputError(f"algo.rounds={rounds}: {e}") from None
+    if model.edits and cfg_scale != 1:
+        raise InputError(f"sampler.eval_cfg_scale={cfg_scale:g} with algo.rounds={rounds}: a later round edits the image "
+                         "drawn before, and the guidance's null context holds no image; use sampler.eval_cfg_scale=1")
+
+
+@torch.no_grad()
+def generate_episode(model, prompts: list, rounds: int, *, seed: int, num_steps: int, shift: float | None,
+                     cfg_scale: float, max_new_tokens: int, temperature: float, top_p: float = 1.0,
+                     given=None, batch_size: int = 64) -> R.Episode:
+    """Deterministic ``rounds``-round episodes of ``prompts`` (one per prompt; module docstring):
+    ``sample_episode`` over chunks of ``batch_size`` rows with every denoising step the ODE step.
+    ``given``: ``sample_episode``'s (reflections teacher-forced, not sampled). A model without a
+    reflection turn is refused in one line before anything is drawn."""
+    from unigrpo.utils.dist import Dist
+
+    check_episode(model, rounds, cfg_scale)
+    n = len(prompts)
+    text = {"thinking": True, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+            "batch_groups": True}
+    sampler = {"num_steps": num_steps, "shift": shift, "kind": "flow_sde", "noise_level": 0.0, "window_size": 1,
+               "cfg_scale": cfg_scale, "temperature": temperature, "reduction": "mean"}  # noise 0: the Euler ODE step
+    return R.sample_episode(model, prompts, 1, episode_seeds(seed, n, rounds), list(torch.arange(n).split(batch_size)),
+                            Dist(), text=text, sampler=sampler, given=given)

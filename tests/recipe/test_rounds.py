@@ -187,6 +187,7 @@ def test_two_gloo_processes_match_one_process_in_two_rounds(seeing_checkpoint, t
     ([*SEEING, "algo.rounds=2", "text.max_reasoning_tokens=30"], "in 2 rounds: at most 20"),
     ([*SEEING, "algo.rounds=6", "text.max_reasoning_tokens=2"], "it sees at most 4"),
     (["algo.rounds=0"], "algo.rounds: must be >= 1"),
+    ([*SEEING, "algo.rounds=2", "sampler.cfg_scale=2"], "sampler.cfg_scale: training with CFG in multi-round episodes"),
 ])
 def test_bad_round_settings_are_one_line(extra, message):
     with pytest.raises(ConfigError, match=message) as e:
@@ -307,3 +308,65 @@ def test_the_refine_evaluation_with_given_reflections(tmp_path):
     assert empty.tokens.response_mask.sum(1).eq(1).all() and empty.drew.all()  # just <eos>: it draws again
     text = task.report(model, cfg, "all", None)
     assert "| own reflections |" in text and "| no reflection |" in text and "| ground-truth reflections |" in text
+
+
+def sample_args(ckpt, out, *extra):
+    return ["sample", "a red circle", *MODEL, *SEEING, f"model.checkpoint={ckpt}", "threads=1", "sampler.eval_num_steps=2",
+            "text.max_reasoning_tokens=6", *extra, "--n", "3", "--seed", "1", "--out", str(out)]
+
+
+def test_sample_prints_and_writes_every_round(seeing_checkpoint, tmp_path, monkeypatch, capsys):
+    """``unigrpo sample --rounds 2``: each sample's reasoning and reflection printed (a row that said
+    done keeps its image), each round's images in OUT_r1.png / OUT_r2.png, the rounds side by side in
+    OUT; ``algo.rounds=2`` instead of the flag gives the same; ``--rounds 1`` is the one-round command."""
+    from PIL import Image
+
+    monkeypatch.setattr(TinyUnifiedModel, "says_done", some_say_done)
+    out = tmp_path / "s" / "out.png"
+    assert main(sample_args(seeing_checkpoint, out, "--rounds", "2")) == 0
+    printed = capsys.readouterr().out
+    assert all(f"[{i}] round {r}: " in printed for i in range(3) for r in (1, 2))
+    strip, r1, r2 = (Image.open(p) for p in (out, out.with_name("out_r1.png"), out.with_name("out_r2.png")))
+    side = 16 * 4 + 2
+    assert strip.size == (2 + 2 * side, 2 + 3 * side) and r1.size == r2.size == (2 + 3 * side, 2 + side)
+    same = tmp_path / "t" / "out.png"
+    assert main(sample_args(seeing_checkpoint, same, "algo.rounds=2")) == 0
+    assert capsys.readouterr().out.replace(str(same.parent), str(out.parent)) == printed
+    assert all(Image.open(same.with_name(n)).tobytes() == Image.open(out.with_name(n)).tobytes()
+               for n in ("out.png", "out_r1.png", "out_r2.png"))
+    one = tmp_path / "u" / "out.png"
+    assert main(sample_args(seeing_checkpoint, one, "--rounds", "1")) == 0
+    assert not one.with_name("out_r1.png").exists() and "round" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, patch, message", [
+    (["--rounds", "2"], True, "algo.rounds=2: TinyUnifiedModel has no reflection turn yet"),
+    (["--rounds", "2", "sampler.eval_cfg_scale=3"], False, "sampler.eval_cfg_scale=3 with algo.rounds=2: a later round"),
+    (["--rounds", "0"], False, "--rounds must be >= 1"),
+])
+def test_sample_rounds_errors_are_one_line(seeing_checkpoint, tmp_path, monkeypatch, capsys, extra, patch, message):
+    from unigrpo.models.base import UnifiedModel
+
+    if patch:  # a model without a reflection turn
+        monkeypatch.setattr(TinyUnifiedModel, "reflection_ids", UnifiedModel.reflection_ids)
+    assert main(sample_args(seeing_checkpoint, tmp_path / "out.png", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    blind = save_tiny_random_model(MODEL, tmp_path / "blind.safetensors")  # sees no image: the config refuses
+    assert main(["sample", "a red circle", *MODEL, f"model.checkpoint={blind}", "--rounds", "2",
+                 "--out", str(tmp_path / "b.png")]) == 2
+    assert "algo.rounds: 2 rounds need a model that sees the image it drew" in capsys.readouterr().err
+
+
+def test_eval_of_the_refine_checkpoint_in_three_rounds(tmp_path, capsys):
+    """``unigrpo eval builtin:demo_rounds algo.rounds=3``: the shipped refine checkpoint evaluated in
+    3-round episodes (its 80-position table holds 3 rounds of at most 17 tokens: one line says so)."""
+    base = ["eval", "builtin:demo_rounds", "algo.rounds=3", "eval.num_prompts=4", "sampler.eval_num_steps=4",
+            "threads=1"]
+    assert main(base) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "text.max_reasoning_tokens: 24" in err and "in 3 rounds: at most 17" in err
+    assert main([*base, "text.max_reasoning_tokens=17", "--out", str(tmp_path / "ev")]) == 0
+    printed = capsys.readouterr().out
+    assert "3 rounds" in printed and "| round 1 | round 2 | round 3 |" in printed
+    assert (tmp_path / "ev" / "grids" / "eval_step000000.png").is_file()

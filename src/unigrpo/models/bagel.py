@@ -41,6 +41,11 @@ sampled after it and ends at ``<|im_end|>`` (an action, scored). Positions are `
 - **Input images** (image-to-image, with the ViT path: ``sees_images`` and ``edits``): each enters
   the context as Bagel's VAE block then ViT block between the system segment and the prompt, in the
   same one pass (``bagel_edit``); the rest (decode, velocity, CFG branches) reads that context.
+- **Multi-round episodes** (``algo.rounds`` > 1, with the ViT path): the image a row drew enters its
+  context like an input image (VAE block, then ViT block) but after that round's reasoning, at the
+  masked ``drawn_image_id`` column ``rollout.reflection_tokens`` writes before the reflection turn
+  (``reflection_ids``: ``<|im_start|> reflection_prompt <|im_end|> <|im_start|>``); the next image is
+  drawn on that context, i.e. as an image-to-image edit of the drawn one (``bagel_edit``).
 - **Unclosed reasoning**: a row that hits ``max_new_tokens`` before ``<|im_end|>`` stays open (the
   official inferencer closes every segment; a closing token would be an unscored token).
 """
@@ -114,6 +119,9 @@ class BagelModel(UnifiedModel):
                 raise ValueError(f"bagel tokenizer: no {s} token (the model's special tokens are {list(SPECIALS.values())})")
             self.ids[k] = i
         self.pad_id, self.stop_ids = self.ids["pad"], (self.ids["end"],)
+        # multi-round: the masked column marking where a drawn image's blocks enter (bagel_edit.image_anchors);
+        # never a token of the context, so any id would do: this one names what goes there
+        self.drawn_image_id = self.ids["vision_start"]
         side = resolution // vae.downsample
         if resolution % (vae.downsample * PATCH) or side // PATCH > max_latent_size:
             raise ValueError(f"model.resolution: {resolution} must be a multiple of {vae.downsample * PATCH} with at most "
@@ -190,7 +198,7 @@ class BagelModel(UnifiedModel):
         ``ImagePart``)."""
         part, lm = image_part(self, tokens), self.language_model
         h = torch.cat([part.emb.to(self.vae2llm.weight.dtype), lm.model.embed_tokens(tokens.ids)], 1)
-        pos = torch.cat([part.pos, text_positions(self, tokens.mask, part.shift)], 1)
+        pos = torch.cat([part.pos, text_positions(self, tokens.mask, part, tokens.image_mask)], 1)
         out, kv = lm.run(h, pos, position_mask(pos, torch.cat([part.mask, tokens.mask], 1)), None,
                          gen=slice(0, part.n_gen), detach_gen=True)  # the text loss: und expert only
         return out[:, part.emb.shape[1]:], kv, part
@@ -233,6 +241,16 @@ class BagelModel(UnifiedModel):
     def prompt_ids(self, text: str) -> list[int]:
         sys = self._segment(self.system_prompt) if self.system_prompt is not None else []
         return sys + self._segment(text) + [self.ids["start"]]
+
+    def reflection_ids(self) -> list[int]:
+        """The reflection turn after a drawn image (multi-round): ``<|im_start|> reflection_prompt
+        <|im_end|>`` and the decode-start ``<|im_start|>``, as a prompt row ends. The image itself
+        enters before it at the masked ``drawn_image_id`` column (``bagel_edit``), so a model that
+        cannot see it (no ViT path) has no reflection turn."""
+        if not self.sees_images:
+            raise NotImplementedError("BagelModel without its ViT path cannot see the image it drew: multi-round "
+                                      "episodes (algo.rounds > 1) need a folder with vit_config.json and model.vit=true")
+        return self._segment(self.reflection_prompt) + [self.ids["start"]]
 
     def response_ids(self, text: str) -> list[int]:
         """A given text closed by ``<|im_end|>`` after the decode-start token, as if sampled."""

@@ -59,6 +59,12 @@ class BagelModelConfig:
         has_vit = bool(self.path) and (Path(self.path).expanduser() / "vit_config.json").is_file()
         return frozenset({"sees_images", "edits"}) if self.vit and has_vit else frozenset()
 
+    @property
+    def capabilities_known(self) -> bool:
+        """Whether ``capabilities`` are the folder's: False while ``model.path`` is empty (a built-in
+        config leaves it to the user; the model is refused when built without it)."""
+        return bool(self.path)
+
     def check(self, cfg) -> None:
         """The checks typing cannot make (``cfg``: the whole Config); ConfigError naming the key."""
         if self.path:  # empty: refused when the model is built (a built-in config leaves it to the user)

@@ -12,7 +12,15 @@ between the system segment and the prompt (Bagel's ``[sys][VAE][ViT][prompt]``, 
   ``<|vision_end|>``, all through the und expert (``mode="und"``).
 
 Each block sits at ONE RoPE position (all its tokens), with full attention inside it; the text
-after the blocks continues two positions later per image. Bagel builds this incrementally (one
+after the blocks continues two positions later per image.
+
+**An image the row drew** (multi-round episodes, ``rollout.reflection_tokens``) enters the same way,
+but where the row's text reached when it was drawn: after that round's reasoning, before the
+reflection turn (``[sys][prompt] reasoning [VAE][ViT] turn reflection``, Bagel's interleaved
+order). ``reflection_tokens`` marks that place with a MASKED column of id ``drawn_image_id`` (not a
+token: no key, no position); the k-th such column of a row holds the k-th of its images after the
+prompt's (``image_anchors``). Every image slot thus has an anchor (the count of real text tokens
+before it); a prompt's images are anchored after the system segment. Bagel builds this incrementally (one
 cache update per block); here it is ONE pass: the image blocks are stored in columns before the
 left-padded text (all the VAE latents first, so the gen expert gets one contiguous slice) and the
 attention mask is read from the positions: a token sees every real key at a position <= its own
@@ -43,20 +51,22 @@ from unigrpo.models.bagel_vit import flattened_position_ids, resize, resize_size
 from unigrpo.models.hf_text import positions
 from unigrpo.models.protocol import TokenBatch
 
-__all__ = ["EditCache", "ImagePart", "image_part", "position_mask", "text_positions"]
+__all__ = ["EditCache", "ImagePart", "image_anchors", "image_part", "position_mask", "text_positions"]
 
 
 @dataclass
 class ImagePart:
     """The image blocks of a batch, column-stored: ``emb`` [B, M, H], RoPE ``pos`` [B, M], ``mask``
     [B, M] (False on a row's padded image slots); the first ``n_gen`` columns are VAE latents (gen
-    expert); ``shift`` [B]: 2 x the row's images (how far its prompt moves)."""
+    expert); ``shift`` [B]: 2 x the row's images (how far the text after all of them moves);
+    ``anchors`` [B, N]: the text position each image slot enters at (``image_anchors``)."""
 
     emb: torch.Tensor
     pos: torch.Tensor
     mask: torch.Tensor
     n_gen: int
     shift: torch.Tensor
+    anchors: torch.Tensor
 
 
 @dataclass
@@ -99,9 +109,30 @@ def vit_tokens(model, images: torch.Tensor) -> torch.Tensor:
         return feats + model.vit_pos_embed(size[0] // c.patch_size, size[1] // c.patch_size)[None]
 
 
+def image_anchors(model, tokens: TokenBatch) -> torch.Tensor:
+    """[B, N] the text position (count of the row's real text tokens before it) at which each image
+    slot enters: the system segment's length for a prompt's images; for the images a row drew
+    (multi-round), the position of its masked ``drawn_image_id`` columns, the k-th column taking
+    the k-th image after the prompt's (module docstring)."""
+    b, n = tokens.image_mask.shape
+    dev = tokens.ids.device
+    anchors = torch.full((b, n), sys_length(model), dtype=torch.long, device=dev)
+    marks = (tokens.ids == model.drawn_image_id) & ~tokens.mask  # [B, L]
+    if not bool(marks.any()):
+        return anchors
+    k, m = marks.sum(1), tokens.image_mask.sum(1)
+    if bool((k > m).any()):
+        raise ValueError("bagel: a row marks more drawn images than it holds (rollout.reflection_tokens appends each)")
+    rows, cols = marks.nonzero(as_tuple=True)
+    slot = (m - k)[rows] + marks.long().cumsum(1)[rows, cols] - 1  # the prompt's images first, then in order
+    anchors[rows, slot] = tokens.mask.long().cumsum(1)[rows, cols]  # a masked column: the real tokens before it
+    return anchors
+
+
 def image_part(model, tokens: TokenBatch) -> ImagePart:
-    """The image blocks of ``tokens``' rows (module docstring), slot j of a row at positions
-    ``s + 2 j`` (VAE) and ``s + 2 j + 1`` (ViT), ``s`` the system segment's length."""
+    """The image blocks of ``tokens``' rows (module docstring), slot j of a row anchored at ``a_j``
+    (``image_anchors``) at positions ``a_j + 2 j`` (VAE) and ``a_j + 2 j + 1`` (ViT): the j slots
+    before it have moved the text by 2 j."""
     b, n = tokens.image_mask.shape
     flat = tokens.images.flatten(0, 1)  # [B N, 3, H, W]
     lat = vae_tokens(model, flat).unflatten(0, (b, n))  # [B, N, n_vae, H]
@@ -110,25 +141,26 @@ def image_part(model, tokens: TokenBatch) -> ImagePart:
         torch.tensor([model.ids["vision_start"], model.ids["vision_end"]], device=lat.device))
     vs, ve = marks[0].expand(b, 1, -1), marks[1].expand(b, 1, -1)
     n_vae, n_vit = lat.shape[2], vit.shape[2]
-    s = sys_length(model)
-    dev = lat.device
-    parts, pos, mask = [lat.flatten(1, 2)], [], []
+    anchors = image_anchors(model, tokens)
+    at = anchors + 2 * torch.arange(n, device=anchors.device)  # [B, N] each slot's VAE block position
+    parts, pos, mask = [lat.flatten(1, 2)], [at.repeat_interleave(n_vae, 1)], []
     for j in range(n):
         parts += [vs, ve, vs, vit[:, j], ve]
     for j in range(n):  # the latents' columns (first), then each slot's markers + ViT tokens
-        pos.append(torch.full((n_vae,), s + 2 * j, device=dev))
         mask.append(tokens.image_mask[:, j:j + 1].expand(b, n_vae))
     for j in range(n):
-        pos.append(torch.tensor([s + 2 * j] * 2 + [s + 2 * j + 1] * (n_vit + 2), device=dev))
+        pos.append(torch.cat([at[:, j:j + 1].expand(b, 2), (at[:, j:j + 1] + 1).expand(b, n_vit + 2)], 1))
         mask.append(tokens.image_mask[:, j:j + 1].expand(b, n_vit + 4))
-    return ImagePart(torch.cat(parts, 1), torch.cat(pos)[None].expand(b, -1), torch.cat(mask, 1), n * n_vae,
-                     2 * tokens.image_mask.long().sum(1))
+    return ImagePart(torch.cat(parts, 1), torch.cat(pos, 1), torch.cat(mask, 1), n * n_vae,
+                     2 * tokens.image_mask.long().sum(1), anchors)
 
 
-def text_positions(model, mask: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """RoPE positions [B, L] of left-padded text whose tokens after the system segment move by ``shift``."""
+def text_positions(model, mask: torch.Tensor, part: ImagePart, image_mask: torch.Tensor) -> torch.Tensor:
+    """RoPE positions [B, L] of left-padded text: each token moves by 2 per real image slot anchored
+    at or before it (``part.anchors``; ``image_mask`` [B, N] the real slots)."""
     pos = positions(mask)
-    return pos + shift[:, None] * (pos >= sys_length(model))
+    before = (part.anchors[:, None, :] <= pos[:, :, None]) & image_mask[:, None, :]  # [B, L, N]
+    return pos + 2 * before.long().sum(-1)
 
 
 def position_mask(pos: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:

@@ -211,6 +211,11 @@ class UnifiedModel(TextSide, nn.Module):
     reflection_prompt = ("Look at the image you drew. If it shows what the prompt asks, answer done; "
                          "otherwise describe the image to draw.")
     stop_word = "done"
+    # multi-round: the id of a MASKED column ``rollout.reflection_tokens`` writes before the reflection turn,
+    # marking where the image the row drew enters the context (Bagel: its VAE and ViT blocks go there, after
+    # the round's reasoning); None: the model places a row's images itself (tiny: before the text; Qwen-Image-
+    # Edit: at the vision block of its reflection turn)
+    drawn_image_id: int | None = None
     pad_id: int
     stop_ids: tuple[int, ...]
     latent_shape: tuple[int, ...]  # shape of one image latent, e.g. (12, 16, 16)

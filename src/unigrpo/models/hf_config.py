@@ -93,6 +93,11 @@ class HFModelConfig:
         downloaded yet declares none here (docs/design.md)."""
         return CAPABILITIES.get(self.pipeline_class() or "", frozenset())
 
+    @property
+    def capabilities_known(self) -> bool:
+        """Whether ``capabilities`` are the pipeline's: False for a hub id not on this machine yet."""
+        return self.pipeline_class() is not None
+
     def pipeline_class(self) -> str | None:
         """The ``_class_name`` of ``model.pipeline``'s ``model_index.json``, when it is on this machine."""
         if not self.pipeline:

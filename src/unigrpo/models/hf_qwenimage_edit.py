@@ -34,6 +34,14 @@ transformers' ``models/qwen2_5_vl/modeling_qwen2_5_vl.py`` (``get_rope_index``).
   [(1, h, w) of the output, (1, h_r, w_r) per reference]`` and the output is cut back to the noisy
   tokens. Rows with different image counts run as separate calls (the rope reads one row's
   ``img_shapes`` for the whole batch).
+- **Multi-round episodes** (``algo.rounds`` > 1; ``rollout.reflection_tokens``): the image a row drew
+  is appended to its images and its reflection turn (``reflection_ids``) holds that image's vision
+  block, so Qwen2.5-VL sees it where the conversation reached (after the reasoning, in a user turn
+  with ``reflection_prompt``) and the transformer reads it as the row's last reference: the next
+  round edits it. A text-only prompt's round 1 is drawn by the edit transformer with NO reference
+  (its rope reads the output grid alone), not from a blank input image: a blank would add a fake
+  image to the encoder's context and 4096 reference tokens to every call. Every image of a row
+  shares one size (``TokenBatch``): a prompt's input images must then be at ``model.resolution``.
 - **CFG**: ``eval_guidance`` is the pipelines' edit guidance: the negative prompt ``" "`` through
   the same template WITH the row's images, the norm-preserving true CFG of Qwen-Image.
   ``null_context`` (the rollout's unconditional branch) has no images, so ``sampler.cfg_scale > 1``
@@ -168,6 +176,19 @@ class QwenImageEdit(QwenImage):
         """The template with ``n_images`` vision blocks, each ``<|image_pad|>`` expanded to ``per_image``."""
         ids = self.tokenizer(self.template.format(self.images_text(n_images) + text))["input_ids"]
         return [j for i in ids for j in ([i] * per_image if i == self.image_id else [i])]
+
+    def reflection_ids(self) -> list[int]:
+        """The reflection turn after a drawn image (multi-round; module docstring): the assistant turn
+        closed (unless the reasoning's stop token closed it), a user turn holding the drawn image's
+        vision block (expanded for an image at ``resolution``, what the rollout appends) and
+        ``reflection_prompt``, the assistant turn opened, in the template's roles."""
+        end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        side = self.resolution
+        per_image = image_tokens(self.vl.grid(*self.image_sizes(side, side)[1]), self.vl.merge_size)
+        text = f"\n<|im_start|>user\n{VISION_BLOCK}{self.reflection_prompt}<|im_end|>\n<|im_start|>assistant\n"
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        turn = [j for i in ids for j in ([i] * per_image if i == self.image_id else [i])]
+        return turn if end in self.stop_ids else [end, *turn]
 
     def encode(self, prompts) -> TokenBatch:
         """Prompts (``tasks.Prompt`` or strings) -> the left-padded batch with each row's images."""

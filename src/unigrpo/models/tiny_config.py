@@ -37,6 +37,11 @@ class TinyModelConfig:
         checkpoint must match (a config claiming what its weights cannot do is refused at build)."""
         return frozenset(k for k in ("sees_images", "edits") if getattr(self, k))
 
+    @property
+    def capabilities_known(self) -> bool:
+        """Whether ``capabilities`` are the model's (always: they are keys of this section)."""
+        return True
+
     def check(self, cfg) -> None:
         """The checks typing cannot make (``cfg``: the whole Config); ConfigError naming the key."""
         require(self.image_size % 4 == 0 and 16 <= self.image_size <= 64, "model.image_size",

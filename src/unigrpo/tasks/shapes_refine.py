@@ -28,8 +28,8 @@ import torch
 
 from unigrpo import rollout as R
 from unigrpo.config import Config
+from unigrpo.sampling import check_episode, generate_episode
 from unigrpo.tasks.shapes import ShapesTask
-from unigrpo.utils.dist import Dist
 from unigrpo.utils.images import save_grid
 from unigrpo.world import describe, description_correct, score_images
 from unigrpo.world.refine import parse_reflection, reflection, seen_descriptions
@@ -56,20 +56,12 @@ def no_reflections(prev: R.Round, rows: list[int]) -> list[str]:
 
 
 def eval_episode(model, prompts: list, cfg: Config, rounds: int, given=None) -> R.Episode:
-    """The deterministic episodes of ``prompts`` (one per prompt): seeds from ``eval.seed``, the ODE;
-    ``given``: ``sample_episode``'s (reflections teacher-forced, not sampled)."""
-    n, s, seed = len(prompts), cfg.sampler, cfg.eval.seed
-    keyed = [[R.derive_seed(seed, i, r, stream) for i in range(n)] for r in range(rounds)
-             for stream in (R.REASONING, R.NOISE)]
-    later = [R.RoundSeeds(keyed[2 * r], keyed[2 * r + 1], torch.zeros(n, dtype=torch.long)) for r in range(1, rounds)]
-    seeds = R.EpisodeSeeds(keyed[0], keyed[1], torch.zeros(n, dtype=torch.long), None, later)
-    text = {"thinking": True, "max_new_tokens": cfg.text.max_reasoning_tokens, "temperature": cfg.text.temperature,
-            "top_p": cfg.text.top_p, "batch_groups": True}
-    sampler = {"num_steps": s.eval_num_steps, "shift": s.shift, "kind": "flow_sde", "noise_level": 0.0,
-               "window_size": 1, "cfg_scale": s.eval_cfg_scale, "temperature": cfg.text.temperature,
-               "reduction": "mean"}  # noise level 0: every step is the Euler ODE step
-    chunks = list(torch.arange(n).split(64))
-    return R.sample_episode(model, prompts, 1, seeds, chunks, Dist(), text=text, sampler=sampler, given=given)
+    """The deterministic episodes of ``prompts`` (one per prompt): seeds from ``eval.seed``, the ODE
+    (``sampling.generate_episode``); ``given``: ``sample_episode``'s (reflections teacher-forced, not sampled)."""
+    s = cfg.sampler
+    return generate_episode(model, prompts, rounds, seed=cfg.eval.seed, num_steps=s.eval_num_steps, shift=s.shift,
+                            cfg_scale=s.eval_cfg_scale, max_new_tokens=cfg.text.max_reasoning_tokens,
+                            temperature=cfg.text.temperature, top_p=cfg.text.top_p, given=given)
 
 
 def evaluate_rounds(roll: R.Episode, tasks) -> dict[str, float]:
@@ -97,14 +89,16 @@ class ShapesRefineTask(ShapesTask):
     """The shapes world's prompts in multi-round episodes; evaluation round by round (module docstring)."""
 
     def check(self, model, cfg: Config) -> None:
-        """The model must have a reflection turn (``UnifiedModel.reflection_ids``): refused before a run
-        writes anything, not at its first later round."""
+        """The model must have a reflection turn (``UnifiedModel.reflection_ids``) and the evaluation's
+        guidance must not drop the drawn image (``sampling.check_episode``): refused before a run writes
+        anything, not at its first later round."""
         from unigrpo.utils.errors import InputError
 
         try:
             model.reflection_ids()
         except NotImplementedError as e:
             raise InputError(f"task.kind=shapes_refine: {e}") from None
+        check_episode(model, cfg.algo.rounds, cfg.sampler.eval_cfg_scale)
 
     def evaluate(self, model, cfg: Config, rewards, step: int, out: Path | None, mode: str = "think"
                  ) -> dict[str, float]:
