@@ -544,3 +544,42 @@ def qwenimage_edit_factory(seed: int = 0, text_rank: int = 4, image_rank: int = 
     model = build_model(cfg, checkpoint=None)
     return model.eval(), cfg, edit_prompts((1, 2, 1) if plus else (1, 1, 1))
 
+
+
+def bagel_incremental(model, segments):
+    """Bagel's own order of cache updates (``inferencer.py``) for ONE row, written against our decoder
+    layers: ``("text", ids)`` causal, one position per token; ``("image", img [3, H, W])`` its VAE
+    block at one position (latents through the gen expert, ``forward_cache_update_vae``) then its ViT
+    block at the next (und expert, ``forward_cache_update_vit``). Returns (log-probs of the last text
+    segment's ``ids[1:]``, None without text; the context as a ``BagelContext``)."""
+    from unigrpo.models.bagel import BagelContext
+    from unigrpo.models.bagel_edit import vae_tokens, vit_tokens
+    from unigrpo.models.bagel_mot import attention_mask
+
+    lm, emb = model.language_model, model.language_model.model.embed_tokens
+    kv, rope, n_keys, out, ids = None, 0, 0, None, None
+
+    def update(h, causal, gen_slice=None):
+        nonlocal kv, rope, n_keys
+        n = h.shape[1]
+        pos = rope + torch.arange(n)[None] if causal else torch.full((1, n), rope)
+        o, new = lm.run(h, pos, attention_mask(torch.ones(1, n_keys + n, dtype=torch.bool), n, causal), kv, gen=gen_slice)
+        kv = new if kv is None else [(torch.cat([k0, k1], 2), torch.cat([v0, v1], 2)) for (k0, v0), (k1, v1) in zip(kv, new)]
+        rope, n_keys = rope + (n if causal else 1), n_keys + n
+        return o
+
+    marks = emb(torch.tensor([[model.ids["vision_start"], model.ids["vision_end"]]]))
+    for kind, x in segments:
+        if kind == "text":
+            out, ids = update(emb(torch.tensor([x])), True), x
+        else:
+            lat = vae_tokens(model, x[None])
+            update(torch.cat([marks[:, :1], lat, marks[:, 1:]], 1), False, slice(1, lat.shape[1] + 1))
+            update(torch.cat([marks[:, :1], vit_tokens(model, x[None]), marks[:, 1:]], 1), False)
+    logp = None
+    if out is not None:
+        logits = lm.lm_head(lm.model.norm(out)).float()
+        logp = logits[:, :-1].log_softmax(-1).gather(2, torch.tensor([ids])[:, 1:, None])[..., 0]
+    ctx = BagelContext([k for k, _ in kv], [v for _, v in kv], torch.ones(1, n_keys, dtype=torch.bool),
+                       torch.tensor([rope]))
+    return logp, ctx

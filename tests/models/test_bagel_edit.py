@@ -18,18 +18,23 @@ import torch
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("peft")
-from conftest import BAGEL_PROMPTS, bagel_overrides, tiny_bagel_dir, tiny_bagel_edit_dir
+from conftest import (
+    BAGEL_PROMPTS,
+    bagel_incremental,
+    bagel_overrides,
+    tiny_bagel_dir,
+    tiny_bagel_edit_dir,
+)
 from safetensors.torch import load_file, save_file
 from test_bagel import qwen3_of
 
 from unigrpo.cli import main
 from unigrpo.config import ConfigError, load_config
 from unigrpo.models import build_model
-from unigrpo.models.bagel import PATCH, BagelContext
+from unigrpo.models.bagel import PATCH
 from unigrpo.models.bagel_cfg import EDIT
 from unigrpo.models.bagel_io import load_bagel
 from unigrpo.models.bagel_latent import patchify, sincos_2d, timestep_features, unpatchify
-from unigrpo.models.bagel_mot import attention_mask
 from unigrpo.models.bagel_vit import flattened_position_ids, resize_size, vit_patches
 from unigrpo.tasks import Prompt
 
@@ -177,39 +182,14 @@ def test_edit_context_and_velocity_equal_one_qwen3_sequence():
 
 
 def incremental_context(model, sys_ids, images, text_ids):
-    """Bagel's own order of cache updates (``inferencer.py``): the system text (causal), then per
-    image ``forward_cache_update_vae`` (block at one position, latents through the gen expert) and
-    ``forward_cache_update_vit`` (und expert), then the prompt + reasoning (causal). One row, our
-    decoder layers; returns (log-probs of ``text_ids[1:]``, the context)."""
-    lm, emb = model.language_model, model.language_model.model.embed_tokens
-    kv, rope, n_keys = None, 0, 0
-
-    def update(h, causal, gen_slice=None):
-        nonlocal kv, rope, n_keys
-        n = h.shape[1]
-        pos = rope + torch.arange(n)[None] if causal else torch.full((1, n), rope)
-        out, new = lm.run(h, pos, attention_mask(torch.ones(1, n_keys + n, dtype=torch.bool), n, causal), kv, gen=gen_slice)
-        kv = new if kv is None else [(torch.cat([k0, k1], 2), torch.cat([v0, v1], 2)) for (k0, v0), (k1, v1) in zip(kv, new)]
-        rope, n_keys = rope + (n if causal else 1), n_keys + n
-        return out
-
-    marks = emb(torch.tensor([[model.ids["vision_start"], model.ids["vision_end"]]]))
-    if sys_ids:
-        update(emb(torch.tensor([sys_ids])), True)
-    for img in images:
-        from unigrpo.models.bagel_edit import vae_tokens, vit_tokens
-
-        lat = vae_tokens(model, img[None])
-        update(torch.cat([marks[:, :1], lat, marks[:, 1:]], 1), False, slice(1, lat.shape[1] + 1))
-        update(torch.cat([marks[:, :1], vit_tokens(model, img[None]), marks[:, 1:]], 1), False)
-    logp = None
+    """Bagel's own order of cache updates (``bagel_incremental``): the system text, then per image its
+    VAE and ViT blocks, then the prompt + reasoning. Returns (log-probs of ``text_ids[1:]``, None
+    without ``text_ids``; the context)."""
+    segments = ([("text", sys_ids)] if sys_ids else []) + [("image", img) for img in images]
     if text_ids:
-        out = update(emb(torch.tensor([text_ids])), True)
-        logits = lm.lm_head(lm.model.norm(out)).float()
-        logp = logits[:, :-1].log_softmax(-1).gather(2, torch.tensor([text_ids])[:, 1:, None])[..., 0]
-    ctx = BagelContext([k for k, _ in kv], [v for _, v in kv], torch.ones(1, n_keys, dtype=torch.bool),
-                       torch.tensor([rope]))
-    return logp, ctx
+        segments.append(("text", text_ids))
+    logp, ctx = bagel_incremental(model, segments)
+    return (logp if text_ids else None), ctx
 
 
 def test_edit_context_equals_bagels_incremental_cache_updates_with_two_images():

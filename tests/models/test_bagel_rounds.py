@@ -14,15 +14,20 @@ import torch
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("peft")
-from conftest import BAGEL_PROMPTS, bagel_overrides, tiny_bagel_dir, tiny_bagel_edit_dir
+from conftest import (
+    BAGEL_PROMPTS,
+    bagel_incremental,
+    bagel_overrides,
+    tiny_bagel_dir,
+    tiny_bagel_edit_dir,
+)
 
 from unigrpo import rollout as R
 from unigrpo.cli import main
 from unigrpo.config import load_config
 from unigrpo.models import build_model
-from unigrpo.models.bagel import BagelContext, BagelModel
-from unigrpo.models.bagel_edit import image_anchors, vae_tokens, vit_tokens
-from unigrpo.models.bagel_mot import attention_mask
+from unigrpo.models.bagel import BagelModel
+from unigrpo.models.bagel_edit import image_anchors
 from unigrpo.models.decode import sample
 from unigrpo.tasks import Prompt
 from unigrpo.utils.dist import Dist
@@ -57,37 +62,6 @@ def episode(model, prompts, rounds=2, group=2, max_new_tokens=5):
     sampler = {"num_steps": 3, "shift": 3.0, "kind": "flow_sde", "noise_level": 0.8, "window_size": 2,
                "cfg_scale": 1.0, "temperature": 1.0, "reduction": "mean"}
     return R.sample_episode(model, prompts, group, seeds, [torch.arange(n)], Dist(), text=text, sampler=sampler)
-
-
-def incremental(model, segments):
-    """Bagel's own order of cache updates (``inferencer.py``) for ONE row: ``("text", ids)`` causal, one
-    position per token; ``("image", img [3, H, W])`` its VAE block at one position (latents through
-    the gen expert) then its ViT block at the next (und expert). Returns (log-probs of the last text
-    segment's ``ids[1:]``, the context)."""
-    lm, emb = model.language_model, model.language_model.model.embed_tokens
-    kv, rope, n_keys, out = None, 0, 0, None
-
-    def update(h, causal, gen_slice=None):
-        nonlocal kv, rope, n_keys
-        n = h.shape[1]
-        pos = rope + torch.arange(n)[None] if causal else torch.full((1, n), rope)
-        o, new = lm.run(h, pos, attention_mask(torch.ones(1, n_keys + n, dtype=torch.bool), n, causal), kv, gen=gen_slice)
-        kv = new if kv is None else [(torch.cat([k0, k1], 2), torch.cat([v0, v1], 2)) for (k0, v0), (k1, v1) in zip(kv, new)]
-        rope, n_keys = rope + (n if causal else 1), n_keys + n
-        return o
-
-    marks = emb(torch.tensor([[model.ids["vision_start"], model.ids["vision_end"]]]))
-    for kind, x in segments:
-        if kind == "text":
-            out, ids = update(emb(torch.tensor([x])), True), x
-        else:
-            lat = vae_tokens(model, x[None])
-            update(torch.cat([marks[:, :1], lat, marks[:, 1:]], 1), False, slice(1, lat.shape[1] + 1))
-            update(torch.cat([marks[:, :1], vit_tokens(model, x[None]), marks[:, 1:]], 1), False)
-    logits = lm.lm_head(lm.model.norm(out)).float()
-    logp = logits[:, :-1].log_softmax(-1).gather(2, torch.tensor([ids])[:, 1:, None])[..., 0]
-    ctx = BagelContext([k for k, _ in kv], [v for _, v in kv], torch.ones(1, n_keys, dtype=torch.bool), torch.tensor([rope]))
-    return logp, ctx
 
 
 def test_the_second_round_reads_the_drawn_image_after_the_reasoning(model):
@@ -136,7 +110,7 @@ def test_the_second_round_equals_bagels_incremental_cache_updates(model):
             after = [int(a) for a, keep in zip(t.ids[i, w:], t.mask[i, w:]) if keep]
             own = [("image", img) for img in (prompts[i].images if prompts[i].images is not None else [])]
             drawn = ("image", r0.images[i])
-            ref_lp, ref_ctx = incremental(model, [("text", before[:s]), *own, ("text", before[s:]), drawn,
+            ref_lp, ref_ctx = bagel_incremental(model, [("text", before[:s]), *own, ("text", before[s:]), drawn,
                                                   ("text", after)])
             resp = t.response_mask[i, w:][t.mask[i, w:]][1:]
             got = logp[i, w:][t.mask[i, w:]][1:]
@@ -144,7 +118,7 @@ def test_the_second_round_equals_bagels_incremental_cache_updates(model):
             torch.testing.assert_close(got[resp], ref_lp[0][resp], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(v[i:i + 1], model.velocity(x[i:i + 1], tt[i:i + 1], ref_ctx), atol=1e-5, rtol=1e-5)
             assert int(ctx.next_pos[i]) == int(ref_ctx.next_pos[0])
-            early, _ = incremental(model, [("text", before[:s]), *own, drawn, ("text", before[s:]), ("text", after)])
+            early, _ = bagel_incremental(model, [("text", before[:s]), *own, drawn, ("text", before[s:]), ("text", after)])
             assert (early[0][resp] - ref_lp[0][resp]).abs().max() > 1e-4  # the place of the image matters
 
 
