@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -109,7 +110,7 @@ def run_jobs(jobs: list[tuple[Path, list[list[str]]]], parallel: int) -> None:
             time.sleep(2)
             reap(False)
         out.mkdir(parents=True, exist_ok=True)
-        script = " && ".join(subprocess.list2cmdline(c) for c in cmds)
+        script = " && ".join(shlex.join(c) for c in cmds)  # POSIX quoting: bash runs it
         print("$", script, flush=True)
         with open(out / "stdout.log", "w") as log:
             running.append((subprocess.Popen(["bash", "-c", script], stdout=log, stderr=subprocess.STDOUT), out))

@@ -25,9 +25,7 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -56,13 +54,11 @@ def coverage(images, prompts, metadata) -> torch.Tensor:
     return (images.amax(dim=1) >= 0.5).float().mean(dim=(1, 2))
 
 
-def launch(out: Path, overrides: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "unigrpo.cli", "train", "builtin:demo", f"output_dir={out}", *BASE, *overrides]
-    out.mkdir(parents=True, exist_ok=True)
-    print("$", " ".join(cmd[2:]), flush=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
-    with open(out / "stdout.log", "w") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+def train_cmd(out: Path, name: str, overrides: list[str]) -> list[str]:
+    """`unigrpo train` of the run ``name`` (``objective/regulariser``) into ``out``."""
+    objective, reg = name.split("/")
+    return [sys.executable, "-m", "unigrpo.cli", "train", "builtin:demo", f"output_dir={out}", *BASE,
+            *OBJECTIVES[objective], *REGS[reg], *overrides]
 
 
 def curve(run: Path) -> dict:
@@ -184,16 +180,11 @@ def main() -> None:
     args = ap.parse_args()
     names = [f"{o}/{r}" for o in args.objectives for r in args.regs]
     if not args.collect_only:
-        running: list[tuple[subprocess.Popen, Path]] = []
-        for name in names:
-            while sum(p.poll() is None for p, _ in running) >= args.parallel:
-                time.sleep(2)
-            o, r = name.split("/")
-            out = args.root / name
-            running.append((launch(out, [*OBJECTIVES[o], *REGS[r], *args.overrides]), out))
-        for p, out in running:
-            if p.wait() != 0:
-                raise SystemExit(f"{out} failed: see {out / 'stdout.log'}")
+        from claims import run_jobs  # same folder: one launcher for the benchmarks' runs
+
+        # the runs import the proxy reward from this folder ("reward_hacking:coverage")
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
+        run_jobs([(args.root / n, [train_cmd(args.root / n, n, args.overrides)]) for n in names], args.parallel)
     res = {n: curve(args.root / n) for n in names if (args.root / n / "metrics.jsonl").exists()}
     res = {n: r for n, r in res.items() if len(r["evals"]) > 1 and r["train"]}  # started, not yet evaluated: later
     text = summarise(res)
