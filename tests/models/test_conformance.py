@@ -12,7 +12,7 @@ import torch
 from conftest import ADAPTERS
 from image_adapter import IgnoringTiny, seeing_factory
 
-from unigrpo.models import KINDS, build_model
+from unigrpo.models import KINDS, build_model, decode
 from unigrpo.models.base import ReferencePolicy, UnifiedModel
 from unigrpo.models.protocol import TokenBatch
 from unigrpo.tasks import Prompt
@@ -421,17 +421,36 @@ def test_one_loop_of_groups_equals_a_loop_per_group(adapter):
         model.sample_reasoning(model.encode(prompts), max_new_tokens=2, generator=gens)
 
 
-def test_decode_samples_the_tokens_of_the_per_adapter_loops():
-    """The engine samples, bit for bit, the tokens (and decode-time log-probs) that each adapter's
-    own decode loop sampled before the engine existed (``fixtures/decode_tokens.json``, recorded on
-    main at 4f22dcd with ``model.sample_reasoning(model.encode_prompts(rows), ...)`` and the
-    arguments below: one generator with top-p 0.9, temperature 1.3; one generator per row only for
-    the HF families, whose loop alone took them). One CPU thread, as when recording: the float
-    reductions of a matrix product depend on the thread count."""
+def multinomial_rows(logits: torch.Tensor, top_p: float, generator) -> torch.Tensor:
+    """The sampler the fixture was recorded with (the engine's until the inverse-CDF sampler):
+    ``torch.multinomial`` of the renormalised nucleus, one call per run of rows sharing a generator."""
+    def draw(rows: torch.Tensor, g) -> torch.Tensor:
+        return torch.multinomial(decode.nucleus(rows.softmax(-1), top_p), 1, generator=g)[:, 0]
+
+    if generator is None or isinstance(generator, torch.Generator):
+        return draw(logits, generator)
+    toks, start = [], 0
+    for end in range(1, len(generator) + 1):
+        if end == len(generator) or generator[end] is not generator[start]:
+            toks.append(draw(logits[start:end], generator[start]))
+            start = end
+    return torch.cat(toks)
+
+
+def test_decode_samples_the_tokens_of_the_per_adapter_loops(monkeypatch):
+    """Given the sampler they used, the engine samples, bit for bit, the tokens (and decode-time
+    log-probs) that each adapter's own decode loop sampled before the engine existed
+    (``fixtures/decode_tokens.json``, recorded on main at 4f22dcd with
+    ``model.sample_reasoning(model.encode_prompts(rows), ...)`` and the arguments below: one
+    generator with top-p 0.9, temperature 1.3; one generator per row only for the HF families, whose
+    loop alone took them): positions, caches, stopping and log-probs are theirs. The engine's own
+    sampler draws other tokens from the same seeds (``tests/models/test_decode.py``). One CPU
+    thread, as when recording: the float reductions of a matrix product depend on the thread count."""
     import json
     from pathlib import Path
 
     recorded = json.loads((Path(__file__).parent / "fixtures" / "decode_tokens.json").read_text())
+    monkeypatch.setattr(decode, "sample_rows", multinomial_rows)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

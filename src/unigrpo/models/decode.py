@@ -7,9 +7,13 @@ token, ``decode_step`` one token per row through that cache, the ``stop_ids``, t
 ``fixed_steps``. Everything else lives here:
 
 - **Sampling** (:func:`sample`): temperature, top-p nucleus, one ``torch.Generator`` for the batch
-  or one per row (:func:`sample_rows`: each contiguous run of rows sharing a generator is one draw,
+  or one per row (:func:`uniforms`: each contiguous run of rows sharing a generator is one draw,
   exactly what a loop over that run alone would draw, so several groups decode in ONE loop);
   rows stop independently at a stop id (kept: it is an action) and are padded after it.
+  A token is drawn by inverse CDF (:func:`inverse_cdf`) from ONE float64 uniform per row and step,
+  in token-id order, for every row in one vectorised pass: exact, and a function of the generator's
+  stream only (not ``torch.multinomial``'s draw of one exponential per vocabulary entry, which
+  Dec 5 and earlier used: the same seed now draws other tokens, docs/reliability.md).
 - **Positions**: a row's next token sits at the number of its real tokens so far (left padding
   takes no position); a finished row keeps its position (its later tokens are masked and unused).
 - **FSDP lockstep**: with ``fixed_steps`` (a sharded model, whose every forward is a collective)
@@ -33,7 +37,8 @@ import torch.nn.functional as F
 
 from unigrpo.models.protocol import TokenBatch
 
-__all__ = ["DecodeModel", "response_logprobs", "sample", "sample_rows", "sample_top_p", "target_logprobs"]
+__all__ = ["DecodeModel", "inverse_cdf", "nucleus", "response_logprobs", "sample", "sample_rows", "target_logprobs",
+           "uniforms"]
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -55,30 +60,50 @@ class DecodeModel(Protocol):
         among the cached ones and this token. Returns (float32 logits [B, V], the cache)."""
 
 
-def sample_top_p(logits: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row from softmax(logits) restricted to the top-p nucleus. [B, V] -> [B]."""
-    probs = logits.softmax(-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``probs`` [B, V] restricted to the top-p nucleus (the smallest set of most likely tokens whose
+    mass reaches ``top_p``), zero elsewhere and NOT renormalised (``inverse_cdf`` scales by the mass)."""
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(-1, descending=True)
+    drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
+    return torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row from the (unnormalised) ``probs`` [B, V] and ONE uniform ``u`` [B] in [0, 1):
+    the first token id whose cumulative mass, in id order, exceeds ``u`` times the row's mass. Exact
+    inverse-CDF sampling: token j is drawn iff u lies in [cdf[j-1], cdf[j]) / cdf[-1], an interval of
+    length p_j / sum(p); a zero-probability token has an empty interval and is never drawn. [B]."""
+    cdf = probs.double().cumsum(-1)  # float64: the intervals of tokens with p ~ 1e-8 keep their width
+    total = cdf[:, -1:]
+    # u < 1, but u * total can round up to total: stay below it, inside the last token's interval
+    v = torch.minimum(u.double()[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, v, right=True)[:, 0]  # first j with cdf[j] > v
+
+
+def uniforms(generator: Generators, n: int, device: torch.device) -> torch.Tensor:
+    """One float64 uniform in [0, 1) per row [n]: from one generator (or the global stream), or from
+    a sequence of one generator per row, each contiguous run of rows sharing a generator object
+    drawing its rows' uniforms in ONE call (what a loop over that run alone draws)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.rand(n, generator=generator, dtype=torch.float64, device=device)
+    if len(generator) != n:
+        raise ValueError(f"got {len(generator)} generators for {n} rows")
+    parts, start = [], 0
+    for end in range(1, n + 1):
+        if end == n or generator[end] is not generator[start]:
+            parts.append(torch.rand(end - start, generator=generator[start], dtype=torch.float64, device=device))
+            start = end
+    return torch.cat(parts)
 
 
 def sample_rows(logits: torch.Tensor, top_p: float, generator: Generators) -> torch.Tensor:
-    """``sample_top_p`` with one generator (or None) for all rows, or a sequence of one generator
-    per row: each contiguous run of rows sharing a generator object is one draw. [B, V] -> [B]."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return sample_top_p(logits, top_p, generator)
-    if len(generator) != logits.shape[0]:
-        raise ValueError(f"got {len(generator)} generators for {logits.shape[0]} rows")
-    toks, start = [], 0
-    for end in range(1, len(generator) + 1):
-        if end == len(generator) or generator[end] is not generator[start]:
-            toks.append(sample_top_p(logits[start:end], top_p, generator[start]))
-            start = end
-    return torch.cat(toks)
+    """One token per row from softmax(logits) restricted to the top-p nucleus, by ``inverse_cdf`` of
+    one uniform per row (``uniforms``: one generator or None for all rows, or one per row). Every
+    row of the batch is sampled in one vectorised pass: no per-token draw over the vocabulary (as
+    ``torch.multinomial`` makes), no per-group call. [B, V] -> [B]."""
+    return inverse_cdf(nucleus(logits.softmax(-1), top_p), uniforms(generator, logits.shape[0], logits.device))
 
 
 @torch.no_grad()
