@@ -25,3 +25,16 @@ def test_our_step_updates_the_model_on_policy():
     info = batched.step(prompts, 0)
     assert info["ratio_max"] == 1.0 and info["completion_len_mean"] == vs_trl.NEW_TOKENS
     assert any(not torch.equal(before[n], p) for n, p in lm.named_parameters())
+
+
+def test_the_static_variant_samples_the_same_batch_with_the_scored_logprobs(monkeypatch):
+    """``ours_static`` decodes the ``ours`` batch on a StaticKV; the decode-vs-teacher-forced check
+    the benchmark prints is float rounding for both."""
+    lm, tok = vs_trl.build_model_and_tokenizer()
+    sides = vs_trl.our_sides(lm, tok, compile=False)
+    assert list(sides) == ["ours", "ours_static", "ours_per_group"]
+    monkeypatch.setattr(vs_trl, "PROMPTS", vs_trl.PROMPTS[:2])
+    a, b = sides["ours"].sample(vs_trl.PROMPTS, 0), sides["ours_static"].sample(vs_trl.PROMPTS, 0)
+    assert torch.equal(a.ids, b.ids)
+    for side in ("ours", "ours_static"):
+        assert vs_trl.decode_vs_teacher_forced(sides[side]) < 1e-5
