@@ -12,8 +12,8 @@ token, ``decode_step`` one token per row through that cache, the ``stop_ids``, t
   rows stop independently at a stop id (kept: it is an action) and are padded after it.
   A token is drawn by inverse CDF (:func:`inverse_cdf`) from ONE float64 uniform per row and step,
   in token-id order, for every row in one vectorised pass: exact, and a function of the generator's
-  stream only (not ``torch.multinomial``'s draw of one exponential per vocabulary entry, which
-  Dec 5 and earlier used: the same seed now draws other tokens, docs/reliability.md).
+  stream only (the engine used ``torch.multinomial`` before, which draws one exponential per
+  vocabulary entry: the same seed now draws other tokens, docs/reliability.md "Determinism").
 - **Positions**: a row's next token sits at the number of its real tokens so far (left padding
   takes no position); a finished row keeps its position (its later tokens are masked and unused).
 - **FSDP lockstep**: with ``fixed_steps`` (a sharded model, whose every forward is a collective)
