@@ -26,7 +26,9 @@ What one timed step includes:
   logging (after it).
 - **ours** (``OurGRPO.step``): the chat template + tokenisation of the 64 prompts, our seeded
   KV-cache loop ``CausalLMReasoner.sample_reasoning`` with one ``torch.Generator`` per group (one
-  loop for all rows, a generator per row, on transformers' ``DynamicCache``; ``ours_static``: the
+  loop for all rows, a generator per row, on transformers' ``DynamicCache``; ``ours_before``: the
+  same with the engine's previous sampler, ``torch.multinomial``, i.e. the library before the fast
+  decode, timed in the same run; ``ours_static``: the
   same on our preallocated ``StaticKV``; ``ours_compiled`` (``--compile``): that static step under
   ``torch.compile``; ``ours_per_group``: ``rollout.sample_reasoning``, one loop per group, as
   ``unigrpo train`` samples with ``text.batch_groups: false``), decoding, the same reward,
@@ -34,9 +36,11 @@ What one timed step includes:
   ``text_grpo_loss(aggregation="seq_mean")`` with ``logp_old = logp.detach()`` (what TRL does at
   ``num_iterations=1``), backward, gradient clipping, AdamW, ``zero_grad``. Not included: logging.
 
-The three are interleaved in one process (each TRL step's ``on_step_end`` runs and times one step
+The sides are interleaved in one process (each TRL step's ``on_step_end`` runs and times one step
 of each of ours, in alternating order), so all see the same machine load; the first ``--warmup``
-steps of each are not counted.
+steps of each are not counted. Each step's wall time and process CPU time are both recorded: on a
+machine shared with other jobs the CPU time (``--threads 1``: no thread waits on another) is what
+a step costs, the wall time also what the scheduler gave it.
 Before timing, two cheap equivalence checks: on one group of our sampled batch, with the same
 advantages, our loss and TRL's own ``_compute_loss`` give the same value and the same gradient;
 and for each one-loop variant of ours, the decode-time log-probs of a full sampled batch equal
@@ -49,6 +53,7 @@ Prints the medians and writes benchmarks/results/vs_trl.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import itertools
@@ -101,11 +106,38 @@ def e_count(texts: list[str]) -> list[float]:
     return [float(t.count("e")) for t in texts]
 
 
+def multinomial_rows(logits: torch.Tensor, top_p: float, generator) -> torch.Tensor:
+    """The engine's sampler before the inverse-CDF one (``ours_before``): ``torch.multinomial`` of
+    the nucleus, one call per run of rows sharing a generator."""
+    from unigrpo.models.decode import nucleus
+
+    toks, start = [], 0
+    for end in range(1, len(generator) + 1):
+        if end == len(generator) or generator[end] is not generator[start]:
+            probs = nucleus(logits[start:end].softmax(-1), top_p)
+            toks.append(torch.multinomial(probs, 1, generator=generator[start])[:, 0])
+            start = end
+    return torch.cat(toks)
+
+
+@contextlib.contextmanager
+def previous_sampler(on: bool):
+    """While ``on``: the engine samples with ``multinomial_rows`` (only the sampler differs)."""
+    from unigrpo.models import decode
+
+    current = decode.sample_rows
+    decode.sample_rows = multinomial_rows if on else current
+    try:
+        yield
+    finally:
+        decode.sample_rows = current
+
+
 class OurGRPO:
     """A text-only GRPO step from unigrpo's own pieces (module docstring, "ours")."""
 
     def __init__(self, lm, tok, batched: bool, lr: float = LR, seed: int = SEED, static_cache: bool = False,
-                 compile: bool = False):
+                 compile: bool = False, multinomial: bool = False):
         from unigrpo.models.hf_text import CausalLMReasoner
 
         self.lm = lm
@@ -113,7 +145,7 @@ class OurGRPO:
         self.reasoner = CausalLMReasoner(lm, tok, stop_ids=(), static_cache=static_cache, compile=compile)
         # TRL's (transformers Trainer's) AdamW: betas (0.9, 0.999), eps 1e-8, weight decay 0
         self.opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.0)
-        self.seed, self.batched = seed, batched
+        self.seed, self.batched, self.multinomial = seed, batched, multinomial
 
     def sample(self, prompts: list[str], step: int, return_logprobs: bool = False):
         """[P * G, L] prompt + completion, group p drawing from its own seeded generator (and with
@@ -128,8 +160,9 @@ class OurGRPO:
         device = self.reasoner.device  # a generator lives where its draws are made
         gens = [g for s in seeds for g in [torch.Generator(device=device).manual_seed(s)] * GROUP]
         batch = self.reasoner.encode([p for p in prompts for _ in range(GROUP)])
-        return self.reasoner.sample_reasoning(batch, max_new_tokens=NEW_TOKENS, temperature=1.0, top_p=1.0,
-                                              generator=gens, return_logprobs=return_logprobs)
+        with previous_sampler(self.multinomial):
+            return self.reasoner.sample_reasoning(batch, max_new_tokens=NEW_TOKENS, temperature=1.0, top_p=1.0,
+                                                  generator=gens, return_logprobs=return_logprobs)
 
     def loss(self, tokens, adv: torch.Tensor):
         """(loss, stats) of one teacher-forced pass; ``logp_old = logp.detach()`` (1 epoch, on-policy)."""
@@ -217,10 +250,13 @@ def decode_vs_teacher_forced(ours: OurGRPO) -> float:
 
 
 def our_sides(lm, tok, compile: bool) -> dict:
-    """Each of our variants on its own copy of ``lm``: ``ours`` (one decode loop, DynamicCache),
+    """Each of our variants on its own copy of ``lm``: ``ours_before`` (``ours`` with the previous
+    sampler, ``torch.multinomial``: the library before the fast decode), ``ours`` (one decode loop,
+    DynamicCache, inverse-CDF sampling),
     ``ours_static`` (the same on a StaticKV), ``ours_compiled`` (``--compile``: the static step
     under torch.compile), ``ours_per_group`` (a loop per group, ``text.batch_groups: false``)."""
-    sides = {"ours": OurGRPO(copy.deepcopy(lm), tok, batched=True),
+    sides = {"ours_before": OurGRPO(copy.deepcopy(lm), tok, batched=True, multinomial=True),
+             "ours": OurGRPO(copy.deepcopy(lm), tok, batched=True),
              "ours_static": OurGRPO(copy.deepcopy(lm), tok, batched=True, static_cache=True)}
     if compile:
         sides["ours_compiled"] = OurGRPO(copy.deepcopy(lm), tok, batched=True, compile=True)
@@ -241,19 +277,22 @@ def run(steps: int, warmup: int, gradient_checkpointing: bool, compile: bool = F
     for model in (trainer.model, *(o.lm for o in ours.values())):
         model.load_state_dict(lm.state_dict())  # every side starts from the same weights again
     times = {"trl": [], **{k: [] for k in ours}}
+    cpu = {k: [] for k in times}  # process CPU time per step: what a step costs, whatever else the machine runs
     info = {k: [] for k in ours}
 
     class Interleave(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            self.t0 = now()
+            self.t0, self.c0 = now(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
             times["trl"].append(now() - self.t0)
+            cpu["trl"].append(time.process_time() - self.c0)
             step = len(times["trl"]) - 1
             for name in (list(ours) if step % 2 == 0 else list(ours)[::-1]):  # alternate the order
-                t0 = now()
+                t0, c0 = now(), time.process_time()
                 info[name].append(ours[name].step(PROMPTS, step))
                 times[name].append(now() - t0)
+                cpu[name].append(time.process_time() - c0)
 
     trl_phases = {"generate_and_score": [], "forward_loss": []}  # TRL's own methods, timed
 
@@ -274,11 +313,13 @@ def run(steps: int, warmup: int, gradient_checkpointing: bool, compile: bool = F
     trl_phases["backward_clip_adamw_rest"] = statistics.median(times["trl"][warmup:]) - sum(trl_phases.values())
     trl_len = [r["completions/mean_length"] for r in trainer.state.log_history if "completions/mean_length" in r]
     med = {k: statistics.median(v[warmup:]) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v[warmup:]) for k, v in cpu.items()}
     n = len(PROMPTS) * GROUP
     return {"trl_gradient_checkpointing": gradient_checkpointing, "compile": compile, "median_step_s": med,
             "ratio_over_trl": {k: med[k] / med["trl"] for k in ours},
             "trajectories_per_s": {k: n / v for k, v in med.items()},
-            "step_s": times, "counted_steps": steps, "warmup_steps": warmup,
+            "median_step_cpu_s": med_cpu, "cpu_ratio_over_trl": {k: med_cpu[k] / med_cpu["trl"] for k in ours},
+            "step_s": times, "step_cpu_s": cpu, "counted_steps": steps, "warmup_steps": warmup,
             "completion_len_mean": {"trl": trl_len, **{k: [r["completion_len_mean"] for r in v] for k, v in info.items()}},
             "reward_mean": {k: [r["reward_mean"] for r in v] for k, v in info.items()},
             "median_phases_s": {"trl": trl_phases, **{k: {p: statistics.median(r["phases_s"][p] for r in v[warmup:])
@@ -329,8 +370,9 @@ def main() -> None:
         m, q, e = r["median_step_s"], r["ratio_over_trl"], r["equivalence"]
         print(f"TRL gradient checkpointing={r['trl_gradient_checkpointing']}, median of {r['counted_steps']} steps:")
         for k in m:
-            ratio = f"  ratio to TRL {q[k]:.2f}" if k in q else ""
-            print(f"  {k:15s} {m[k]:.3f} s/step  {r['trajectories_per_s'][k]:6.1f} traj/s{ratio}")
+            ratio = f"  ratio to TRL {q[k]:.2f} (CPU time: {r['cpu_ratio_over_trl'][k]:.2f})" if k in q else ""
+            print(f"  {k:15s} {m[k]:.3f} s/step  {r['median_step_cpu_s'][k]:.3f} CPU s/step  "
+                  f"{r['trajectories_per_s'][k]:6.1f} traj/s{ratio}")
         print(f"  equivalence (1 group, same advantages): loss ours {e['loss_ours']:.3g} TRL {e['loss_trl']:.3g}, "
               f"max|grad diff| {e['grad_max_abs_diff']:.2g} (max|grad| {e['grad_max_abs']:.2g}); "
               f"our ratio max over all steps {r['ours_ratio_max']}")

@@ -32,9 +32,12 @@ def test_the_static_variant_samples_the_same_batch_with_the_scored_logprobs(monk
     the benchmark prints is float rounding for both."""
     lm, tok = vs_trl.build_model_and_tokenizer()
     sides = vs_trl.our_sides(lm, tok, compile=False)
-    assert list(sides) == ["ours", "ours_static", "ours_per_group"]
+    assert list(sides) == ["ours_before", "ours", "ours_static", "ours_per_group"]
     monkeypatch.setattr(vs_trl, "PROMPTS", vs_trl.PROMPTS[:2])
     a, b = sides["ours"].sample(vs_trl.PROMPTS, 0), sides["ours_static"].sample(vs_trl.PROMPTS, 0)
     assert torch.equal(a.ids, b.ids)
     for side in ("ours", "ours_static"):
         assert vs_trl.decode_vs_teacher_forced(sides[side]) < 1e-5
+    before = sides["ours_before"].sample(vs_trl.PROMPTS, 0)  # the previous sampler: other tokens, same seeds
+    assert before.ids.shape == a.ids.shape and not torch.equal(before.ids, a.ids)
+    assert torch.equal(sides["ours"].sample(vs_trl.PROMPTS, 0).ids, a.ids)  # the engine's sampler is back
