@@ -1,7 +1,7 @@
 """Text-only GRPO step time: unigrpo's pieces against TRL's ``GRPOTrainer``, same model, same CPU.
 
     HF_HUB_OFFLINE=1 python benchmarks/vs_trl.py [--steps 10] [--warmup 2] [--threads 2]
-        [--trl-gradient-checkpointing] [--compile] [--profile] [--device cpu|cuda]
+        [--trl-gradient-checkpointing] [--compile] [--no-per-group] [--profile] [--device cpu|cuda]
 
 Needs the ``bench`` extra (``pip install -e '.[dev,bench]'``: trl, datasets). Nothing is
 downloaded: the tokenizer is the tests' byte-level BPE trained in code (``tests/testkit.py``), the
@@ -249,7 +249,7 @@ def decode_vs_teacher_forced(ours: OurGRPO) -> float:
     return float((logp - logp_decode).abs().max())
 
 
-def our_sides(lm, tok, compile: bool) -> dict:
+def our_sides(lm, tok, compile: bool, per_group: bool = True) -> dict:
     """Each of our variants on its own copy of ``lm``: ``ours_before`` (``ours`` with the previous
     sampler, ``torch.multinomial``: the library before the fast decode), ``ours`` (one decode loop,
     DynamicCache, inverse-CDF sampling),
@@ -260,16 +260,18 @@ def our_sides(lm, tok, compile: bool) -> dict:
              "ours_static": OurGRPO(copy.deepcopy(lm), tok, batched=True, static_cache=True)}
     if compile:
         sides["ours_compiled"] = OurGRPO(copy.deepcopy(lm), tok, batched=True, compile=True)
-    sides["ours_per_group"] = OurGRPO(copy.deepcopy(lm), tok, batched=False)
+    if per_group:
+        sides["ours_per_group"] = OurGRPO(copy.deepcopy(lm), tok, batched=False)
     return sides
 
 
-def run(steps: int, warmup: int, gradient_checkpointing: bool, compile: bool = False, device: str = "cpu") -> dict:
+def run(steps: int, warmup: int, gradient_checkpointing: bool, compile: bool = False, device: str = "cpu",
+        per_group: bool = True) -> dict:
     from transformers import TrainerCallback
 
     lm, tok = build_model_and_tokenizer()
     lm.to(device)  # fp32 on every device: the same work on both sides
-    ours = our_sides(lm, tok, compile)
+    ours = our_sides(lm, tok, compile, per_group)
     trainer = make_trainer(copy.deepcopy(lm), tok, warmup + steps, gradient_checkpointing, device)
     equivalence = check_equivalence(ours["ours"], trainer)
     equivalence["decode_vs_teacher_forced_max_abs"] = {k: decode_vs_teacher_forced(o) for k, o in ours.items()
@@ -328,18 +330,21 @@ def run(steps: int, warmup: int, gradient_checkpointing: bool, compile: bool = F
 
 
 def profile_ours(path: Path) -> None:
-    """torch.profiler tables (self CPU time) of one step of ``ours`` and one of ``ours_static``,
-    each after one warm-up step."""
+    """torch.profiler tables (self CPU time) of one step of ``ours``, ``ours_static`` and
+    ``ours_compiled``, each after one warm-up step (which compiles)."""
     from torch.profiler import ProfilerActivity, profile
 
     lm, tok = build_model_and_tokenizer()
     tables = []
-    for name, static in (("ours", False), ("ours_static", True)):
-        ours = OurGRPO(copy.deepcopy(lm), tok, batched=True, static_cache=static)
+    for name, static, compile in (("ours", False, False), ("ours_static", True, False), ("ours_compiled", True, True)):
+        ours = OurGRPO(copy.deepcopy(lm), tok, batched=True, static_cache=static, compile=compile)
+        t0 = now()
         ours.step(PROMPTS, 0)
+        warmup_s = now() - t0
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             ours.step(PROMPTS, 1)
-        tables.append(f"{name}: one step\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        tables.append(f"{name}: one step (the warm-up step before it took {warmup_s:.2f} s)\n"
+                      + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     path.write_text("\n\n".join(tables) + "\n")
     print(f"wrote {path}")
 
@@ -355,6 +360,7 @@ def main() -> None:
                     help="also write torch.profiler's op table of one of our steps (vs_trl_profile.txt)")
     ap.add_argument("--compile", action="store_true",
                     help="also time ours_compiled: the static decode step under torch.compile (warm-up: the first steps)")
+    ap.add_argument("--no-per-group", action="store_true", help="leave ours_per_group out (a shorter run)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: both sides on the GPU (TRL: use_cpu=False)")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
@@ -363,9 +369,9 @@ def main() -> None:
     import transformers
     import trl
 
-    runs = [run(args.steps, args.warmup, False, args.compile, args.device)]
+    runs = [run(args.steps, args.warmup, False, args.compile, args.device, not args.no_per_group)]
     if args.trl_gradient_checkpointing:
-        runs.append(run(args.steps, args.warmup, True, args.compile, args.device))
+        runs.append(run(args.steps, args.warmup, True, args.compile, args.device, not args.no_per_group))
     for r in runs:
         m, q, e = r["median_step_s"], r["ratio_over_trl"], r["equivalence"]
         print(f"TRL gradient checkpointing={r['trl_gradient_checkpointing']}, median of {r['counted_steps']} steps:")
