@@ -126,7 +126,8 @@ def test_sections_with_a_kind_pick_their_dataclass():
     cfg = load_config(None, ["task.kind=prompts", "task.prompts=p.jsonl"])
     assert isinstance(cfg.task, PromptsTaskConfig) and cfg.task.prompts == "p.jsonl"
     assert to_dict(cfg)["task"] == {"kind": "prompts", "prompts": "p.jsonl", "eval_prompts": None}
-    with pytest.raises(ConfigError, match=r"^task.kind: must be one of 'shapes', 'prompts', got 'nope'$"):
+    with pytest.raises(ConfigError, match=r"^task.kind: must be one of 'shapes', 'prompts', 'shapes_edit', "
+                                          r"'shapes_refine', got 'nope'$"):
         load_config(None, ["task.kind=nope"])
     with pytest.raises(ConfigError, match=r"^task.prompts: unknown key for task.kind='shapes'"):
         load_config(None, ["task.prompts=p.jsonl"])

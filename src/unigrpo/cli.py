@@ -117,9 +117,14 @@ def _check_out_dir(out) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
     from unigrpo.models import build_model
     from unigrpo.sampling import generate
-    from unigrpo.utils.images import save_grid
+    from unigrpo.tasks import Prompt
+    from unigrpo.utils.images import read_image, resize_images, save_grid
 
     if not args.prompt.strip():
         return _fail("the prompt is empty")
@@ -127,8 +132,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
         return _fail(f"--n must be >= 1, got {args.n}")
     if not str(args.out).lower().endswith(".png"):
         return _fail(f"--out {args.out}: must be a .png file")
-    from pathlib import Path
-
+    pixels = []
+    for name in args.image or []:  # read before the model is built: a bad file costs nothing
+        if not Path(name).is_file():
+            return _fail(f"--image {name}: not found")
+        try:
+            pixels.append(read_image(name))
+        except ValueError as e:
+            return _fail(f"--image {name}: {e}")
     _check_out_dir(Path(args.out).parent)
     cfg = _load(args)
     model = build_model(cfg, checkpoint=args.checkpoint) if args.checkpoint else build_model(cfg)
@@ -136,13 +147,24 @@ def cmd_sample(args: argparse.Namespace) -> int:
         model.validate_prompts([args.prompt], cfg.text.max_reasoning_tokens)  # e.g. the tiny model's vocabulary
     except ValueError as e:
         return _fail(str(e))
-    gen = generate(model, [args.prompt] * args.n, thinking=cfg.text.thinking,
+    prompt, inputs = Prompt(args.prompt), None
+    if pixels:
+        if not (model.sees_images or model.edits):
+            return _fail(f"--image: model.kind={cfg.model.kind!r} as configured neither sees nor edits images "
+                         "(e.g. --config builtin:demo_edit)")
+        inputs = torch.cat([resize_images(x[None], model.input_image_size) for x in pixels])
+        prompt = prompt.with_images(inputs)
+    gen = generate(model, [prompt] * args.n, thinking=cfg.text.thinking,
                    num_steps=cfg.sampler.eval_num_steps, shift=cfg.sampler.shift,
                    cfg_scale=cfg.sampler.eval_cfg_scale, seed=args.seed,
                    max_new_tokens=cfg.text.max_reasoning_tokens, temperature=cfg.text.temperature)
     for i, text in enumerate(gen.reasoning):
         print(f"[{i}] {text}" if cfg.text.thinking else f"[{i}] (thinking off)")
-    path = save_grid(gen.images, args.out, nrow=min(args.n, 8), scale=4)
+    shown, labels = gen.images, None
+    if inputs is not None:  # the input(s) first, then the samples: what changed is seen at a glance
+        shown = torch.cat([inputs, gen.images])
+        labels = [f"in{j}" for j in range(len(inputs))] + [str(i) for i in range(args.n)]
+    path = save_grid(shown, args.out, nrow=min(len(shown), 8), scale=4, labels=labels)
     print(f"wrote {path}")
     return 0
 
@@ -294,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=4, help="how many samples")
     p.add_argument("--seed", type=int, default=0, help="noise + reasoning seed")
     p.add_argument("--out", default="sample.png", help="PNG to write")
+    p.add_argument("--image", action="append", metavar="PNG",
+                   help="an input image (repeat for several): the prompt is an instruction about it, "
+                        "for a model that sees or edits images")
     p.set_defaults(func=cmd_sample)
     return parser
 

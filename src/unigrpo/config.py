@@ -29,8 +29,9 @@ from unigrpo.models.tiny_config import PretrainConfig, TinyModelConfig
 from unigrpo.utils.typed_config import ConfigError, kind_of, load, require, to_dict
 
 __all__ = ["BAGEL_GEN_TARGETS", "BAGEL_UND_TARGETS", "BagelLoRAConfig", "BagelModelConfig", "Config", "ConfigError",
-           "HFModelConfig", "LoRAConfig", "PretrainConfig", "PromptsTaskConfig", "ShapesTaskConfig", "TinyModelConfig",
-           "builtin_configs", "load_config", "resolve_config_path", "resolve_rewards", "to_dict", "validate"]
+           "HFModelConfig", "LoRAConfig", "PretrainConfig", "PromptsTaskConfig", "ShapesEditTaskConfig",
+           "ShapesRefineTaskConfig", "ShapesTaskConfig", "TinyModelConfig", "builtin_configs", "load_config",
+           "resolve_config_path", "resolve_rewards", "to_dict", "validate"]
 
 
 # The ``model`` section, told apart by ``model.kind``: one dataclass per kind, in a light module beside
@@ -73,9 +74,51 @@ class PromptsTaskConfig:
         return frozenset()
 
 
+@dataclass
+class ShapesEditTaskConfig:
+    """``task.kind: shapes_edit``: the shapes world's edits (a rendered input scene + an instruction;
+    generated problems, held-out splits; docs/world.md)."""
+
+    kind: Literal["shapes_edit"] = "shapes_edit"  # prompt source + evaluator (unigrpo.tasks.TASKS)
+    prompt_pool: int = 4096  # training problems generated per data epoch (new seed each epoch)
+    image_size: int = 32  # side of the rendered input images, in pixels (the model's input size)
+    describe_weight: float = 0.0  # weight of "what is in the image" prompts (each edit category: 0.9 direct, 1.0 reasoning)
+
+    def check(self, cfg: Config) -> None:
+        """The checks typing cannot make; ConfigError naming the key."""
+        require(self.prompt_pool >= cfg.algo.prompts_per_step, "task.prompt_pool", "must be >= algo.prompts_per_step")
+        require(16 <= self.image_size <= 64, "task.image_size", "must be in [16, 64] (the renderer's range)")
+        require(self.describe_weight >= 0, "task.describe_weight", "must be >= 0")
+        for i, r in enumerate(cfg.rewards):  # the text-to-image rewards read a "spec" edits do not have
+            require(r.name not in ("shapes", "shapes_dense"), f"rewards[{i}].name",
+                    f"{r.name!r} scores text-to-image prompts; task.kind=shapes_edit is scored by "
+                    "'shapes_edit' (or 'shapes_edit_dense')")
+
+    def needs(self) -> frozenset[str]:
+        """The model capabilities the task's episodes need: it looks at the input and redraws it."""
+        return frozenset({"sees_images", "edits"})
+
+
+@dataclass
+class ShapesRefineTaskConfig:
+    """``task.kind: shapes_refine``: the shapes world in multi-round episodes (``algo.rounds``): later
+    rounds look at the image drawn before and reflect (``world/refine.py``); evaluated round by round."""
+
+    kind: Literal["shapes_refine"] = "shapes_refine"  # prompt source + evaluator (unigrpo.tasks.TASKS)
+    prompt_pool: int = 4096  # training prompts generated per data epoch (new seed each epoch)
+
+    def check(self, cfg: Config) -> None:
+        """The checks typing cannot make; ConfigError naming the key."""
+        require(self.prompt_pool >= cfg.algo.prompts_per_step, "task.prompt_pool", "must be >= algo.prompts_per_step")
+
+    def needs(self) -> frozenset[str]:
+        """The model capabilities the task's episodes need: seeing the image it drew."""
+        return frozenset({"sees_images"})
+
+
 # The ``task`` section, told apart by ``task.kind``; each has ``check(cfg)`` (its own checks) and
 # ``needs()`` (the model capabilities its episodes need).
-TaskConfig = ShapesTaskConfig | PromptsTaskConfig
+TaskConfig = ShapesTaskConfig | PromptsTaskConfig | ShapesEditTaskConfig | ShapesRefineTaskConfig
 
 
 @dataclass
@@ -108,7 +151,8 @@ class SamplerConfig:
 
 @dataclass
 class AlgoConfig:
-    """UniGRPO objective: GRPO on tokens + lambda * FlowGRPO on window steps (docs/algorithm.md)."""
+    """UniGRPO objective: GRPO on tokens + lambda * FlowGRPO on window steps (or DiffusionNFT: image_objective;
+    docs/algorithm.md)."""
 
     prompts_per_step: int = 8  # distinct prompts per optimisation step (paper: 32)
     group_size: int = 8  # trajectories per prompt (paper: 24)
@@ -134,6 +178,17 @@ class AlgoConfig:
     detach_context: bool = True  # image loss does not back-propagate into the text expert
     share_window_in_group: bool = True  # all trajectories of a group use the same window
     share_initial_noise_in_group: bool = False  # group members start from the same noise and differ only from the SDE window on
+    # flowgrpo: the SDE window's clipped likelihood ratio (UniGRPO); nft: DiffusionNFT (arXiv 2509.16117), forward-noised
+    # clean latents and implicit policies around the behaviour velocity, no log-probs (docs/algorithm.md)
+    image_objective: Literal["flowgrpo", "nft"] = "flowgrpo"  # the image expert's objective (the text side stays GRPO)
+    nft_beta: float = 1.0  # nft: mixing strength beta of the implicit policies v+- (upstream `beta`: 1; 0.1 for OCR)
+    nft_adv_clip: float = 5.0  # nft: C in r = clamp(A, -C, C) / (2C) + 1/2, also the loss multiplier (upstream adv_clip_max)
+    nft_timestep_fraction: float = 0.99  # nft: trains int(fraction * sampler.num_steps) (>= 1) of the sampler's times per trajectory
+    # multi-round episodes (think -> draw -> look -> reflect -> redraw; docs/training.md, "Multi-round episodes"):
+    rounds: int = 1  # rounds per episode at most (1: one reasoning + one image, as the paper); > 1 needs a model that sees images
+    credit: Literal["terminal", "per_round", "tree"] = "terminal"  # how the rounds share credit (algo.credit, docs/training.md)
+    improvement_weight: float = 1.0  # per_round: weight w of the improvement term reward_r - reward_{r-1}
+    tree_branches: int = 2  # tree: continuations K of each round-1 sample (group_size = round-1 samples x K)
 
 
 @dataclass
@@ -227,6 +282,25 @@ def _scheduled_kind() -> str:
     return next(kind_of(m) for m in typing.get_args(ModelConfig) if m.own_schedule)
 
 
+def _check_rounds(cfg: Config) -> None:
+    """Multi-round episodes: the model must see the image it drew; the tree needs whole sibling groups."""
+    a = cfg.algo
+    require(a.rounds >= 1, "algo.rounds", f"must be >= 1, got {a.rounds}")
+    require(a.improvement_weight >= 0, "algo.improvement_weight", f"must be >= 0, got {a.improvement_weight}")
+    if a.rounds == 1:
+        require(a.credit == "terminal", "algo.credit", f"{a.credit!r} needs algo.rounds >= 2 (one round has one reward)")
+        return
+    require("sees_images" in cfg.model.capabilities, "algo.rounds",
+            f"{a.rounds} rounds need a model that sees the image it drew (model.sees_images=true)")
+    require(cfg.text.thinking, "algo.rounds", "later rounds are reflections: text.thinking must be true")
+    require(a.image_objective == "flowgrpo", "algo.image_objective",
+            "nft is not implemented for multi-round episodes yet (algo.rounds > 1)")
+    if a.credit == "tree":
+        k = a.tree_branches
+        require(k >= 2 and a.group_size % k == 0 and a.group_size // k >= 2, "algo.tree_branches",
+                f"must be >= 2 and divide algo.group_size={a.group_size} into >= 2 round-1 samples, got {k}")
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks; raises ConfigError naming the key. Returns ``cfg`` for chaining."""
     s, a, t, o = cfg.sampler, cfg.algo, cfg.text, cfg.optim
@@ -259,10 +333,20 @@ def validate(cfg: Config) -> Config:
     require(1 <= s.window_size <= hi - lo, "sampler.window_size",
             f"must be in [1, window_range width {hi - lo}] (num_steps={s.num_steps}), got {s.window_size}")
     require(s.noise_level >= 0, "sampler.noise_level", "must be >= 0")
-    require(s.kind != "ode" or not a.train_image, "sampler.kind",
-            "'ode' has no log-probs; the image policy needs flow_sde or cps (or algo.train_image=false)")
-    require(s.noise_level > 0 or not a.train_image, "sampler.noise_level",
-            "must be > 0 to train the image policy (a deterministic step has no log-prob)")
+    flowgrpo = a.train_image and a.image_objective == "flowgrpo"  # the image loss reads the window's log-probs
+    require(s.kind != "ode" or not flowgrpo, "sampler.kind",
+            "'ode' has no log-probs; FlowGRPO needs flow_sde or cps (or algo.image_objective=nft, or algo.train_image=false)")
+    require(s.noise_level > 0 or not flowgrpo, "sampler.noise_level",
+            "must be > 0 for FlowGRPO (a deterministic step has no log-prob; algo.image_objective=nft needs none)")
+    require(a.nft_beta > 0, "algo.nft_beta", f"must be > 0, got {a.nft_beta}")
+    require(a.nft_adv_clip > 0, "algo.nft_adv_clip", f"must be > 0, got {a.nft_adv_clip}")
+    require(0 < a.nft_timestep_fraction <= 1, "algo.nft_timestep_fraction",
+            f"must be in (0, 1], got {a.nft_timestep_fraction}")
+    require(a.image_objective != "nft" or a.rounds == 1, "algo.image_objective",
+            f"nft trains one round per episode for now (algo.rounds=1, got {a.rounds}); multi-round episodes: flowgrpo")
+    require(a.image_objective != "nft" or a.beta_img == 0 or (s.kind != "ode" and s.noise_level > 0), "algo.beta_img",
+            "the latent KL needs a stochastic sampler step (sampler.kind flow_sde / cps, noise_level > 0)")
+    _check_rounds(cfg)
     require(s.cfg_scale >= 1 and s.eval_cfg_scale >= 1, "sampler.cfg_scale", "must be >= 1 (1 = no CFG)")
     require(t.temperature > 0, "text.temperature", "must be > 0")
     require(0 < t.top_p <= 1, "text.top_p", "must be in (0, 1]")

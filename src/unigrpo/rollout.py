@@ -2,9 +2,11 @@
 
 Batch layout: ``[P, G]`` (prompts x group) flattened prompt-major, ``N = P * G`` trajectories.
 An **episode** is a list of **rounds**; a round is one reasoning segment followed by one image
-(with its SDE window). UniGRPO today has one round per episode; multi-round generation (think ->
-draw -> look -> reflect -> redraw) appends rounds in ``sample_episode``'s rounds loop and the
-losses already sum over rounds (docs/design.md).
+(with its SDE window). UniGRPO has one round per episode; with ``algo.rounds`` > 1 (think -> draw
+-> look -> reflect -> redraw) ``sample_episode`` appends rounds: round r + 1 reads round r's
+context, the image it drew and the model's reflection turn (``reflection_tokens``), then draws
+again, or stops on the model's stop word (``Round.live`` / ``Round.drew`` mask what follows); the
+losses sum over rounds (docs/training.md, "Multi-round episodes").
 
 ``sample_episode`` is the whole rollout of one step on one rank: the reasoning of every group, the
 cross-rank width, then the chunks (each: its rounds), handing each finished chunk to a callback
@@ -38,7 +40,7 @@ different steps, which the loop handles row-wise (one model call per step either
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -47,8 +49,8 @@ from unigrpo.algo.sde import gaussian_log_prob, sde_step, sde_window
 from unigrpo.models.protocol import TokenBatch
 from unigrpo.utils import dist
 
-__all__ = ["Episode", "EpisodeSeeds", "Round", "WindowScores", "derive_seed", "guided_velocity", "sample_episode",
-           "sample_images", "sample_reasoning", "score_window", "window_starts"]
+__all__ = ["Episode", "EpisodeSeeds", "Round", "RoundSeeds", "WindowScores", "derive_seed", "guided_velocity",
+           "reflection_tokens", "sample_episode", "sample_images", "sample_reasoning", "score_window", "window_starts"]
 
 # Streams of independent randomness (the last key of derive_seed).
 REASONING, WINDOW, NOISE, SHUFFLE, TRAJ_WINDOW, GROUP_INIT = 0, 1, 2, 3, 4, 5
@@ -73,8 +75,11 @@ class Round:
     t_next: torch.Tensor  # [N, W]
     logp_img_old: torch.Tensor  # [N, W] behaviour log-probs of the window steps
     mean_old: torch.Tensor  # [N, W, *latent] behaviour step means (RatioNorm)
-    images: torch.Tensor  # [N, 3, H, W] in [0, 1], on the CPU (rewards, logging)
+    x0: torch.Tensor  # [N, *latent] the clean final latent the image was decoded from (DiffusionNFT)
+    images: torch.Tensor  # [N, 3, H, W] in [0, 1], on the CPU (rewards, logging); a row that did not draw: its last image
     reasoning: list[str]  # [N] decoded response texts
+    live: torch.Tensor  # [N] bool, CPU: the row acted this round (its tokens are actions; False: its episode had stopped)
+    drew: torch.Tensor  # [N] bool, CPU: the row drew this round's image (False: stopped; its window is zeros, no loss)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -108,8 +113,9 @@ class Round:
 
 @dataclass
 class Episode:
-    """Trajectories [N] as a list of rounds (every row has the same number of rounds); the reward
-    scores the last round's image. One round today (module docstring)."""
+    """Trajectories [N] as a list of rounds (every row has the same number of rounds; a row that
+    stopped early is masked in its later rounds: ``Round.live`` / ``Round.drew``); the last round's
+    images are the final ones (module docstring)."""
 
     rounds: list[Round]
 
@@ -124,7 +130,7 @@ class Episode:
     @property
     def reasoning(self) -> list[str]:
         """[N] the reasoning of every round, joined (what ``metadata["reasoning"]`` holds)."""
-        return [" ".join(texts) for texts in zip(*(r.reasoning for r in self.rounds))]
+        return [" ".join(t for t in texts if t) for texts in zip(*(r.reasoning for r in self.rounds))]
 
     def reasoning_tokens(self) -> torch.Tensor:
         """[N] generated reasoning tokens per trajectory, all rounds."""
@@ -191,21 +197,61 @@ def window_starts(group_seeds: list[int], traj_seeds: list[int], group_size: int
 def sample_images(model, tokens: TokenBatch, noise_seeds: list[int], window_start: torch.Tensor, *,
                   num_steps: int, shift: float, kind: str, noise_level: float, window_size: int,
                   cfg_scale: float, temperature: float, reduction: str, detach_context: bool = True,
-                  init_seeds: list[int] | None = None) -> Round:
+                  init_seeds: list[int] | None = None, draw: torch.Tensor | None = None,
+                  kept: Round | None = None) -> Round:
     """One round of one chunk of B rows: behaviour text log-probs + image with the SDE window (module docstring).
 
     ``init_seeds`` [B]: when given, the initial noise comes from these (e.g. one seed per group:
     the group shares its starting noise) and only the window noise from ``noise_seeds``.
     ``detach_context`` (``algo.detach_context``): the velocity reads ``model.detach_context(ctx)``,
     as training does -- no gradient here either way, but a model may compute a detached context's
-    velocity by another path (Bagel: detached und weights), and the first ratio must be exactly 1."""
-    b, w, dev = len(tokens), window_size, tokens.ids.device
+    velocity by another path (Bagel: detached und weights), and the first ratio must be exactly 1.
+    ``draw`` [B] bool (multi-round; None: every row): only these rows draw. The others keep the
+    image of ``kept`` (their previous round) with an all-zero window and ``drew`` False: no fake
+    sample. The drawing rows' image context then comes from a pass over those rows alone, which
+    the training repeats (``train.round_loss``), so their first ratio is exactly 1 too."""
+    b, dev = len(tokens), tokens.ids.device
     logp_old, ctx = model.forward_context(tokens, temperature)  # THE behaviour log-probs [B, L]
+    drew = torch.ones(b, dtype=torch.bool) if draw is None else draw.cpu()
+    rows = drew.nonzero()[:, 0]  # [D] the drawing rows
+    if 0 < len(rows) < b:
+        _, ctx = model.forward_context(tokens.index(rows.to(dev)), temperature)
     ctx = model.detach_context(ctx) if detach_context else ctx
+    sub = [noise_seeds[i] for i in rows.tolist()]
+    init = None if init_seeds is None else [init_seeds[i] for i in rows.tolist()]
+    kw = {"num_steps": num_steps, "shift": shift, "kind": kind, "noise_level": noise_level, "cfg_scale": cfg_scale,
+          "reduction": reduction}
+    if len(rows) == b:
+        rec, x = _denoise(model, ctx, sub, window_start, window_size, init, **kw)
+        x0, images = x, model.decode(x).cpu()
+    else:  # some rows had stopped: zeros in their window, their kept image as the round's
+        rec = _empty_window(model, b, window_size, dev)
+        x0, images = kept.x0.clone(), kept.images.clone()
+        if len(rows):
+            part, x = _denoise(model, ctx, sub, window_start[rows], window_size, init, **kw)
+            for name, val in part.items():
+                rec[name][rows.to(dev)] = val
+            x0[rows.to(x0.device)], images[rows] = x.to(x0.dtype), model.decode(x).cpu()
+    return Round(tokens=tokens, logp_old=logp_old, x0=x0, images=images, reasoning=model.decode_text(tokens),
+                 live=torch.ones(b, dtype=torch.bool), drew=drew, **rec)
+
+
+def _empty_window(model, b: int, w: int, dev) -> dict[str, torch.Tensor]:
+    """The window record of ``b`` rows, all zeros (float32)."""
+    rec = {k: torch.zeros(b, w, *model.latent_shape, device=dev) for k in ("x_t", "x_next", "mean_old")}
+    rec.update({k: torch.zeros(b, w, device=dev) for k in ("t", "t_next", "logp_img_old")})
+    return rec
+
+
+def _denoise(model, ctx, noise_seeds: list[int], window_start: torch.Tensor, w: int, init_seeds: list[int] | None, *,
+             num_steps: int, shift: float, kind: str, noise_level: float, cfg_scale: float, reduction: str):
+    """The denoising loop of ``sample_images`` over the B rows of ``ctx``: (window record, final latent x0)."""
+    b = len(noise_seeds)
     null = model.null_context(b) if cfg_scale != 1.0 else None
     gens = [torch.Generator().manual_seed(s) for s in noise_seeds]  # CPU: device-independent draws
     init = gens if init_seeds is None else [torch.Generator().manual_seed(s) for s in init_seeds]
-    x = torch.stack([torch.randn(model.latent_shape, generator=g) for g in init]).to(dev)
+    x = torch.stack([torch.randn(model.latent_shape, generator=g) for g in init]).to(model.device)
+    dev = x.device
     grid = model.timesteps(num_steps, shift).to(dev)  # [num_steps + 1], float32
     start = window_start.to(dev)
     rec = {k: x.new_zeros(b, w, *model.latent_shape) for k in ("x_t", "x_next", "mean_old")}
@@ -235,8 +281,16 @@ def sample_images(model, tokens: TokenBatch, noise_seeds: list[int], window_star
                           ("t_next", t_next), ("logp_img_old", logp)):
             rec[name][rows, s] = val[rows].to(rec[name].dtype)
         x = torch.where(inside.reshape(bcast), x_sde, x_ode)
-    return Round(tokens=tokens, logp_old=logp_old, images=model.decode(x).cpu(),
-                 reasoning=model.decode_text(tokens), **rec)
+    return rec, x
+
+
+@dataclass
+class RoundSeeds:
+    """The randomness of one later round (r >= 1) of a step's episodes on one rank, per trajectory."""
+
+    reasoning: list[int]  # [N_local] one decode generator per trajectory (its reflection)
+    noise: list[int]  # [N_local] initial + window noise of each trajectory's new image
+    window_start: torch.Tensor  # [N_local] first window step of each trajectory
 
 
 @dataclass
@@ -247,28 +301,83 @@ class EpisodeSeeds:
     noise: list[int]  # [N_local] initial + window noise of each trajectory
     window_start: torch.Tensor  # [N_local] first window step of each trajectory
     init: list[int] | None = None  # [N_local] initial noise instead of ``noise`` (a group's shared start)
+    later: list[RoundSeeds] = field(default_factory=list)  # rounds 2.. of multi-round episodes (keyed by the round)
+
+
+def reflection_tokens(model, prev: Round, live: torch.Tensor, seeds: list[int], *, max_new_tokens: int,
+                      temperature: float, top_p: float, given: list[str] | None = None) -> TokenBatch:
+    """The next round's tokens of B rows: ``prev``'s tokens (its reasoning now context) + the image
+    it drew (appended to the row's images: the model sees it) + the reflection turn
+    (``model.reflection_ids``) + the sampled reflection of the ``live`` rows [B] (row ``i`` draws from
+    generator ``seeds[i]``), right-padded to the fixed width ``prev width + turn + max_new_tokens``:
+    the width depends on nothing but the round, so no chunk or rank has to agree on it.
+    ``given`` [B] (evaluation): these reflections, teacher-forced, instead of sampled ones."""
+    t, turn = prev.tokens, model.reflection_ids()
+    b, dev = len(t), t.ids.device
+    turn_ids = torch.tensor(turn, dtype=t.ids.dtype, device=dev).expand(b, -1)
+    ctx = TokenBatch(torch.cat([t.ids, turn_ids], 1), torch.cat([t.mask, torch.ones_like(turn_ids, dtype=torch.bool)], 1),
+                     torch.zeros(b, t.ids.shape[1] + len(turn), dtype=torch.bool, device=dev))
+    drawn = prev.images.to(dev)
+    ctx = ctx.with_images([drawn[i:i + 1] if (own := t.row_images(i)) is None else torch.cat([own, drawn[i:i + 1]])
+                           for i in range(b)])
+    width = ctx.ids.shape[1] + max_new_tokens
+    out = ctx.padded(width, model.pad_id)
+    rows = live.nonzero()[:, 0]
+    if not len(rows):
+        return out
+    if given is not None:
+        sampled = model.with_response(ctx.index(rows.to(dev)), [given[i] for i in rows.tolist()])
+        if sampled.ids.shape[1] > width:
+            raise ValueError(f"a given reflection is longer than text.max_reasoning_tokens={max_new_tokens}")
+        sampled = sampled.padded(width, model.pad_id)
+    else:
+        gens = [torch.Generator(device=dev).manual_seed(seeds[i]) for i in rows.tolist()]
+        sampled = model.sample_reasoning(ctx.index(rows.to(dev)), max_new_tokens=max_new_tokens,
+                                         temperature=temperature, top_p=top_p, generator=gens).padded(width, model.pad_id)
+    ids, mask, resp = out.ids.clone(), out.mask.clone(), out.response_mask.clone()
+    at = rows.to(dev)
+    ids[at], mask[at], resp[at] = sampled.ids, sampled.mask, sampled.response_mask
+    return TokenBatch(ids, mask, resp, out.images, out.image_mask)
 
 
 def sample_episode(model, prompts: list, group_size: int, seeds: EpisodeSeeds, chunks: list[torch.Tensor], ranks,
-                   *, text: dict, sampler: dict, on_chunk: Callable[[Episode, list[int]], None] | None = None
-                   ) -> Episode:
+                   *, text: dict, sampler: dict, on_chunk: Callable[[Episode, list[int]], None] | None = None,
+                   branches: int = 1, given: Callable[[Round, list[int]], list[str]] | None = None) -> Episode:
     """One step's episodes on this rank, ``[P_local * G]`` prompt-major (module docstring).
 
     ``text``: ``sample_reasoning``'s options; ``sampler``: ``sample_images``'; ``chunks``: the rows
     of each chunk (rollout chunks are the first PPO epoch's micro-batches: same rows, order, width);
-    ``on_chunk(episodes, rows)`` is called as soon as a chunk is sampled."""
-    tokens = sample_reasoning(model, prompts, group_size, seeds.reasoning, **text, ranks=ranks)
+    ``on_chunk(episodes, rows)`` is called as soon as a chunk is sampled.
+
+    Multi-round (``seeds.later``: one entry per round after the first): round r + 1's context is
+    round r's + its image + the reflection turn (``reflection_tokens``); a row whose reflection says
+    ``model.stop_word`` draws no more (``Round.drew`` False) and acts no more in later rounds
+    (``Round.live`` False). ``branches`` K > 1 (tree credit): each group holds G / K round-1
+    samples, each repeated K times in a row (same reasoning; the caller gives the copies the same
+    noise seeds), whose later rounds branch. ``given(prev, rows)`` (evaluation): the reflections of
+    the chunk's rows on their previous round ``prev``, teacher-forced instead of sampled."""
+    tokens = sample_reasoning(model, prompts, group_size // branches, seeds.reasoning, **text, ranks=ranks)
+    if branches > 1:  # row (p, m, k) = round-1 sample m of prompt p, continuation k
+        tokens = tokens.index(torch.arange(len(tokens), device=tokens.ids.device).repeat_interleave(branches))
     width = dist.all_reduce_max(tokens.ids.shape[1], ranks, model.device)  # one width on every rank
     tokens = tokens.padded(width, model.pad_id)
+    reflect = {k: text[k] for k in ("max_new_tokens", "temperature", "top_p")}
     parts = []
     for idx in chunks:
         rows = idx.tolist()
         rounds = [sample_images(model, tokens.index(idx.to(tokens.ids.device)), [seeds.noise[k] for k in rows],
                                 seeds.window_start[idx], **sampler,
                                 init_seeds=None if seeds.init is None else [seeds.init[k] for k in rows])]
-        # Multi-round generation continues here: round r + 1 extends round r's tokens with the
-        # model's look at round r's image and its new reasoning, then draws again (its own seeds,
-        # keyed by the round); the losses already sum over an episode's rounds.
+        for later in seeds.later:  # round r + 1: look at round r's image, reflect, draw again (or stop)
+            prev = rounds[-1]
+            live = prev.drew.clone()  # still going: it drew last round
+            toks = reflection_tokens(model, prev, live, [later.reasoning[k] for k in rows], **reflect,
+                                     given=None if given is None else given(prev, rows))
+            done = torch.tensor([model.says_done(r) for r in model.decode_text(toks)], dtype=torch.bool) & live
+            rnd = sample_images(model, toks, [later.noise[k] for k in rows], later.window_start[idx], **sampler,
+                                draw=live & ~done, kept=prev)
+            rnd.live = live
+            rounds.append(rnd)
         parts.append(Episode(rounds))
         if on_chunk is not None:
             on_chunk(parts[-1], rows)

@@ -322,3 +322,48 @@ def test_window_edge_cases():
 def test_window_bad_arguments(args):
     with pytest.raises(ValueError):
         sde_window(*args)
+
+
+# ---------------------------------------------------------------- gaussian_log_prob's allocation-free form
+def elementwise_log_prob(x, mean, std, reduction):
+    """The element-by-element definition: the Gaussian log-density of each element with a safe std of
+    1 on deterministic rows, each such element then zeroed, and only then reduced over the row."""
+    std = std.reshape(-1, *([1] * (mean.ndim - 1))) if std.ndim == 1 else std
+    stochastic = std > 0
+    safe = torch.where(stochastic, std, torch.ones_like(std))
+    lp = -(x.detach() - mean) ** 2 / (2 * safe**2) - torch.log(safe) - 0.5 * math.log(2 * math.pi)
+    lp = torch.where(stochastic, lp, torch.zeros_like(lp)).reshape(len(lp), -1)
+    return lp.mean(1) if reduction == "mean" else lp.sum(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("std_shape", ["per_row", "flat", "scalar", "zero_scalar"])
+def test_gaussian_log_prob_is_bitwise_the_elementwise_definition(dtype, reduction, std_shape):
+    """Zeroing a deterministic row after the reduction (no [B, D] select, no ones/zeros tensors) gives
+    the very values and gradients of zeroing each element first."""
+    from unigrpo.algo.sde import gaussian_log_prob
+
+    x, mean0 = rand(5, 3, 4, 4, seed=1).to(dtype), rand(5, 3, 4, 4, seed=2).to(dtype)
+    std = {"per_row": torch.tensor([0.3, 0.0, 1.7, 0.0, 0.05], dtype=dtype).reshape(5, 1, 1, 1),
+           "flat": torch.tensor([0.3, 0.0, 1.7, 0.0, 0.05], dtype=dtype),
+           "scalar": torch.tensor(0.4, dtype=dtype), "zero_scalar": torch.tensor(0.0, dtype=dtype)}[std_shape]
+    grads = []
+    for fn in (gaussian_log_prob, elementwise_log_prob):
+        mean = mean0.clone().requires_grad_(True)
+        lp = fn(x, mean, std, reduction)
+        (lp * torch.arange(1.0, 6.0, dtype=dtype)).sum().backward()
+        grads.append((lp.detach(), mean.grad))
+    (lp_new, g_new), (lp_ref, g_ref) = grads
+    assert lp_new.shape == (5,) and lp_new.dtype == dtype
+    assert torch.equal(lp_new, lp_ref) and torch.equal(g_new, g_ref)
+    assert torch.isfinite(lp_new).all() and torch.isfinite(g_new).all()
+    if std_shape in ("per_row", "flat"):
+        assert lp_new[1] == 0 and lp_new[3] == 0 and lp_new[0] != 0
+
+
+def test_gaussian_log_prob_refuses_a_per_element_std():
+    from unigrpo.algo.sde import gaussian_log_prob
+
+    with pytest.raises(ValueError, match=r"one std per sample"):
+        gaussian_log_prob(rand(2, 3), rand(2, 3), rand(2, 3).abs())

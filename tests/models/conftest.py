@@ -39,12 +39,23 @@ TINY_PROMPTS = ["a red circle", "two blue squares above a green triangle",
                 "a yellow triangle left of a green circle"]
 
 
-def tiny_factory(seed: int = 0):
+def tiny_factory(seed: int = 0, text_to_image_vocab: bool = False):
     """A random tiny model, every weight perturbed by 0.05 * randn (the UNet's output layer is
-    zero-initialised)."""
+    zero-initialised). ``text_to_image_vocab``: the world's vocabulary before the edit words were
+    appended (the model fixtures recorded before then were drawn with it)."""
     cfg = load_config(None, TINY)
     torch.manual_seed(seed)
-    model = build_model(cfg, checkpoint=None)
+    if text_to_image_vocab:
+        from unigrpo.models.tiny import TinyConfig, TinyUnifiedModel
+        from unigrpo.world.knowledge import all_words
+        from unigrpo.world.tokenizer import SPECIALS, WordTokenizer
+
+        tok, m = WordTokenizer([*SPECIALS, *all_words()]), cfg.model
+        model = TinyUnifiedModel(TinyConfig(vocab_size=tok.vocab_size, d_text=m.d_text, text_layers=m.text_layers,
+                                            text_heads=m.text_heads, unet_channels=tuple(m.unet_channels),
+                                            image_size=m.image_size, max_seq_len=m.max_seq_len), tok)
+    else:
+        model = build_model(cfg, checkpoint=None)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -232,15 +243,67 @@ def bagel_factory(seed: int = 0, text_rank: int = 0, image_rank: int = 4):
     return model.eval(), cfg, list(BAGEL_PROMPTS)
 
 
+_BAGEL_EDIT_DIR: list[str] = []
+
+
+def tiny_bagel_edit_dir() -> str:
+    """The tiny BAGEL folder WITH the ViT path (``vit_config.json``, ``vit_model.*``, ``connector.*``,
+    ``vit_pos_embed``: SigLIP width 32, 2 layers, patch 4, 8 patches per side), written once per session."""
+    if not _BAGEL_EDIT_DIR:
+        import tempfile
+
+        from unigrpo.models.bagel_io import write_tiny_bagel
+
+        _BAGEL_EDIT_DIR.append(str(write_tiny_bagel(tempfile.mkdtemp(prefix="unigrpo_bagel_edit_"), vit=True)))
+    return _BAGEL_EDIT_DIR[0]
+
+
+def bagel_edit_prompts(seed: int = 0, side: int = 16) -> list:
+    """``BAGEL_PROMPTS`` carrying 1, 0 and 2 random input images (``side`` px: the model resizes them)."""
+    from unigrpo.tasks import Prompt
+
+    g = torch.Generator().manual_seed(100 + seed)
+    return [Prompt(text, images=torch.rand(n, 3, side, side, generator=g) if n else None)
+            for n, text in zip((1, 0, 2), BAGEL_PROMPTS)]
+
+
+def bagel_edit_factory(seed: int = 0, text_rank: int = 0, image_rank: int = 4):
+    """``bagel_factory`` on the folder with the ViT: the model sees and edits; its prompts carry
+    input images (``bagel_edit_prompts``)."""
+    pytest.importorskip("tokenizers")
+    if image_rank or text_rank:
+        pytest.importorskip("peft")
+    cfg = load_config(None, bagel_overrides(tiny_bagel_edit_dir(), text_rank, image_rank))
+    torch.manual_seed(seed)
+    model = build_model(cfg, checkpoint=None)
+    with torch.no_grad():
+        for _, p in model.parameter_groups()["text"]:
+            p.add_(0.02 * torch.randn_like(p))
+    return model.eval(), cfg, bagel_edit_prompts()
+
+
 # model.kind -> factory(seed=0) -> (model, cfg, prompts). One line per adapter.
 ADAPTERS: dict[str, Callable[..., tuple[Any, Any, list[str]]]] = {
     "tiny": tiny_factory,
     "hf": hf_factory,
     "hf:qwenimage": qwenimage_factory,
     "bagel": bagel_factory,
+    "bagel:edit": bagel_edit_factory,  # with the ViT: sees and edits input images
     "hf:sd3": lambda seed=0: sd3_factory(seed),  # defined at the end of this file
-    "tiny:sees": lambda seed=0: _seeing(seed),  # a test adapter that sees input images (image_adapter.py)
+    "tiny:sees": lambda seed=0: _seeing(seed),  # the tiny model that sees and edits (image_adapter.py)
+    "hf:flux2_ref": lambda seed=0: flux2_ref_factory(seed),  # FLUX.2 [klein] prompts with reference images
 }
+
+
+def flux2_ref_factory(seed: int = 0):
+    """``hf_factory``'s model with prompts that carry 1, 0 and 2 reference images (16 px: the tiny
+    VAE's crop multiple is 4), so every conformance test runs with the references in the context."""
+    from unigrpo.tasks import Prompt
+
+    model, cfg, prompts = hf_factory(seed)
+    g = torch.Generator().manual_seed(200)
+    return model, cfg, [Prompt(p, images=torch.rand(n, 3, 16, 16, generator=g) if n else None)
+                        for n, p in zip((1, 0, 2), prompts)]
 
 
 def _seeing(seed: int = 0):

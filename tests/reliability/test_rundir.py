@@ -176,6 +176,27 @@ def test_tensorboard_does_not_get_a_step_twice_after_a_resume(tmp_path):
     assert [(e.step, e.value) for e in acc.Scalars("reward/mean")] == [(1, 1.0), (2, 20.0), (3, 30.0)]
 
 
+def test_tensorboard_gets_every_key_of_a_step_from_one_event(tmp_path):
+    """RunLogger writes a step's scalars as one event (not one per key): TensorBoard reads back every
+    key at its step with its value, as it did from add_scalar's per-key events."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from unigrpo.utils.logging import RunLogger
+
+    log = RunLogger(tmp_path, True, 2)
+    rows = {1: {"reward/mean": 0.25, "loss/image/pg_loss": -1.5, "perf/step_s": 3.0},
+            2: {"reward/mean": 0.5, "loss/image/pg_loss": 2.0, "perf/step_s": 0.125}}
+    for step, metrics in rows.items():
+        log.log(step, metrics)
+    log.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert sorted(acc.Tags()["scalars"]) == sorted(rows[1])
+    for key in rows[1]:
+        assert [(e.step, e.value) for e in acc.Scalars(key)] == [(s, rows[s][key]) for s in rows]
+
+
 def test_resume_key_policy_for_reward_terms():
     """Where a remote reward is served may change on resume; which reward, its weight, a judge's
     model or an added term may not."""

@@ -24,4 +24,8 @@ def test_groupwise_term_is_the_same_whatever_the_chunk_size(tiny_checkpoint, tmp
         logged[micro] = [(r["reward/group_diversity"], r["reward/slow_rewards:count_calls"])
                          for r in rows if "reward/mean" in r]
     assert len(logged[8]) == 2 and all(calls == 4.0 for _, calls in logged[8])  # whole groups of 4
-    assert logged[2] == logged[8]
+    assert logged[2][0] == logged[8][0]  # step 1: the same weights, the same whole groups: bit for bit
+    # step 2 is drawn after an update whose gradient was accumulated over micro-batches of 2 or 8:
+    # the weights (hence the images) may differ in the last float bits, the term's calls may not
+    (d2, c2), (d8, c8) = logged[2][1], logged[8][1]
+    assert c2 == c8 == 4.0 and abs(d2 - d8) <= 1e-5 * abs(d8)

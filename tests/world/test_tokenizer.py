@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from unigrpo.world import WordTokenizer, build_world_tokenizer, wrong_reasoning
-from unigrpo.world.knowledge import all_words
+from unigrpo.world.knowledge import EDIT_WORDS, all_words
 from unigrpo.world.tokenizer import SPECIALS
 
 
@@ -17,7 +17,9 @@ def test_special_ids_are_fixed_and_vocab_deterministic():
         5,
     )
     assert tok.vocab[:6] == list(SPECIALS)
-    assert tok.vocab[6:] == sorted(tok.vocab[6:]) == all_words()
+    n = len(all_words())
+    assert tok.vocab[6 : 6 + n] == sorted(tok.vocab[6 : 6 + n]) == all_words()
+    assert tok.vocab[6 + n :] == list(EDIT_WORDS)  # appended: the original ids never move
     assert build_world_tokenizer().vocab == tok.vocab
     assert {".", ",", "<think>", "</think>"} <= set(tok.vocab)
 

@@ -101,13 +101,18 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if std.ndim == 1:
         std = std.reshape(-1, *([1] * (mean.ndim - 1)))  # [B] -> [B, 1, ..., 1]
+    if std.ndim and any(n != 1 for n in std.shape[1:]):
+        raise ValueError(f"std must be 0-d, [B] or [B, 1, ..., 1] (one std per sample), got shape {tuple(std.shape)}")
     stochastic = std > 0
-    safe_std = torch.where(stochastic, std, torch.ones_like(std))  # why: no 1/0 in value or gradient
+    # scalar fill values: no ones_like / zeros_like tensors (an allocation each, per call)
+    safe_std = torch.where(stochastic, std, 1.0)  # why: no 1/0 in value or gradient
     action = x.detach().to(mean.dtype)  # detach: density of a fixed action (score-function grad)
     lp = -(action - mean) ** 2 / (2 * safe_std**2) - torch.log(safe_std) - _HALF_LOG_2PI  # [B, *latent]
-    lp = torch.where(stochastic, lp, torch.zeros_like(lp))  # deterministic step: probability-1 action
     lp = lp.reshape(lp.shape[0], -1)  # [B, D]
-    return lp.mean(dim=1) if reduction == "mean" else lp.sum(dim=1)
+    lp = lp.mean(dim=1) if reduction == "mean" else lp.sum(dim=1)  # [B]
+    # deterministic step: probability-1 action. Zeroing the reduced row equals zeroing every element
+    # (lp is finite there: safe_std = 1), and costs a [B] select instead of a [B, D] one.
+    return torch.where(stochastic.reshape(-1).expand(lp.shape[0]), lp, 0.0)
 
 
 def _flow_sde_mean_std(x, v, t, t_next, a: float, t_tilde_first):

@@ -38,6 +38,9 @@ sampled after it and ends at ``<|im_end|>`` (an action, scored). Positions are `
   ``trainable_state`` gathers on every rank, ``save`` (rank 0) writes that gather.
 - **Reference** (``UnifiedModel.reference``): LoRA sides with adapters disabled, fully trained sides
   (and ``train_heads``' heads) a snapshot of their tensors substituted by name (never a second copy).
+- **Input images** (image-to-image, with the ViT path: ``sees_images`` and ``edits``): each enters
+  the context as Bagel's VAE block then ViT block between the system segment and the prompt, in the
+  same one pass (``bagel_edit``); the rest (decode, velocity, CFG branches) reads that context.
 - **Unclosed reasoning**: a row that hits ``max_new_tokens`` before ``<|im_end|>`` stays open (the
   official inferencer closes every segment; a closing token would be an unscored token).
 """
@@ -48,7 +51,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from unigrpo.models.bagel_cfg import cfg_contexts, cfg_velocity
+from unigrpo.models.bagel_cfg import EDIT, cfg_contexts, cfg_velocity
+from unigrpo.models.bagel_edit import EditCache, image_part, position_mask, text_positions
 from unigrpo.models.bagel_latent import (
     PATCH,
     BagelContext,
@@ -58,6 +62,7 @@ from unigrpo.models.bagel_latent import (
     unpatchify,
 )
 from unigrpo.models.bagel_mot import LLMConfig, Qwen2MoTForCausalLM, attention_mask
+from unigrpo.models.bagel_vit import Connector, SiglipNaViT, ViTConfig
 from unigrpo.models.base import FSDPRoot, UnifiedModel, inject_lora
 from unigrpo.models.decode import response_logprobs
 from unigrpo.models.hf_text import positions
@@ -74,14 +79,27 @@ SPECIALS = {"start": "<|im_start|>", "end": "<|im_end|>", "vision_start": "<|vis
 
 
 class BagelModel(UnifiedModel):
-    """BAGEL-7B-MoT for text-to-image with thinking (module docstring). Submodules carry the
+    """BAGEL-7B-MoT for text-to-image with thinking, and image-to-image when built with its ViT
+    (``vit``: then it sees and edits input images, ``bagel_edit``). Submodules carry the
     checkpoint's names: ``language_model``, ``time_embedder``, ``vae2llm``, ``llm2vae``,
-    ``latent_pos_embed``; ``vae`` holds ``ae.safetensors``."""
+    ``latent_pos_embed`` (+ ``vit_model``, ``connector``, ``vit_pos_embed``, frozen); ``vae`` holds
+    ``ae.safetensors``. ``vit_max_size`` / ``vit_min_size``: the ViT transform's edges (Bagel's
+    inference: 980 = the ViT's image_size, 224)."""
 
     def __init__(self, llm: LLMConfig, tokenizer, vae, *, max_latent_size: int, timestep_dim: int = 256,
                  resolution: int = 512, think: bool = True, system_prompt: str | None = None,
-                 train_heads: bool = False, logits_chunk: int = 1024):
+                 train_heads: bool = False, logits_chunk: int = 1024, vit: ViTConfig | None = None,
+                 vit_max_size: int | None = None, vit_min_size: int = 224):
         super().__init__()
+        self.sees_images = self.edits = vit is not None  # the input image enters as VAE and ViT blocks
+        if vit is not None:
+            self.vit_model = SiglipNaViT(vit).requires_grad_(False)
+            self.connector = Connector(vit.hidden_size, llm.hidden_size).requires_grad_(False)
+            self.vit_pos_embed = PositionEmbedding(vit.max_side, llm.hidden_size)
+            self.vit_max_size, self.vit_min_size = vit_max_size or vit.image_size, vit_min_size
+            if self.vit_max_size > vit.image_size:  # the ViT's position table ends there
+                raise ValueError(f"model.vit_max_size: {self.vit_max_size} is more than the ViT's image_size "
+                                 f"{vit.image_size} ({vit.max_side} patches per side of {vit.patch_size} px)")
         self.llm_config, self.tokenizer = llm, tokenizer
         self.language_model = Qwen2MoTForCausalLM(llm)
         z = vae.z_channels
@@ -101,6 +119,8 @@ class BagelModel(UnifiedModel):
             raise ValueError(f"model.resolution: {resolution} must be a multiple of {vae.downsample * PATCH} with at most "
                              f"{max_latent_size} latent patches per side (max_latent_size of the checkpoint)")
         self.resolution, self.latent_shape = resolution, (z, side, side)
+        # what a task resizes input images to (the VAE block reads the input at the output's size)
+        self.input_image_size = (resolution, resolution) if vit is not None else None
         self.think = think
         self.system_prompt = (THINK_SYSTEM_PROMPT if system_prompt is None else system_prompt) if think else None
         self.train_heads, self.logits_chunk = train_heads, logits_chunk
@@ -139,8 +159,9 @@ class BagelModel(UnifiedModel):
     # ----------------------------------------------------------------- forward phases
     def forward(self, phase: str, *args):
         """Every phase runs through here (the FSDP2 root's hooks): ``phase`` in text / logits /
-        scored / image."""
-        return {"text": self._text, "logits": self._logits, "scored": self._scored, "image": self._image}[phase](*args)
+        scored / image / joint (image blocks + text)."""
+        return {"text": self._text, "logits": self._logits, "scored": self._scored, "image": self._image,
+                "joint": self._joint}[phase](*args)
 
     def _text(self, ids: torch.Tensor, pos: torch.Tensor, key_mask: torch.Tensor, past):
         """Und-expert pass of ``ids`` [B, L] (the last L of ``key_mask``'s keys) over ``past``."""
@@ -163,11 +184,26 @@ class BagelModel(UnifiedModel):
             out.append(checkpoint(chunk, hc, tc, use_reentrant=False) if torch.is_grad_enabled() else chunk(hc, tc))
         return torch.cat(out, 1)
 
+    def _joint(self, tokens: TokenBatch):
+        """The pass over a batch with input images (``bagel_edit``): its image blocks, then the text.
+        Returns (hidden states [B, L, H] of the text, per-layer K/V of [image columns | text], the
+        ``ImagePart``)."""
+        part, lm = image_part(self, tokens), self.language_model
+        h = torch.cat([part.emb.to(self.vae2llm.weight.dtype), lm.model.embed_tokens(tokens.ids)], 1)
+        pos = torch.cat([part.pos, text_positions(self, tokens.mask, part.shift)], 1)
+        out, kv = lm.run(h, pos, position_mask(pos, torch.cat([part.mask, tokens.mask], 1)), None,
+                         gen=slice(0, part.n_gen), detach_gen=True)  # the text loss: und expert only
+        return out[:, part.emb.shape[1]:], kv, part
+
     def _scored(self, tokens: TokenBatch, temperature: float):
-        """The teacher-forced pass: (log-probs [B, L] of the response tokens, per-layer K/V)."""
-        h, kv = self._text(tokens.ids, positions(tokens.mask), tokens.mask, None)
+        """The teacher-forced pass: (log-probs [B, L] of the response tokens, per-layer K/V, the
+        ``ImagePart`` of the input images or None)."""
+        if tokens.images is None:
+            (h, kv), part = self._text(tokens.ids, positions(tokens.mask), tokens.mask, None), None
+        else:
+            h, kv, part = self._joint(tokens)
         logp = response_logprobs(self._token_logp(h[:, :-1], tokens.ids[:, 1:], temperature), tokens.response_mask)
-        return logp, kv
+        return logp, kv, part
 
     def _image(self, x_t: torch.Tensor, t: torch.Tensor, ctx: BagelContext) -> torch.Tensor:
         b, z, hh, ww = x_t.shape
@@ -206,24 +242,36 @@ class BagelModel(UnifiedModel):
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def prefill(self, tokens: TokenBatch):
-        """The decode engine's prefill: und-expert pass over the prompts, logits of the next token."""
+        """The decode engine's prefill: und-expert pass over the prompts (after their image blocks),
+        logits of the next token."""
+        if tokens.images is not None:
+            h, kv, part = self("joint", tokens)
+            return self("logits", h[:, -1:])[:, 0], EditCache(kv, part.mask, part.shift)
         h, cache = self("text", tokens.ids, positions(tokens.mask), tokens.mask, None)
         return self("logits", h[:, -1:])[:, 0], cache
 
     def decode_step(self, tok: torch.Tensor, pos: torch.Tensor, key_mask: torch.Tensor, cache):
-        h, kv = self("text", tok[:, None], pos[:, None], key_mask, cache)
-        cache = [(torch.cat([k0, k1], 2), torch.cat([v0, v1], 2)) for (k0, v0), (k1, v1) in zip(cache, kv)]
-        return self("logits", h)[:, 0], cache
+        """One token per row; with images the engine's text positions and key mask are moved past
+        the image blocks (``EditCache``)."""
+        edit = isinstance(cache, EditCache)
+        kv_past = cache.kv if edit else cache
+        if edit:
+            pos, key_mask = pos + cache.shift, torch.cat([cache.image_mask, key_mask], 1)
+        h, kv = self("text", tok[:, None], pos[:, None], key_mask, kv_past)
+        kv_past = [(torch.cat([k0, k1], 2), torch.cat([v0, v1], 2)) for (k0, v0), (k1, v1) in zip(kv_past, kv)]
+        return self("logits", h)[:, 0], EditCache(kv_past, cache.image_mask, cache.shift) if edit else kv_past
 
     def forward_context(self, tokens: TokenBatch, temperature: float = 1.0) -> tuple[torch.Tensor, BagelContext]:
-        logp, kv = self("scored", tokens, temperature)
+        logp, kv, part = self("scored", tokens, temperature)
         count = tokens.mask.long().cumsum(1)
         last_col = (count == count[:, -1:]).long().argmax(1)  # each row's last real token (right pads follow it)
         last = tokens.ids.gather(1, last_col[:, None])[:, 0]
         dangling = (last == self.ids["start"]) & ~tokens.response_mask.any(1)  # thinking off: no open segment
         col = torch.arange(tokens.ids.shape[1], device=tokens.ids.device)
         mask = tokens.mask & ~(dangling[:, None] & (col[None] == last_col[:, None]))
-        return logp, BagelContext([k for k, _ in kv], [v for _, v in kv], mask, mask.long().sum(1))
+        next_pos = mask.long().sum(1) if part is None else mask.long().sum(1) + part.shift
+        mask = mask if part is None else torch.cat([part.mask, mask], 1)  # keys: [image columns | text]
+        return logp, BagelContext([k for k, _ in kv], [v for _, v in kv], mask, next_pos)
 
     def null_context(self, batch_size: int) -> BagelContext:
         """BAGEL's text-CFG context: the system prompt alone (think mode), else an empty cache."""
@@ -246,10 +294,12 @@ class BagelModel(UnifiedModel):
 
     def eval_guidance(self, tokens: TokenBatch, ctx: BagelContext, cfg_scale: float):
         """Evaluation CFG (``sampling.generate`` with ``sampler.eval_cfg_scale != 1``): Bagel's
-        two-branch guidance with ``cfg_scale`` as its text scale and the official text-to-image
-        rest (img scale 1.5, interval (0.4, 1], per-row global renorm; ``bagel_cfg``)."""
+        two-branch guidance with ``cfg_scale`` as its text scale and the official rest: text-to-image
+        img scale 1.5, interval (0.4, 1], per-row global renorm; with input images the edit settings
+        (img scale 2, interval (0, 1], text_channel renorm; ``bagel_cfg``)."""
         ctx_text, ctx_img = self.cfg_contexts(tokens)
-        return lambda x_t, t: self.cfg_velocity(x_t, t, ctx, ctx_text, ctx_img, text_scale=cfg_scale)
+        rest = EDIT if tokens.images is not None else {}
+        return lambda x_t, t: self.cfg_velocity(x_t, t, ctx, ctx_text, ctx_img, text_scale=cfg_scale, **rest)
 
     # ----------------------------------------------------------------- image phase
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, ctx: BagelContext) -> torch.Tensor:
@@ -285,10 +335,12 @@ class BagelModel(UnifiedModel):
         self.language_model.checkpointing = True
 
     def fsdp_plan(self) -> tuple[list[FSDPRoot], str]:
-        """Every MoT decoder layer a unit, the whole model the root, the VAE replicated (module docstring)."""
+        """Every MoT decoder layer a unit, the whole model the root, the VAE (and the ViT path: frozen,
+        read once per batch) replicated (module docstring)."""
         layers = list(self.language_model.model.layers)
-        return [FSDPRoot(self, layers, ignored=set(self.vae.parameters()), unit_name="decoder layer")], \
-            f"{len(layers)} MoT decoder layers, the model as root (VAE replicated)"
+        frozen = [self.vae] + ([self.vit_model, self.connector, self.vit_pos_embed] if self.sees_images else [])
+        return [FSDPRoot(self, layers, ignored={p for m in frozen for p in m.parameters()}, unit_name="decoder layer")], \
+            f"{len(layers)} MoT decoder layers, the model as root (VAE{' and ViT' if self.sees_images else ''} replicated)"
 
     def export_formats(self) -> tuple[str, ...]:
         """``merged`` (default): the released layout, trained weights merged; ``lora`` (both experts

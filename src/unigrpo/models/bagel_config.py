@@ -35,7 +35,6 @@ class BagelModelConfig:
     """``model.kind: bagel``: BAGEL-7B-MoT from its released folder (docs/models.md, Bagel section)."""
 
     own_schedule: ClassVar[bool] = True  # Bagel's timestep shift is its own grid: sampler.shift may be null
-    capabilities: ClassVar[frozenset[str]] = frozenset()  # of sees_images / edits: none yet (docs/design.md)
 
     kind: Literal["bagel"] = "bagel"  # model adapter (unigrpo.models.KINDS); each kind has its own keys
     path: str = ""  # folder with llm_config.json, ema.safetensors, ae.safetensors, tokenizer.json
@@ -49,6 +48,16 @@ class BagelModelConfig:
     gradient_checkpointing: bool = False  # recompute every decoder layer in backward (text pass and velocity)
     logits_chunk: int = 1024  # lm_head + log-softmax over this many positions at a time (recomputed in backward)
     fsdp: bool = False  # under torchrun with > 1 rank: FSDP2, one unit per MoT decoder layer (False: a replica per rank)
+    vit: bool = True  # load the ViT path when the folder has vit_config.json: the model then sees and edits input images
+    vit_max_size: int | None = None  # ViT transform's long edge; null = the ViT's image_size (980: Bagel's inference)
+    vit_min_size: int = 224  # ViT transform's short edge (Bagel's inference: 224)
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """Of sees_images / edits: both when the folder has the ViT path and ``vit`` is on
+        (docs/models.md, Bagel section), else none."""
+        has_vit = bool(self.path) and (Path(self.path).expanduser() / "vit_config.json").is_file()
+        return frozenset({"sees_images", "edits"}) if self.vit and has_vit else frozenset()
 
     def check(self, cfg) -> None:
         """The checks typing cannot make (``cfg``: the whole Config); ConfigError naming the key."""
@@ -59,6 +68,8 @@ class BagelModelConfig:
         require(self.resolution > 0 and self.resolution % 16 == 0, "model.resolution",
                 "must be a positive multiple of 16")
         require(self.logits_chunk >= 1, "model.logits_chunk", "must be >= 1")
+        require(self.vit_min_size > 0 and (self.vit_max_size is None or self.vit_max_size >= self.vit_min_size),
+                "model.vit_min_size", "must be > 0 and at most model.vit_max_size")
         full = [side for side, rank in (("text", lora.text_rank), ("image", lora.image_rank)) if rank == 0]
         trained = [s for s in full if getattr(cfg.algo, f"train_{s}")]
         require(self.dtype == "float32" or not trained, "model.dtype",
@@ -81,3 +92,5 @@ def check_bagel_folder(path: str) -> None:
             read_json(folder / name, "model.path")
         elif (problem := safetensors_problem(folder / name)) is not None:
             raise ConfigError(f"model.path: {folder / name}: {problem}")
+    if (folder / "vit_config.json").is_file():  # optional: the ViT path (image input)
+        read_json(folder / "vit_config.json", "model.path")

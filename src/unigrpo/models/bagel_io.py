@@ -7,8 +7,11 @@ A folder (the HF repo ``ByteDance-Seed/BAGEL-7B-MoT``) holds:
   RMS eps, rope theta); BAGEL forces ``qk_norm`` on and untied embeddings, and so do we;
 - ``ema.safetensors``: every BAGEL weight but the VAE: ``language_model.*`` (und + ``*_moe_gen``),
   ``time_embedder.mlp.{0,2}``, ``vae2llm``, ``llm2vae``, ``latent_pos_embed.pos_embed``, and the
-  ViT understanding path (``vit_model.*``, ``connector.*``, ``vit_pos_embed.*``), which
-  text-to-image does not use: those keys are ignored;
+  ViT understanding path (``vit_model.*``, ``connector.*``, ``vit_pos_embed.*``): loaded when the
+  folder has ``vit_config.json`` (the model then sees and edits input images, ``bagel_edit``) and
+  ``vit`` is on; ignored otherwise (text-to-image does not use them);
+- ``vit_config.json``: the SigLIP geometry; Bagel drops its last layer (the release says 27, the
+  checkpoint holds 26 ``encoder.layers``): the layer count must be the config's minus one;
 - ``ae.safetensors``: the FLUX autoencoder (``encoder.*``, ``decoder.*``);
 - ``tokenizer.json``: the Qwen2 tokenizer (read with the ``tokenizers`` package).
 
@@ -28,8 +31,10 @@ from pathlib import Path
 import torch
 
 from unigrpo.models.bagel import SPECIALS, THINK_SYSTEM_PROMPT, BagelModel
+from unigrpo.models.bagel_latent import sincos_2d
 from unigrpo.models.bagel_mot import LLMConfig
 from unigrpo.models.bagel_vae import AutoEncoder
+from unigrpo.models.bagel_vit import ViTConfig
 from unigrpo.utils.checkpoint import verify_sums
 from unigrpo.utils.errors import CheckpointError
 
@@ -86,9 +91,22 @@ def read_llm_config(folder: Path) -> LLMConfig:
     return LLMConfig(**{k: raw[k] for k in LLM_KEYS if k in raw})
 
 
-def load_bagel(path: str | Path, *, device="cpu", dtype: str = "float32", **kwargs):
+def read_vit_config(folder: Path, shapes: dict[str, tuple[int, ...]]) -> ViTConfig:
+    """``vit_config.json`` with the layers ``ema.safetensors`` holds (the config's count minus the
+    one Bagel drops; anything else is refused in one line)."""
+    c = ViTConfig.from_json(folder / "vit_config.json")
+    prefix = "vit_model.vision_model.encoder.layers."
+    held = len({k[len(prefix):].split(".")[0] for k in shapes if k.startswith(prefix)})
+    if held != c.num_hidden_layers - 1:
+        raise ValueError(f"{folder / 'ema.safetensors'}: holds {held} ViT layers, vit_config.json says "
+                         f"{c.num_hidden_layers} (Bagel uses all but the last: expected {c.num_hidden_layers - 1})")
+    return ViTConfig(**{**c.__dict__, "num_hidden_layers": held})
+
+
+def load_bagel(path: str | Path, *, device="cpu", dtype: str = "float32", vit: bool = True, **kwargs):
     """A ``BagelModel`` from the folder ``path`` (module docstring); ``kwargs`` go to the model.
-    The VAE stays float32 (84 M parameters; decoding is not trained)."""
+    ``vit``: load the ViT path when the folder has one (False: text-to-image only, its memory
+    saved). The VAE stays float32 (84 M parameters; decoding is not trained)."""
     from tokenizers import Tokenizer
 
     folder = Path(path)
@@ -100,14 +118,15 @@ def load_bagel(path: str | Path, *, device="cpu", dtype: str = "float32", **kwar
     shapes = _shapes(ema)
     tok = Tokenizer.from_file(str(_require(folder, "tokenizer.json")))
     vae_arch = AutoEncoder.arch_from_shapes(_shapes(ae))
+    vit_cfg = read_vit_config(folder, shapes) if vit and (folder / "vit_config.json").is_file() else None
     with torch.device("meta"):
         vae = AutoEncoder(**vae_arch)
         pos = shapes.get("latent_pos_embed.pos_embed", (1,))[0]
         model = BagelModel(llm, tok, vae, max_latent_size=math.isqrt(pos),
-                           timestep_dim=shapes.get("time_embedder.mlp.0.weight", (0, 256))[1], **kwargs)
+                           timestep_dim=shapes.get("time_embedder.mlp.0.weight", (0, 256))[1], vit=vit_cfg, **kwargs)
     model.vae = None  # loaded on its own (another file, float32)
     model.to(DTYPES[dtype]).to_empty(device=device)
-    load_into(model, ema, device, DTYPES[dtype], IGNORED_PREFIXES)
+    load_into(model, ema, device, DTYPES[dtype], () if vit_cfg is not None else IGNORED_PREFIXES)
     vae = vae.to_empty(device=device)
     load_into(vae, ae, device, torch.float32)
     model.vae = vae.requires_grad_(False)
@@ -115,12 +134,15 @@ def load_bagel(path: str | Path, *, device="cpu", dtype: str = "float32", **kwar
 
 
 def _tiny_tokenizer(folder: Path) -> int:
-    """A byte-level BPE trained in code on the shapes world's words + BAGEL's special tokens."""
+    """A byte-level BPE trained in code on the shapes world's text-to-image words + BAGEL's special
+    tokens (byte-level: any other word, e.g. an edit instruction's, is still encoded; the training
+    words are fixed so the tiny folder, and every test recorded on it, stays the same)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from unigrpo.world.tokenizer import build_world_tokenizer
+    from unigrpo.world.knowledge import all_words
+    from unigrpo.world.tokenizer import SPECIALS as WORLD_SPECIALS
 
-    words = [w for w in build_world_tokenizer().index if w.isalpha()]
+    words = [w for w in [*WORLD_SPECIALS, *all_words()] if w.isalpha()]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -134,9 +156,13 @@ def _tiny_tokenizer(folder: Path) -> int:
 
 def write_tiny_bagel(folder: str | Path, seed: int = 0, *, hidden: int = 64, layers: int = 2, heads: int = 4,
                      kv_heads: int = 2, intermediate: int = 128, max_latent_size: int = 8, vae_ch: int = 32,
-                     vae_mult: tuple[int, ...] = (1, 2), vae_blocks: int = 1, z: int = 4) -> Path:
+                     vae_mult: tuple[int, ...] = (1, 2), vae_blocks: int = 1, z: int = 4, vit: bool = False,
+                     vit_hidden: int = 32, vit_layers: int = 2, vit_heads: int = 2, vit_patch: int = 4,
+                     vit_side: int = 8) -> Path:
     """A random BAGEL-layout folder (module docstring) with the released file names and key names,
-    every weight non-zero (the released init zeroes ``llm2vae``: v == 0 would make tests vacuous)."""
+    every weight non-zero (the released init zeroes ``llm2vae``: v == 0 would make tests vacuous).
+    ``vit``: with the ViT path (``vit_layers`` held, ``vit_config.json`` saying one more, as the
+    release; ``vit_side`` patches per side of ``vit_patch`` pixels)."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer
 
@@ -151,18 +177,28 @@ def write_tiny_bagel(folder: str | Path, seed: int = 0, *, hidden: int = 64, lay
     torch.manual_seed(seed)
     vae = AutoEncoder(vae_ch, tuple(vae_mult), vae_blocks, z)
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    vit_cfg = ViTConfig(vit_hidden, 2 * vit_hidden, vit_heads, vit_layers, vit_patch, vit_patch * vit_side) if vit else None
+    if vit:
+        (folder / "vit_config.json").write_text(json.dumps({**vit_cfg.__dict__, "num_hidden_layers": vit_layers + 1,
+                                                             "num_channels": 3, "model_type": "siglip_vision_model",
+                                                             "hidden_act": "gelu_pytorch_tanh"}, indent=1))
     model = BagelModel(LLMConfig(**{k: cfg[k] for k in LLM_KEYS}), tok, vae, max_latent_size=max_latent_size,
-                       resolution=vae.downsample * 2 * max_latent_size)
+                       resolution=vae.downsample * 2 * max_latent_size, vit=vit_cfg)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if n.startswith(("vae.", "latent_pos_embed.")):
+            if n.startswith(("vae.", "latent_pos_embed.", "vit_pos_embed.")):
                 continue
-            if n.endswith(("norm.weight", "_norm.weight")) or "layernorm" in n or "norm_moe_gen" in n:
+            if ".layer_norm" in n or "post_layernorm" in n:  # the ViT's LayerNorms: gains near 1, small biases
+                p.copy_((1.0 if n.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
+            elif n.endswith(("norm.weight", "_norm.weight")) or "layernorm" in n or "norm_moe_gen" in n:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))  # RMSNorm gains near 1
             else:
                 p.copy_(0.05 * torch.randn_like(p))
     state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("vae.")}
-    state["vit_pos_embed.pos_embed"] = torch.zeros(4, hidden)  # a ViT key, as in the release (ignored)
+    if not vit:
+        state["vit_pos_embed.pos_embed"] = torch.zeros(4, hidden)  # a ViT key, as in the release (ignored)
+    else:
+        assert torch.equal(state["vit_pos_embed.pos_embed"], sincos_2d(hidden, vit_side))
     save_file(state, str(folder / "ema.safetensors"))
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(folder / "ae.safetensors"))
     return folder
@@ -214,7 +250,8 @@ def build(cfg, checkpoint: str | None) -> BagelModel:
     ``model.lora``; the trainable tensors of ``checkpoint`` (``model.save``) if given."""
     m = cfg.model
     model = load_bagel(m.path, device=cfg.device, dtype=m.dtype, resolution=m.resolution, think=m.think,
-                       system_prompt=m.system_prompt, train_heads=m.train_heads, logits_chunk=m.logits_chunk)
+                       system_prompt=m.system_prompt, train_heads=m.train_heads, logits_chunk=m.logits_chunk,
+                       vit=m.vit, vit_max_size=m.vit_max_size, vit_min_size=m.vit_min_size)
     model.add_lora(m.lora.text_rank, m.lora.image_rank, m.lora.text_targets, m.lora.image_targets)
     return model.configured(m, checkpoint)
 

@@ -135,15 +135,15 @@ class MoTAttention(nn.Module):
             return frozen(getattr(self, norm + sfx), detach)(y) if norm else y
         return f
 
-    def forward(self, x, cos, sin, mask, past, gen, detach_und: bool = False):
-        """``detach_und``: the und expert with its parameters detached (``MoTDecoderLayer``)."""
-        d = detach_und
+    def forward(self, x, cos, sin, mask, past, gen, detach_und: bool = False, detach_gen: bool = False):
+        """``detach_und`` / ``detach_gen``: that expert with its parameters detached (``MoTDecoderLayer``)."""
+        d, dg = detach_und, detach_gen
         q = routed(x, self._heads("q_proj", "q_norm", self.nq, "", d),
-                   self._heads("q_proj", "q_norm", self.nq, "_moe_gen"), gen).transpose(1, 2)
+                   self._heads("q_proj", "q_norm", self.nq, "_moe_gen", dg), gen).transpose(1, 2)
         k = routed(x, self._heads("k_proj", "k_norm", self.nkv, "", d),
-                   self._heads("k_proj", "k_norm", self.nkv, "_moe_gen"), gen).transpose(1, 2)
-        v = routed(x, self._heads("v_proj", None, self.nkv, "", d), self._heads("v_proj", None, self.nkv, "_moe_gen"),
-                   gen).transpose(1, 2)
+                   self._heads("k_proj", "k_norm", self.nkv, "_moe_gen", dg), gen).transpose(1, 2)
+        v = routed(x, self._heads("v_proj", None, self.nkv, "", d),
+                   self._heads("v_proj", None, self.nkv, "_moe_gen", dg), gen).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_all = k if past is None else torch.cat([past[0], k], 2)
         v_all = v if past is None else torch.cat([past[1], v], 2)
@@ -151,7 +151,7 @@ class MoTAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k_all.repeat_interleave(rep, 1), v_all.repeat_interleave(rep, 1),
                                              attn_mask=mask)
         out = out.transpose(1, 2).flatten(2)  # [B, L, nq * D]
-        return routed(out, frozen(self.o_proj, d), self.o_proj_moe_gen, gen), (k, v)
+        return routed(out, frozen(self.o_proj, d), frozen(self.o_proj_moe_gen, dg), gen), (k, v)
 
 
 class MLP(nn.Module):
@@ -178,16 +178,18 @@ class MoTDecoderLayer(nn.Module):
             setattr(self, name, RMSNorm(c.hidden_size, c.rms_norm_eps))
             setattr(self, name + "_moe_gen", RMSNorm(c.hidden_size, c.rms_norm_eps))
 
-    def forward(self, h, cos, sin, mask, past_k, past_v, gen, detach_und: bool = False):
+    def forward(self, h, cos, sin, mask, past_k, past_v, gen, detach_und: bool = False, detach_gen: bool = False):
         """``detach_und``: the und expert's parameters detached (same values, no gradient): the
-        velocity of a detached context, whose image-marker tokens run through the und expert."""
+        velocity of a detached context, whose image-marker tokens run through the und expert.
+        ``detach_gen``: the gen expert's, for the input image's VAE block in the context pass (the
+        text loss reaches the und expert only; ``bagel_edit``)."""
         past = None if past_k is None else (past_k, past_v)
-        d = detach_und
-        a, kv = self.self_attn(routed(h, frozen(self.input_layernorm, d), self.input_layernorm_moe_gen, gen), cos, sin,
-                               mask, past, gen, d)
+        d, dg = detach_und, detach_gen
+        a, kv = self.self_attn(routed(h, frozen(self.input_layernorm, d), frozen(self.input_layernorm_moe_gen, dg), gen),
+                               cos, sin, mask, past, gen, d, dg)
         h = h + a
-        x = routed(h, frozen(self.post_attention_layernorm, d), self.post_attention_layernorm_moe_gen, gen)
-        return h + routed(x, frozen(self.mlp, d), self.mlp_moe_gen, gen), kv[0], kv[1]
+        x = routed(h, frozen(self.post_attention_layernorm, d), frozen(self.post_attention_layernorm_moe_gen, dg), gen)
+        return h + routed(x, frozen(self.mlp, d), frozen(self.mlp_moe_gen, dg), gen), kv[0], kv[1]
 
 
 class Qwen2MoTModel(nn.Module):
@@ -212,11 +214,11 @@ class Qwen2MoTForCausalLM(nn.Module):
         self.checkpointing = False  # activation checkpointing per decoder layer (when grads are on)
 
     def run(self, h: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, past=None, gen: slice | None = None,
-            detach_und: bool = False):
+            detach_und: bool = False, detach_gen: bool = False):
         """The decoder layers on input embeddings ``h`` [B, L, H] at RoPE positions ``pos`` [B, L]
         with SDPA mask ``mask`` [B, 1, L, P + L] over ``past`` (per-layer (K, V) of P earlier
         tokens, or None) and these tokens; ``detach_und``: no gradient into the und expert's
-        parameters (``MoTDecoderLayer.forward``). Returns (last hidden state [B, L, H] before the final
+        parameters, ``detach_gen`` into the gen expert's (``MoTDecoderLayer.forward``). Returns (last hidden state [B, L, H] before the final
         norm, per-layer (K, V) of these L tokens)."""
         c = self.config
         cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, h.dtype)
@@ -224,8 +226,8 @@ class Qwen2MoTForCausalLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             pk, pv = (None, None) if past is None else past[i]
             if self.checkpointing and torch.is_grad_enabled():  # recompute in backward: same forward code
-                h, k, v = checkpoint(layer, h, cos, sin, mask, pk, pv, gen, detach_und, use_reentrant=False)
+                h, k, v = checkpoint(layer, h, cos, sin, mask, pk, pv, gen, detach_und, detach_gen, use_reentrant=False)
             else:
-                h, k, v = layer(h, cos, sin, mask, pk, pv, gen, detach_und)
+                h, k, v = layer(h, cos, sin, mask, pk, pv, gen, detach_und, detach_gen)
             kv.append((k, v))
         return h, kv

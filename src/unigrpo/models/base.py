@@ -202,7 +202,15 @@ class UnifiedModel(TextSide, nn.Module):
     raising NotImplementedError), the declared capabilities with their defaults, the lifecycle."""
 
     edits = False  # the denoiser is conditioned on input images' latents
+    # (H, W) every input image is resized to when a task loads it (None: the model takes no images);
+    # a model that sees or edits sets it (e.g. its output size)
+    input_image_size: tuple[int, int] | None = None
     context_grad_to_text = True  # the image context carries a gradient to the text side (separate mode: no)
+    # multi-round episodes (``rollout.sample_episode``): after each drawn image the model reads this turn and
+    # writes a reflection; an answer (after the last ``</think>``) equal to ``stop_word`` ends its episode
+    reflection_prompt = ("Look at the image you drew. If it shows what the prompt asks, answer done; "
+                         "otherwise describe the image to draw.")
+    stop_word = "done"
     pad_id: int
     stop_ids: tuple[int, ...]
     latent_shape: tuple[int, ...]  # shape of one image latent, e.g. (12, 16, 16)
@@ -262,6 +270,19 @@ class UnifiedModel(TextSide, nn.Module):
 
     def eval_guidance(self, tokens: TokenBatch, ctx: Any, cfg_scale: float):
         return
+
+    def reflection_ids(self) -> list[int]:
+        """The ids of the reflection turn (``reflection_prompt`` in the model's template), appended after
+        the row's context and the image it drew, before its reflection is sampled (multi-round)."""
+        raise NotImplementedError(f"{type(self).__name__} has no reflection turn yet: it cannot run multi-round "
+                                  "episodes (algo.rounds > 1)")
+
+    def says_done(self, response: str) -> bool:
+        """Whether a decoded reflection stops the episode: its answer (after the last ``</think>``, special
+        tokens and a final '.' dropped) is ``stop_word``, case aside."""
+        answer = response.rsplit("</think>", 1)[-1].split()
+        words = [w for w in answer if not (w.startswith("<") and w.endswith(">"))]
+        return " ".join(words).rstrip(" .").lower() == self.stop_word.lower()
 
     # ----------------------------------------------------------------- lifecycle
     def _named_trainable(self) -> dict[str, nn.Parameter]:

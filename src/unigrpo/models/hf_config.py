@@ -17,6 +17,10 @@ from unigrpo.utils.typed_config import ConfigError, require
 # ``mode``; a test keeps them equal): named here so that a config check needs no torch.
 PIPELINES = ("Flux2KleinPipeline", "QwenImagePipeline", "StableDiffusion3Pipeline")
 SEPARATE = ("StableDiffusion3Pipeline",)  # families whose text encoders cannot write: model.reasoner reasons
+# What each family's adapter declares beyond text-to-image (its ``sees_images`` / ``edits``; a test
+# keeps them equal). FLUX.2 [klein]: reference images condition the transformer, while its Qwen3
+# text encoder, which reasons, reads text only: the reasoning is blind to the images.
+CAPABILITIES: dict[str, frozenset[str]] = {"Flux2KleinPipeline": frozenset({"edits"})}
 
 
 @dataclass
@@ -36,7 +40,6 @@ class HFModelConfig:
     """``model.kind: hf``: a diffusers pipeline + a transformers LM (FLUX.2 [klein], Qwen-Image, SD3; docs/models.md)."""
 
     own_schedule: ClassVar[bool] = True  # the pipeline's scheduler has a timestep grid: sampler.shift may be null
-    capabilities: ClassVar[frozenset[str]] = frozenset()  # of sees_images / edits: none yet (docs/design.md)
 
     kind: Literal["hf"] = "hf"  # model adapter (unigrpo.models.KINDS); each kind has its own keys
     pipeline: str = ""  # a save_pretrained folder of a supported pipeline (docs/models.md), or a hub id
@@ -50,6 +53,17 @@ class HFModelConfig:
     hidden_layers: list[int] | None = None  # LM hidden states conditioning the image; null = the pipeline's (FLUX.2 (9, 18, 27), Qwen-Image (-1,))
     max_text_tokens: int = 512  # conditioning length (the pipeline's max_sequence_length); longer rows are cut
     enable_thinking: bool = True  # chat template: True = the reasoning opens a <think> block; False = the pipeline's template
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """Of sees_images / edits: ``CAPABILITIES`` of the pipeline class a local ``model.pipeline``
+        folder names (a hub id, or a folder that cannot be read yet: none; ``check`` reports the folder)."""
+        try:
+            folder = local_folder(self.pipeline, "model.pipeline") if self.pipeline else None
+            name = read_json(folder / "model_index.json", "model.pipeline").get("_class_name") if folder else None
+        except (ConfigError, AttributeError):
+            return frozenset()
+        return CAPABILITIES.get(name, frozenset())
 
     def check_reasoner(self, name: str) -> None:
         """The reasoner the pipeline class ``name`` needs (``models.hf.build`` says the same, later)."""
@@ -73,6 +87,11 @@ class HFModelConfig:
         require(self.resolution > 0 and self.resolution % 16 == 0, "model.resolution",
                 "must be a positive multiple of 16")
         require(self.max_text_tokens >= 1, "model.max_text_tokens", "must be >= 1")
+        # the protocol's null_context(batch) knows no input images: CFG's unconditional branch would
+        # drop the references that the pipeline's own negative branch keeps
+        require(cfg.sampler.cfg_scale == 1 or "edits" not in cfg.task.needs(), "sampler.cfg_scale",
+                "training with CFG on an editing task is not supported (the unconditional branch would lose the "
+                "reference images); train CFG-free (1) and guide at evaluation (sampler.eval_cfg_scale)")
 
 
 def check_pipeline_folder(folder: Path) -> str:

@@ -26,6 +26,18 @@ verified against the pipeline and what was not. References: diffusers'
   pipeline divides the scheduler's ``sigma * 1000`` by 1000) and its output is the scheduler's
   ``model_output``, stepped as ``x + (sigma_next - sigma) * out``: sigma is our t and the output is
   our ``eps - x0`` as is (no sign flip).
+- **Reference images** (``Flux2KleinPipeline(image=...)``; ``edits = True``, ``sees_images = False``):
+  a prompt's images (``tasks.Prompt.images``) reach the batch through ``encode`` for the denoiser
+  only: the Qwen3 text encoder takes no image, so the reasoning is BLIND to them (it reasons from
+  the instruction's text alone). ``forward_context`` crops and VAE-encodes each row's references
+  (``hf_flux2_ref``); the context carries their latents, and ``velocity`` appends their packed
+  tokens (time ids 10 + 10 i) after the noisy tokens at every step, as the pipeline does, each row
+  with its own references (the pipeline shares one list over its batch). Rows with different
+  reference counts go through the transformer in separate calls (it takes no mask for image tokens).
+  **CFG with references** (the pipeline's ``guidance_scale > 1``, default 4) runs its negative
+  prompt "" WITH the same references: ``eval_guidance`` does that for evaluation. Training with CFG
+  cannot (the protocol's ``null_context(batch)`` knows no images): ``hf_config`` refuses
+  ``sampler.cfg_scale > 1`` with an editing task; UniGRPO trains CFG-free anyway.
 - **Schedule**: the pipeline uses ``sigmas = linspace(1, 1/n, n)`` and an exponential dynamic shift
   ``mu = compute_empirical_mu(image tokens, n)``, which is our ``timesteps(n, shift=exp(mu))``
   exactly; ``pipeline_shift(n)`` gives that shift (set ``sampler.shift`` to it).
@@ -33,13 +45,22 @@ verified against the pipeline and what was not. References: diffusers'
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from unigrpo.models.hf import HFUnifiedModel, lora_kwargs
+from unigrpo.models.hf_flux2_ref import (
+    check_reference_size,
+    pack_references,
+    reference_ids,
+    reference_pixels,
+)
 from unigrpo.models.hf_text import packed_rows, unpacked_logprobs
 from unigrpo.models.protocol import TokenBatch
 
@@ -49,10 +70,14 @@ __all__ = ["Flux2Klein", "FluxContext", "flux2_shift"]
 @dataclass
 class FluxContext:
     """The transformer's text input: ``hidden`` [B, L, D] (``L = max_text_tokens``), ``mask``
-    [B, L] (real tokens; FLUX.2 attends every position, pads included)."""
+    [B, L] (real tokens; FLUX.2 attends every position, pads included); with reference images also
+    ``refs`` [B, N, C, h, w] (their normalised, patchified latents; a row's real references first,
+    zeros after) and ``ref_count`` [B] (each row's number of references)."""
 
     hidden: torch.Tensor
     mask: torch.Tensor
+    refs: torch.Tensor | None = None  # no grad: the VAE is frozen
+    ref_count: torch.Tensor | None = None
 
 
 def default_hidden_layers() -> tuple[int, ...]:
@@ -81,6 +106,7 @@ class Flux2Klein(HFUnifiedModel):
     """FLUX.2 [klein] in shared mode (module docstring). Submodules: ``lm``, ``dit``, ``vae``."""
 
     pipeline_class = "Flux2KleinPipeline"
+    edits = True  # reference images condition the transformer; sees_images stays False (Qwen3 reads text only)
     dit_blocks = ("transformer_blocks", "single_transformer_blocks")  # FSDP2 units: both block lists
 
     def __init__(self, lm, tokenizer, dit, vae, scheduler_config: dict, *, resolution: int,
@@ -108,14 +134,39 @@ class Flux2Klein(HFUnifiedModel):
                    hidden_layers=tuple(m.hidden_layers) if m.hidden_layers else default_hidden_layers(),
                    max_text_tokens=m.max_text_tokens, enable_thinking=m.enable_thinking, **lora_kwargs(m))
 
+    def encode(self, prompts: Sequence[Any]) -> TokenBatch:
+        """The text batch of ``prompts`` (the reasoning never reads an image) with each row's
+        reference images attached for the denoiser (module docstring); a reference the pipeline
+        could not take is one line naming its prompt."""
+        texts = [p if isinstance(p, str) else p.text for p in prompts]
+        images = [None if isinstance(p, str) else p.images for p in prompts]
+        for i, x in enumerate(images):
+            if x is not None and x.shape[0]:
+                try:
+                    check_reference_size(x.shape[-2], x.shape[-1], 2 * self.vae_scale)
+                except ValueError as e:
+                    raise ValueError(f"prompt {i} ({texts[i][:40]!r}): {e}") from None
+        return super().encode(texts).with_images(images)
+
     def forward_context(self, tokens: TokenBatch, temperature: float = 1.0) -> tuple[torch.Tensor, FluxContext]:
-        """One teacher-forced pass in the pipeline's layout (module docstring): (log-probs [B, L], context)."""
+        """One teacher-forced pass in the pipeline's layout (module docstring): (log-probs [B, L], context
+        with the rows' reference latents)."""
         ids, real, src = packed_rows(tokens, self.max_text_tokens, self.pad_id,  # the pipeline's padding
                                      left_to=self.max_text_tokens if self.left_pad else 0)
         out = self.lm(input_ids=ids, attention_mask=real.long(), output_hidden_states=True, use_cache=False)
         logp = unpacked_logprobs(out.logits[:, :-1].float() / temperature, ids, real, src, tokens)
         hidden = torch.cat([out.hidden_states[k][:, :self.max_text_tokens] for k in self.hidden_layers], -1)
-        return logp, FluxContext(hidden, real[:, :self.max_text_tokens])
+        return logp, FluxContext(hidden, real[:, :self.max_text_tokens], *self.references(tokens))
+
+    def references(self, tokens: TokenBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(refs [B, N, C, h, w], ref_count [B]) of the rows' images, or (None, None) without any:
+        each real image cropped as the pipeline crops it and VAE-encoded (``encode_images``)."""
+        if tokens.images is None or not bool(tokens.image_mask.any()):
+            return None, None
+        z = self.encode_images(reference_pixels(tokens.images[tokens.image_mask], 2 * self.vae_scale))
+        refs = z.new_zeros(*tokens.image_mask.shape, *z.shape[1:])
+        refs[tokens.image_mask] = z  # a row's real images come first (TokenBatch.with_images)
+        return refs, tokens.image_mask.sum(1)
 
     def null_context(self, batch_size: int) -> FluxContext:
         """The pipeline's negative prompt: "" through the pipeline's template (no thinking)."""
@@ -127,19 +178,49 @@ class Flux2Klein(HFUnifiedModel):
         return FluxContext(ctx.hidden.expand(batch_size, -1, -1), ctx.mask.expand(batch_size, -1))
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, ctx: FluxContext) -> torch.Tensor:
+        t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
+        counts = [] if ctx.refs is None else ctx.ref_count.unique().tolist()
+        if len(counts) <= 1:  # every row has the same number of references: one call on the whole batch
+            n = counts[0] if counts else 0
+            return self._velocity(x_t, t, ctx.hidden, ctx.refs[:, :n] if n else None)
+        if self.sharded:  # every rank must make the same transformer calls (FSDP2 collectives)
+            raise ValueError(f"model.fsdp: a batch's rows carry {counts} reference images; sharded, every row of a "
+                             "step must carry the same number (one transformer call per count)")
+        out = torch.zeros_like(x_t)
+        for n in counts:  # the transformer takes no image-token mask: one call per reference count
+            rows = (ctx.ref_count == n).nonzero()[:, 0]
+            out = out.index_put((rows,), self._velocity(x_t[rows], t[rows], ctx.hidden[rows],
+                                                         ctx.refs[rows, :n] if n else None))
+        return out
+
+    def _velocity(self, x_t: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor,
+                  refs: torch.Tensor | None) -> torch.Tensor:
+        """The transformer on ``[noisy | references]`` tokens (refs [B, n, C, h, w] or None),
+        its output cut back to the noisy tokens and unpacked."""
         b, c, h, w = x_t.shape
-        t = t.expand(b) if t.dim() == 0 else t
         dev, dtype = x_t.device, self.dit.dtype
         hh, ww = torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev), indexing="ij")
         zero = torch.zeros(h * w, dtype=torch.long, device=dev)
         img_ids = torch.stack([zero, hh.reshape(-1), ww.reshape(-1), zero], -1)  # (T, H, W, L) coordinates
-        length = ctx.hidden.shape[1]
+        length = hidden.shape[1]
         lz = torch.zeros(length, dtype=torch.long, device=dev)
         txt_ids = torch.stack([lz, lz, lz, torch.arange(length, device=dev)], -1)
         tokens = x_t.reshape(b, c, h * w).transpose(1, 2)  # pack: [B, HW, C]
+        if refs is not None:
+            tokens = torch.cat([tokens, pack_references(refs.to(tokens.dtype))], 1)
+            img_ids = torch.cat([img_ids, reference_ids(refs.shape[1], refs.shape[3], refs.shape[4], dev)])
         out = self.dit(hidden_states=tokens.to(dtype), timestep=t.to(dtype), guidance=None,
-                  encoder_hidden_states=ctx.hidden.to(dtype), txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+                       encoder_hidden_states=hidden.to(dtype), txt_ids=txt_ids, img_ids=img_ids,
+                       return_dict=False)[0][:, :h * w]  # the noisy tokens' velocity
         return out.transpose(1, 2).reshape(b, c, h, w).to(x_t.dtype)  # unpack; eps - x0 as is (docstring)
+
+    def eval_guidance(self, tokens: TokenBatch, ctx: FluxContext, cfg_scale: float):
+        """With references: the pipeline's CFG, whose negative prompt "" keeps the same references
+        (``neg + s (pos - neg)``); without: None (the plain rule over ``null_context``)."""
+        if ctx.refs is None:
+            return None
+        null = dataclasses.replace(self.null_context(len(tokens)), refs=ctx.refs, ref_count=ctx.ref_count)
+        return lambda x, t: self.combine_guidance(self.velocity(x, t, ctx), self.velocity(x, t, null), cfg_scale)
 
     def _bn(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bn = self.vae.bn

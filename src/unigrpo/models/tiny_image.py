@@ -7,7 +7,10 @@ spatial grid. The "latent" is the RGB image in [-1, 1] rearranged by ``pixel_uns
 pixel-space flow matching at the cost of a 16x16 network.
 
 Conditioning: the text expert's final hidden states (prompt + reasoning) are projected and read by
-cross-attention at every level, and their masked mean is added to the flow-time embedding.
+cross-attention at every level, and their masked mean is added to the flow-time embedding. An
+expert that edits (``ref_channels`` > 0) also reads the input image's latent, concatenated to
+``x_t`` as extra input channels (zeros for a row without an input image), so it can keep what the
+instruction does not touch where it was.
 """
 
 from __future__ import annotations
@@ -82,16 +85,18 @@ class CrossAttention(nn.Module):
 class ImageExpert(nn.Module):
     """Velocity network v(x_t, t, context) on latents [B, 12, S/2, S/2]."""
 
-    def __init__(self, ctx_dim: int, channels: tuple[int, int, int] = (48, 96, 96), in_ch: int = 12):
+    def __init__(self, ctx_dim: int, channels: tuple[int, int, int] = (48, 96, 96), in_ch: int = 12,
+                 ref_channels: int = 0):
         super().__init__()
         c0, c1, c2 = channels
+        self.ref_channels = ref_channels
         emb = 4 * c0
         self.emb_dim = c0
         self.t_mlp = nn.Sequential(nn.Linear(c0, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.ctx_proj = nn.Sequential(nn.LayerNorm(ctx_dim), nn.Linear(ctx_dim, c2))
         self.pool_mlp = nn.Sequential(nn.Linear(c2, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.null_ctx = nn.Parameter(torch.zeros(1, 1, ctx_dim))  # the unconditional context (CFG)
-        self.conv_in = nn.Conv2d(in_ch, c0, 3, padding=1)
+        self.conv_in = nn.Conv2d(in_ch + ref_channels, c0, 3, padding=1)
         self.d0 = ResBlock(c0, c0, emb)
         self.a0 = CrossAttention(c0, c2)
         self.down0 = nn.Conv2d(c0, c1, 3, stride=2, padding=1)
@@ -111,8 +116,12 @@ class ImageExpert(nn.Module):
         nn.init.zeros_(self.out[-1].weight)  # start at v = 0: a stable, standard init
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor):
-        """x [B, C, h, w]; t [B]; ctx [B, Lc, ctx_dim] text hidden states; ctx_mask [B, Lc] bool."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor,
+                ref: torch.Tensor | None = None):
+        """x [B, C, h, w]; t [B]; ctx [B, Lc, ctx_dim] text hidden states; ctx_mask [B, Lc] bool;
+        ref [B, C, h, w] the input image's latent (an expert with ``ref_channels``; None = zeros)."""
+        if self.ref_channels:
+            x = torch.cat([x, torch.zeros_like(x) if ref is None else ref.to(x.dtype)], 1)
         c = self.ctx_proj(ctx)  # [B, Lc, c2]
         m = ctx_mask.to(c.dtype)[..., None]
         pooled = (c * m).sum(1) / m.sum(1).clamp(min=1.0)  # masked mean; clamp: empty rows stay finite

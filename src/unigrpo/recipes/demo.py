@@ -1,9 +1,13 @@
 """`unigrpo demo`: UniGRPO from the shipped SFT checkpoint on CPU, with a before/after report.
 
 1. evaluate the SFT checkpoint on the held-out split (thinking on, deterministic ODE);
-2. run `train(cfg)` (``builtin:demo``, the packaged ``unigrpo/configs/demo.yaml``);
+2. run `train(cfg)` (``builtin:demo``, the packaged ``unigrpo/configs/demo.yaml``; or
+   ``--config builtin:demo_edit``: the shapes world's edits);
 3. evaluate the trained policy on the same prompts and noise;
-4. print the before/after table and write ``report.md`` with the reward curve and image grids.
+4. print the before/after tables and write ``report.md`` with the reward curve and image grids.
+
+The task owns what is evaluated and how it is tabulated (``demo_evaluate``, ``demo_tables``: the
+shapes world's tasks have them); the demo owns the sequence and the report.
 """
 
 from __future__ import annotations
@@ -14,13 +18,8 @@ from pathlib import Path
 
 from unigrpo.config import Config
 from unigrpo.models import build_model
-from unigrpo.tasks.shapes import (
-    eval_tasks,
-    evaluate_model,
-    format_decomposition,
-    format_table,
-    write_eval,
-)
+from unigrpo.tasks import build_task
+from unigrpo.utils.errors import InputError
 
 DEMO_CONFIG = "builtin:demo"  # shipped in the package: works from any directory, after any install
 
@@ -74,13 +73,16 @@ def run_demo(cfg: Config) -> dict:
     """The README's main job. Returns {"before": metrics, "after": metrics, "minutes": float}."""
     from unigrpo.recipes.train import train
 
+    task = build_task(cfg)
+    if not hasattr(task, "demo_evaluate"):
+        raise InputError(f"task.kind={cfg.task.kind!r} has no demo report (the shapes world's tasks do); "
+                         "use `unigrpo train` and `unigrpo eval`")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tasks = eval_tasks(cfg)
     start = time.time()
-    print(f"[demo] evaluating the SFT checkpoint ({cfg.model.checkpoint}) on {len(tasks)} held-out prompts")
-    before, gen = evaluate_model(build_model(cfg), tasks, cfg, "think")
-    write_eval(out / "eval", "before", before, gen, tasks, cfg.eval.grid_prompts)
+    print(f"[demo] evaluating the SFT checkpoint ({cfg.model.checkpoint}) on {cfg.eval.num_prompts} held-out "
+          f"prompts of task {cfg.task.kind}")
+    before = task.demo_evaluate(build_model(cfg), cfg, out / "eval", "before")
     print(f"[demo] UniGRPO: {cfg.steps} steps x {cfg.algo.prompts_per_step} prompts x "
           f"{cfg.algo.group_size} trajectories")
     from unigrpo.utils.rundir import holds_run
@@ -91,31 +93,26 @@ def run_demo(cfg: Config) -> dict:
     policy = result["model"] if isinstance(result, dict) and "model" in result else None
     if policy is None:
         policy = build_model(cfg, checkpoint=str(out / "final.safetensors"))
-    after, gen = evaluate_model(policy, tasks, cfg, "think")
-    write_eval(out / "eval", "after", after, gen, tasks, cfg.eval.grid_prompts)
+    after = task.demo_evaluate(policy, cfg, out / "eval", "after")
     minutes = (time.time() - start) / 60
-    table = format_table({"SFT (before)": before, f"UniGRPO, {cfg.steps} steps (after)": after})
-    score_table = format_table({"SFT (before)": before, "UniGRPO (after)": after}, metric="score")
-    experts = format_decomposition({"SFT (before)": before, "UniGRPO (after)": after})
-    print("\nheld-out strict accuracy, thinking on:\n" + table)
-    print("text expert vs image expert:\n" + experts)
+    sections = task.demo_tables({"SFT (before)": before, f"UniGRPO, {cfg.steps} steps (after)": after})
+    for title, table in sections:
+        print(f"\n{title}, held-out, thinking on:\n{table}")
     try:
-        curve = plot_curves(out / "metrics.jsonl", out / "reward_curve.png", before["accuracy"], len(tasks))
+        curve = plot_curves(out / "metrics.jsonl", out / "reward_curve.png", before["accuracy"],
+                            cfg.eval.num_prompts)
     except ImportError as e:  # matplotlib is the optional `viz` extra: the report works without the plot
         curve = None
         print(f"[demo] no reward curve ({e}); pip install 'unigrpo[viz]' to get one")
     report = out / "report.md"
     report.write_text(
-        f"# unigrpo demo report\n\n{cfg.steps} UniGRPO steps from `{cfg.model.checkpoint}` in "
-        f"{minutes:.1f} minutes (evaluation included), split `{cfg.eval.split}`, {len(tasks)} prompts, "
-        f"{cfg.sampler.eval_num_steps} ODE steps, thinking on.\n\n"
-        f"## Strict accuracy (GenEval-style: everything right)\n\n{table}\n"
-        f"## Mean partial-credit score\n\n{score_table}\n"
-        f"## Text expert vs image expert\n\nA sampled description is right when, drawn exactly by the "
-        f"ground-truth renderer, it passes the strict check.\n\n{experts}\n"
+        f"# unigrpo demo report\n\n{cfg.steps} UniGRPO steps on task `{cfg.task.kind}` from "
+        f"`{cfg.model.checkpoint}` in {minutes:.1f} minutes (evaluation included), split `{cfg.eval.split}`, "
+        f"{cfg.eval.num_prompts} prompts, {cfg.sampler.eval_num_steps} ODE steps, thinking on.\n\n"
+        + "".join(f"## {title}\n\n{table}\n" for title, table in sections)
         + (f"## Reward curve\n\n![reward curve]({curve.name})\n\n" if curve else "")
         + "## Samples (same prompts and noise)\n\nBefore (SFT):\n\n![before](eval/before.png)\n\n"
         "After (UniGRPO):\n\n![after](eval/after.png)\n\n"
-        "Prompts and reasoning: `eval/before_samples.md`, `eval/after_samples.md`.\n")
+        "Prompts and reasoning: the `.md` files beside them in `eval/`.\n")
     print(f"[demo] report: {report}  ({minutes:.1f} min)")
     return {"before": before, "after": after, "minutes": minutes}

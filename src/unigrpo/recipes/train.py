@@ -22,7 +22,9 @@ Choices and deviations (docs/training.md has the reasons and measurements):
   regulariser needs it (``c_mse``, ``beta_img`` or ``text_beta`` > 0).
 - Groups with equal rewards are kept (advantage 0, no gradient), not dropped; their fraction is
   logged (``reward/zero_variance_frac``).
-- An episode is a list of rounds (one today); the losses sum over its rounds.
+- An episode is a list of rounds (``algo.rounds``, default one); the losses sum over its rounds. With
+  more than one, every round's image is scored (``metadata["round"]``, ``["previous_image"]``) and
+  ``algo.credit`` turns the rounds' rewards into one advantage per round (``algo.credit``).
 - A reward term that stays unavailable with ``on_failure: skip`` (a remote service that is down)
   makes the step's rewards missing: that step's PPO update is skipped on every rank (the decision
   is shared with ``dist.any_flag``) and counted in ``reward/skipped_steps``; no step ever trains on
@@ -41,13 +43,26 @@ import torch
 
 from unigrpo import rollout
 from unigrpo.algo.advantages import group_advantages, zero_variance_fraction
+from unigrpo.algo.credit import round_advantages
 from unigrpo.algo.image_loss import flow_grpo_loss, latent_kl, velocity_mse
 from unigrpo.algo.text_loss import text_grpo_loss
 from unigrpo.config import Config, to_dict
 from unigrpo.models import build_model
-from unigrpo.recipes.batches import Sizes, derived_sizes, describe, ppo_order, seeds
+from unigrpo.recipes.batches import (
+    Sizes,
+    derived_sizes,
+    describe,
+    nft_draws,
+    nft_image_loss,
+    ppo_order,
+    round_metrics,
+    round_reward_metadata,
+    round_seeds,
+    seeds,
+    tree_copies,
+)
 from unigrpo.recipes.optim import build_optimizer, optimizer_step
-from unigrpo.rewards import RewardSet
+from unigrpo.rewards import RewardResult, RewardSet
 from unigrpo.tasks import build_task, reward_metadata
 from unigrpo.utils import checkpoint as ckpt
 from unigrpo.utils import dist, rundir
@@ -81,8 +96,10 @@ def image_loss(model, ref, rnd: rollout.Round, ctx, ctx_ref, adv: torch.Tensor, 
     return loss, stats
 
 
-def round_loss(model, ref, rnd: rollout.Round, adv: torch.Tensor, cfg: Config, w_text: float, w_image: float):
-    """L = w_text * L_text + lambda_image * w_image * (L_flow + c_mse * L_mse + beta_img * L_kl)."""
+def round_loss(model, ref, rnd: rollout.Round, adv: torch.Tensor, cfg: Config, w_text: float, w_image: float,
+               nft=None):
+    """L = w_text * L_text + lambda_image * w_image * (L_flow + c_mse * L_mse + beta_img * L_kl); with
+    ``nft`` (the round's ``batches.NFTDraws``) the DiffusionNFT loss replaces L_flow."""
     algo = cfg.algo
     with torch.set_grad_enabled(algo.train_text):  # frozen text expert: its pass needs no graph
         logp, ctx = model.forward_context(rnd.tokens, cfg.text.temperature)
@@ -99,18 +116,44 @@ def round_loss(model, ref, rnd: rollout.Round, adv: torch.Tensor, cfg: Config, w
         stats = {f"loss/text/{k}": x for k, x in st.items()}
         stats["loss/text/loss"] = lt.detach()
         stats["loss/text/logp_diff_max"] = ((logp - rnd.logp_old).abs() * mask).max().detach()
-    if algo.train_image:
+    if algo.train_image and not bool(rnd.drew.all()):  # multi-round: rows that had stopped drew nothing
+        rows = rnd.drew.nonzero()[:, 0]
+        if len(rows):  # their share of the mean over trajectories, on the context the rollout drew them from
+            li, st = drawn_image_loss(model, ref, rnd.index(rows), adv[rows.to(adv.device)], cfg)
+            loss = loss + algo.lambda_image * w_image * len(rows) / len(rnd) * li
+            stats.update(st)
+    elif algo.train_image:
         ctx_img = model.detach_context(ctx) if algo.detach_context else ctx  # cut image -> text gradient
-        li, st = image_loss(model, ref, rnd, ctx_img, ctx_ref, adv, cfg)
+        li, st = (image_loss(model, ref, rnd, ctx_img, ctx_ref, adv, cfg) if nft is None
+                  else nft_image_loss(model, ref, rnd, nft, ctx_img, ctx_ref, adv, cfg))
         loss = loss + algo.lambda_image * w_image * li
         stats.update(st)
     return loss, stats
 
 
-def micro_batch_loss(model, ref, mb: rollout.Episode, adv: torch.Tensor, cfg: Config, w_text: float, w_image: float):
+def drawn_image_loss(model, ref, part: rollout.Round, adv: torch.Tensor, cfg: Config):
+    """The image loss of the rows of a round that drew: their image context from a pass over them
+    alone, as ``rollout.sample_images`` computed it (same rows, same order: the first ratio is 1)."""
+    with torch.set_grad_enabled(not cfg.algo.detach_context):  # detached: the image loss never reaches the text
+        _, ctx = model.forward_context(part.tokens, cfg.text.temperature)
+    ctx_ref = None
+    if ref is not None:
+        with torch.no_grad():
+            _, ctx_ref = ref.forward_context(part.tokens, cfg.text.temperature)
+    ctx = model.detach_context(ctx) if cfg.algo.detach_context else ctx
+    return image_loss(model, ref, part, ctx, ctx_ref, adv, cfg)
+
+
+def micro_batch_loss(model, ref, mb: rollout.Episode, adv: torch.Tensor, cfg: Config, w_text: float, w_image: float,
+                     nft=None):
     """Loss of one micro-batch of episodes, pre-scaled for accumulation (``w_*``: its share of the
-    minibatch): the sum of its rounds' losses (statistics: the rounds' mean / min / max)."""
-    losses, stats = zip(*(round_loss(model, ref, rnd, adv, cfg, w_text, w_image) for rnd in mb.rounds))
+    minibatch): the sum of its rounds' losses (statistics: the rounds' mean / min / max). ``adv``: [B],
+    or [B, R] one advantage per round (multi-round credit). ``nft``: one ``batches.NFTDraws`` per
+    round (``algo.image_objective: nft``)."""
+    draws = nft or [None] * len(mb.rounds)
+    advs = [adv] * len(mb.rounds) if adv.dim() == 1 else adv.unbind(1)  # [B] shared, or [B, R]: one per round
+    losses, stats = zip(*(round_loss(model, ref, rnd, a, cfg, w_text, w_image, d)
+                          for rnd, a, d in zip(mb.rounds, advs, draws)))
     if len(losses) == 1:
         return losses[0], stats[0]
     merged = StatsMean()
@@ -124,7 +167,7 @@ class StepBatch:
     """One step's episodes on this rank, scored, with their group-relative advantages."""
 
     roll: rollout.Episode  # [N_local] episodes, prompt-major
-    adv: torch.Tensor  # [N_local] one advantage per episode (all its tokens and window steps)
+    adv: torch.Tensor  # [N_local] one advantage per episode (all its tokens and window steps); [N_local, R]: per round
     order0: torch.Tensor  # [N_local] PPO epoch 0's order; its micro-batch blocks were the rollout chunks
     reward: torch.Tensor  # [P, G] rewards of every rank (group statistics need whole groups)
     reward_terms: torch.Tensor  # [P * G, 1 + terms] reward and each reward term, every rank
@@ -136,6 +179,7 @@ class StepBatch:
     reward_s: float  # reward compute time (also when it ran in a thread)
     missing: bool  # some rank's rewards are missing (on_failure: skip): no update (same on every rank)
     reward_metrics: dict  # the reward terms' own counters (reward/remote_*), summed over chunks
+    round_reward: torch.Tensor | None = None  # [N_local, R] each round's image's reward (multi-round only)
 
 
 def rollout_step(model, task, cfg: Config, step: int, rewards: RewardSet, ranks: dist.Dist, sizes: Sizes) -> StepBatch:
@@ -154,15 +198,22 @@ def rollout_step(model, task, cfg: Config, step: int, rewards: RewardSet, ranks:
     init = None  # initial noise from the trajectory's own seed unless the group shares it
     if algo.share_initial_noise_in_group:
         init = [x for x in seeds(cfg, step, p0, len(prompts), rollout.GROUP_INIT) for _ in range(group)]
-    draws = rollout.EpisodeSeeds(group_seeds, seeds(cfg, step, first_traj, n_local, rollout.NOISE), starts, init)
+    draws = rollout.EpisodeSeeds(group_seeds, seeds(cfg, step, first_traj, n_local, rollout.NOISE), starts, init,
+                                 round_seeds(cfg, step, p0, len(prompts), first_traj, n_local))
+    branches = algo.tree_branches if algo.credit == "tree" else 1
+    draws = tree_copies(draws, branches) if branches > 1 else draws
     order0 = ppo_order(cfg, step, 0, p0, len(prompts), sizes.minibatch_local)  # chunks == epoch 0's micro-batches
-    scoring = rewards.step()  # point-wise terms per chunk, group-wise terms once on whole groups
+    # point-wise terms per chunk, group-wise terms once on whole groups; multi-round: every round's image scored
+    scorings = [rewards.step() for _ in range(algo.rounds)]
 
     def score(part: rollout.Episode, rows: list[int]) -> None:
         """This chunk's rewards run (in a thread if reward_workers > 0) while the next chunk samples."""
-        meta = [reward_metadata(prompts[k // group].metadata, text, p0 + k // group, k % group)
-                for k, text in zip(rows, part.reasoning)]
-        scoring.submit(part.images, [prompts[k // group].text for k in rows], meta)
+        for r, scoring in enumerate(scorings):
+            upto = part if algo.rounds == 1 else rollout.Episode(part.rounds[:r + 1])
+            meta = [{**reward_metadata(prompts[k // group].metadata, text, p0 + k // group, k % group),
+                     **(round_reward_metadata(part, r, j) if algo.rounds > 1 else {})}
+                    for j, (k, text) in enumerate(zip(rows, upto.reasoning))]
+            scoring.submit(upto.images, [prompts[k // group].text for k in rows], meta)
 
     text = {"thinking": cfg.text.thinking, "max_new_tokens": cfg.text.max_reasoning_tokens,
             "temperature": cfg.text.temperature, "top_p": cfg.text.top_p, "batch_groups": cfg.text.batch_groups}
@@ -171,12 +222,13 @@ def rollout_step(model, task, cfg: Config, step: int, rewards: RewardSet, ranks:
             "temperature": cfg.text.temperature, "reduction": algo.logprob_reduction,
             "detach_context": algo.detach_context}  # the context the update's image loss reads
     roll = rollout.sample_episode(model, prompts, group, draws, list(order0.split(sizes.micro_local)), ranks,
-                                  text=text, sampler=draw, on_chunk=score)  # [P_local * G] prompt-major
+                                  text=text, sampler=draw, on_chunk=score, branches=branches)  # [P_local * G]
     t_rollout = time.perf_counter()
 
     # -------------------------------------------------------------- 2. reward
-    result = scoring.result()  # every row, in chunk order
-    missing = dist.any_flag(bool(result.missing), ranks, device)  # one decision on every rank
+    results = [scoring.result() for scoring in scorings]  # every row, in chunk order
+    result = results[-1]  # the final images'
+    missing = dist.any_flag(any(bool(res.missing) for res in results), ranks, device)  # one decision on every rank
     unsort = torch.argsort(order0)  # chunk order -> prompt-major
     reward_local = result.total[unsort]  # [N_local]
     terms_local = torch.stack([result.per_term[name][unsort] for name in rewards.names], 1)
@@ -185,10 +237,20 @@ def rollout_step(model, task, cfg: Config, step: int, rewards: RewardSet, ranks:
     # -------------------------------------------------------------- 3. advantages
     reward_terms = dist.all_gather_cat(torch.cat([reward_local[:, None], terms_local], 1).to(device), ranks).cpu()
     reward = reward_terms[:, 0].reshape(n_prompts_all, group)  # [P, G] every group complete, on every rank
-    adv = group_advantages(reward, algo.adv_scale, algo.adv_eps, algo.adv_clip)  # [P, G]
-    adv = adv.flatten()[first_traj:first_traj + n_local].to(device)  # same A for all tokens and steps
+    round_reward = None
+    if algo.rounds == 1:
+        adv = group_advantages(reward, algo.adv_scale, algo.adv_eps, algo.adv_clip)  # [P, G]
+        adv = adv.flatten()[first_traj:first_traj + n_local].to(device)  # same A for all tokens and steps
+    else:  # algo.credit over every rank's per-round rewards and live masks: [N_local, R]
+        round_reward = torch.stack([res.total[unsort] for res in results], 1)  # [N_local, R]
+        live = torch.stack([rnd.live for rnd in roll.rounds], 1).float()
+        both = dist.all_gather_cat(torch.cat([round_reward, live], 1).to(device), ranks).cpu()
+        shape = (n_prompts_all, group, algo.rounds)
+        adv = round_advantages(algo, both[:, :algo.rounds].reshape(shape), both[:, algo.rounds:].reshape(shape))
+        adv = adv.reshape(-1, algo.rounds)[first_traj:first_traj + n_local].to(device)
     return StepBatch(roll, adv, order0, reward, reward_terms, reward_local, p0, len(prompts), t_rollout - t_start,
-                     t_reward - t_rollout, result.seconds, missing, dict(result.metrics))
+                     t_reward - t_rollout, sum(res.seconds for res in results), missing,
+                     dict(result.metrics) if len(results) == 1 else RewardResult.merge_metrics(results), round_reward)
 
 
 def ppo_epochs(model, ref, opt, batch: StepBatch, cfg: Config, step: int, ranks: dist.Dist, sizes: Sizes) -> dict:
@@ -196,6 +258,8 @@ def ppo_epochs(model, ref, opt, batch: StepBatch, cfg: Config, step: int, ranks:
     algo, roll, device = cfg.algo, batch.roll, batch.adv.device
     stats, first, updates, skipped = StatsMean(), StatsMean(), 0, 0
     tokens = roll.reasoning_tokens()  # [N_local] reasoning tokens of each episode
+    nft = (nft_draws(model, roll, cfg, step, batch.p0 * algo.group_size, list(batch.order0.split(sizes.micro_local)))
+           if algo.train_image and algo.image_objective == "nft" else None)  # before the first update: old = behaviour
     for epoch in range(algo.ppo_epochs):
         order = batch.order0 if epoch == 0 else ppo_order(cfg, step, epoch, batch.p0, batch.n_prompts,
                                                           sizes.minibatch_local)
@@ -208,13 +272,14 @@ def ppo_epochs(model, ref, opt, batch: StepBatch, cfg: Config, step: int, ranks:
                 # are averaged over ranks); max(., 1): no tokens at all gives weight 0, not 0/0
                 w_text = (float(tokens[idx].sum()) * ranks.world / max(tok_total, 1.0)
                           if algo.text_aggregation == "token_mean" else w_img)
-                loss, st = micro_batch_loss(model, ref, roll.index(idx), batch.adv[idx.to(device)], cfg, w_text, w_img)
+                loss, st = micro_batch_loss(model, ref, roll.index(idx), batch.adv[idx.to(device)], cfg, w_text, w_img,
+                                            None if nft is None else [d.index(idx) for d in nft])
                 finite = finite and bool(torch.isfinite(loss))
                 loss.backward()
                 stats.add(st)
                 if epoch == 0 and mb_i == 0:  # health: the first update recomputes the behaviour: 0
-                    first.add({k.replace("/logp_diff", "/first_logp_diff"): v for k, v in st.items()
-                               if k.endswith("/logp_diff_max")})
+                    first.add({k.replace("/logp_diff", "/first_logp_diff").replace("/v_old_diff", "/first_v_old_diff"): v
+                               for k, v in st.items() if k.endswith(("/logp_diff_max", "/v_old_diff_max"))})
             upd = optimizer_step(model, opt, cfg, ranks, finite)
             skipped += int(upd.pop("skipped"))
             updates += 1
@@ -230,6 +295,7 @@ def step_metrics(batch: StepBatch, task, cfg: Config, rewards: RewardSet, sizes:
         "rollout/reasoning_tokens": float(lengths.mean()), "rollout/reasoning_tokens_max": float(lengths.max()),
         "rollout/truncated_frac": float((lengths >= cfg.text.max_reasoning_tokens).float().mean()),
         **task.rollout_metrics(roll.images, group),
+        **({} if batch.round_reward is None else round_metrics(roll, batch.round_reward)),
         "reward/mean": float(reward.mean()), "reward/std": float(reward.std(correction=0)),
         "reward/min": float(reward.min()), "reward/max": float(reward.max()),
         "reward/group_std": float(reward.std(dim=1, correction=0).mean()),

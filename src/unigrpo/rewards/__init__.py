@@ -42,6 +42,7 @@ import torch
 
 from unigrpo.rewards.text import reasoning_format
 from unigrpo.world import shapes_dense_reward, shapes_reward
+from unigrpo.world.edit_reward import shapes_edit_dense_reward, shapes_edit_reward
 
 __all__ = ["BUILTIN", "RewardResult", "RewardSet", "RewardUnavailable", "StepRewards", "resolve_reward",
            "reward_factory"]
@@ -118,6 +119,7 @@ def group_diversity(images, prompts, metadata):
 group_diversity.groupwise = True
 
 BUILTIN: dict[str, RewardFn] = {"shapes": shapes_reward, "shapes_dense": shapes_dense_reward, "remote": remote, "judge": judge, "ocr": ocr,
+                                "shapes_edit": shapes_edit_reward, "shapes_edit_dense": shapes_edit_dense_reward,
                                 "reasoning_format": reward_factory(reasoning_format),
                                 "group_diversity": group_diversity, "clip_score": clip_score,
                                 "pickscore": pickscore, "aesthetic": aesthetic}

@@ -10,6 +10,11 @@ lists it in ``transports``) is one safetensors file: the tensor ``images`` [B, 3
 (``npy``: the same lossless pixels) or uint8 (``png``: the same 8-bit levels as the PNG, no
 compression), and in the header's ``__metadata__`` the JSON strings ``prompts`` and ``metadata``.
 No base64, no per-image files, no JSON over pixels: the bytes are the tensor's memory.
+
+A prompt's input images (an editing task: ``metadata["input_images"]``, a tensor [n, 3, H, W] in
+[0, 1] in process) travel in either transport as a list of base64 images in the request's format
+(the same encoding as ``images``) and reach the served reward as the same tensor again
+(``pack_metadata`` / ``unpack_metadata``): a reward reads them the same way in process and served.
 """
 
 from __future__ import annotations
@@ -24,8 +29,23 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["BINARY_TYPE", "FORMATS", "PayloadError", "check_pixels", "decode_binary_request", "decode_images", "decode_request",
-           "encode_binary_request", "encode_images", "encode_request", "png_bytes", "to_json"]
+__all__ = [
+    "BINARY_TYPE",
+    "FORMATS",
+    "INPUT_IMAGES",
+    "PayloadError",
+    "check_pixels",
+    "decode_binary_request",
+    "decode_images",
+    "decode_request",
+    "encode_binary_request",
+    "encode_images",
+    "encode_request",
+    "pack_metadata",
+    "png_bytes",
+    "to_json",
+    "unpack_metadata",
+]
 
 FORMATS = ("npy", "png")
 BINARY_TYPE = "application/x-safetensors"
@@ -130,9 +150,34 @@ def to_json(obj):
     return str(obj)
 
 
+INPUT_IMAGES = "input_images"
+
+
+def pack_metadata(metadata: list[dict], fmt: str) -> list:
+    """Metadata -> JSON-safe, each row's ``input_images`` tensor as base64 images in format ``fmt``."""
+    return to_json([{**m, INPUT_IMAGES: encode_images(m[INPUT_IMAGES], fmt)}
+                    if isinstance(m.get(INPUT_IMAGES), torch.Tensor) else m for m in metadata])
+
+
+def unpack_metadata(metadata: list[dict], fmt: str) -> list[dict]:
+    """The server's side of ``pack_metadata``: each row's ``input_images`` back to [n, 3, H, W]."""
+    out = []
+    for i, m in enumerate(metadata):
+        if INPUT_IMAGES in m:
+            items = m[INPUT_IMAGES]
+            if not isinstance(items, list) or not items:
+                raise PayloadError(f"metadata[{i}].{INPUT_IMAGES}: expected a non-empty list of base64 images")
+            try:
+                m = {**m, INPUT_IMAGES: decode_images(items, fmt)}
+            except PayloadError as e:
+                raise PayloadError(f"metadata[{i}].{INPUT_IMAGES}: {e}") from None
+        out.append(m)
+    return out
+
+
 def encode_request(images: torch.Tensor, prompts: list[str], metadata: list[dict], fmt: str = "npy") -> bytes:
     return json.dumps({"format": fmt, "images": encode_images(images, fmt), "prompts": list(prompts),
-                       "metadata": to_json(list(metadata))}).encode()
+                       "metadata": pack_metadata(list(metadata), fmt)}).encode()
 
 
 def _check_lists(prompts, metadata, n: int, max_batch: int) -> list[dict]:
@@ -163,8 +208,8 @@ def encode_binary_request(images: torch.Tensor, prompts: list[str], metadata: li
         raise ValueError(f"image format {fmt!r}: expected one of {FORMATS}")
     x = images.detach().cpu()
     x = u8_levels(x) if fmt == "png" else x.float()
-    return save({"images": x.contiguous()}, metadata={"prompts": json.dumps(list(prompts)),
-                                                        "metadata": json.dumps(to_json(list(metadata)))})
+    return save({"images": x.contiguous()}, metadata={"prompts": json.dumps(list(prompts)), "format": fmt,
+                                                        "metadata": json.dumps(pack_metadata(list(metadata), fmt))})
 
 
 def decode_binary_request(body: bytes, max_batch: int) -> tuple[torch.Tensor, list[str], list[dict]]:
@@ -189,7 +234,10 @@ def decode_binary_request(body: bytes, max_batch: int) -> tuple[torch.Tensor, li
         got = "no tensor 'images'" if x is None else f"{x.dtype} {list(x.shape)}"
         raise PayloadError(f"images: expected float32 or uint8 [B, 3, H, W], got {got}")
     metadata = _check_lists(prompts, metadata, len(x), max_batch)
-    return check_pixels(x.float() / 255.0 if x.dtype == torch.uint8 else x), prompts, metadata
+    fmt = meta.get("format", "png" if x.dtype == torch.uint8 else "npy")
+    if fmt not in FORMATS:
+        raise PayloadError(f"format: {fmt!r} is not one of {list(FORMATS)}")
+    return check_pixels(x.float() / 255.0 if x.dtype == torch.uint8 else x), prompts, unpack_metadata(metadata, fmt)
 
 
 def decode_request(body: bytes, max_batch: int) -> tuple[torch.Tensor, list[str], list[dict]]:
@@ -210,4 +258,4 @@ def decode_request(body: bytes, max_batch: int) -> tuple[torch.Tensor, list[str]
     if not isinstance(images, list) or not isinstance(prompts, list):
         raise PayloadError("images and prompts must be lists")
     metadata = _check_lists(prompts, metadata, len(images), max_batch)
-    return decode_images(images, fmt), prompts, metadata
+    return decode_images(images, fmt), prompts, unpack_metadata(metadata, fmt)

@@ -13,6 +13,13 @@ each prompt's metadata, to which the loop adds ``"reasoning"`` (the sampled reas
   with held-out splits; the evaluator reports strict accuracy overall, per category, and whether
   the sampled description was right (``eval/reasoning_ok``). Its metadata is
   ``world.ShapesProblem.to_metadata()`` with the ground-truth reasoning under ``"target_reasoning"``.
+- ``shapes_edit`` (``tasks/shapes_edit.py``): the shapes world's edits: a rendered input scene (the
+  prompt's image) + an instruction; the evaluator reports strict edit accuracy per category, the
+  rate of untouched objects preserved and whether the model saw the input right. Its metadata is
+  ``world.EditProblem.to_metadata()`` (ground truth under ``"target_reasoning"``); it needs a model
+  that ``sees_images`` and ``edits``.
+- ``shapes_refine`` (``tasks/shapes_refine.py``): the shapes prompts in multi-round episodes
+  (``algo.rounds``; later rounds reflect on the image drawn before), evaluated round by round.
 - ``prompts`` (``tasks/prompts.py``): JSONL files (``task.prompts``, ``task.eval_prompts``), one
   object per line with at least ``"prompt"``; every other field is passed through. The evaluator
   reports the configured rewards on the evaluation prompts, overall and per ``"tag"`` /
@@ -36,11 +43,14 @@ from unigrpo.tasks.base import (
 )
 from unigrpo.tasks.prompts import PromptsTask, load_prompt_file
 from unigrpo.tasks.shapes import ShapesTask
+from unigrpo.tasks.shapes_edit import ShapesEditTask
+from unigrpo.tasks.shapes_refine import ShapesRefineTask
 
-__all__ = ["RESERVED", "TASKS", "Prompt", "PromptsTask", "ShapesTask", "Task", "build_task", "generate_eval",
-           "load_prompt_file", "reward_metadata", "write_eval_grid"]
+__all__ = ["RESERVED", "TASKS", "Prompt", "PromptsTask", "ShapesEditTask", "ShapesRefineTask", "ShapesTask", "Task",
+           "build_task", "generate_eval", "load_prompt_file", "reward_metadata", "write_eval_grid"]
 
-TASKS: dict[str, type] = {"shapes": ShapesTask, "prompts": PromptsTask}
+TASKS: dict[str, type] = {"shapes": ShapesTask, "prompts": PromptsTask, "shapes_edit": ShapesEditTask,
+                          "shapes_refine": ShapesRefineTask}
 
 
 def build_task(cfg: Config) -> Task:

@@ -19,7 +19,8 @@ from unigrpo.utils.images import group_rms_distance, save_grid
 
 # Every metadata key unigrpo itself adds: a prompt's own metadata may not carry one (refused when
 # the prompt file is read), so what a reward reads under a user's name is always what the user wrote.
-RESERVED = ("reasoning", "prompt_index", "group_index", "line")
+# "round" and "previous_image": multi-round episodes (algo.rounds > 1) score every round's image.
+RESERVED = ("reasoning", "prompt_index", "group_index", "line", "input_images", "round", "previous_image")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,12 @@ class Prompt:
     text: str
     metadata: dict[str, Any] = field(default_factory=dict)  # JSON-like; handed to the rewards
     images: torch.Tensor | None = None  # [n, 3, H, W] in [0, 1]: the prompt's input images (None: none)
+    image_files: tuple[str, ...] = ()  # where ``images`` are read from (a prompt file's "images" field)
+
+    def with_images(self, images: torch.Tensor) -> Prompt:
+        """This prompt with its input images [n, 3, H, W] (at the model's input size), which also
+        reach the rewards as ``metadata["input_images"]`` (in process and over the wire)."""
+        return Prompt(self.text, {**self.metadata, "input_images": images}, images, self.image_files)
 
 
 class Task(Protocol):
@@ -80,9 +87,9 @@ def check_prompts(model, prompts: list[Prompt], max_new_tokens: int, where) -> N
             raise InputError(f"{where(p)}: {e}") from None
 
 
-def generate_eval(model, prompts: list[str], cfg: Config, thinking: bool, reasoning: list[str] | None = None,
+def generate_eval(model, prompts: list, cfg: Config, thinking: bool, reasoning: list[str] | None = None,
                   cfg_scale: float | None = None) -> Generation:
-    """Deterministic evaluation images of ``prompts``: the ODE with ``sampler.eval_num_steps`` and
+    """Deterministic evaluation images of ``prompts`` (``Prompt`` or str): the ODE with ``sampler.eval_num_steps`` and
     ``sampler.eval_cfg_scale`` (unless ``cfg_scale``), noise and reasoning from ``eval.seed``."""
     s = cfg.sampler
     return generate(model, prompts, thinking=thinking, reasoning=reasoning, num_steps=s.eval_num_steps,

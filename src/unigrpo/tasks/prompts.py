@@ -1,7 +1,13 @@
 """``task.kind: prompts``: prompts from JSONL files, evaluated by the configured rewards.
 
 One object per line with at least ``"prompt"``; every other field is passed through to the
-rewards (GenEval's ``evaluation_metadata.jsonl`` loads as it is). The evaluation reports the
+rewards (GenEval's ``evaluation_metadata.jsonl`` loads as it is). A line may carry input images,
+``"images": ["a.png", ...]`` (paths relative to the JSONL file): each is read and checked when the
+file is read (``unigrpo validate`` included: a missing, unreadable or wrong-mode image is one line
+naming file and line), resized to the model's input size before the run writes anything
+(``check``), and reaches the model (``Prompt.images``) and the rewards
+(``metadata["input_images"]``, [n, 3, H, W] in [0, 1]). Only a model that sees or edits images
+takes such prompts. The evaluation reports the
 rewards on the evaluation prompts, overall and per ``"tag"`` / ``"category"`` field when the lines
 have one. A run logs the generic image statistics only (``utils.images``): these prompts are not
 the shapes world's.
@@ -28,7 +34,7 @@ from unigrpo.tasks.base import (
     write_eval_grid,
 )
 from unigrpo.utils.errors import InputError
-from unigrpo.utils.images import image_stats
+from unigrpo.utils.images import image_stats, read_image, resize_images
 
 
 def _lines(p: Path, key: str) -> list[str]:
@@ -70,10 +76,36 @@ def load_prompt_file(path: str | Path, key: str = "task.prompts") -> list[Prompt
             raise ConfigError(f"{where}: field {taken[0]!r} is set by unigrpo for the rewards (the line number, "
                               f"the sampled reasoning, the indices); rename it")
         meta = {k: v for k, v in obj.items() if k != "prompt"}
-        prompts.append(Prompt(obj["prompt"], {**meta, "line": n}))
+        files = _image_files(obj.get("images"), p, where) if "images" in obj else ()
+        prompts.append(Prompt(obj["prompt"], {**meta, "line": n}, image_files=files))
     if not prompts:
         raise ConfigError(f"{key}: {p} holds no prompts")
     return prompts
+
+
+def _image_files(field, jsonl: Path, where: str) -> tuple[str, ...]:
+    """A line's ``"images"``: a non-empty list of paths (relative to the JSONL file), each read and
+    checked now (``read_image``); ConfigError naming file, line and image otherwise."""
+    if not isinstance(field, list) or not field or not all(isinstance(x, str) and x.strip() for x in field):
+        raise ConfigError(f"{where}: \"images\" must be a non-empty list of image paths")
+    files = []
+    for name in field:
+        path = Path(name) if Path(name).is_absolute() else jsonl.parent / name
+        if not path.is_file():
+            raise ConfigError(f"{where}: image not found: {path}")
+        try:
+            read_image(path)
+        except ValueError as e:
+            raise ConfigError(f"{where}: image {path}: {e}") from None
+        files.append(str(path))
+    return tuple(files)
+
+
+def with_input_images(prompts: list[Prompt], size: tuple[int, int]) -> list[Prompt]:
+    """``prompts`` with their image files read and resized to ``size`` (H, W); prompts without
+    images unchanged."""
+    return [p.with_images(torch.cat([resize_images(read_image(f)[None], size) for f in p.image_files]))
+            if p.image_files else p for p in prompts]
 
 
 class PromptsTask:
@@ -85,6 +117,11 @@ class PromptsTask:
         self.seed, self.cfg, self.orders = cfg.seed, cfg, {}
         self.train = load_prompt_file(t.prompts)
         self.eval = self.train if t.eval_prompts is None else load_prompt_file(t.eval_prompts, "task.eval_prompts")
+        for key, prompts in (("task.prompts", self.train), ("task.eval_prompts", self.eval)):
+            first = next((p for p in prompts if p.image_files), None)
+            if first is not None and not cfg.model.capabilities & {"sees_images", "edits"}:
+                raise ConfigError(f"{key}: line {first.metadata['line']} has input images, and model.kind="
+                                  f"{cfg.model.kind!r} as configured neither sees nor edits images (docs/models.md)")
 
     def check(self, model, cfg: Config) -> None:
         """Every training and evaluation prompt is one ``model`` reads and fits with
@@ -93,6 +130,10 @@ class PromptsTask:
         check_prompts(model, self.train, n, lambda p: f"task.prompts: {t.prompts}:{p.metadata['line']}")
         if self.eval is not self.train:
             check_prompts(model, self.eval, n, lambda p: f"task.eval_prompts: {t.eval_prompts}:{p.metadata['line']}")
+        if any(p.image_files for p in self.train + self.eval):  # at the model's input size, once
+            same = self.eval is self.train
+            self.train = with_input_images(self.train, model.input_image_size)
+            self.eval = self.train if same else with_input_images(self.eval, model.input_image_size)
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self.orders:
@@ -110,7 +151,7 @@ class PromptsTask:
     def evaluate(self, model, cfg: Config, rewards, step: int, out: Path | None) -> dict[str, float]:
         start = time.perf_counter()
         prompts = self.eval_prompts()
-        gen = generate_eval(model, [p.text for p in prompts], cfg, thinking=cfg.eval.thinking)
+        gen = generate_eval(model, prompts, cfg, thinking=cfg.eval.thinking)
         meta = [reward_metadata(p.metadata, gen.reasoning[i], i, 0) for i, p in enumerate(prompts)]
         res = rewards(gen.images, [p.text for p in prompts], meta)
         total, per_term = res.total, res.per_term

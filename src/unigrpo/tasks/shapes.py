@@ -108,6 +108,22 @@ class ShapesTask:
                       "strict check):"), decomposition]
         return "\n".join(lines)
 
+    def demo_evaluate(self, model, cfg: Config, out: Path, name: str) -> dict:
+        """The demo's held-out evaluation, thinking on: the metrics (``evaluate_images``'), with the
+        grid ``out/name.png`` and the sampled reasoning ``out/name_samples.md``."""
+        tasks = self.eval_world_tasks()
+        res, gen = evaluate_model(model, tasks, cfg, "think")
+        write_eval(out, name, res, gen, tasks, cfg.eval.grid_prompts)
+        return res
+
+    @staticmethod
+    def demo_tables(results: dict[str, dict]) -> list[tuple[str, str]]:
+        """The demo report's sections (title, markdown) comparing ``results`` (name -> metrics)."""
+        return [("Strict accuracy (GenEval-style: everything right)", format_table(results)),
+                ("Mean partial-credit score", format_table(results, metric="score")),
+                ("Text expert vs image expert", "A sampled description is right when, drawn exactly by the "
+                 "ground-truth renderer, it passes the strict check.\n\n" + format_decomposition(results))]
+
     def check(self, model, cfg: Config) -> None:
         """Nothing to check: the world's prompts are in the tiny model's words, and ``tiny_config``
         checks their length against ``model.max_seq_len``."""

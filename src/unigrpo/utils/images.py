@@ -35,6 +35,18 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int 
     return path
 
 
+def pairs(inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """[input_0, output_0, input_1, output_1, ...] from inputs [N, 3, h, w] and outputs [N, 3, H, W]:
+    an edit grid's cells (``save_grid`` with an even ``nrow`` shows input | output side by side).
+    Inputs of another size are resized to the outputs' (nearest: pixels stay as drawn)."""
+    if inputs.shape[0] != outputs.shape[0]:
+        raise ValueError(f"{inputs.shape[0]} inputs but {outputs.shape[0]} outputs")
+    inputs = inputs.detach().float().cpu()
+    if inputs.shape[-2:] != outputs.shape[-2:]:
+        inputs = torch.nn.functional.interpolate(inputs, size=tuple(outputs.shape[-2:]), mode="nearest")
+    return torch.stack([inputs, outputs.detach().float().cpu()], 1).flatten(0, 1)  # [2N, 3, H, W]
+
+
 # A pixel whose brightest channel is below this is background (dark); the shapes world's detector
 # draws the same line (unigrpo.world.detect).
 DARK = 0.5
@@ -86,3 +98,38 @@ def group_rms_distance(images) -> float:
     flat = x.reshape(p, g, -1).double()
     d = torch.cdist(flat, flat) / flat.shape[-1] ** 0.5  # [P, G, G] RMS distances
     return float(d.sum() / (p * g * (g - 1)))  # diagonal is 0: average over the off-diagonal pairs
+
+
+# Modes read as they are (L: grey, P: a palette) and RGBA with no transparent pixel; the others
+# (CMYK, 16-bit, float, 1-bit, transparency) would need a choice the user should make themselves.
+READABLE_MODES = ("RGB", "RGBA", "L", "P")
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """An image file -> [3, H, W] float in [0, 1] at its own size. ValueError (one line, without the
+    path: the caller names file and line) for a file PIL cannot read or a mode it should not guess."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode not in READABLE_MODES:
+                raise ValueError(f"image mode {mode} is not supported (RGB, RGBA without transparency, L or P)")
+            if mode == "P" and "transparency" in im.info or mode == "RGBA" and im.getchannel("A").getextrema()[0] < 255:
+                raise ValueError(f"image mode {mode} with transparent pixels: flatten it onto a background first")
+            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- PIL raises many types for an unreadable or truncated file
+        raise ValueError(f"not a readable image ({type(e).__name__}: {str(e)[:80]})") from None
+    if min(arr.shape[:2]) < 1:
+        raise ValueError("an empty image")
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def resize_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[n, 3, h, w] -> [n, 3, H, W] (``size`` = (H, W)): unchanged when already that size, else
+    bilinear with antialiasing (the aspect ratio is not kept: a model's input size is what it reads)."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    out = torch.nn.functional.interpolate(images, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+    return out.clamp(0.0, 1.0)

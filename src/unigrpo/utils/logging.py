@@ -134,11 +134,19 @@ class RunLogger:
         self.jsonl.write(jsonl_line(step, clean) + "\n")
         self.jsonl.flush()
         if self.tb is not None:
-            for k, v in clean.items():
-                self.tb.add_scalar(k, v, step)
+            self._tb_scalars(step, clean)
             self.tb.flush()
         for t in self.trackers:
             t.log(step, clean)
+
+    def _tb_scalars(self, step: int, clean: dict[str, float]) -> None:
+        """Every scalar of the step in ONE TensorBoard event: ``add_scalar`` writes an event per key
+        (its checks and proto per call cost ~0.3 ms a key here, ~1-3 % of a tiny step with ~100
+        metrics). The same ``simple_value`` summaries, read back identically by TensorBoard."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        values = [Summary.Value(tag=k, simple_value=v) for k, v in clean.items()]
+        self.tb._get_file_writer().add_summary(Summary(value=values), step)  # the writer add_scalar uses
 
     def log_image(self, step: int, key: str, path: str | Path, caption: str | None = None) -> None:
         """Send an image file (a grid written under ``out/grids``) to the trackers as ``key``; nothing

@@ -3,6 +3,18 @@
 See docs/world.md for the design (categories, held-out scheme, grammar, reward definition).
 """
 
+from unigrpo.world.edit import (
+    EditProblem,
+    Placed,
+    Scene,
+    edit_categories,
+    make_edit_problems,
+    render_edit_pairs,
+    render_scene,
+    render_scenes,
+    split_edit_response,
+    wrong_edit_reasoning,
+)
 from unigrpo.world.render import render, render_batch
 from unigrpo.world.reward import (
     ScoreResult,
@@ -24,8 +36,9 @@ from unigrpo.world.tasks import (
 )
 from unigrpo.world.tokenizer import WordTokenizer, build_world_tokenizer
 
-__all__ = ["Clue", "ObjectGroup", "ScoreResult", "ShapesProblem", "Spec", "WordTokenizer",
-           "all_categories", "build_world_tokenizer", "describe", "description_correct", "evaluate_images",
-           "make_tasks", "parse_description", "render",
-           "render_batch", "sample_task", "score_images", "shapes_dense_reward", "shapes_image_stats", "shapes_reward", "split_response",
-           "wrong_reasoning"]
+__all__ = ["Clue", "EditProblem", "ObjectGroup", "Placed", "Scene", "ScoreResult", "ShapesProblem", "Spec",
+           "WordTokenizer", "all_categories", "build_world_tokenizer", "describe", "description_correct",
+           "edit_categories", "evaluate_images", "make_edit_problems", "make_tasks", "parse_description",
+           "render", "render_batch", "render_edit_pairs", "render_scene", "render_scenes", "sample_task", "score_images",
+           "shapes_dense_reward", "shapes_image_stats", "shapes_reward", "split_edit_response",
+           "split_response", "wrong_edit_reasoning", "wrong_reasoning"]

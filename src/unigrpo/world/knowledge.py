@@ -94,6 +94,18 @@ TEMPLATE_WORDS = ("a", "an", "and", "the", "color", "of", "thing", "things", "sh
                   "asked", ".", ",")
 
 
+# Words of the edit instructions and of "i see ..." descriptions of an input image (edit.py), then
+# those of the reflections of multi-round episodes (refine.py: a verdict, the stop word, what an
+# unreadable image shows). They come AFTER the sorted ``all_words()`` in the tokenizer, in this
+# order, so every id of the original vocabulary (and of checkpoints trained on it) stays the same.
+EDIT_WORDS = ("make", "add", "remove", "swap", "replace", "with", "change", "number", "to", "i",
+              "see", "in", "image", "wrong", "done", "nothing", "something", "else")
+
+# The reflection turn of multi-round episodes: what the tiny model reads after the image it drew
+# (``TinyUnifiedModel.reflection_prompt``; refine.py has the grammar of the answer).
+REFLECT_PROMPT = "is the image right"
+
+
 def all_words() -> list[str]:
     """Every word that a prompt, reasoning or description of this world can contain, sorted."""
     words = set(TEMPLATE_WORDS) | set(COLORS) | set(NUMBER_WORDS.values())

@@ -31,6 +31,7 @@ PALETTE: dict[str, tuple[float, float, float]] = {
 }
 assert tuple(PALETTE) == COLORS
 MIN_SIZE, MAX_SIZE = 16, 64  # supported canvas sides (validated for 24 and 32; see docs/world.md)
+QUADRANTS = ("tl", "tr", "bl", "br")  # cells of the 2x2 grid, in raster order
 
 
 @cache
@@ -70,8 +71,15 @@ def _cells(spec: Spec, rng: np.random.Generator, size: int) -> list[tuple[int, i
         return [(0, 0, size, size)]
     if n == 2:
         return [halves_lr[i] for i in rng.permutation(2)]
-    quads = [(x, y, x + h, y + h) for y in (0, h) for x in (0, h)]
+    quads = [quadrant(c, size) for c in QUADRANTS]
     return [quads[i] for i in rng.permutation(4)[:n]]
+
+
+def quadrant(cell: str, size: int) -> tuple[int, int, int, int]:
+    """Box (x0, y0, x1, y1) of quadrant ``cell`` ('tl' | 'tr' | 'bl' | 'br') of a size x size canvas."""
+    h = size // 2
+    x, y = h * (cell[1] == "r"), h * (cell[0] == "b")
+    return x, y, x + h, y + h
 
 
 def layout(spec: Spec, rng: np.random.Generator,
@@ -88,23 +96,47 @@ def layout(spec: Spec, rng: np.random.Generator,
     lo, hi = _sizes(size, single)
     margin = 2 if single else 1  # single: keep off the canvas edge; cells: >= 2 px between objects
     jitter = round(5 * size / 32)
-    out = []
-    for (shape, color), (x0, y0, x1, y1) in zip(objects, cells):
-        s = int(rng.integers(lo, min(hi, x1 - x0 - 2 * margin, y1 - y0 - 2 * margin) + 1))
-        xs = (x0 + margin, x1 - margin - s)  # allowed top-left range (inclusive)
-        ys = (y0 + margin, y1 - margin - s)
-        cx, cy = (xs[0] + xs[1]) // 2, (ys[0] + ys[1]) // 2
-        xs = (max(xs[0], cx - jitter), min(xs[1], cx + jitter))
-        ys = (max(ys[0], cy - jitter), min(ys[1], cy + jitter))
-        x, y = int(rng.integers(xs[0], xs[1] + 1)), int(rng.integers(ys[0], ys[1] + 1))
-        out.append((shape, color, x, y, s))
-    return out
+    return [(shape, color, *place(cell, lo, hi, margin, jitter, rng))
+            for (shape, color), cell in zip(objects, cells)]
+
+
+def layout_cells(objects, rng: np.random.Generator, size: int = 32) -> list[tuple[str, str, int, int, int]]:
+    """Objects given as (shape, colour, quadrant) -> (shape, colour, x0, y0, side), each placed in
+    its own quadrant exactly as ``layout`` places 3 or 4 objects (side 8..11 px at 32, 1 px margin,
+    jitter), whatever their number: the edit scenes' layout, where objects keep their cell."""
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise ValueError(f"size must be in [{MIN_SIZE}, {MAX_SIZE}], got {size}")
+    lo, hi = _sizes(size, single=False)
+    jitter = round(5 * size / 32)
+    return [(shape, color, *place(quadrant(cell, size), lo, hi, 1, jitter, rng))
+            for shape, color, cell in objects]
+
+
+def place(cell: tuple[int, int, int, int], lo: int, hi: int, margin: int, jitter: int,
+          rng: np.random.Generator) -> tuple[int, int, int]:
+    """(x0, y0, side) of one object in ``cell`` = (x0, y0, x1, y1): side in [lo, hi] (capped by
+    the cell), top-left jittered by up to ``jitter`` px around the cell centre, ``margin`` px
+    inside the cell. Draws side, x, y from ``rng`` in that order (renders depend on it)."""
+    x0, y0, x1, y1 = cell
+    s = int(rng.integers(lo, min(hi, x1 - x0 - 2 * margin, y1 - y0 - 2 * margin) + 1))
+    xs = (x0 + margin, x1 - margin - s)  # allowed top-left range (inclusive)
+    ys = (y0 + margin, y1 - margin - s)
+    cx, cy = (xs[0] + xs[1]) // 2, (ys[0] + ys[1]) // 2
+    xs = (max(xs[0], cx - jitter), min(xs[1], cx + jitter))
+    ys = (max(ys[0], cy - jitter), min(ys[1], cy + jitter))
+    x, y = int(rng.integers(xs[0], xs[1] + 1)), int(rng.integers(ys[0], ys[1] + 1))
+    return x, y, s
 
 
 def render(spec: Spec, rng: np.random.Generator, size: int = 32) -> np.ndarray:
     """Ground-truth image of ``spec``: uint8 [size, size, 3], deterministic given ``rng``."""
+    return paint(layout(spec, rng, size), size)
+
+
+def paint(objects, size: int) -> np.ndarray:
+    """uint8 [size, size, 3] black canvas with ``objects`` = [(shape, colour, x0, y0, side)] drawn."""
     img = np.zeros((size, size, 3), dtype=np.uint8)
-    for shape, color, x, y, s in layout(spec, rng, size):
+    for shape, color, x, y, s in objects:
         rgb = np.round(np.array(PALETTE[color]) * 255).astype(np.uint8)
         img[y:y + s, x:x + s][shape_mask(shape, s)] = rgb
     return img

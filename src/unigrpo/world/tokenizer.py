@@ -2,7 +2,8 @@
 
 Text is split on whitespace ("." and "," are separate words in every generated text). Special
 tokens have fixed ids: <pad>=0, <bos>=1, <eos>=2, <think>=3, </think>=4, <unk>=5; the world's
-words follow in sorted order, so the vocabulary (and every id) is deterministic.
+words follow in sorted order, then the edit words (``knowledge.EDIT_WORDS``) in their listed order:
+appended, so the ids of the original vocabulary never move and every id is deterministic.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from unigrpo.world.knowledge import all_words
+from unigrpo.world.knowledge import EDIT_WORDS, all_words
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<think>", "</think>", "<unk>")
 
@@ -62,5 +63,6 @@ class WordTokenizer:
 
 
 def build_world_tokenizer() -> WordTokenizer:
-    """The tokenizer of the built-in world: SPECIALS + every word of ``knowledge.all_words()``."""
-    return WordTokenizer([*SPECIALS, *all_words()])
+    """The tokenizer of the built-in world: SPECIALS + every word of ``knowledge.all_words()`` +
+    ``knowledge.EDIT_WORDS`` (appended: a checkpoint saved before them keeps its ids)."""
+    return WordTokenizer([*SPECIALS, *all_words(), *EDIT_WORDS])
