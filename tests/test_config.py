@@ -246,3 +246,17 @@ def test_a_task_that_needs_a_capability_the_model_lacks_is_one_line(monkeypatch)
     assert str(e.value) == ("task.kind: 'shapes' needs a model with sees_images; model.kind='tiny' has neither")
     monkeypatch.setattr(TinyModelConfig, "capabilities", frozenset({"sees_images", "edits"}))
     load_config(None, [])
+
+
+def test_the_decode_keys_reach_every_kind_or_are_refused_in_one_line():
+    """``text.token_sampler`` is every model's (its engine call); ``text.static_cache`` / ``compile``
+    exist for the hf kinds' transformers LMs only, and another kind refuses them in one line."""
+    from unigrpo.models import build_model
+
+    assert build_model(load_config(None, ["text.token_sampler=inverse_cdf"]), checkpoint=None).token_sampler == "inverse_cdf"
+    assert build_model(load_config(None, []), checkpoint=None).token_sampler == "multinomial"
+    for key in ("text.static_cache=true", "text.compile=true"):
+        with pytest.raises(ValueError, match=r"^text.static_cache / text.compile: TinyUnifiedModel decodes on its own cache[^\n]*$"):
+            build_model(load_config(None, [key]), checkpoint=None)
+    with pytest.raises(ValueError, match="token_sampler"):
+        load_config(None, ["text.token_sampler=gumbel"])

@@ -25,3 +25,21 @@ def test_our_step_updates_the_model_on_policy():
     info = batched.step(prompts, 0)
     assert info["ratio_max"] == 1.0 and info["completion_len_mean"] == vs_trl.NEW_TOKENS
     assert any(not torch.equal(before[n], p) for n, p in lm.named_parameters())
+
+
+def test_the_variants_sample_what_they_promise(monkeypatch):
+    """``ours_before`` (``torch.multinomial``) and ``ours`` (the default sampler, without the checks)
+    draw the same tokens; ``ours_static`` decodes the ``ours_inverse_cdf`` batch on a StaticKV, and
+    the inverse-CDF sampler draws other tokens from the same seeds; the decode-vs-teacher-forced
+    check the benchmark prints is float rounding for every variant."""
+    lm, tok = vs_trl.build_model_and_tokenizer()
+    sides = vs_trl.our_sides(lm, tok, compile=False)
+    assert list(sides) == ["ours_before", "ours", "ours_inverse_cdf", "ours_static", "ours_per_group"]
+    monkeypatch.setattr(vs_trl, "PROMPTS", vs_trl.PROMPTS[:2])
+    batch = {k: sides[k].sample(vs_trl.PROMPTS, 0).ids for k in ("ours_before", "ours", "ours_inverse_cdf", "ours_static")}
+    assert torch.equal(batch["ours_before"], batch["ours"])
+    assert torch.equal(batch["ours_inverse_cdf"], batch["ours_static"])
+    assert batch["ours"].shape == batch["ours_static"].shape and not torch.equal(batch["ours"], batch["ours_static"])
+    for side in ("ours", "ours_inverse_cdf", "ours_static"):
+        assert vs_trl.decode_vs_teacher_forced(sides[side]) < 1e-5
+    assert torch.equal(sides["ours"].sample(vs_trl.PROMPTS, 0).ids, batch["ours"])  # the engine's sampler is back

@@ -132,6 +132,11 @@ class TextSamplingConfig:
     # True: every group of a rank decodes in ONE loop (a generator per group; docs/performance.md);
     # False: one loop per group, whose tokens depend on nothing but the group (docs/reliability.md)
     batch_groups: bool = True
+    # how a token is drawn (models/decode.py): "multinomial" = torch.multinomial's tokens from the same
+    # stream (every seeded number in docs/); "inverse_cdf" = one uniform per row, faster, other tokens
+    token_sampler: Literal["multinomial", "inverse_cdf"] = "multinomial"
+    static_cache: bool = False  # hf kinds: a preallocated KV cache, written in place (docs/performance.md)
+    compile: bool = False  # hf kinds: torch.compile the static decode step (implies static_cache; warms up for seconds)
 
 
 @dataclass

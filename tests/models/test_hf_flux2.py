@@ -376,3 +376,18 @@ def test_a_left_padding_tokenizer_gives_what_the_pipeline_computes_with_it(left_
     ref = torch.cat([out.hidden_states[k] for k in HF_LAYERS], -1)
     assert (ctx.hidden - ref).abs().max().item() <= 1e-6
     assert (logp != 0).any() and (logp - logp_right).abs().max().item() <= 1e-5
+
+
+def test_cli_one_step_with_the_opt_in_decode_has_ratio_exactly_one(tmp_path):
+    """``text.token_sampler=inverse_cdf`` + ``text.static_cache``: the rollout decodes on a StaticKV with
+    the inverse-CDF sampler, and the first update's log-probs still equal the rollout's."""
+    out = tmp_path / "run"
+    assert main([*cli_args(tmp_path), f"output_dir={out}", "steps=1", "text.token_sampler=inverse_cdf",
+                 "text.static_cache=true"]) == 0
+    check_one_lora_step_run(out)
+
+
+def test_the_opt_in_decode_reaches_the_reasoner():
+    cfg = load_config(None, [*hf_overrides(tiny_flux2_dir()), "text.token_sampler=inverse_cdf", "text.compile=true"])
+    model = build_model(cfg, checkpoint=None)
+    assert model.token_sampler == "inverse_cdf" and model.reasoner.static_cache and model.reasoner.compile

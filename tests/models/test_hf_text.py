@@ -9,6 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from testkit import tiny_bpe_tokenizer
 
+from unigrpo.models import hf_text
 from unigrpo.models.hf_text import CausalLMReasoner, positions
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -106,3 +107,62 @@ def test_one_loop_with_a_generator_per_row_equals_one_loop_per_group(reasoner):
         torch.testing.assert_close(row[m], ref, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="generators for"):
         reasoner.sample_reasoning(reasoner.encode(PROMPTS), max_new_tokens=2, generator=gens)
+
+
+def static_twin(reasoner, **kw) -> CausalLMReasoner:
+    """The same LM and tokenizer decoding on a ``StaticKV``."""
+    return CausalLMReasoner(reasoner.lm, reasoner.tokenizer, hidden_layers=reasoner.hidden_layers,
+                            stop_ids=reasoner.stop_ids, static_cache=True, **kw)
+
+
+@pytest.mark.parametrize("chunk", [hf_text.CACHE_CHUNK, 4])  # 4: the cache grows during the decode
+def test_the_static_cache_samples_the_dynamic_caches_tokens(reasoner, monkeypatch, chunk):
+    """Preallocated keys written in place, the mask given ready-made: the same tokens as the
+    ``DynamicCache`` loop from the same seeds, log-probs equal up to float rounding and equal to the
+    teacher-forced scores (the ratio == 1 precondition), rows stopping at different steps."""
+    monkeypatch.setattr(hf_text, "CACHE_CHUNK", chunk)
+    static = static_twin(reasoner)
+    gens = [g for s in (11, 12, 13) for g in [torch.Generator().manual_seed(s)] * 2]
+    rows = reasoner.encode([p for p in PROMPTS for _ in range(2)])
+    want, lp_want = reasoner.sample_reasoning(rows, max_new_tokens=14, temperature=0.7, generator=gens,
+                                              return_logprobs=True)
+    gens = [g for s in (11, 12, 13) for g in [torch.Generator().manual_seed(s)] * 2]
+    got, lp = static.sample_reasoning(rows, max_new_tokens=14, temperature=0.7, generator=gens, return_logprobs=True)
+    assert torch.equal(got.ids, want.ids) and torch.equal(got.response_mask, want.response_mask)
+    assert len(set(got.response_mask.sum(1).tolist())) > 1  # rows stopped at different steps
+    torch.testing.assert_close(lp, lp_want, rtol=0, atol=1e-6)
+    logp, _ = reasoner.forward_context(got, 0.7)
+    torch.testing.assert_close(lp, logp, rtol=0, atol=1e-5)
+
+
+def test_the_static_cache_grows_by_chunks_and_keeps_what_it_holds():
+    cache = transformers.DynamicCache()
+    k = torch.randn(2, 3, 5, 4)
+    cache.update(k, -k, 0)
+    kv = hf_text.StaticKV(cache)
+    assert kv.capacity == hf_text.CACHE_CHUNK and int(kv.at) == 5  # 5 written + room for the next token
+    kv.reserve(hf_text.CACHE_CHUNK + 1)
+    assert kv.capacity == 2 * hf_text.CACHE_CHUNK
+    assert torch.equal(kv.keys[0][:, :, :5], k) and torch.equal(kv.values[0][:, :, :5], -k)
+    assert not kv.keys[0][:, :, 5:].any()
+
+
+def test_a_sliding_window_lm_is_refused_a_static_cache(reasoner):
+    lm = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=len(reasoner.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, use_sliding_window=True, sliding_window=8,
+        max_window_layers=1))
+    with pytest.raises(ValueError, match="static_cache: the LM has .*sliding_attention"):
+        CausalLMReasoner(lm, reasoner.tokenizer, static_cache=True)
+
+
+@pytest.mark.slow  # compiling takes 20-40 s on this 2-core CPU
+def test_the_compiled_static_step_samples_the_same_tokens(reasoner):
+    """``compile``: the static step under ``torch.compile`` (inductor's CPU code) samples the eager
+    static step's tokens with log-probs equal up to float rounding."""
+    rows = reasoner.encode(PROMPTS)
+    runs = [r.sample_reasoning(rows, max_new_tokens=6, generator=torch.Generator().manual_seed(5),
+                               return_logprobs=True) for r in (static_twin(reasoner), static_twin(reasoner, compile=True))]
+    (eager, lp_eager), (compiled, lp) = runs
+    assert torch.equal(compiled.ids, eager.ids)
+    torch.testing.assert_close(lp, lp_eager, rtol=0, atol=1e-5)

@@ -45,5 +45,7 @@ def build_model(cfg, device: str | None = None, checkpoint: str | None = FROM_CO
     model = builder(cfg, cfg.model.checkpoint if checkpoint == FROM_CONFIG else checkpoint)
     from unigrpo.utils.typed_config import to_dict
 
+    model.configure_decode(token_sampler=cfg.text.token_sampler, static_cache=cfg.text.static_cache,
+                           compile=cfg.text.compile)
     model.config_section = to_dict(cfg.model)  # recorded by model.save (what `unigrpo export` rebuilds)
     return model.to(device or cfg.device).eval()

@@ -152,6 +152,21 @@ class TextSide:
     ``hf_text.CausalLMReasoner`` (an LM on its own)."""
 
     sees_images = False  # input images enter the reasoning context (the text can be about them)
+    token_sampler = "multinomial"  # how the engine draws a token (``decode.TOKEN_SAMPLERS``; ``configure_decode``)
+
+    def configure_decode(self, *, token_sampler: str = "multinomial", static_cache: bool = False,
+                         compile: bool = False) -> None:
+        """How this model's decode loop runs (``text.token_sampler`` / ``static_cache`` / ``compile``):
+        the engine's sampler for every model; a preallocated KV cache and a ``torch.compile``d step
+        only where the text side is a transformers causal LM (``hf_text.CausalLMReasoner``), which
+        overrides this. Raises ValueError (one line) for what the model cannot do."""
+        if token_sampler not in decode.TOKEN_SAMPLERS:
+            raise ValueError(f"text.token_sampler: {token_sampler!r} is none of {', '.join(decode.TOKEN_SAMPLERS)}")
+        if static_cache or compile:
+            raise ValueError(f"text.static_cache / text.compile: {type(self).__name__} decodes on its own cache; "
+                             "the static cache and the compiled step exist for the hf kinds' transformers LMs: "
+                             "set both to false")
+        self.token_sampler = token_sampler
 
     def encode(self, prompts: Sequence[Any]) -> TokenBatch:
         """The input batch of ``prompts`` (``tasks.Prompt`` objects or plain strings), LEFT-padded,
@@ -182,7 +197,7 @@ class TextSide:
         ``max_new_tokens`` of reasoning in its context (default: it reads any)."""
 
     def sample_reasoning(self, prompts: TokenBatch, **options):
-        return decode.sample(self, prompts, **options)
+        return decode.sample(self, prompts, token_sampler=self.token_sampler, **options)
 
     def with_response(self, prompts: TokenBatch, responses: list[str]) -> TokenBatch:
         return prompts.with_responses([self.response_ids(r) for r in responses], self.pad_id)

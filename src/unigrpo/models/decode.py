@@ -7,9 +7,19 @@ token, ``decode_step`` one token per row through that cache, the ``stop_ids``, t
 ``fixed_steps``. Everything else lives here:
 
 - **Sampling** (:func:`sample`): temperature, top-p nucleus, one ``torch.Generator`` for the batch
-  or one per row (:func:`sample_rows`: each contiguous run of rows sharing a generator is one draw,
-  exactly what a loop over that run alone would draw, so several groups decode in ONE loop);
-  rows stop independently at a stop id (kept: it is an action) and are padded after it.
+  or one per row (each contiguous run of rows sharing a generator is one draw, exactly what a loop
+  over that run alone would draw, so several groups decode in ONE loop); rows stop independently
+  at a stop id (kept: it is an action) and are padded after it. Two exact samplers of the same
+  distribution (``text.token_sampler``, :data:`TOKEN_SAMPLERS`):
+
+  - ``"multinomial"`` (default): the tokens ``torch.multinomial(probs, 1)`` draws, bit for bit,
+    from the same generator stream (:func:`exponential_race`: one exponential per vocabulary entry,
+    the argmax of ``p / E``), without ``multinomial``'s validity checks (three reductions and host
+    syncs per call). Every seeded number of the docs was measured with this stream.
+  - ``"inverse_cdf"``: ONE float64 uniform per row and step (:func:`uniforms`), the token by
+    inverse CDF in token-id order (:func:`inverse_cdf`), every row in one vectorised pass. Faster
+    (docs/performance.md); the same seed draws OTHER tokens than ``"multinomial"``
+    (docs/reliability.md, "Determinism").
 - **Positions**: a row's next token sits at the number of its real tokens so far (left padding
   takes no position); a finished row keeps its position (its later tokens are masked and unused).
 - **FSDP lockstep**: with ``fixed_steps`` (a sharded model, whose every forward is a collective)
@@ -33,7 +43,10 @@ import torch.nn.functional as F
 
 from unigrpo.models.protocol import TokenBatch
 
-__all__ = ["DecodeModel", "response_logprobs", "sample", "sample_rows", "sample_top_p", "target_logprobs"]
+__all__ = ["TOKEN_SAMPLERS", "DecodeModel", "exponential_race", "inverse_cdf", "nucleus", "response_logprobs", "sample",
+           "sample_rows", "target_logprobs", "uniforms"]
+
+TOKEN_SAMPLERS = ("multinomial", "inverse_cdf")  # text.token_sampler (module docstring)
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -55,36 +68,78 @@ class DecodeModel(Protocol):
         among the cached ones and this token. Returns (float32 logits [B, V], the cache)."""
 
 
-def sample_top_p(logits: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row from softmax(logits) restricted to the top-p nucleus. [B, V] -> [B]."""
-    probs = logits.softmax(-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``probs`` [B, V] restricted to the top-p nucleus (the smallest set of most likely tokens whose
+    mass reaches ``top_p``), zero elsewhere and NOT renormalised (``inverse_cdf`` scales by the mass)."""
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(-1, descending=True)
+    drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
+    return torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
 
 
-def sample_rows(logits: torch.Tensor, top_p: float, generator: Generators) -> torch.Tensor:
-    """``sample_top_p`` with one generator (or None) for all rows, or a sequence of one generator
-    per row: each contiguous run of rows sharing a generator object is one draw. [B, V] -> [B]."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return sample_top_p(logits, top_p, generator)
-    if len(generator) != logits.shape[0]:
-        raise ValueError(f"got {len(generator)} generators for {logits.shape[0]} rows")
-    toks, start = [], 0
-    for end in range(1, len(generator) + 1):
-        if end == len(generator) or generator[end] is not generator[start]:
-            toks.append(sample_top_p(logits[start:end], top_p, generator[start]))
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row from the (unnormalised) ``probs`` [B, V] and ONE uniform ``u`` [B] in [0, 1):
+    the first token id whose cumulative mass, in id order, exceeds ``u`` times the row's mass. Exact
+    inverse-CDF sampling: token j is drawn iff u lies in [cdf[j-1], cdf[j]) / cdf[-1], an interval of
+    length p_j / sum(p); a zero-probability token has an empty interval and is never drawn. [B]."""
+    cdf = probs.double().cumsum(-1)  # float64: the intervals of tokens with p ~ 1e-8 keep their width
+    total = cdf[:, -1:]
+    # u < 1, but u * total can round up to total: stay below it, inside the last token's interval
+    v = torch.minimum(u.double()[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, v, right=True)[:, 0]  # first j with cdf[j] > v
+
+
+def runs(generator: Sequence[torch.Generator], n: int) -> list[tuple[int, int, torch.Generator]]:
+    """(start, end, generator) of each contiguous run of the ``n`` rows sharing a generator object."""
+    if len(generator) != n:
+        raise ValueError(f"got {len(generator)} generators for {n} rows")
+    out, start = [], 0
+    for end in range(1, n + 1):
+        if end == n or generator[end] is not generator[start]:
+            out.append((start, end, generator[start]))
             start = end
-    return torch.cat(toks)
+    return out
+
+
+def uniforms(generator: Generators, n: int, device: torch.device) -> torch.Tensor:
+    """One float64 uniform in [0, 1) per row [n]: from one generator (or the global stream), or from
+    a sequence of one generator per row, each contiguous run of rows sharing a generator object
+    drawing its rows' uniforms in ONE call (what a loop over that run alone draws)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.rand(n, generator=generator, dtype=torch.float64, device=device)
+    return torch.cat([torch.rand(end - start, generator=g, dtype=torch.float64, device=device)
+                      for start, end, g in runs(generator, n)])
+
+
+def exponential_race(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from the (unnormalised) ``probs`` [B, V]: the argmax of ``p / E`` with
+    E ~ Exp(1) per entry, drawn by ONE ``exponential_`` call on ``generator``. This is how
+    ``torch.multinomial(probs, 1)`` samples (its one-sample path), so it returns the same tokens from
+    the same stream (tested), without ``multinomial``'s checks of the probabilities. [B]."""
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / race).argmax(-1)
+
+
+def sample_rows(logits: torch.Tensor, top_p: float, generator: Generators,
+                token_sampler: str = "multinomial") -> torch.Tensor:
+    """One token per row from softmax(logits) restricted to the top-p nucleus, by the
+    ``token_sampler`` of the module docstring, with one generator (or None) for all rows or a
+    sequence of one generator per row. [B, V] -> [B]."""
+    probs = nucleus(logits.softmax(-1), top_p)
+    if token_sampler == "inverse_cdf":
+        return inverse_cdf(probs, uniforms(generator, logits.shape[0], logits.device))
+    if token_sampler != "multinomial":
+        raise ValueError(f"token_sampler: {token_sampler!r} is none of {', '.join(TOKEN_SAMPLERS)}")
+    if generator is None or isinstance(generator, torch.Generator):
+        return exponential_race(probs, generator)
+    return torch.cat([exponential_race(probs[start:end], g) for start, end, g in runs(generator, len(probs))])
 
 
 @torch.no_grad()
 def sample(model: DecodeModel, prompts: TokenBatch, *, max_new_tokens: int, temperature: float = 1.0,
            top_p: float = 1.0, generator: Generators = None, return_logprobs: bool = False,
-           use_cache: bool = True):
+           use_cache: bool = True, token_sampler: str = "multinomial"):
     """Sample up to ``max_new_tokens`` tokens after each prompt (module docstring). Returns the
     prompts + responses (``TokenBatch``), with ``return_logprobs`` also their [B, L] log-probs."""
     b = len(prompts)
@@ -96,7 +151,7 @@ def sample(model: DecodeModel, prompts: TokenBatch, *, max_new_tokens: int, temp
     n_steps = None  # the step after which every row has finished
     for i in range(max_new_tokens):
         logits = logits / temperature
-        tok = sample_rows(logits, top_p, generator)
+        tok = sample_rows(logits, top_p, generator, token_sampler)
         tok = torch.where(done, torch.full_like(tok, model.pad_id), tok)
         if return_logprobs:  # of the temperature-scaled distribution, as the teacher-forced pass scores
             new_logp.append(logits.log_softmax(-1).gather(1, tok[:, None])[:, 0] * ~done)

@@ -122,6 +122,10 @@ class HFUnifiedModel(UnifiedModel):
     def prefill(self, tokens: TokenBatch):
         return self.reasoner.prefill(tokens)
 
+    def configure_decode(self, **options) -> None:
+        self.reasoner.configure_decode(**options)  # the reasoner's cache; the sampler is this model's engine call
+        self.token_sampler = self.reasoner.token_sampler
+
     def decode_step(self, tok: torch.Tensor, pos: torch.Tensor, key_mask: torch.Tensor, cache):
         return self.reasoner.decode_step(tok, pos, key_mask, cache)
 

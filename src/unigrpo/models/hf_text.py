@@ -12,6 +12,14 @@ same LM can reason and then (shared mode) condition the image transformer on its
 - **Sampling** is the text engine's seeded KV-cache loop (``models.decode``; ``generate()`` takes
   no ``torch.Generator``): this class supplies its ``prefill`` / ``decode_step`` contract. Rows
   stop at any of ``stop_ids`` independently (the stop token is kept: it is an action).
+- **The decode step** runs on transformers' ``DynamicCache`` (its keys grow by a ``cat`` per step),
+  or with ``static_cache`` on a preallocated :class:`StaticKV`: the prefill's keys and values
+  copied into buffers of a fixed capacity (grown by ``CACHE_CHUNK`` columns when a row needs
+  more), written in place, and the attention mask handed to the model ready-made (the real keys so
+  far, the unwritten columns masked), so every step between growths has the same shapes and
+  ``compile`` can ``torch.compile`` it (opt-in: compiling takes seconds to minutes before the
+  first step). The static step computes the same logits up to float rounding (attention over
+  masked columns); tested against the dynamic one.
 - **Scoring** (``forward_context``) is ONE teacher-forced pass with the same mask and positions;
   it returns the response log-probs under temperature-scaled logits (float32 log-softmax) and the
   hidden states of ``hidden_layers`` (index into ``hidden_states``: 0 = embeddings, -1 = the last
@@ -26,12 +34,16 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from unigrpo.models.base import TextSide
 from unigrpo.models.decode import response_logprobs, target_logprobs
 from unigrpo.models.protocol import TokenBatch
 
-__all__ = ["CausalLMReasoner", "LMContext", "packed_rows", "positions", "unpacked_logprobs"]
+__all__ = ["CACHE_CHUNK", "CausalLMReasoner", "LMContext", "StaticKV", "packed_rows", "positions",
+           "unpacked_logprobs"]
+
+CACHE_CHUNK = 64  # a static cache's capacity is a multiple of this: few distinct shapes to compile
 
 
 @dataclass
@@ -77,11 +89,46 @@ def unpacked_logprobs(logits: torch.Tensor, ids: torch.Tensor, real: torch.Tenso
     return logp.scatter_add(1, src, logp_packed * real) * tokens.response_mask
 
 
+class StaticKV:
+    """A preallocated KV cache: per layer, keys and values [B, H, C, D] of capacity C (a multiple of
+    ``CACHE_CHUNK``) and ``at``, the column the next token writes. That column is the same for every
+    row (prompts are left-padded and every row takes one column per step, a finished row too), so
+    the step writes with ``index_copy_`` at a tensor index: no shape changes between growths. The
+    duck type of transformers' ``Cache`` that an attention layer calls (``update``)."""
+
+    def __init__(self, cache):
+        """From the prefill's ``DynamicCache`` (transformers 5: ``cache.layers``), written up to
+        its width W; capacity: W + 1 rounded up to ``CACHE_CHUNK``."""
+        width = cache.layers[0].keys.shape[2]
+        pad = -(width + 1) % CACHE_CHUNK + 1  # room for at least the first decoded token
+        self.keys = [F.pad(layer.keys, (0, 0, 0, pad)) for layer in cache.layers]
+        self.values = [F.pad(layer.values, (0, 0, 0, pad)) for layer in cache.layers]
+        self.at = torch.full((1,), width, dtype=torch.long, device=self.keys[0].device)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def reserve(self, width: int) -> None:
+        """Room for ``width`` columns: grow by ``CACHE_CHUNK`` columns (zeros) when short."""
+        if width > self.capacity:
+            pad = -width % CACHE_CHUNK
+            self.keys = [F.pad(k, (0, 0, 0, width + pad - k.shape[2])) for k in self.keys]
+            self.values = [F.pad(v, (0, 0, 0, width + pad - v.shape[2])) for v in self.values]
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Write this step's keys / values [B, H, 1, D] at column ``at``; -> the whole buffers."""
+        self.keys[layer_idx].index_copy_(2, self.at, key)
+        self.values[layer_idx].index_copy_(2, self.at, value)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
 class CausalLMReasoner(TextSide):
     """Text methods of the protocol for a causal LM (``lm``) and its tokenizer (module docstring)."""
 
     def __init__(self, lm, tokenizer, *, hidden_layers: tuple[int, ...] = (-1,), stop_ids: tuple[int, ...] | None = None,
-                 system_prompt: str | None = None, template_kwargs: dict | None = None):
+                 system_prompt: str | None = None, template_kwargs: dict | None = None, static_cache: bool = False,
+                 compile: bool = False):
         self.lm, self.tokenizer = lm, tokenizer
         self.template_kwargs = dict(template_kwargs or {})  # extra chat-template variables (enable_thinking=...)
         self.hidden_layers, self.system_prompt = tuple(hidden_layers), system_prompt
@@ -90,6 +137,21 @@ class CausalLMReasoner(TextSide):
         # transformers 5 names the cache argument `cache`; 4.x named it `past_key_values`
         self.cache_arg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
         self.fixed_steps = False  # True: never stop decoding early (module docstring)
+        self.static_cache = self.compile = False
+        self.configure_decode(static_cache=static_cache, compile=compile)
+
+    def configure_decode(self, *, token_sampler: str = "multinomial", static_cache: bool = False,
+                         compile: bool = False) -> None:
+        """``TextSide.configure_decode``, with the static cache (module docstring) and, with
+        ``compile``, its ``torch.compile``d step (which needs the static cache: it turns it on)."""
+        TextSide.configure_decode(self, token_sampler=token_sampler)
+        if static_cache or compile:
+            kinds = set(self.lm.config.get_text_config().layer_types or ["full_attention"])
+            if kinds != {"full_attention"}:  # a sliding window needs its own mask; the static step builds one
+                raise ValueError(f"text.static_cache: the LM has {sorted(kinds)} attention layers; the static decode "
+                                 "step supports full attention only: set text.static_cache and text.compile to false")
+        self.static_cache, self.compile = static_cache or compile, compile
+        self._fixed_step = None  # the static step, compiled on first use when ``compile``
 
     @property
     def device(self) -> torch.device:
@@ -118,13 +180,30 @@ class CausalLMReasoner(TextSide):
         return out.logits[:, -1].float(), getattr(out, self.cache_arg)
 
     def prefill(self, tokens: TokenBatch):
-        """The decode engine's prefill (``models.decode``): logits of each row's next token + cache."""
+        """The decode engine's prefill (``models.decode``): logits of each row's next token + cache
+        (a ``StaticKV`` of the same keys and values with ``static_cache``)."""
         from transformers import DynamicCache
 
-        return self._step(tokens.ids, tokens.mask, positions(tokens.mask), DynamicCache())
+        logits, cache = self._step(tokens.ids, tokens.mask, positions(tokens.mask), DynamicCache())
+        return logits, StaticKV(cache) if self.static_cache else cache
 
     def decode_step(self, tok: torch.Tensor, pos: torch.Tensor, key_mask: torch.Tensor, cache):
-        return self._step(tok[:, None], key_mask, pos[:, None], cache)
+        if not isinstance(cache, StaticKV):
+            return self._step(tok[:, None], key_mask, pos[:, None], cache)
+        width = key_mask.shape[1]
+        cache.reserve(width)  # outside the compiled step: a growth is a new shape
+        cache.at.fill_(width - 1)
+        keys = F.pad(key_mask, (0, cache.capacity - width))[:, None, None, :]  # [B, 1, 1, C]: the real keys so far
+        if self._fixed_step is None:
+            self._fixed_step = torch.compile(self._static_step, dynamic=False) if self.compile else self._static_step
+        return self._fixed_step(tok[:, None], keys, pos[:, None], cache), cache
+
+    def _static_step(self, ids: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, cache: StaticKV) -> torch.Tensor:
+        """One token per row [B, 1] at ``pos`` [B, 1], attending to the columns ``keys`` [B, 1, 1, C]
+        marks (the mask is given per layer type, so the model builds none). -> float32 logits [B, V]."""
+        out = self.lm(input_ids=ids, attention_mask={"full_attention": keys}, position_ids=pos, use_cache=True,
+                      **{self.cache_arg: cache})
+        return out.logits[:, -1].float()
 
     def forward_context(self, tokens: TokenBatch, temperature: float = 1.0) -> tuple[torch.Tensor, LMContext]:
         """One teacher-forced pass -> (logp [B, L] of response tokens, zero elsewhere; context)."""
