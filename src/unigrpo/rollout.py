@@ -270,9 +270,8 @@ def _denoise(model, ctx, noise_seeds: list[int], window_start: torch.Tensor, w: 
         # draw each row's noise from its own generator, so rows are independent of the chunking.
         step = sde_step(x, v, t, t_next, noise_level, kind, prev_sample=x, reduction=reduction)
         rows = inside.nonzero()[:, 0]
-        eps = torch.zeros_like(x)
-        for i in rows.tolist():
-            eps[i] = torch.randn(model.latent_shape, generator=gens[i]).to(dev)
+        eps = torch.zeros_like(x)  # each window row's noise from its own generator, one copy to the device
+        eps[rows] = torch.stack([torch.randn(model.latent_shape, generator=gens[i]) for i in rows.tolist()]).to(dev)
         std = step.std.reshape(bcast)
         x_sde = step.mean + std * eps  # [B, *latent], what sde_step itself would sample
         logp = gaussian_log_prob(x_sde, step.mean, std, reduction)  # [B]; same call as its scoring

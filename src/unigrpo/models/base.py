@@ -46,17 +46,23 @@ from unigrpo.models.fsdp import GatheredState, load_full_state
 from unigrpo.models.protocol import TokenBatch
 from unigrpo.utils import dist
 
-__all__ = ["FSDPRoot", "ReferencePolicy", "TextSide", "UnifiedModel", "adapters_disabled", "inject_lora", "read_weights",
+__all__ = ["FSDPRoot", "ReferencePolicy", "TextSide", "UnifiedModel", "adapters_disabled", "inject_lora", "lora_layers", "read_weights",
            "substituted"]
 
 
-@contextlib.contextmanager
-def adapters_disabled(*modules: nn.Module | None):
-    """Every peft LoRA layer in ``modules`` switched off inside the block, restored after (diffusers
-    models have ``disable_adapters()`` but no context manager; this one works for any module)."""
+def lora_layers(*modules: nn.Module | None) -> list[nn.Module]:
+    """Every peft LoRA layer (``BaseTunerLayer``) in ``modules``: one walk over all their modules."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    layers = [m for mod in modules if mod is not None for m in mod.modules() if isinstance(m, BaseTunerLayer)]
+    return [m for mod in modules if mod is not None for m in mod.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(*modules: nn.Module | None, layers: list[nn.Module] | None = None):
+    """Every peft LoRA layer in ``modules`` (or the given ``lora_layers``, found once by a caller that
+    switches them often) switched off inside the block, restored after (diffusers models have
+    ``disable_adapters()`` but no context manager; this one works for any module)."""
+    layers = lora_layers(*modules) if layers is None else layers
     before = [m.disable_adapters for m in layers]
     # peft's enable_adapters also sets requires_grad of the adapter weights: restore what the
     # optimizer set (a frozen side must stay frozen after a reference call)
@@ -435,11 +441,12 @@ class ReferencePolicy:
             raise NotImplementedError("model.fsdp: the reference of a fully trained side (an expert with lora rank 0) "
                                       "is a snapshot of its tensors, not sharded yet; use LoRA on that side or no "
                                       "regulariser (algo.c_mse = algo.beta_img = algo.text_beta = 0)")
-        self.lora = any("lora_" in n for n, _ in model.named_parameters())
+        # found once: a reference call switches them every denoising step (LoRA is injected at build)
+        self.lora = lora_layers(self.model)
 
     @contextlib.contextmanager
     def _weights(self):
-        with torch.no_grad(), adapters_disabled(self.model) if self.lora else contextlib.nullcontext(), \
+        with torch.no_grad(), adapters_disabled(layers=self.lora) if self.lora else contextlib.nullcontext(), \
                 substituted(self.model, self.snapshot):
             yield
 

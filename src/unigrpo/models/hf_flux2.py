@@ -125,6 +125,7 @@ class Flux2Klein(HFUnifiedModel):
         # a prompt file's "images" are resized to the output size: references as large as the image
         # drawn (the pipeline's default output size is its last reference's)
         self.input_image_size = (resolution, resolution)
+        self._ids = {}  # position_ids, per shape
         self.latent_shape = (4 * vae.config.latent_channels, side, side)
         if dit.config.in_channels != self.latent_shape[0]:
             raise ValueError(f"the transformer reads {dit.config.in_channels} channels, the VAE gives {self.latent_shape[0]}")
@@ -201,21 +202,32 @@ class Flux2Klein(HFUnifiedModel):
         """The transformer on ``[noisy | references]`` tokens (refs [B, n, C, h, w] or None),
         its output cut back to the noisy tokens and unpacked."""
         b, c, h, w = x_t.shape
-        dev, dtype = x_t.device, self.dit.dtype
-        hh, ww = torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev), indexing="ij")
-        zero = torch.zeros(h * w, dtype=torch.long, device=dev)
-        img_ids = torch.stack([zero, hh.reshape(-1), ww.reshape(-1), zero], -1)  # (T, H, W, L) coordinates
-        length = hidden.shape[1]
-        lz = torch.zeros(length, dtype=torch.long, device=dev)
-        txt_ids = torch.stack([lz, lz, lz, torch.arange(length, device=dev)], -1)
+        dtype = self.dit.dtype
         tokens = x_t.reshape(b, c, h * w).transpose(1, 2)  # pack: [B, HW, C]
         if refs is not None:
             tokens = torch.cat([tokens, pack_references(refs.to(tokens.dtype))], 1)
-            img_ids = torch.cat([img_ids, reference_ids(refs.shape[1], refs.shape[3], refs.shape[4], dev)])
+        txt_ids, img_ids = self.position_ids(h, w, hidden.shape[1], None if refs is None else refs.shape[1:],
+                                             x_t.device)
         out = self.dit(hidden_states=tokens.to(dtype), timestep=t.to(dtype), guidance=None,
                        encoder_hidden_states=hidden.to(dtype), txt_ids=txt_ids, img_ids=img_ids,
                        return_dict=False)[0][:, :h * w]  # the noisy tokens' velocity
         return out.transpose(1, 2).reshape(b, c, h, w).to(x_t.dtype)  # unpack; eps - x0 as is (docstring)
+
+    def position_ids(self, h: int, w: int, length: int, refs: torch.Size | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(txt_ids [length, 4], img_ids [h * w (+ the references' tokens), 4]): the pipeline's
+        (T, H, W, L) coordinates of the text, the noisy latent tokens (row-major) and the references
+        (``refs``: their [n, C, h', w'] or None). Built once per shape and kept: every denoising step
+        and every scoring pass asks for the same few."""
+        key = (h, w, length, None if refs is None else (refs[0], refs[2], refs[3]), str(device))
+        if key not in self._ids:
+            hh, ww = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+            zero = torch.zeros(h * w, dtype=torch.long, device=device)
+            img_ids = torch.stack([zero, hh.reshape(-1), ww.reshape(-1), zero], -1)
+            if refs is not None:
+                img_ids = torch.cat([img_ids, reference_ids(refs[0], refs[2], refs[3], device)])
+            lz = torch.zeros(length, dtype=torch.long, device=device)
+            self._ids[key] = (torch.stack([lz, lz, lz, torch.arange(length, device=device)], -1), img_ids)
+        return self._ids[key]
 
     def eval_guidance(self, tokens: TokenBatch, ctx: FluxContext, cfg_scale: float):
         """With references: the pipeline's CFG, whose negative prompt "" keeps the same references
