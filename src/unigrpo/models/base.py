@@ -63,19 +63,17 @@ def adapters_disabled(*modules: nn.Module | None, layers: list[nn.Module] | None
     switches them often) switched off inside the block, restored after (diffusers models have
     ``disable_adapters()`` but no context manager; this one works for any module)."""
     layers = lora_layers(*modules) if layers is None else layers
-    before = [m.disable_adapters for m in layers]
-    # peft's enable_adapters also sets requires_grad of the adapter weights: restore what the
-    # optimizer set (a frozen side must stay frozen after a reference call)
-    grad = [(p, p.requires_grad) for m in layers for p in m.parameters()]
+    # peft's flag behind ``disable_adapters``, which its layers' forward reads. Not through
+    # ``enable_adapters``: that also resets requires_grad of every adapter weight (which the caller
+    # set: a frozen side must stay frozen), and a reference call made it twice per denoising step
+    before = [m._disable_adapters for m in layers]
     try:
         for m in layers:
-            m.enable_adapters(False)
+            m._disable_adapters = True
         yield
     finally:
-        for m, was_disabled in zip(layers, before):
-            m.enable_adapters(not was_disabled)
-        for p, g in grad:
-            p.requires_grad_(g)
+        for m, was in zip(layers, before):
+            m._disable_adapters = was
 
 
 @contextlib.contextmanager
