@@ -177,13 +177,25 @@ class TextSide:
         with each row's input images (``Prompt.images``) where the model sees them."""
         texts = [p if isinstance(p, str) else p.text for p in prompts]
         images = [None if isinstance(p, str) else p.images for p in prompts]
-        batch = TokenBatch.left_padded([self.prompt_ids(t) for t in texts], self.pad_id, self.device)
+        batch = TokenBatch.left_padded([self.cached_prompt_ids(t) for t in texts], self.pad_id, self.device)
         if all(x is None or x.shape[0] == 0 for x in images):
             return batch
         if not self.sees_images:  # never drop an image silently
             raise ValueError(f"{type(self).__name__} does not see input images (sees_images = False), and a "
                              "prompt carries some: use a model that sees images, or prompts without images")
         return batch.with_images(images)
+
+    PROMPT_CACHE = 4096  # prompts whose ids ``cached_prompt_ids`` keeps (the oldest go first)
+
+    def cached_prompt_ids(self, text: str) -> list[int]:
+        """``prompt_ids(text)``, kept: a step encodes each prompt once per trajectory of its group, and
+        a chat template + tokenizer call is a few percent of a tiny model's step."""
+        cache = self.__dict__.setdefault("_prompt_ids", {})  # per instance (not a class attribute)
+        if text not in cache:
+            if len(cache) >= self.PROMPT_CACHE:
+                cache.pop(next(iter(cache)))
+            cache[text] = self.prompt_ids(text)
+        return list(cache[text])
 
     # what an adapter writes: a prompt's ids (its template, up to where the reasoning starts), a given
     # response's ids closed by the stop token, ids as text (special tokens kept)

@@ -133,7 +133,10 @@ def sample_rows(logits: torch.Tensor, top_p: float, generator: Generators,
         raise ValueError(f"token_sampler: {token_sampler!r} is none of {', '.join(TOKEN_SAMPLERS)}")
     if generator is None or isinstance(generator, torch.Generator):
         return exponential_race(probs, generator)
-    return torch.cat([exponential_race(probs[start:end], g) for start, end, g in runs(generator, len(probs))])
+    race = torch.empty_like(probs)  # each run's exponentials drawn in place by its generator, then ONE race
+    for start, end, g in runs(generator, len(probs)):
+        race[start:end].exponential_(1, generator=g)
+    return (probs / race).argmax(-1)
 
 
 @torch.no_grad()
@@ -150,7 +153,7 @@ def sample(model: DecodeModel, prompts: TokenBatch, *, max_new_tokens: int, temp
     key_mask, pos = prompts.mask, prompts.mask.long().sum(1)  # the next token's position per row
     n_steps = None  # the step after which every row has finished
     for i in range(max_new_tokens):
-        logits = logits / temperature
+        logits = logits / temperature if temperature != 1.0 else logits  # x / 1 is x: skip the copy
         tok = sample_rows(logits, top_p, generator, token_sampler)
         tok = torch.where(done, torch.full_like(tok, model.pad_id), tok)
         if return_logprobs:  # of the temperature-scaled distribution, as the teacher-forced pass scores

@@ -134,6 +134,16 @@ class HFUnifiedModel(UnifiedModel):
     def device(self) -> torch.device:
         return next(self.dit.parameters()).device
 
+    @property
+    def dit_dtype(self) -> torch.dtype:
+        """The transformer's compute dtype, as diffusers' ``dit.dtype`` gives it. That property walks
+        every module on each read (a few percent of a tiny velocity call), so it is read once, and the
+        parameter it comes from is kept: casting the model (``.to(dtype)``) changes that parameter's dtype too."""
+        if getattr(self, "_dtype_of", None) is None:  # a tuple: a Parameter attribute would be registered
+            want = self.dit.dtype
+            self._dtype_of = (next(p for n, p in self.dit.named_parameters() if p.dtype == want and "lora_" not in n),)
+        return self._dtype_of[0].dtype
+
     def pipeline_shift(self, num_steps: int) -> float:
         """The shift whose ``timesteps(num_steps, shift)`` is the pipeline's own schedule."""
         raise NotImplementedError

@@ -202,7 +202,7 @@ class Flux2Klein(HFUnifiedModel):
         """The transformer on ``[noisy | references]`` tokens (refs [B, n, C, h, w] or None),
         its output cut back to the noisy tokens and unpacked."""
         b, c, h, w = x_t.shape
-        dtype = self.dit.dtype
+        dtype = self.dit_dtype
         tokens = x_t.reshape(b, c, h * w).transpose(1, 2)  # pack: [B, HW, C]
         if refs is not None:
             tokens = torch.cat([tokens, pack_references(refs.to(tokens.dtype))], 1)

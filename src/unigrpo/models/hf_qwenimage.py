@@ -153,7 +153,7 @@ class QwenImage(HFUnifiedModel):
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, ctx: QwenContext) -> torch.Tensor:
         b, c, h, w = x_t.shape
         t = t.expand(b) if t.dim() == 0 else t
-        dtype = self.dit.dtype
+        dtype = self.dit_dtype
         tokens = x_t.reshape(b, c, h * w).transpose(1, 2)  # pack: [B, HW, 4 z] (pixel_unshuffle order)
         out = self.dit(hidden_states=tokens.to(dtype), encoder_hidden_states=ctx.hidden.to(dtype),
                   encoder_hidden_states_mask=ctx.mask, timestep=t.to(dtype), img_shapes=[[(1, h, w)]] * b,

@@ -307,7 +307,7 @@ class QwenImageEdit(QwenImage):
     def _dit(self, noisy: torch.Tensor, t: torch.Tensor, ctx: QwenEditContext, rows: torch.Tensor, n: int,
              hw: tuple[int, int]) -> torch.Tensor:
         """The transformer on rows with ``n`` references each: [noisy | refs] in, the noisy tokens' output out."""
-        dtype, shapes = self.dit.dtype, [(1, *hw)]
+        dtype, shapes = self.dit_dtype, [(1, *hw)]
         x = noisy
         if n:
             x = torch.cat([noisy, ctx.refs[rows, :n * ctx.ref_shape[1] * ctx.ref_shape[2]].to(noisy.dtype)], 1)

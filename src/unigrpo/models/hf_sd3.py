@@ -134,7 +134,7 @@ class SD3(SeparateReasonerModel):
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, ctx: SD3Context) -> torch.Tensor:
         t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
-        dtype = self.dit.dtype
+        dtype = self.dit_dtype
         out = self.dit(hidden_states=x_t.to(dtype), timestep=(1000 * t).to(dtype), encoder_hidden_states=ctx.hidden.to(dtype),
                   pooled_projections=ctx.pooled.to(dtype), return_dict=False)[0]
         return out.to(x_t.dtype)  # eps - x0 as is (module docstring)
