@@ -299,8 +299,10 @@ def _check_rounds(cfg: Config) -> None:
     require("sees_images" in cfg.model.capabilities or not cfg.model.capabilities_known, "algo.rounds",
             f"{a.rounds} rounds need a model that sees the image it drew (model.sees_images=true)")
     require(cfg.text.thinking, "algo.rounds", "later rounds are reflections: text.thinking must be true")
-    require(a.image_objective == "flowgrpo", "algo.image_objective",
-            "nft is not implemented for multi-round episodes yet (algo.rounds > 1)")
+    require(not getattr(cfg.model, "fsdp", False), "model.fsdp",
+            f"a sharded model runs one round per episode (got algo.rounds={a.rounds}): ranks whose rows stop at "
+            "different rounds would make different forward calls, and FSDP2's collectives would wait forever; "
+            "set model.fsdp=false (a replica per rank runs any number of rounds) or algo.rounds=1")
     require(cfg.sampler.cfg_scale == 1 or "edits" not in cfg.model.capabilities, "sampler.cfg_scale",
             "training with CFG in multi-round episodes of a model that edits is not supported (a later round edits "
             "the image drawn before, and the unconditional branch's null context holds no image); train CFG-free (1)")

@@ -195,6 +195,15 @@ def test_bad_round_settings_are_one_line(extra, message):
     assert "\n" not in str(e.value)
 
 
+def test_a_sharded_model_is_refused_more_than_one_round():
+    """FSDP2's forwards are collectives; rows that stop at different rounds on different ranks would
+    make different calls (a hang), so ``model.fsdp`` with ``algo.rounds`` > 1 is one line at validation."""
+    with pytest.raises(ConfigError, match="model.fsdp: a sharded model runs one round per episode") as e:
+        load_config("builtin:qwen_image_edit_rounds_unigrpo", ["model.fsdp=true"])
+    assert "\n" not in str(e.value)
+    assert load_config("builtin:qwen_image_edit_rounds_unigrpo", ["model.fsdp=true", "algo.rounds=1"]).model.fsdp
+
+
 def test_the_refine_task_trains_and_evaluates_round_by_round(seeing_checkpoint, tmp_path, monkeypatch):
     """task.kind=shapes_refine through the CLI: the shapes reward on every round, the evaluation's
     per-round table and its grid of rounds side by side; ``unigrpo eval`` prints the table."""
