@@ -358,8 +358,6 @@ def validate(cfg: Config) -> Config:
     require(a.nft_adv_clip > 0, "algo.nft_adv_clip", f"must be > 0, got {a.nft_adv_clip}")
     require(0 < a.nft_timestep_fraction <= 1, "algo.nft_timestep_fraction",
             f"must be in (0, 1], got {a.nft_timestep_fraction}")
-    require(a.image_objective != "nft" or a.rounds == 1, "algo.image_objective",
-            f"nft trains one round per episode for now (algo.rounds=1, got {a.rounds}); multi-round episodes: flowgrpo")
     require(a.image_objective != "nft" or a.beta_img == 0 or (s.kind != "ode" and s.noise_level > 0), "algo.beta_img",
             "the latent KL needs a stochastic sampler step (sampler.kind flow_sde / cps, noise_level > 0)")
     _check_rounds(cfg)

@@ -216,6 +216,11 @@ def nft_draws(model, roll: Episode, cfg: Config, step: int, first_traj: int,
         v_old = torch.zeros_like(x_t)
         for rows in chunks:
             part = rnd.index(rows)
+            drew = part.drew.nonzero()[:, 0]
+            if len(drew) < len(part):  # multi-round: the rows that drew, on a pass over them alone (train.drawn_image_loss)
+                rows, part = rows[drew.to(rows.device)], part.index(drew)
+            if not len(rows):
+                continue
             ctx = _image_context(model, part, cfg)
             rows = rows.to(dev)
             for j in range(k):  # as nft_image_loss: one call per time, contiguous rows

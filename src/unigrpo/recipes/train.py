@@ -119,7 +119,8 @@ def round_loss(model, ref, rnd: rollout.Round, adv: torch.Tensor, cfg: Config, w
     if algo.train_image and not bool(rnd.drew.all()):  # multi-round: rows that had stopped drew nothing
         rows = rnd.drew.nonzero()[:, 0]
         if len(rows):  # their share of the mean over trajectories, on the context the rollout drew them from
-            li, st = drawn_image_loss(model, ref, rnd.index(rows), adv[rows.to(adv.device)], cfg)
+            li, st = drawn_image_loss(model, ref, rnd.index(rows), adv[rows.to(adv.device)], cfg,
+                                      None if nft is None else nft.index(rows))
             loss = loss + algo.lambda_image * w_image * len(rows) / len(rnd) * li
             stats.update(st)
     elif algo.train_image:
@@ -131,9 +132,11 @@ def round_loss(model, ref, rnd: rollout.Round, adv: torch.Tensor, cfg: Config, w
     return loss, stats
 
 
-def drawn_image_loss(model, ref, part: rollout.Round, adv: torch.Tensor, cfg: Config):
+def drawn_image_loss(model, ref, part: rollout.Round, adv: torch.Tensor, cfg: Config, nft=None):
     """The image loss of the rows of a round that drew: their image context from a pass over them
-    alone, as ``rollout.sample_images`` computed it (same rows, same order: the first ratio is 1)."""
+    alone, as ``rollout.sample_images`` computed it (same rows, same order: the first ratio is 1);
+    with ``nft`` (those rows' ``NFTDraws``, whose old velocity ``batches.nft_draws`` computed on the
+    same context) the DiffusionNFT loss."""
     with torch.set_grad_enabled(not cfg.algo.detach_context):  # detached: the image loss never reaches the text
         _, ctx = model.forward_context(part.tokens, cfg.text.temperature)
     ctx_ref = None
@@ -141,6 +144,8 @@ def drawn_image_loss(model, ref, part: rollout.Round, adv: torch.Tensor, cfg: Co
         with torch.no_grad():
             _, ctx_ref = ref.forward_context(part.tokens, cfg.text.temperature)
     ctx = model.detach_context(ctx) if cfg.algo.detach_context else ctx
+    if nft is not None:
+        return nft_image_loss(model, ref, part, nft, ctx, ctx_ref, adv, cfg)
     return image_loss(model, ref, part, ctx, ctx_ref, adv, cfg)
 
 
