@@ -394,3 +394,29 @@ def test_eval_of_the_refine_checkpoint_in_three_rounds(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "3 rounds" in printed and "| round 1 | round 2 | round 3 |" in printed
     assert (tmp_path / "ev" / "grids" / "eval_step000000.png").is_file()
+
+
+def test_a_prompt_file_evaluates_every_round(seeing_checkpoint, tmp_path, monkeypatch, capsys):
+    """``task.kind: prompts`` with ``algo.rounds=2``: ``unigrpo eval`` scores every round's image (the
+    rewards see ``round`` and ``previous_image``), ``eval/reward`` is the final images', and the grid
+    holds the rounds side by side; a model without a reflection turn is refused in one line."""
+    monkeypatch.setattr(TinyUnifiedModel, "says_done", some_say_done)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "tag": t}) + "\n"
+                               for p, t in (("a red circle", "one"), ("two blue squares", "two"))))
+    SEEN.clear()
+    out = tmp_path / "eval"
+    args = [a for a in tiny_overrides(seeing_checkpoint, out, *SEEING, "algo.rounds=2", "task.kind=prompts",
+                                      f"task.prompts={prompts}", "rewards=[{name: 'test_rounds:recording'}]")
+            if not a.startswith("task.prompt_pool")]
+    assert main(["eval", *args, "--out", str(out)]) == 0
+    lines = dict(line.split()[:2] for line in capsys.readouterr().out.splitlines() if line.startswith("eval/"))
+    assert {"eval/round0/reward", "eval/round1/reward", "eval/done_rate", "eval/category/one/reward"} <= set(lines)
+    assert [m["round"] for m in SEEN] == [0, 0, 1, 1]
+    assert all(m["previous_image"].shape == (3, 16, 16) for m in SEEN[2:])
+    texts = (out / "grids" / "eval_step000000.md").read_text().splitlines()  # beside the grid: a row per prompt
+    assert (out / "grids" / "eval_step000000.png").exists() and len(texts) == 2
+    assert all("round 0: `" in t and " | round 1: `" in t for t in texts)
+    no_turn = [a for a in args if not a.startswith("model.sees_images") and not a.startswith("model.edits")]
+    assert main(["eval", *no_turn, "--out", str(tmp_path / "x")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -108,6 +108,20 @@ def with_input_images(prompts: list[Prompt], size: tuple[int, int]) -> list[Prom
             if p.image_files else p for p in prompts]
 
 
+def reward_metrics(res, prompts: list[Prompt], images: torch.Tensor) -> dict[str, float]:
+    """``eval/reward`` (and per term, per ``tag`` / ``category``) of a ``RewardResult`` of one image per
+    prompt (none when a term's failure was skipped), and ``eval/<stat>`` of the images."""
+    total, per_term = res.total, res.per_term
+    m = {} if res.missing else {"eval/reward": float(total.mean()),
+                                **{f"eval/reward/{k}": float(v.mean()) for k, v in per_term.items()}}
+    cats = [str(p.metadata.get("tag", p.metadata.get("category", ""))) for p in prompts]
+    for cat in [] if res.missing else sorted(set(cats) - {""}):
+        sel = torch.tensor([c == cat for c in cats])
+        m[f"eval/category/{cat}/reward"] = float(total[sel].mean())
+    m.update({f"eval/{k}": v for k, v in image_stats(images).items()})
+    return m
+
+
 class PromptsTask:
     """Prompts from JSONL files: each data epoch is a new permutation of the training file (seeded
     by ``seed`` and the epoch); evaluation on the first ``eval.num_prompts`` evaluation prompts."""
@@ -134,6 +148,10 @@ class PromptsTask:
         check_prompts(model, self.train, n, lambda p: f"task.prompts: {t.prompts}:{p.metadata['line']}")
         if self.eval is not self.train:
             check_prompts(model, self.eval, n, lambda p: f"task.eval_prompts: {t.eval_prompts}:{p.metadata['line']}")
+        if cfg.algo.rounds > 1:  # a reflection turn, and guidance that keeps the drawn image (one line)
+            from unigrpo.sampling import check_episode
+
+            check_episode(model, cfg.algo.rounds, cfg.sampler.eval_cfg_scale)
         if any(p.image_files for p in self.train + self.eval):  # at the model's input size, once
             same = self.eval is self.train
             self.train = with_input_images(self.train, model.input_image_size)
@@ -153,22 +171,43 @@ class PromptsTask:
         return self.eval[:self.cfg.eval.num_prompts]
 
     def evaluate(self, model, cfg: Config, rewards, step: int, out: Path | None) -> dict[str, float]:
+        """``eval/*``: the rewards of the evaluation prompts' images (per term, per ``tag`` /
+        ``category``), their image statistics, and the grid. With ``algo.rounds`` > 1 (and thinking
+        on): ``algo.rounds``-round episodes (``sampling.generate_episode``), every round's image
+        scored (``eval/round{r}/reward``, with the rewards' ``round`` / ``previous_image`` metadata),
+        ``eval/reward`` the final images', and the rounds side by side in the grid."""
         start = time.perf_counter()
         prompts = self.eval_prompts()
-        gen = generate_eval(model, prompts, cfg, thinking=cfg.eval.thinking)
-        meta = [reward_metadata(p.metadata, gen.reasoning[i], i, 0) for i, p in enumerate(prompts)]
-        res = rewards(gen.images, [p.text for p in prompts], meta)
-        total, per_term = res.total, res.per_term
-        write_eval_grid(gen, prompts, cfg, step, out)
-        m = {} if res.missing else {"eval/reward": float(total.mean()),  # missing (on_failure: skip): none
-                                    **{f"eval/reward/{k}": float(v.mean()) for k, v in per_term.items()}}
-        cats = [str(p.metadata.get("tag", p.metadata.get("category", ""))) for p in prompts]
-        for cat in [] if res.missing else sorted(set(cats) - {""}):
-            sel = torch.tensor([c == cat for c in cats])
-            m[f"eval/category/{cat}/reward"] = float(total[sel].mean())
-        m.update({f"eval/{k}": v for k, v in image_stats(gen.images).items()})
+        if cfg.algo.rounds > 1 and cfg.eval.thinking:
+            m = self._evaluate_rounds(model, cfg, rewards, prompts, step, out)
+        else:
+            gen = generate_eval(model, prompts, cfg, thinking=cfg.eval.thinking)
+            meta = [reward_metadata(p.metadata, gen.reasoning[i], i, 0) for i, p in enumerate(prompts)]
+            m = reward_metrics(rewards(gen.images, [p.text for p in prompts], meta), prompts, gen.images)
+            write_eval_grid(gen, prompts, cfg, step, out)
         m["perf/eval_s"] = time.perf_counter() - start
         return m
+
+    @staticmethod
+    def _evaluate_rounds(model, cfg: Config, rewards, prompts: list[Prompt], step: int, out: Path | None) -> dict:
+        from unigrpo.recipes.batches import round_reward_metadata
+        from unigrpo.rollout import Episode
+        from unigrpo.tasks.shapes_refine import ShapesRefineTask, eval_episode
+
+        roll = eval_episode(model, prompts, cfg, cfg.algo.rounds)
+        texts, m = [p.text for p in prompts], {}
+        for r, rnd in enumerate(roll.rounds):
+            reasoning = Episode(roll.rounds[:r + 1]).reasoning  # the rounds' texts so far, as in training
+            meta = [{**reward_metadata(p.metadata, reasoning[i], i, 0), **round_reward_metadata(roll, r, i)}
+                    for i, p in enumerate(prompts)]
+            res = rewards(rnd.images, texts, meta)
+            if not res.missing:
+                m[f"eval/round{r}/reward"] = float(res.total.mean())
+            m[f"eval/round{r}/done_frac"] = float((rnd.live & ~rnd.drew).float().mean())
+            m[f"eval/round{r}/reasoning_tokens"] = float(rnd.tokens.response_mask.sum(1).float().mean())
+        m["eval/done_rate"] = float(torch.stack([rnd.live & ~rnd.drew for rnd in roll.rounds]).any(0).float().mean())
+        ShapesRefineTask.write_grid(roll, cfg, step, out)
+        return {**reward_metrics(res, prompts, roll.rounds[-1].images), **m}  # res: the final images'
 
     def report(self, model, cfg: Config, mode: str, out: Path | None) -> str:
         """``evaluate``'s metrics, one per line, with thinking on (``think``) or off (``no_think``);
