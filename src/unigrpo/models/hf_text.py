@@ -195,6 +195,9 @@ class CausalLMReasoner(TextSide):
         cache.at.fill_(width - 1)
         keys = F.pad(key_mask, (0, cache.capacity - width))[:, None, None, :]  # [B, 1, 1, C]: the real keys so far
         if self._fixed_step is None:
+            if self.compile:
+                print("[unigrpo] text.compile: compiling the decode step (seconds to minutes, once per cache size)",
+                      flush=True)
             self._fixed_step = torch.compile(self._static_step, dynamic=False) if self.compile else self._static_step
         return self._fixed_step(tok[:, None], keys, pos[:, None], cache), cache
 
