@@ -167,8 +167,8 @@ def test_config_keys_and_their_one_line_errors():
         with pytest.raises(ConfigError, match=key) as e:
             load_config(None, ["algo.image_objective=nft", override])
         assert "\n" not in str(e.value)
-    with pytest.raises(ConfigError, match="algo.image_objective.*algo.rounds=1"):  # multi-round: not yet
-        load_config(None, ["algo.image_objective=nft", "algo.rounds=2", "task.kind=shapes_refine",
-                           "model.sees_images=true"])
+    multi = load_config(None, ["algo.image_objective=nft", "algo.rounds=2", "task.kind=shapes_refine",
+                               "model.sees_images=true", "text.max_reasoning_tokens=20"])  # multi-round episodes too
+    assert (multi.algo.image_objective, multi.algo.rounds) == ("nft", 2)
     with pytest.raises(ConfigError, match="algo.beta_img"):  # the latent KL needs a step with a variance
         load_config(None, ["algo.image_objective=nft", "sampler.kind=ode", "algo.beta_img=0.1"])
