@@ -3,11 +3,11 @@ update (the transformer's weights change, the first re-scoring gives ratio exact
 sits where it was told, and the benchmark refuses a folder that is not a flow_grpo checkout."""
 
 import importlib.util
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from testkit import scratch_dir
 
 pytest.importorskip("diffusers")
 _spec = importlib.util.spec_from_file_location(
@@ -20,7 +20,7 @@ _spec.loader.exec_module(vs_flow_grpo)
 def ours():
     from diffusers import StableDiffusion3Pipeline
 
-    folder = vs_flow_grpo.build_pipeline(tempfile.mkdtemp(prefix="unigrpo_vs_flow_grpo_"))
+    folder = vs_flow_grpo.build_pipeline(scratch_dir("unigrpo_vs_flow_grpo_"))
     pipe = StableDiffusion3Pipeline.from_pretrained(str(Path(folder) / "pipe"))
     torch.manual_seed(0)
     return vs_flow_grpo.build_ours(folder, vs_flow_grpo.encode_batch(pipe, vs_flow_grpo.PROMPTS[:2], 2), 2)

@@ -1,13 +1,25 @@
 """Helpers shared by several test directories (``tests/`` is on ``sys.path``: its conftest lives
 here), so each directory's conftest does not keep its own copy."""
 
+import atexit
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BPE_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+
+def scratch_dir(prefix: str) -> str:
+    """A new folder under the system's temp dir, removed when this process exits (the tiny pipeline
+    folders are built once per test session; without this, every run of the suite left ~1.5 MB of
+    them behind)."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def save_tiny_random_model(overrides: list[str], path: Path) -> str:

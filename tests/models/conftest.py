@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 import torch
+from testkit import scratch_dir
 
 from unigrpo.config import load_config
 from unigrpo.models import build_model
@@ -108,9 +109,7 @@ def build_tiny_flux2(folder: str) -> str:
 def tiny_flux2_dir() -> str:
     """The tiny pipeline folder, built once per test session."""
     if not _FLUX2_DIR:
-        import tempfile
-
-        _FLUX2_DIR.append(build_tiny_flux2(tempfile.mkdtemp(prefix="unigrpo_flux2_")))
+        _FLUX2_DIR.append(build_tiny_flux2(scratch_dir("unigrpo_flux2_")))
     return _FLUX2_DIR[0]
 
 
@@ -180,9 +179,7 @@ def build_tiny_qwenimage(folder: str, scheduler: dict | None = None) -> str:
 def tiny_qwenimage_dir() -> str:
     """The tiny Qwen-Image folder, built once per test session."""
     if not _QWEN_DIR:
-        import tempfile
-
-        _QWEN_DIR.append(build_tiny_qwenimage(tempfile.mkdtemp(prefix="unigrpo_qwenimage_")))
+        _QWEN_DIR.append(build_tiny_qwenimage(scratch_dir("unigrpo_qwenimage_")))
     return _QWEN_DIR[0]
 
 
@@ -214,11 +211,9 @@ def tiny_bagel_dir() -> str:
     """A tiny random BAGEL folder (real file and key names, hidden 64, 2 layers, 4 / 2 heads, FLUX
     AE with ch 32), written once per test session by the library's own writer."""
     if not _BAGEL_DIR:
-        import tempfile
-
         from unigrpo.models.bagel_io import write_tiny_bagel
 
-        _BAGEL_DIR.append(str(write_tiny_bagel(tempfile.mkdtemp(prefix="unigrpo_bagel_"))))
+        _BAGEL_DIR.append(str(write_tiny_bagel(scratch_dir("unigrpo_bagel_"))))
     return _BAGEL_DIR[0]
 
 
@@ -250,11 +245,9 @@ def tiny_bagel_edit_dir() -> str:
     """The tiny BAGEL folder WITH the ViT path (``vit_config.json``, ``vit_model.*``, ``connector.*``,
     ``vit_pos_embed``: SigLIP width 32, 2 layers, patch 4, 8 patches per side), written once per session."""
     if not _BAGEL_EDIT_DIR:
-        import tempfile
-
         from unigrpo.models.bagel_io import write_tiny_bagel
 
-        _BAGEL_EDIT_DIR.append(str(write_tiny_bagel(tempfile.mkdtemp(prefix="unigrpo_bagel_edit_"), vit=True)))
+        _BAGEL_EDIT_DIR.append(str(write_tiny_bagel(scratch_dir("unigrpo_bagel_edit_"), vit=True)))
     return _BAGEL_EDIT_DIR[0]
 
 
@@ -429,10 +422,8 @@ def build_tiny_reasoner(folder: str) -> str:
 def tiny_sd3_dirs() -> tuple[str, str]:
     """(pipeline folder, reasoner folder), built once per test session."""
     if not _SD3_DIRS:
-        import tempfile
-
-        _SD3_DIRS.append((build_tiny_sd3(tempfile.mkdtemp(prefix="unigrpo_sd3_")),
-                          build_tiny_reasoner(tempfile.mkdtemp(prefix="unigrpo_reasoner_"))))
+        _SD3_DIRS.append((build_tiny_sd3(scratch_dir("unigrpo_sd3_")),
+                          build_tiny_reasoner(scratch_dir("unigrpo_reasoner_"))))
     return _SD3_DIRS[0]
 
 
@@ -511,9 +502,7 @@ def tiny_qwenimage_edit_dir(plus: bool = False) -> str:
     """The tiny Qwen-Image-Edit(-Plus) folder, built once per test session."""
     key = "plus" if plus else "edit"
     if key not in _EDIT_DIRS:
-        import tempfile
-
-        _EDIT_DIRS[key] = build_tiny_qwenimage_edit(tempfile.mkdtemp(prefix=f"unigrpo_qwen_{key}_"), plus)
+        _EDIT_DIRS[key] = build_tiny_qwenimage_edit(scratch_dir(f"unigrpo_qwen_{key}_"), plus)
     return _EDIT_DIRS[key]
 
 
