@@ -238,3 +238,14 @@ def test_qwen_image_shards_its_vlm_decoder_and_matches_one_process(tmp_path):
     assert r2["loss/text/first_logp_diff_max"] == 0.0 and r2["loss/image/first_logp_diff_max"] == 0.0
     for k in LOSSES:
         assert r2[k] == pytest.approx(r1[k], rel=1e-5, abs=1e-9), k
+
+
+@pytest.mark.slow
+def test_two_sharded_ranks_decode_on_the_static_cache_with_ratio_one(tmp_path):
+    """``text.static_cache`` with the inverse-CDF sampler on 2 FSDP ranks (every decode step a
+    collective: lockstep on the preallocated cache): the first update's log-probs equal the rollout's."""
+    out = tmp_path / "two"
+    torchrun(run_args(tmp_path, 4, f"output_dir={out}", "steps=1", "text.token_sampler=inverse_cdf",
+                      "text.static_cache=true"), tmp_path)
+    step = steps_of(out)[1]
+    assert step["loss/text/first_logp_diff_max"] == 0.0 and step["loss/image/first_logp_diff_max"] == 0.0
