@@ -312,10 +312,17 @@ def reflection_tokens(model, prev: Round, live: torch.Tensor, seeds: list[int], 
     generator ``seeds[i]``), right-padded to the fixed width ``prev width + turn + max_new_tokens``:
     the width depends on nothing but the round, so no chunk or rank has to agree on it.
     ``given`` [B] (evaluation): these reflections, teacher-forced, instead of sampled ones."""
-    t, turn = prev.tokens, model.reflection_ids()
+    t = prev.tokens
     b, dev = len(t), t.ids.device
+    # the drawn image's place among each row's images (a model that labels its images numbers it)
+    picture = [1 + (0 if (own := t.row_images(i)) is None else own.shape[0]) for i in range(b)]
+    turns = {k: model.reflection_ids(k) for k in sorted(set(picture))} or {1: model.reflection_ids()}
+    if len({len(v) for v in turns.values()}) > 1:
+        raise ValueError(f"the reflection turns after picture {', '.join(map(str, turns))} differ in length: rows "
+                         "holding that many images cannot share a round (give every prompt the same number of images)")
     mark = [] if model.drawn_image_id is None else [model.drawn_image_id]  # a masked column: where the image enters
-    turn_ids = torch.tensor(mark + turn, dtype=t.ids.dtype, device=dev).expand(b, -1)
+    turn = next(iter(turns.values()))
+    turn_ids = torch.tensor([mark + turns[k] for k in picture], dtype=t.ids.dtype, device=dev).reshape(b, len(mark + turn))
     turn_mask = torch.tensor([False] * len(mark) + [True] * len(turn), device=dev).expand(b, -1)
     ctx = TokenBatch(torch.cat([t.ids, turn_ids], 1), torch.cat([t.mask, turn_mask], 1),
                      torch.zeros(b, t.ids.shape[1] + turn_ids.shape[1], dtype=torch.bool, device=dev))

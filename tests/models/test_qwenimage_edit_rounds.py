@@ -84,6 +84,26 @@ def test_the_reflection_turn_holds_the_drawn_images_vision_block(model):
     assert ctx.n_refs.tolist() == [2, 2, 1, 1]
 
 
+def test_plus_numbers_the_drawn_picture_on_from_the_rows_images():
+    """Qwen-Image-Edit-Plus labels every image ``Picture i:`` as its template numbers a conversation's
+    images: the drawn image of a row that came with one input image is Picture 2, of a text-only row
+    Picture 1; the turns are one width, and training re-scores the round bitwise."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    torch.manual_seed(0)
+    plus = build_model(load_config(None, edit_overrides(tiny_qwenimage_edit_dir(plus=True), plus=True)),
+                       checkpoint=None).eval()
+    assert plus.picture_labels
+    r0, r1 = episode(plus).rounds
+    w, n = r0.tokens.ids.shape[1], len(plus.reflection_ids())
+    turns = [plus.token_text(r1.tokens.ids[i, w:w + n].tolist()) for i in range(4)]
+    assert ["Picture 2: <|vision_start|>" in x for x in turns] == [True, True, False, False]
+    assert ["Picture 1: <|vision_start|>" in x for x in turns] == [False, False, True, True]
+    assert len(plus.reflection_ids(2)) == n and plus.reflection_ids(2) != plus.reflection_ids(1)
+    with torch.no_grad():
+        again, _ = plus.forward_context(r1.tokens)
+    assert torch.equal(again, r1.logp_old)
+
+
 def test_the_reflection_is_scored_as_it_was_sampled(model):
     """The decode loop's own log-probs of round 2's reflection (prefill over both images' vision
     tokens and the holes of the padded round-1 reasoning, then cached steps with mrope offsets) ==

@@ -242,7 +242,7 @@ class BagelModel(UnifiedModel):
         sys = self._segment(self.system_prompt) if self.system_prompt is not None else []
         return sys + self._segment(text) + [self.ids["start"]]
 
-    def reflection_ids(self) -> list[int]:
+    def reflection_ids(self, picture: int = 1) -> list[int]:
         """The reflection turn after a drawn image (multi-round): ``<|im_start|> reflection_prompt
         <|im_end|>`` and the decode-start ``<|im_start|>``, as a prompt row ends. The image itself
         enters before it at the masked ``drawn_image_id`` column (``bagel_edit``), so a model that

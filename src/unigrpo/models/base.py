@@ -307,9 +307,11 @@ class UnifiedModel(TextSide, nn.Module):
     def eval_guidance(self, tokens: TokenBatch, ctx: Any, cfg_scale: float):
         return
 
-    def reflection_ids(self) -> list[int]:
+    def reflection_ids(self, picture: int = 1) -> list[int]:
         """The ids of the reflection turn (``reflection_prompt`` in the model's template), appended after
-        the row's context and the image it drew, before its reflection is sampled (multi-round)."""
+        the row's context and the image it drew, before its reflection is sampled (multi-round).
+        ``picture``: the drawn image's 1-based place among the row's images, for a model that labels
+        its images (Qwen-Image-Edit-Plus's ``Picture i:``); the others ignore it."""
         raise NotImplementedError(f"{type(self).__name__} has no reflection turn yet: it cannot run multi-round "
                                   "episodes (algo.rounds > 1)")
 

@@ -177,15 +177,17 @@ class QwenImageEdit(QwenImage):
         ids = self.tokenizer(self.template.format(self.images_text(n_images) + text))["input_ids"]
         return [j for i in ids for j in ([i] * per_image if i == self.image_id else [i])]
 
-    def reflection_ids(self) -> list[int]:
+    def reflection_ids(self, picture: int = 1) -> list[int]:
         """The reflection turn after a drawn image (multi-round; module docstring): the assistant turn
         closed (unless the reasoning's stop token closed it), a user turn holding the drawn image's
-        vision block (expanded for an image at ``resolution``, what the rollout appends) and
-        ``reflection_prompt``, the assistant turn opened, in the template's roles."""
+        vision block (expanded for an image at ``resolution``, what the rollout appends; Plus labels it
+        ``Picture {picture}:``, numbered on from the row's earlier images as its template numbers a
+        conversation's images) and ``reflection_prompt``, the assistant turn opened, in the template's roles."""
         end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         side = self.resolution
         per_image = image_tokens(self.vl.grid(*self.image_sizes(side, side)[1]), self.vl.merge_size)
-        text = f"\n<|im_start|>user\n{VISION_BLOCK}{self.reflection_prompt}<|im_end|>\n<|im_start|>assistant\n"
+        block = f"Picture {picture}: {VISION_BLOCK}" if self.picture_labels else VISION_BLOCK
+        text = f"\n<|im_start|>user\n{block}{self.reflection_prompt}<|im_end|>\n<|im_start|>assistant\n"
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         turn = [j for i in ids for j in ([i] * per_image if i == self.image_id else [i])]
         return turn if end in self.stop_ids else [end, *turn]

@@ -111,7 +111,7 @@ class TinyUnifiedModel(UnifiedModel):
         has = mask.any(1).reshape(-1, 1, 1, 1)
         return self.encode_images(tokens.images[torch.arange(len(tokens), device=mask.device), last]) * has
 
-    def reflection_ids(self) -> list[int]:
+    def reflection_ids(self, picture: int = 1) -> list[int]:
         """The reflection turn in the world's words (``knowledge.REFLECT_PROMPT``), no ``<bos>``."""
         return self.tokenizer.encode(self.reflection_prompt)
 
