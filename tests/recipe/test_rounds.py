@@ -420,3 +420,26 @@ def test_a_prompt_file_evaluates_every_round(seeing_checkpoint, tmp_path, monkey
     no_turn = [a for a in args if not a.startswith("model.sees_images") and not a.startswith("model.edits")]
     assert main(["eval", *no_turn, "--out", str(tmp_path / "x")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_input_images_and_drawn_ones_over_the_models_limit_are_one_line(seeing_checkpoint, tmp_path, capsys):
+    """The tiny model holds at most 4 images in a row; a prompt with 4 input images cannot run 2
+    rounds (its drawn image would be the 5th): refused before the run directory exists, naming the line."""
+    from PIL import Image
+
+    files = []
+    for i in range(4):
+        files.append(str(tmp_path / f"in{i}.png"))
+        Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(files[-1])
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a red circle"}) + "\n"
+                       + json.dumps({"prompt": "two blue squares", "images": files}) + "\n")
+    out = tmp_path / "run"
+    args = [a for a in tiny_overrides(seeing_checkpoint, out, *SEEING, "algo.rounds=2", "task.kind=prompts",
+                                      f"task.prompts={prompts}", "rewards=[{name: 'test_rounds:recording'}]")
+            if not a.startswith("task.prompt_pool")]
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{prompts}:2: 4 input images + 1 drawn ones" in err, err
+    assert not out.exists()
+    assert main(["train", *args, "algo.rounds=1", "steps=1", "eval_every=0"]) == 0  # one round: 4 images fit

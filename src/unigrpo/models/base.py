@@ -156,6 +156,7 @@ class TextSide:
     ``hf_text.CausalLMReasoner`` (an LM on its own)."""
 
     sees_images = False  # input images enter the reasoning context (the text can be about them)
+    max_input_images: int | None = None  # images a row can hold (its inputs + drawn ones); None: no limit
     token_sampler = "multinomial"  # how the engine draws a token (``decode.TOKEN_SAMPLERS``; ``configure_decode``)
 
     def configure_decode(self, *, token_sampler: str = "multinomial", static_cache: bool = False,

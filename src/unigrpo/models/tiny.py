@@ -66,6 +66,7 @@ class TinyUnifiedModel(UnifiedModel):
         self.input_image_size = (cfg.image_size, cfg.image_size)
         self.text = TextExpert(cfg.vocab_size, cfg.d_text, cfg.text_layers, cfg.text_heads, cfg.max_seq_len)
         self.vision = PatchEncoder(cfg.d_text, cfg.image_size) if cfg.sees_images else None
+        self.max_input_images = self.vision.max_images if self.vision is not None else None
         self.image = ImageExpert(cfg.d_text, tuple(cfg.unet_channels), ref_channels=12 if cfg.edits else 0)
         half = cfg.image_size // 2
         self.latent_shape = (12, half, half)

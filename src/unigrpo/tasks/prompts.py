@@ -152,6 +152,12 @@ class PromptsTask:
             from unigrpo.sampling import check_episode
 
             check_episode(model, cfg.algo.rounds, cfg.sampler.eval_cfg_scale)
+        limit, drawn = model.max_input_images, cfg.algo.rounds - 1  # later rounds append the drawn images
+        for key, file, prompts in (("task.prompts", t.prompts, self.train), ("task.eval_prompts", t.eval_prompts, self.eval)):
+            over = next((p for p in prompts if limit is not None and len(p.image_files) + drawn > limit), None)
+            if over is not None:
+                raise InputError(f"{key}: {file}:{over.metadata['line']}: {len(over.image_files)} input images + "
+                                 f"{drawn} drawn ones (algo.rounds={cfg.algo.rounds}); the model holds at most {limit}")
         if any(p.image_files for p in self.train + self.eval):  # at the model's input size, once
             same = self.eval is self.train
             self.train = with_input_images(self.train, model.input_image_size)
