@@ -90,3 +90,27 @@ def test_reflection_examples_say_done_exactly_when_the_image_is_right(problems):
     for e in ex:  # the world's words only, and the context ends with the reflection turn
         assert tok.unk_id not in tok.encode(e.context + " " + e.response)
         assert e.context.endswith(" <eos> " + REFLECT_PROMPT) and e.context.startswith(e.problem.prompt + " <think>")
+
+
+def test_the_verdict_reward_pays_a_reflection_whose_verdict_is_the_strict_check():
+    """Hand-made rows: a right and a wrong image (the renderer's, the prompt's spec and a drawing
+    error), each with a "right" and a "wrong" reflection, an off-grammar one, round 1 and a row that
+    had stopped: 1 exactly where the verdict matches the image."""
+    from unigrpo.rewards import resolve_reward
+    from unigrpo.world import Spec
+    from unigrpo.world.refine import drawing_error, reflection
+
+    spec = Spec.from_dict(make_tasks("train", 1, seed=3)[0].to_metadata()["spec"])
+    wrong_spec = drawing_error(spec, np.random.default_rng(0))
+    good, bad = render_batch([spec, wrong_spec], seed=1)
+    meta = {"spec": spec.to_dict()}
+    rows = [({"round": 1, "previous_image": good, "reflection": reflection("x", True, "")}, 1.0),
+            ({"round": 1, "previous_image": good, "reflection": reflection("x", False, "a red circle")}, 0.0),
+            ({"round": 1, "previous_image": bad, "reflection": reflection("x", False, "a red circle")}, 1.0),
+            ({"round": 1, "previous_image": bad, "reflection": reflection("x", True, "")}, 0.0),
+            ({"round": 1, "previous_image": bad, "reflection": "<think> i see . </think> done"}, 0.0),
+            ({"round": 0}, 0.0),
+            ({"round": 1, "previous_image": good, "reflection": ""}, 0.0)]
+    reward = resolve_reward("shapes_verdict")
+    got = reward(torch.zeros(len(rows), 3, 32, 32), [""] * len(rows), [{**meta, **m} for m, _ in rows])
+    assert got.tolist() == [want for _, want in rows]

@@ -120,8 +120,12 @@ def tree_copies(draws: EpisodeSeeds, branches: int) -> EpisodeSeeds:
 
 def round_reward_metadata(part: Episode, r: int, j: int) -> dict:
     """What a reward sees of row ``j``'s round ``r`` beyond the one-round metadata (multi-round only):
-    ``round`` (0-based) and, from round 1 on, ``previous_image`` [3, H, W] (the image it had before)."""
-    return {"round": r} if r == 0 else {"round": r, "previous_image": part.rounds[r - 1].images[j]}
+    ``round`` (0-based) and, from round 1 on, ``previous_image`` [3, H, W] (the image it had before)
+    and ``reflection`` (that round's own text: what the model said of ``previous_image``; "" for a
+    row that had stopped)."""
+    if r == 0:
+        return {"round": r}
+    return {"round": r, "previous_image": part.rounds[r - 1].images[j], "reflection": part.rounds[r].reasoning[j]}
 
 
 def round_metrics(roll: Episode, rewards: torch.Tensor) -> dict[str, float]:

@@ -43,6 +43,7 @@ import torch
 from unigrpo.rewards.text import reasoning_format
 from unigrpo.world import shapes_dense_reward, shapes_reward
 from unigrpo.world.edit_reward import shapes_edit_dense_reward, shapes_edit_reward
+from unigrpo.world.refine import verdict_reward
 
 __all__ = ["BUILTIN", "RewardResult", "RewardSet", "RewardUnavailable", "StepRewards", "resolve_reward",
            "reward_factory"]
@@ -120,6 +121,7 @@ group_diversity.groupwise = True
 
 BUILTIN: dict[str, RewardFn] = {"shapes": shapes_reward, "shapes_dense": shapes_dense_reward, "remote": remote, "judge": judge, "ocr": ocr,
                                 "shapes_edit": shapes_edit_reward, "shapes_edit_dense": shapes_edit_dense_reward,
+                                "shapes_verdict": verdict_reward,
                                 "reasoning_format": reward_factory(reasoning_format),
                                 "group_diversity": group_diversity, "clip_score": clip_score,
                                 "pickscore": pickscore, "aesthetic": aesthetic}

@@ -19,8 +19,9 @@ from unigrpo.utils.images import group_rms_distance, save_grid
 
 # Every metadata key unigrpo itself adds: a prompt's own metadata may not carry one (refused when
 # the prompt file is read), so what a reward reads under a user's name is always what the user wrote.
-# "round" and "previous_image": multi-round episodes (algo.rounds > 1) score every round's image.
-RESERVED = ("reasoning", "prompt_index", "group_index", "line", "input_images", "round", "previous_image")
+# "round", "previous_image", "reflection": multi-round episodes (algo.rounds > 1) score every round's image.
+RESERVED = ("reasoning", "prompt_index", "group_index", "line", "input_images", "round", "previous_image",
+            "reflection")
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,24 @@ def parse_reflection(text: str) -> tuple[str, str, str] | None:
     return " ".join(words[2:-3]), verdict, answer
 
 
+def verdict_reward(images, prompts, metadata) -> torch.Tensor:
+    """Reward protocol (``shapes_verdict``): 1 where a later round's reflection (``metadata["reflection"]``)
+    follows the grammar and its VERDICT is the strict check of the image it looked at
+    (``metadata["previous_image"]`` against ``metadata["spec"]``), else 0: round 1, a row that had
+    stopped (no reflection) and a reflection off the grammar. An image-only reward never pays for
+    what a reflection says; add this term to pay for an honest verdict (docs/demo.md)."""
+    del images, prompts
+    out = torch.zeros(len(metadata), dtype=torch.float32)
+    rows = [i for i, m in enumerate(metadata) if m.get("reflection")]
+    if rows:
+        right = score_images(torch.stack([metadata[i]["previous_image"].float().cpu() for i in rows]),
+                             [metadata[i]["spec"] for i in rows]).correct
+        for i, ok in zip(rows, right.tolist()):
+            parsed = parse_reflection(metadata[i]["reflection"])
+            out[i] = float(parsed is not None and (parsed[1] == RIGHT) == bool(ok))
+    return out
+
+
 def drawing_error(spec: Spec, rng: np.random.Generator) -> Spec:
     """``spec`` (concrete) drawn with one mistake: a group's colour or shape changed, a count off by
     one, or a relation reversed. Always a valid Spec different from ``spec``."""
