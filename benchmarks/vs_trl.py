@@ -111,15 +111,10 @@ def e_count(texts: list[str]) -> list[float]:
 def multinomial_rows(logits: torch.Tensor, top_p: float, generator, token_sampler=None) -> torch.Tensor:
     """The engine's sampler before the fast decode (``ours_before``): ``torch.multinomial`` of the
     nucleus (its probability checks included), one call per run of rows sharing a generator."""
-    from unigrpo.models.decode import nucleus
+    from unigrpo.models.decode import nucleus, runs
 
-    toks, start = [], 0
-    for end in range(1, len(generator) + 1):
-        if end == len(generator) or generator[end] is not generator[start]:
-            probs = nucleus(logits[start:end].softmax(-1), top_p)
-            toks.append(torch.multinomial(probs, 1, generator=generator[start])[:, 0])
-            start = end
-    return torch.cat(toks)
+    return torch.cat([torch.multinomial(nucleus(logits[start:end].softmax(-1), top_p), 1, generator=g)[:, 0]
+                      for start, end, g in runs(generator, len(logits))])
 
 
 @contextlib.contextmanager

@@ -43,8 +43,8 @@ import torch.nn.functional as F
 
 from unigrpo.models.protocol import TokenBatch
 
-__all__ = ["TOKEN_SAMPLERS", "DecodeModel", "exponential_race", "inverse_cdf", "nucleus", "response_logprobs", "sample",
-           "sample_rows", "target_logprobs", "uniforms"]
+__all__ = ["TOKEN_SAMPLERS", "DecodeModel", "exponential_race", "inverse_cdf", "nucleus", "response_logprobs", "runs",
+           "sample", "sample_rows", "target_logprobs", "uniforms"]
 
 TOKEN_SAMPLERS = ("multinomial", "inverse_cdf")  # text.token_sampler (module docstring)
 
@@ -112,12 +112,18 @@ def uniforms(generator: Generators, n: int, device: torch.device) -> torch.Tenso
                       for start, end, g in runs(generator, n)])
 
 
-def exponential_race(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def exponential_race(probs: torch.Tensor, generator: Generators) -> torch.Tensor:
     """One token per row from the (unnormalised) ``probs`` [B, V]: the argmax of ``p / E`` with
-    E ~ Exp(1) per entry, drawn by ONE ``exponential_`` call on ``generator``. This is how
+    E ~ Exp(1) per entry, drawn by ONE ``exponential_`` call on ``generator`` (or, with one generator
+    per row, one call per contiguous run of rows sharing it, into one buffer). This is how
     ``torch.multinomial(probs, 1)`` samples (its one-sample path), so it returns the same tokens from
     the same stream (tested), without ``multinomial``'s checks of the probabilities. [B]."""
-    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    race = torch.empty_like(probs)
+    if generator is None or isinstance(generator, torch.Generator):
+        race.exponential_(1, generator=generator)
+    else:
+        for start, end, g in runs(generator, len(probs)):
+            race[start:end].exponential_(1, generator=g)
     return (probs / race).argmax(-1)
 
 
@@ -131,12 +137,7 @@ def sample_rows(logits: torch.Tensor, top_p: float, generator: Generators,
         return inverse_cdf(probs, uniforms(generator, logits.shape[0], logits.device))
     if token_sampler != "multinomial":
         raise ValueError(f"token_sampler: {token_sampler!r} is none of {', '.join(TOKEN_SAMPLERS)}")
-    if generator is None or isinstance(generator, torch.Generator):
-        return exponential_race(probs, generator)
-    race = torch.empty_like(probs)  # each run's exponentials drawn in place by its generator, then ONE race
-    for start, end, g in runs(generator, len(probs)):
-        race[start:end].exponential_(1, generator=g)
-    return (probs / race).argmax(-1)
+    return exponential_race(probs, generator)
 
 
 @torch.no_grad()

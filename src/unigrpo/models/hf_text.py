@@ -137,7 +137,6 @@ class CausalLMReasoner(TextSide):
         # transformers 5 names the cache argument `cache`; 4.x named it `past_key_values`
         self.cache_arg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
         self.fixed_steps = False  # True: never stop decoding early (module docstring)
-        self.static_cache = self.compile = False
         self.configure_decode(static_cache=static_cache, compile=compile)
 
     def configure_decode(self, *, token_sampler: str = "multinomial", static_cache: bool = False,

@@ -198,10 +198,10 @@ class PromptsTask:
     def _evaluate_rounds(model, cfg: Config, rewards, prompts: list[Prompt], step: int, out: Path | None) -> dict:
         from unigrpo.recipes.batches import round_reward_metadata
         from unigrpo.rollout import Episode
-        from unigrpo.tasks.shapes_refine import ShapesRefineTask, eval_episode
+        from unigrpo.tasks.shapes_refine import ShapesRefineTask, eval_episode, stopping_stats
 
         roll = eval_episode(model, prompts, cfg, cfg.algo.rounds)
-        texts, m = [p.text for p in prompts], {}
+        texts, m, stops = [p.text for p in prompts], {}, stopping_stats(roll)
         for r, rnd in enumerate(roll.rounds):
             reasoning = Episode(roll.rounds[:r + 1]).reasoning  # the rounds' texts so far, as in training
             meta = [{**reward_metadata(p.metadata, reasoning[i], i, 0), **round_reward_metadata(roll, r, i)}
@@ -209,9 +209,8 @@ class PromptsTask:
             res = rewards(rnd.images, texts, meta)
             if not res.missing:
                 m[f"eval/round{r}/reward"] = float(res.total.mean())
-            m[f"eval/round{r}/done_frac"] = float((rnd.live & ~rnd.drew).float().mean())
-            m[f"eval/round{r}/reasoning_tokens"] = float(rnd.tokens.response_mask.sum(1).float().mean())
-        m["eval/done_rate"] = float(torch.stack([rnd.live & ~rnd.drew for rnd in roll.rounds]).any(0).float().mean())
+            m.update({f"eval/round{r}/{k}": stops[f"round{r}/{k}"] for k in ("done_frac", "reasoning_tokens")})
+        m["eval/done_rate"] = stops["done_rate"]
         ShapesRefineTask.write_grid(roll, cfg, step, out)
         return {**reward_metrics(res, prompts, roll.rounds[-1].images), **m}  # res: the final images'
 

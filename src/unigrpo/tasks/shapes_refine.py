@@ -64,20 +64,31 @@ def eval_episode(model, prompts: list, cfg: Config, rounds: int, given=None) -> 
                             temperature=cfg.text.temperature, top_p=cfg.text.top_p, given=given)
 
 
+def stopping_stats(roll: R.Episode) -> dict[str, float]:
+    """Of evaluation episodes, whatever the task: per round the share that said the stop word and the
+    tokens written (``round<r>/done_frac``, ``round<r>/reasoning_tokens``), and ``done_rate``: the
+    share that said it in some round."""
+    out = {}
+    for r, rnd in enumerate(roll.rounds):
+        out.update({f"round{r}/done_frac": float((rnd.live & ~rnd.drew).float().mean()),
+                    f"round{r}/reasoning_tokens": float(rnd.tokens.response_mask.sum(1).float().mean())})
+    out["done_rate"] = float(torch.stack([rnd.live & ~rnd.drew for rnd in roll.rounds]).any(0).float().mean())
+    return out
+
+
 def evaluate_rounds(roll: R.Episode, tasks) -> dict[str, float]:
     """Per-round and per-episode metrics of evaluation episodes (module docstring)."""
     specs = [t.spec for t in tasks]
     right = np.stack([score_images(rnd.images, specs).correct for rnd in roll.rounds], 1)  # [N, R]
-    out = {}
+    out, stops = {}, stopping_stats(roll)
     for r, rnd in enumerate(roll.rounds):
         res = score_images(rnd.images, specs)
         out.update({f"round{r}/accuracy": float(res.correct.mean()), f"round{r}/score": float(res.score.mean()),
-                    f"round{r}/done_frac": float((rnd.live & ~rnd.drew).float().mean()),
-                    f"round{r}/reasoning_tokens": float(rnd.tokens.response_mask.sum(1).float().mean())})
+                    **{f"round{r}/{k}": stops[f"round{r}/{k}"] for k in ("done_frac", "reasoning_tokens")}})
     first, final = right[:, 0], right[:, -1]
     out["fix_rate"] = float(final[~first].mean()) if (~first).any() else float("nan")
     out["break_rate"] = float((~final[first]).mean()) if first.any() else float("nan")
-    out["done_rate"] = float(torch.stack([rnd.live & ~rnd.drew for rnd in roll.rounds]).any(0).float().mean())
+    out["done_rate"] = stops["done_rate"]
     texts = [t for rnd in roll.rounds[1:] for t, live in zip(rnd.reasoning, rnd.live.tolist()) if live]
     out["reflection_ok"] = float(np.mean([parse_reflection(t) is not None for t in texts])) if texts else float("nan")
     out["accuracy"] = float(final.mean())
